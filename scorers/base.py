@@ -1,0 +1,138 @@
+"""The one interface every routing plugin implements: filters, scorers, pickers.
+
+The gateway builds a ``RequestContext`` (tokens → block keys → index lookup already done)
+and a list of ``EndpointState`` snapshots, then asks a ``Scheduler`` profile for a ranked list
+of endpoints (the first is the choice, the rest are fallbacks for retries). Plugins are pure
+functions of those two inputs plus their own bounded state (round-robin counters, the
+approx-prefix memory), which they update through ``on_dispatch`` / ``on_complete``.
+
+Scores are normalised to [0, 1] (1 = best) so weights in the YAML mean what they say.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from kvindex.index import PrefixMatch
+
+ROLE_BOTH = "both"
+ROLE_PREFILL = "prefill"
+ROLE_DECODE = "decode"
+
+PHASE_ANY = "any"  # one hop: the replica does prefill and decode
+PHASE_PREFILL = "prefill"
+PHASE_DECODE = "decode"
+
+
+@dataclass(slots=True)
+class EndpointState:
+    """What routing knows about one replica at decision time.
+
+    Scraped fields (``running``, ``waiting``, ``kv_usage``) lag by up to a scrape interval;
+    the gateway's own ``inflight_*`` counters are exact at dispatch, which is why load
+    scorers should lean on them.
+    """
+
+    id: str
+    url: str
+    role: str = ROLE_BOTH
+    models: frozenset[str] = frozenset()
+    loras: frozenset[str] = frozenset()
+    healthy: bool = True
+    has_kv_events: bool = True
+    # scraped from the replica's /metrics
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_usage: float = 0.0
+    scraped_at: float = 0.0
+    # the gateway's own bookkeeping, updated at dispatch and completion
+    inflight_requests: int = 0
+    inflight_prefill_tokens: int = 0  # uncached prompt tokens dispatched and not yet past first token
+    inflight_decode_tokens: int = 0  # tokens (prompt + max_tokens) of requests still generating
+    prefill_tokens_per_s: float = 10_000.0  # estimated prefill rate (learned or configured)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def serves(self, model: str, lora: str | None = None) -> bool:
+        return model in self.models and (lora is None or lora in self.loras)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request as routing sees it."""
+
+    request_id: str
+    model: str
+    lora: str | None = None
+    prompt_tokens: int = 0
+    max_tokens: int = 16
+    block_size: int = 16
+    block_keys: Sequence[int] = ()
+    #: index lookup: replica id → longest cached prefix (replicas with no match absent)
+    prefix: Mapping[str, PrefixMatch] = field(default_factory=dict)
+    session_id: str | None = None
+    phase: str = PHASE_ANY
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: when the index is unavailable (Redis down) precise-prefix scores 0 and load decides
+    index_ok: bool = True
+
+    def cached_tokens(self, endpoint_id: str) -> int:
+        m = self.prefix.get(endpoint_id)
+        return 0 if m is None else min(m.blocks * self.block_size, self.prompt_tokens)
+
+    def uncached_tokens(self, endpoint_id: str) -> int:
+        return self.prompt_tokens - self.cached_tokens(endpoint_id)
+
+
+class Plugin(abc.ABC):
+    """Common base: a name used in the YAML, parameters, optional feedback hooks."""
+
+    #: the ``type`` string used in the YAML config; set by each concrete plugin
+    type_name: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise ValueError(f"{self.type_name}: unknown parameters {sorted(params)}")
+
+    def on_dispatch(self, ctx: RequestContext, endpoint: EndpointState) -> None:
+        """Called once the request was sent to ``endpoint`` (every hop, every retry)."""
+
+    def on_complete(self, ctx: RequestContext, endpoint: EndpointState, ok: bool) -> None:
+        """Called when the request finished on ``endpoint`` (ok False on error)."""
+
+
+class Filter(Plugin):
+    """Removes endpoints that must not serve the request."""
+
+    @abc.abstractmethod
+    def filter(self, ctx: RequestContext, endpoints: list[EndpointState]) -> list[EndpointState]: ...
+
+
+class Scorer(Plugin):
+    """Rates each candidate in [0, 1], 1 being best."""
+
+    @abc.abstractmethod
+    def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]: ...
+
+
+class Picker(Plugin):
+    """Orders the scored candidates: first is the pick, the rest are fallbacks."""
+
+    @abc.abstractmethod
+    def pick(self, ctx: RequestContext, scored: list[tuple[EndpointState, float]]) -> list[EndpointState]: ...
+
+
+@dataclass(slots=True)
+class Decision:
+    """A scheduling result with enough detail for debug logs and metrics."""
+
+    ranked: list[EndpointState]
+    scores: dict[str, float]
+    breakdown: dict[str, dict[str, float]]  # scorer name → endpoint id → raw [0,1] score
+    profile: str
+
+    @property
+    def chosen(self) -> EndpointState | None:
+        return self.ranked[0] if self.ranked else None
