@@ -1,0 +1,188 @@
+"""The gateway's one configuration schema: YAML in, validated typed structs out.
+
+Every knob has a default, unknown keys are rejected (a typo must not silently change
+routing), and validation errors name the offending path, e.g.
+``config error at $.replicas[1].role: Expected `'both' | 'prefill' | 'decode'`, got `'pre'```.
+CLI flags override a few top-level values (see ``gateway.server``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ListenConfig(_Base):
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class ReplicaConfig(_Base):
+    """One vLLM replica (endpoint)."""
+
+    id: str
+    url: str
+    role: Literal["both", "prefill", "decode"] = "both"
+    #: base models served; empty = discover from the replica's /v1/models
+    models: list[str] = []
+    #: KV-event PUB endpoint, e.g. tcp://10.0.0.5:5557 (None: no events, approx-prefix only)
+    kv_events: str | None = None
+    #: KV-event replay ROUTER endpoint, e.g. tcp://10.0.0.5:5558
+    replay: str | None = None
+    #: topic filter for the SUB socket ("" = all)
+    topic: str = ""
+    #: prefill throughput estimate used by the estimated-TTFT scorer (tokens/s)
+    prefill_tokens_per_s: float = 10_000.0
+    labels: dict[str, str] = {}
+
+
+class ModelConfig(_Base):
+    """Per-model settings: how to tokenize exactly as the replicas do."""
+
+    #: directory with tokenizer.json (+ tokenizer_config.json), "demo", or a known name
+    #: ("qwen2.5"); None = ask a replica's /tokenize (a remote call on the hot path)
+    tokenizer: str | None = None
+    #: KV block size used if no event has told us yet
+    block_size: int = 16
+
+
+class IndexConfig(_Base):
+    #: "memory" (embedded) or a redis:// URL shared by several gateway replicas
+    backend: str = "memory"
+    #: memory backend bound (distinct block keys)
+    max_blocks: int = 2_000_000
+    #: Redis key TTL in seconds (bounds memory along with Redis maxmemory)
+    ttl_s: int = 3600
+    #: consume KV events in this process (false when a separate `kvgate indexer` feeds Redis)
+    ingest: bool = True
+    #: a lookup slower than this is abandoned and the request is routed on load alone
+    lookup_timeout_ms: float = 50.0
+
+
+class HealthConfig(_Base):
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    #: consecutive failures (probes or proxied connection errors) that open the circuit
+    failure_threshold: int = 3
+    #: how long an open circuit stays open before a probe may close it
+    cooldown_s: float = 5.0
+
+
+class ScrapeConfig(_Base):
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+
+
+class LimitsConfig(_Base):
+    #: requests proxied at once; beyond it requests wait in the admission queue
+    max_inflight: int = 1024
+    #: requests allowed to wait; beyond it the gateway answers 429
+    max_queue: int = 2048
+    #: longest a request may wait for admission before a 429
+    queue_timeout_s: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: retries on another replica when the connection fails before the first byte
+    max_retries: int = 2
+    connect_timeout_s: float = 2.0
+    #: time to the response headers (covers queueing + prefill on the replica)
+    first_byte_timeout_s: float = 300.0
+    #: longest gap between two streamed chunks
+    read_timeout_s: float = 120.0
+
+
+class PDConfig(_Base):
+    """Prefill→decode disaggregation (vLLM NixlConnector, pull mode)."""
+
+    enabled: bool = True
+    #: skip the prefill hop when the best decode replica leaves fewer uncached tokens than this
+    threshold: int = 512
+    #: when every prefill replica fails: "one_hop" (serve on a decode replica) or "error"
+    on_prefill_failure: Literal["one_hop", "error"] = "one_hop"
+    prefill_timeout_s: float = 120.0
+
+
+class AuthConfig(_Base):
+    #: bearer keys accepted from clients; empty = no client auth
+    api_keys: list[str] = []
+    #: bearer key for /admin/*; None = admin endpoints disabled
+    admin_key: str | None = None
+
+
+class GatewayConfig(_Base):
+    listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
+    replicas: list[ReplicaConfig] = []
+    models: dict[str, ModelConfig] = {}
+    index: IndexConfig = msgspec.field(default_factory=IndexConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    scrape: ScrapeConfig = msgspec.field(default_factory=ScrapeConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    pd: PDConfig = msgspec.field(default_factory=PDConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    #: the `scheduling:` section, validated by scorers.scheduler.Scheduler.from_config
+    scheduling: dict[str, Any] = {}
+    #: add x-kvgate-replica / x-kvgate-prefix-blocks to responses
+    debug_headers: bool = False
+    log_level: str = "warning"
+    #: JSON log lines (one per request at debug)
+    log_json: bool = True
+
+    def model_config(self, model: str) -> ModelConfig:
+        return self.models.get(model) or ModelConfig()
+
+
+def parse_config(data: Any) -> GatewayConfig:
+    """Validate a decoded YAML document into a GatewayConfig."""
+    if data is None:
+        data = {}
+    try:
+        cfg = msgspec.convert(data, GatewayConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config error: {exc}") from None
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: GatewayConfig) -> None:
+    ids = [r.id for r in cfg.replicas]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"config error at $.replicas: duplicate replica ids {dupes}")
+    for i, r in enumerate(cfg.replicas):
+        if not r.url.startswith(("http://", "https://")):
+            raise ConfigError(f"config error at $.replicas[{i}].url: must start with http:// or https://, got {r.url!r}")
+    for name, m in cfg.models.items():
+        if m.block_size <= 0:
+            raise ConfigError(f"config error at $.models.{name}.block_size: must be positive")
+    if cfg.limits.max_inflight <= 0 or cfg.limits.max_queue < 0:
+        raise ConfigError("config error at $.limits: max_inflight must be > 0 and max_queue >= 0")
+    if cfg.pd.threshold < 0:
+        raise ConfigError("config error at $.pd.threshold: must be >= 0")
+    backend = cfg.index.backend
+    if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"config error at $.index.backend: 'memory' or a redis:// URL, got {backend!r}")
+
+
+def load_config(path: str | Path | None) -> GatewayConfig:
+    """Read and validate a YAML file (None → all defaults)."""
+    if path is None:
+        return parse_config({})
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return parse_config(data)

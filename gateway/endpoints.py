@@ -1,0 +1,275 @@
+"""The fleet as the gateway sees it: health, circuit breakers, scraped load, in-flight counts.
+
+Three sources feed each replica's ``EndpointState``:
+
+* a prober (``GET /v1/models`` on an interval) that also discovers served models and LoRA
+  adapters, and drives a circuit breaker together with passive failures from the proxy;
+* a scraper of the replica's Prometheus ``/metrics`` (vLLM names: running, waiting, KV usage);
+* the gateway's own in-flight counters, changed at dispatch, first byte and completion on
+  every path (scraped gauges lag by a scrape interval; these do not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from scorers.base import EndpointState
+
+from .config import HealthConfig, ReplicaConfig, ScrapeConfig
+
+log = logging.getLogger("kvgate.endpoints")
+
+_RUNNING = ("vllm:num_requests_running",)
+_WAITING = ("vllm:num_requests_waiting",)
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+@dataclass(slots=True)
+class Circuit:
+    """Closed → (threshold consecutive failures) → open for a cooldown → a probe may close it."""
+
+    threshold: int
+    cooldown_s: float
+    failures: int = 0
+    opened_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def success(self) -> bool:
+        """Record a success; True if this closed an open circuit."""
+        was_open = self.opened_at is not None
+        self.failures = 0
+        self.opened_at = None
+        return was_open
+
+    def failure(self, now: float) -> bool:
+        """Record a failure; True if this opened the circuit."""
+        self.failures += 1
+        if self.opened_at is None and self.failures >= self.threshold:
+            self.opened_at = now
+            return True
+        return False
+
+    def probe_allowed(self, now: float) -> bool:
+        return self.opened_at is None or now - self.opened_at >= self.cooldown_s
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """A model name clients may ask for, and what it maps to on the replicas."""
+
+    id: str
+    base: str
+    lora: str | None = None
+    max_model_len: int | None = None
+    replicas: set[str] = field(default_factory=set)
+
+
+def parse_vllm_metrics(text: str) -> tuple[float, float, float]:
+    """(running, waiting, kv_usage) summed over a replica's engines from Prometheus text."""
+    running = waiting = 0.0
+    kv: list[float] = []
+    for family in text_string_to_metric_families(text):
+        name = family.name
+        for sample in family.samples:
+            if sample.name in _RUNNING or name in _RUNNING:
+                running += sample.value
+            elif sample.name in _WAITING or name in _WAITING:
+                waiting += sample.value
+            elif sample.name in _KV_USAGE or name in _KV_USAGE:
+                kv.append(sample.value)
+    kv_usage = max(kv) if kv else 0.0
+    return running, waiting, kv_usage
+
+
+class Fleet:
+    """Live state of the configured replicas; the only writer of ``EndpointState``."""
+
+    def __init__(
+        self,
+        replicas: Iterable[ReplicaConfig],
+        client: httpx.AsyncClient,
+        health: HealthConfig | None = None,
+        scrape: ScrapeConfig | None = None,
+    ) -> None:
+        self.health_cfg = health or HealthConfig()
+        self.scrape_cfg = scrape or ScrapeConfig()
+        self.client = client
+        self.configs: dict[str, ReplicaConfig] = {}
+        self.states: dict[str, EndpointState] = {}
+        self.circuits: dict[str, Circuit] = {}
+        self.discovered: dict[str, dict[str, ModelInfo]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.on_health_change: list = []  # callbacks (replica_id, healthy) → None
+        for r in replicas:
+            self.add(r)
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def add(self, r: ReplicaConfig) -> None:
+        self.configs[r.id] = r
+        self.states[r.id] = EndpointState(
+            id=r.id,
+            url=r.url.rstrip("/"),
+            role=r.role,
+            models=frozenset(r.models),
+            healthy=True,
+            has_kv_events=r.kv_events is not None,
+            prefill_tokens_per_s=r.prefill_tokens_per_s,
+            labels=dict(r.labels),
+        )
+        self.circuits[r.id] = Circuit(self.health_cfg.failure_threshold, self.health_cfg.cooldown_s)
+
+    def get(self, replica_id: str) -> EndpointState | None:
+        return self.states.get(replica_id)
+
+    def all(self) -> list[EndpointState]:
+        return list(self.states.values())
+
+    # -- models -------------------------------------------------------------------------------
+
+    def models(self) -> dict[str, ModelInfo]:
+        """Every model id a client may request: configured base models, discovered models and LoRAs."""
+        out: dict[str, ModelInfo] = {}
+        for rid, state in self.states.items():
+            for m in state.models:
+                out.setdefault(m, ModelInfo(id=m, base=m)).replicas.add(rid)
+            for info in self.discovered.get(rid, {}).values():
+                cur = out.setdefault(info.id, ModelInfo(id=info.id, base=info.base, lora=info.lora, max_model_len=info.max_model_len))
+                cur.replicas.add(rid)
+                if cur.max_model_len is None:
+                    cur.max_model_len = info.max_model_len
+        return out
+
+    def resolve_model(self, name: str) -> ModelInfo | None:
+        return self.models().get(name)
+
+    def _apply_discovery(self, rid: str, payload: dict) -> None:
+        found: dict[str, ModelInfo] = {}
+        for item in payload.get("data", []) or []:
+            mid = item.get("id")
+            if not isinstance(mid, str):
+                continue
+            parent = item.get("parent")
+            base = parent if isinstance(parent, str) and parent and parent != mid else mid
+            lora = mid if base != mid else None
+            found[mid] = ModelInfo(id=mid, base=base, lora=lora, max_model_len=item.get("max_model_len"))
+        self.discovered[rid] = found
+        state = self.states[rid]
+        configured = set(self.configs[rid].models)
+        bases = {m.base for m in found.values()} | configured
+        state.models = frozenset(bases)
+        state.loras = frozenset(m.lora for m in found.values() if m.lora)
+
+    # -- health -------------------------------------------------------------------------------
+
+    def record_success(self, rid: str) -> None:
+        circuit = self.circuits.get(rid)
+        if circuit is not None and circuit.success():
+            self._set_health(rid, True)
+
+    def record_failure(self, rid: str) -> None:
+        circuit = self.circuits.get(rid)
+        if circuit is not None and circuit.failure(time.monotonic()):
+            self._set_health(rid, False)
+
+    def _set_health(self, rid: str, healthy: bool) -> None:
+        state = self.states.get(rid)
+        if state is None or state.healthy == healthy:
+            return
+        state.healthy = healthy
+        log.warning("replica %s is now %s", rid, "healthy" if healthy else "unhealthy")
+        for cb in self.on_health_change:
+            cb(rid, healthy)
+
+    async def probe(self, rid: str) -> bool:
+        """One health probe (GET /v1/models), which also refreshes model discovery."""
+        state = self.states[rid]
+        try:
+            resp = await self.client.get(f"{state.url}/v1/models", timeout=self.health_cfg.timeout_s)
+            ok = resp.status_code == 200
+            if ok:
+                self._apply_discovery(rid, resp.json())
+        except (httpx.HTTPError, ValueError, OSError):
+            ok = False
+        if ok:
+            self.record_success(rid)
+        else:
+            self.record_failure(rid)
+        return ok
+
+    async def probe_all(self) -> None:
+        now = time.monotonic()
+        rids = [rid for rid, c in self.circuits.items() if c.probe_allowed(now)]
+        await asyncio.gather(*(self.probe(rid) for rid in rids))
+
+    async def scrape(self, rid: str) -> None:
+        state = self.states[rid]
+        try:
+            resp = await self.client.get(f"{state.url}/metrics", timeout=self.scrape_cfg.timeout_s)
+            if resp.status_code != 200:
+                return
+            running, waiting, kv = parse_vllm_metrics(resp.text)
+        except (httpx.HTTPError, ValueError, OSError):
+            return
+        state.running, state.waiting, state.kv_usage = running, waiting, kv
+        state.scraped_at = time.monotonic()
+
+    async def scrape_all(self) -> None:
+        await asyncio.gather(*(self.scrape(rid) for rid, s in self.states.items() if s.healthy))
+
+    async def _loop(self, interval: float, step) -> None:
+        while True:
+            try:
+                await step()
+            except Exception:  # a background loop must never die silently
+                log.exception("fleet background step failed")
+            await asyncio.sleep(interval)
+
+    async def start(self) -> None:
+        """First probe synchronously (so /v1/models works at once), then background loops."""
+        await self.probe_all()
+        await self.scrape_all()
+        self._tasks = [
+            asyncio.create_task(self._loop(self.health_cfg.interval_s, self.probe_all)),
+            asyncio.create_task(self._loop(self.scrape_cfg.interval_s, self.scrape_all)),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+
+    # -- in-flight bookkeeping ------------------------------------------------------------------
+
+    def dispatched(self, rid: str, prefill_tokens: int, decode_tokens: int) -> None:
+        s = self.states.get(rid)
+        if s is not None:
+            s.inflight_requests += 1
+            s.inflight_prefill_tokens += prefill_tokens
+            s.inflight_decode_tokens += decode_tokens
+
+    def first_byte(self, rid: str, prefill_tokens: int) -> None:
+        s = self.states.get(rid)
+        if s is not None:
+            s.inflight_prefill_tokens = max(0, s.inflight_prefill_tokens - prefill_tokens)
+
+    def finished(self, rid: str, prefill_tokens_left: int, decode_tokens: int) -> None:
+        s = self.states.get(rid)
+        if s is not None:
+            s.inflight_requests = max(0, s.inflight_requests - 1)
+            s.inflight_prefill_tokens = max(0, s.inflight_prefill_tokens - prefill_tokens_left)
+            s.inflight_decode_tokens = max(0, s.inflight_decode_tokens - decode_tokens)

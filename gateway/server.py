@@ -1,0 +1,81 @@
+"""``kvgate serve``: load the YAML config, apply CLI overrides, run uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from .config import ConfigError, GatewayConfig, load_config
+
+_STD_ATTRS = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        for k, v in record.__dict__.items():
+            if k not in _STD_ATTRS and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("kvgate")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvgate serve", description="Run the kvgate gateway.")
+    p.add_argument("--config", "-c", help="gateway YAML config (defaults apply to everything omitted)")
+    p.add_argument("--host", help="listen address (overrides listen.host)")
+    p.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    p.add_argument("--index", help="index backend: memory or redis://host:port/db (overrides index.backend)")
+    p.add_argument("--log-level", help="debug|info|warning|error (overrides log_level)")
+    p.add_argument("--debug-headers", action="store_true", help="add x-kvgate-replica / x-kvgate-prefix-blocks headers")
+    return p
+
+
+def apply_overrides(cfg: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
+    if args.host:
+        cfg.listen.host = args.host
+    if args.port is not None:
+        cfg.listen.port = args.port
+    if args.index:
+        cfg.index.backend = args.index
+    if args.log_level:
+        cfg.log_level = args.log_level
+    if args.debug_headers:
+        cfg.debug_headers = True
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = apply_overrides(load_config(args.config), args)
+    except ConfigError as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_json)
+    import uvicorn
+
+    from .app import build_app
+
+    try:
+        app = build_app(cfg)
+    except ValueError as exc:  # scheduling section rejected by the scheduler
+        print(f"kvgate: config error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=cfg.listen.host, port=cfg.listen.port, loop="uvloop", http="httptools", log_level="warning", access_log=False, lifespan="on")
+    return 0
