@@ -1,0 +1,1 @@
+"""kvgate test suite (a package so helpers import as tests.<module>)."""
