@@ -1,0 +1,75 @@
+"""``kvgate indexer``: KV-event ingestion as its own process, feeding a shared Redis index.
+
+With several gateway replicas, one indexer (or one per shard of the fleet) consumes every
+replica's events into Redis and the gateways run with ``index.ingest: false``: each event is
+applied once, not once per gateway. The replicas' models must be listed in the config
+(there is no HTTP discovery here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from kvindex.index import make_index
+from kvindex.subscriber import EventSubscriber, ReplicaSource
+
+from .config import ConfigError, load_config
+from .server import setup_logging
+
+log = logging.getLogger("kvgate.indexer")
+
+
+async def run(config_path: str | None, index_url: str | None, stats_every_s: float) -> int:
+    cfg = load_config(config_path)
+    url = index_url or cfg.index.backend
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        print("kvgate indexer: needs a Redis index (index.backend or --index redis://...)", file=sys.stderr)
+        return 2
+    sources = []
+    for r in cfg.replicas:
+        if r.kv_events is None:
+            continue
+        if not r.models:
+            print(f"kvgate indexer: replica {r.id} has kv_events but no models listed", file=sys.stderr)
+            return 2
+        sources.append(ReplicaSource(replica=r.id, model=r.models[0], endpoint=r.kv_events, replay_endpoint=r.replay, topic=r.topic))
+    if not sources:
+        print("kvgate indexer: no replica has a kv_events endpoint", file=sys.stderr)
+        return 2
+    index = make_index(url, ttl_s=cfg.index.ttl_s)
+    sub = EventSubscriber(index, sources)
+    await sub.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), stats_every_s)
+            log.info("indexer stats", extra={"stats": str(sub.stats)})
+    finally:
+        await sub.stop()
+        await index.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kvgate indexer", description=__doc__.splitlines()[0])
+    p.add_argument("--config", "-c", required=True, help="gateway YAML (replicas with kv_events and models)")
+    p.add_argument("--index", help="redis://host:port/db (overrides index.backend)")
+    p.add_argument("--stats-every", type=float, default=30.0, help="seconds between stats log lines")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_json)
+    return asyncio.run(run(args.config, args.index, args.stats_every))
