@@ -1,0 +1,310 @@
+"""The embedded index backend: plain Python containers on the gateway's event loop.
+
+Layout (all O(1) per block, no locks: everything runs on one asyncio loop):
+
+* ``_blocks``: dict ``our key -> {replica: mask | epoch << 3}``, bounded by ``max_blocks``.
+  Insertion order is the LRU order: storing a block pops and reinserts it. Eviction removes
+  the oldest entries in bulk (down to ``max_blocks - max_blocks // 32``) rather than one at a
+  time, because finding a dict's first live entry means skipping every deleted slot before
+  it: evicting one entry per insert was measured to be quadratic (minutes for 2M stores at a
+  200k bound), in bulk it is one scan per ~max/32 inserts. OrderedDict avoids that too but
+  cost ~40% more per stored block.
+* ``mask`` is the tier bitmask (``TIER_GPU | TIER_CPU | TIER_STORAGE``) and ``epoch`` the
+  replica's trust epoch when the entry was written. An entry counts only while its epoch is the
+  replica's current one, so ``mark_untrusted`` and ``drop_replica`` are O(1): they hand the
+  replica a fresh epoch and the old entries fall invisible (and are overwritten or evicted
+  later). Epochs come from one index-wide counter, so a replica that is dropped and comes
+  back can never resurrect its old entries.
+* ``_replicas``: per replica, the engine-hash -> our-key map that resolves BlockRemoved and
+  chains BlockStored events whose parent was stored earlier (LRU-bounded as well).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import islice
+from typing import Any
+
+from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
+from .hashing import chain_keys, root_key
+from .index import TIER_NAMES, ApplyStats, KVIndex, PrefixMatch, medium_tier
+
+#: Fastest tier bit held, indexed by a 3-bit tier mask (0 = nothing held).
+_BEST_TIER = (0, 1, 2, 1, 4, 1, 2, 1)
+#: Name of the slowest tier in an OR of best-tier bits, indexed by that 3-bit value.
+_SLOWEST_NAME = tuple(TIER_NAMES[1 << (v.bit_length() - 1)] if v else "GPU" for v in range(8))
+
+
+def event_salt(ev: BlockStored) -> str | None:
+    """The cache salt of a prompt's first BlockStored event, from block 0's extra keys.
+
+    vLLM hashes ``cache_salt`` into block 0 only, as an extra key. Two encodings are accepted:
+
+    * tagged entries (vLLM 0.33's hashing form): block 0's extra keys contain
+      ``("cache_salt", salt)`` (a list after msgpack) -> that salt;
+    * untagged (what 0.33 events carry): block 0's extra keys are plain values such as
+      ``[lora_name, salt]`` or ``[salt]``; vLLM appends the salt last, so we take the last
+      string entry that is not the event's LoRA name. Caveat: a multimodal identifier on block
+      0 of an unsalted prompt is indistinguishable from a salt in this form; such prompts get
+      a key no request matches (a missed hit, never a wrong one).
+    """
+    extra = ev.extra_keys
+    if not extra:
+        return None
+    first = extra[0]
+    if isinstance(first, str):
+        return first if first != ev.lora_name else None
+    if not isinstance(first, (list, tuple)):
+        return None
+    fallback: str | None = None
+    for entry in first:
+        if isinstance(entry, (list, tuple)):
+            if len(entry) == 2 and entry[0] == "cache_salt" and isinstance(entry[1], str):
+                return entry[1]
+        elif isinstance(entry, str) and entry != ev.lora_name:
+            fallback = entry
+    return fallback
+
+
+def is_primary_group(group_idx: int | None) -> bool:
+    """Whether an event belongs to KV-cache group 0 (or carries no group, as older vLLM).
+
+    Hybrid models publish one event stream per KV-cache group with the same token blocks; a
+    sliding-window group evicts blocks the full-attention group keeps, so only group 0 is
+    indexed (ordinary models have only group 0).
+    """
+    return group_idx is None or group_idx == 0
+
+
+def stored_keys(
+    ev: BlockStored, parent_key: int | None, model: str
+) -> list[int] | None:
+    """Our chained keys for a BlockStored event, or None if it cannot be keyed.
+
+    ``parent_key`` is the resolved key of ``ev.parent_block_hash`` (ignored when the event
+    starts a prompt). None is returned for an unknown parent or a malformed block size.
+    """
+    if ev.parent_block_hash is None:
+        parent_key = root_key(model, ev.lora_name, event_salt(ev))
+    if parent_key is None or not isinstance(ev.block_size, int) or ev.block_size <= 0:
+        return None
+    return chain_keys(parent_key, ev.token_ids, ev.block_size)
+
+
+def evict_oldest(d: dict[Any, Any], bound: int) -> None:
+    """Drop the oldest entries of an insertion-ordered dict down to ``bound - bound // 32``."""
+    target = bound - bound // 32
+    for k in list(islice(d, len(d) - target)):
+        del d[k]
+
+
+class _Replica:
+    """What the index keeps per replica: its trust epoch and engine-hash -> key map."""
+
+    __slots__ = ("epoch", "hashes")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.hashes: dict[BlockHash, int] = {}
+
+
+class MemoryIndex(KVIndex):
+    """Bounded in-process index (the default backend)."""
+
+    def __init__(self, max_blocks: int = 2_000_000) -> None:
+        super().__init__()
+        if max_blocks <= 0:
+            raise ValueError("max_blocks must be positive")
+        self.max_blocks = max_blocks
+        self._blocks: dict[int, dict[str, int]] = {}
+        self._replicas: dict[str, _Replica] = {}
+        self._epochs: dict[str, int] = {}  # replica -> current epoch (mirrors _replicas, for lookup)
+        self._next_epoch = 0
+
+    # ---------------------------------------------------------------- replica state
+
+    def _replica(self, replica: str) -> _Replica:
+        st = self._replicas.get(replica)
+        if st is None:
+            st = self._replicas[replica] = _Replica(self._new_epoch())
+            self._epochs[replica] = st.epoch
+        return st
+
+    def _new_epoch(self) -> int:
+        self._next_epoch += 1
+        return self._next_epoch
+
+    # ---------------------------------------------------------------- writes
+
+    async def apply(self, replica: str, batch: EventBatch, *, model: str) -> ApplyStats:
+        stats = ApplyStats()
+        st = self._replica(replica)
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                if is_primary_group(ev.group_idx):
+                    self._store(replica, st, ev, model, stats)
+            elif isinstance(ev, BlockRemoved):
+                if is_primary_group(ev.group_idx):
+                    self._remove(replica, st, ev, stats)
+            elif isinstance(ev, AllBlocksCleared):
+                self._forget(replica)
+                st = self._replica(replica)
+                stats.cleared += 1
+        self._evict()
+        return stats
+
+    def _store(self, replica: str, st: _Replica, ev: BlockStored, model: str, stats: ApplyStats) -> None:
+        """Key the event's blocks and record ``replica`` on each (hot path: locals only)."""
+        hashes = st.hashes
+        parent = ev.parent_block_hash
+        keys = stored_keys(ev, None if parent is None else hashes.get(parent), model)
+        block_hashes = ev.block_hashes
+        if keys is None:
+            stats.orphaned += len(block_hashes)
+            return
+        self._note_block_size(model, ev.block_size)
+        if len(keys) < len(block_hashes):  # token_ids shorter than the hashes claim
+            stats.orphaned += len(block_hashes) - len(keys)
+        # The map needs no LRU refresh: entries leave it on BlockRemoved; the bound only
+        # catches leaks from lost events, so oldest-inserted-first is good enough.
+        hashes.update(zip(block_hashes, keys))
+        tier = medium_tier(ev.medium)
+        epoch = st.epoch
+        fresh = tier | epoch << 3
+        blocks = self._blocks
+        pop = blocks.pop
+        for k in keys:
+            d = pop(k, None)
+            if d is None:
+                blocks[k] = {replica: fresh}
+            else:
+                v = d.get(replica)
+                d[replica] = v | tier if v is not None and v >> 3 == epoch else fresh
+                blocks[k] = d
+        stats.stored += min(len(keys), len(block_hashes))
+        if len(hashes) > self.max_blocks:
+            evict_oldest(hashes, self.max_blocks)
+
+    def _remove(self, replica: str, st: _Replica, ev: BlockRemoved, stats: ApplyStats) -> None:
+        """Clear one tier bit per resolved block; forget the hash once no tier holds it."""
+        hashes = st.hashes
+        blocks = self._blocks
+        keep = ~medium_tier(ev.medium)
+        n = 0
+        for h in ev.block_hashes:
+            k = hashes.get(h)
+            if k is None:
+                continue
+            n += 1
+            d = blocks.get(k)
+            v = None if d is None else d.get(replica)
+            if v is None:  # the block key was evicted from the index: nothing left to clear
+                del hashes[h]
+                continue
+            v &= keep
+            if v & 7:
+                d[replica] = v  # type: ignore[index]
+            else:
+                del d[replica]  # type: ignore[union-attr]
+                del hashes[h]
+                if not d:
+                    del blocks[k]
+        stats.removed += n
+
+    def _forget(self, replica: str) -> None:
+        self._replicas.pop(replica, None)
+        self._epochs.pop(replica, None)
+
+    def _evict(self) -> None:
+        if len(self._blocks) > self.max_blocks:
+            evict_oldest(self._blocks, self.max_blocks)
+
+    async def drop_replica(self, replica: str) -> None:
+        self._forget(replica)
+
+    async def mark_untrusted(self, replica: str) -> None:
+        st = self._replicas.get(replica)
+        if st is not None:
+            st.epoch = self._epochs[replica] = self._new_epoch()
+
+    # ---------------------------------------------------------------- reads
+
+    async def lookup(self, keys: Sequence[int], *, model: str = "") -> dict[str, PrefixMatch]:
+        """Longest consecutive prefix per replica. ``model`` is implied by the keys' root."""
+        return self.lookup_now(keys)
+
+    def lookup_now(self, keys: Sequence[int]) -> dict[str, PrefixMatch]:
+        """Synchronous lookup (the memory backend never waits); see ``lookup``.
+
+        Walks the keys once, carrying the replicas still consecutive as parallel lists, and
+        stops at the first key none of them holds in its current epoch. Fast path: when a
+        block's replica dict equals the previous block's (a C-level compare, the usual case
+        along a shared prefix), every carried replica holds it in the same tiers, so the
+        per-replica checks are skipped.
+        """
+        if not keys:
+            return {}
+        blocks = self._blocks
+        prev = blocks.get(keys[0])
+        if not prev:
+            return {}
+        names, expect, worst = self._carried(prev)
+        out: dict[str, PrefixMatch] = {}
+        get = blocks.get
+        best = _BEST_TIER
+        depth = 1
+        n = len(keys)
+        while names and depth < n:
+            d = get(keys[depth])
+            if d is None:
+                break
+            if d != prev:
+                prev = d
+                dget = d.get
+                lost = False
+                for j, r in enumerate(names):
+                    v = dget(r)
+                    if v is not None and v >> 3 == expect[j]:
+                        worst[j] |= best[v & 7]
+                    else:
+                        out[r] = PrefixMatch(depth, _SLOWEST_NAME[worst[j]])
+                        expect[j] = -1
+                        lost = True
+                if lost:
+                    keep = [j for j, e in enumerate(expect) if e >= 0]
+                    names = [names[j] for j in keep]
+                    expect = [expect[j] for j in keep]
+                    worst = [worst[j] for j in keep]
+            depth += 1
+        for r, w in zip(names, worst):
+            out[r] = PrefixMatch(depth, _SLOWEST_NAME[w])
+        return out
+
+    def _carried(self, first: dict[str, int]) -> tuple[list[str], list[int], list[int]]:
+        """Replicas holding the first block in their current epoch: names, epochs, tier bits."""
+        epochs = self._epochs
+        names: list[str] = []
+        expect: list[int] = []
+        worst: list[int] = []
+        for r, v in first.items():
+            ep = epochs.get(r)
+            if ep is not None and v >> 3 == ep:
+                names.append(r)
+                expect.append(ep)
+                worst.append(_BEST_TIER[v & 7])
+        return names, expect, worst
+
+    async def block_count(self) -> int:
+        return len(self._blocks)
+
+    async def ping(self) -> bool:
+        """Always reachable (kept for symmetry with RedisIndex.ping)."""
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """Sizes for debugging and gauges."""
+        return {
+            "blocks": len(self._blocks),
+            "replicas": len(self._replicas),
+            "hash_map_entries": sum(len(s.hashes) for s in self._replicas.values()),
+        }
