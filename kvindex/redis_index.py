@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
@@ -216,8 +218,12 @@ class RedisIndex(KVIndex):
         map_cache_blocks: int = 1_000_000,
         local_cache_entries: int = 4096,
         socket_timeout: float = 1.0,
+        retries: int = 2,
         max_connections: int = 64,
     ) -> None:
+        """``socket_timeout`` and ``retries`` are small on purpose: while Redis is down every
+        call should fail within about a second so routing falls back to load-only scoring
+        (redis-py's default would retry ten times with up to 1 s backoff)."""
         super().__init__()
         if ttl_s < 1:
             raise ValueError("ttl_s must be at least 1 second")
@@ -232,6 +238,7 @@ class RedisIndex(KVIndex):
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.005, cap=0.05), retries),
             max_connections=max_connections,
         )
         self._apply_script = _Script(_APPLY_LUA)
@@ -279,6 +286,8 @@ class RedisIndex(KVIndex):
             elif isinstance(ev, BlockRemoved):
                 ops += ("R", medium_tier(ev.medium), len(ev.block_hashes))
                 ops += [hash_field(h) for h in ev.block_hashes]
+                for h in ev.block_hashes:  # the block may still be in another tier: Redis knows
+                    local.pop(h, None)
             else:
                 ops.append("C")
                 local.clear()
@@ -374,15 +383,24 @@ class RedisIndex(KVIndex):
 
 def _unresolved_parents(events: Sequence[Any], local: dict[BlockHash, int]) -> list[BlockHash]:
     """Parent hashes of BlockStored events that neither the local map nor an earlier event of
-    the batch can resolve (up to the first AllBlocksCleared: after it, only the batch counts)."""
+    the batch resolves, replaying the batch's removals (which drop local entries) in order.
+    Stops at the first AllBlocksCleared: after it, only the batch itself can resolve parents.
+
+    (A parent removed from its last tier earlier in the *same* batch is still found in
+    Redis's pre-batch map; vLLM never stores a child of an uncached block, so this is moot.)
+    """
     seen: set[BlockHash] = set()
+    gone: set[BlockHash] = set()
     need: list[BlockHash] = []
     for ev in events:
         if isinstance(ev, AllBlocksCleared):
             break
-        if isinstance(ev, BlockStored):
+        if isinstance(ev, BlockRemoved):
+            gone.update(ev.block_hashes)
+            seen.difference_update(ev.block_hashes)
+        elif isinstance(ev, BlockStored):
             p = ev.parent_block_hash
-            if p is not None and p not in local and p not in seen:
+            if p is not None and p not in seen and (p not in local or p in gone):
                 need.append(p)
                 seen.add(p)
             seen.update(ev.block_hashes)

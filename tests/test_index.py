@@ -1,0 +1,647 @@
+"""Both index backends under one suite: memory (embedded) and Redis (a real redis-server).
+
+Events are built the way a vLLM 0.33 replica publishes them: engine hashes from
+``vllm_block_hashes`` (sha256, tagged extra keys) as the unsigned 64-bit ints of the wire,
+untagged extra keys on the GPU pool, ``group_idx`` 0, and every batch goes through
+``encode_batch``/``decode_batch`` before it reaches the index, as it would from the subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_batch, encode_batch
+from kvindex.hashing import block_keys, event_hash, vllm_block_hashes
+from kvindex.index import KVIndex, PrefixMatch
+from kvindex.memory_index import MemoryIndex, event_salt
+from kvindex.redis_index import RedisIndex
+
+from tests.conftest import RedisServer, free_port
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+BS = 16
+
+
+# ------------------------------------------------------------------------------------------
+# vLLM-like prompts and events
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    """A prompt as one replica sees it: tokens, vLLM's block hashes, and our keys."""
+
+    tokens: list[int]
+    block_size: int = BS
+    lora: str | None = None
+    salt: str | None = None
+    raw_hashes: bool = False  # publish raw digest bytes instead of 64-bit ints
+    seed: str | None = None
+    hashes: list[Any] = field(init=False)
+    keys: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens) // self.block_size
+        extra: list[tuple | None] = []
+        for i in range(n):
+            tagged: tuple = ()
+            if self.lora:
+                tagged += (("lora", self.lora, f"/adapters/{self.lora}"),)
+            if self.salt and i == 0:
+                tagged += (("cache_salt", self.salt),)
+            extra.append(tagged or None)
+        digests = vllm_block_hashes(self.tokens, self.block_size, "sha256", self.seed, extra)
+        self.hashes = digests if self.raw_hashes else [event_hash(d) for d in digests]
+        self.keys = block_keys(self.tokens, self.block_size, model=MODEL, lora=self.lora, salt=self.salt)
+
+    def untagged_extra(self, i: int) -> list[Any] | None:
+        """Block i's extra keys as 0.33 events carry them (untagged values)."""
+        vals = ([self.lora] if self.lora else []) + ([self.salt] if self.salt and i == 0 else [])
+        return vals or None
+
+    def stored(self, a: int = 0, b: int | None = None, medium: str = "GPU", tagged: bool = False) -> BlockStored:
+        """BlockStored for blocks [a, b) (parent = block a-1's hash), as the GPU or CPU pool sends it."""
+        b = len(self.hashes) if b is None else b
+        bs = self.block_size
+        gpu = medium == "GPU"
+        extra = None
+        if gpu:
+            if tagged:
+                extra = [
+                    ([["lora", self.lora, "p"]] if self.lora else [])
+                    + ([["cache_salt", self.salt]] if self.salt and i == 0 else [])
+                    or None
+                    for i in range(a, b)
+                ]
+            else:
+                extra = [self.untagged_extra(i) for i in range(a, b)]
+        return BlockStored(
+            block_hashes=self.hashes[a:b],
+            parent_block_hash=self.hashes[a - 1] if a > 0 else None,
+            token_ids=self.tokens[a * bs : b * bs],
+            block_size=bs,
+            lora_id=1 if self.lora else None,
+            medium=medium,
+            lora_name=self.lora,
+            extra_keys=extra,
+            group_idx=0 if gpu else None,
+        )
+
+    def removed(self, a: int = 0, b: int | None = None, medium: str = "GPU") -> BlockRemoved:
+        b = len(self.hashes) if b is None else b
+        return BlockRemoved(block_hashes=self.hashes[a:b], medium=medium, group_idx=0 if medium == "GPU" else None)
+
+
+def make_tokens(n_blocks: int, seed: int, block_size: int = BS) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(150_000) for _ in range(n_blocks * block_size)]
+
+
+def batch(*events: Any) -> EventBatch:
+    """A batch after the wire: encoded as vLLM 0.33 would and decoded as the subscriber does."""
+    return decode_batch(encode_batch(EventBatch(ts=1.0, events=list(events), data_parallel_rank=0)))
+
+
+def match(blocks: int, tier: str = "GPU") -> PrefixMatch:
+    return PrefixMatch(blocks, tier)
+
+
+# ------------------------------------------------------------------------------------------
+# Backends
+# ------------------------------------------------------------------------------------------
+
+
+def _make(kind: str, request: pytest.FixtureRequest, **options: Any) -> KVIndex:
+    if kind == "memory":
+        return MemoryIndex(**options)
+    url = request.getfixturevalue("redis_url")
+    return RedisIndex(url, **options)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def index(request: pytest.FixtureRequest) -> AsyncIterator[KVIndex]:
+    idx = _make(request.param, request)
+    yield idx
+    await idx.close()
+
+
+async def apply(idx: KVIndex, replica: str, *events: Any):  # -> ApplyStats
+    return await idx.apply(replica, batch(*events), model=MODEL)
+
+
+# ------------------------------------------------------------------------------------------
+# The shared suite
+# ------------------------------------------------------------------------------------------
+
+
+async def test_store_then_lookup_whole_chain(index: KVIndex) -> None:
+    p = Prompt(make_tokens(8, 1))
+    stats = await apply(index, "r1", p.stored())
+    assert (stats.stored, stats.orphaned) == (8, 0)
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(8)}
+    # a longer request: the cached prefix is still 8 blocks
+    longer = Prompt(p.tokens + make_tokens(4, 2))
+    assert await index.lookup(longer.keys, model=MODEL) == {"r1": match(8)}
+    # a shorter one: all of it
+    assert await index.lookup(p.keys[:3], model=MODEL) == {"r1": match(3)}
+    assert await index.lookup([], model=MODEL) == {}
+    assert await index.block_count() == 8
+
+
+async def test_chained_events_and_partial_prefix(index: KVIndex) -> None:
+    p = Prompt(make_tokens(8, 1))
+    await apply(index, "r1", p.stored(0, 3))
+    stats = await apply(index, "r1", p.stored(3, 8))  # parent = block 2's engine hash
+    assert stats.orphaned == 0
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(8)}
+    # a request sharing the first 5 blocks, then diverging
+    other = Prompt(p.tokens[: 5 * BS] + make_tokens(3, 9))
+    assert await index.lookup(other.keys, model=MODEL) == {"r1": match(5)}
+    # nothing in common
+    assert await index.lookup(Prompt(make_tokens(4, 77)).keys, model=MODEL) == {}
+
+
+async def test_replicas_with_different_depths(index: KVIndex) -> None:
+    p = Prompt(make_tokens(10, 3))
+    await apply(index, "r1", p.stored(0, 3))
+    await apply(index, "r2", p.stored(0, 6))
+    await apply(index, "r3", p.stored(0, 10))
+    await apply(index, "r4", Prompt(make_tokens(10, 4)).stored())
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(3), "r2": match(6), "r3": match(10)}
+
+
+async def test_prefix_must_be_consecutive(index: KVIndex) -> None:
+    p = Prompt(make_tokens(8, 5))
+    await apply(index, "r1", p.stored())
+    await apply(index, "r1", p.removed(4, 5))  # a hole at block 4
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(4)}
+    await apply(index, "r1", p.removed(0, 1))  # block 0 gone: nothing usable
+    assert await index.lookup(p.keys, model=MODEL) == {}
+
+
+async def test_tiers_gpu_cpu_and_removal_of_one_tier(index: KVIndex) -> None:
+    p = Prompt(make_tokens(6, 6))
+    await apply(index, "r1", p.stored())
+    await apply(index, "r1", p.stored(medium="CPU"))  # offloaded copies
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(6, "GPU")}
+    # GPU evicts blocks 3..5: still held on CPU, so the match is whole but slower
+    stats = await apply(index, "r1", p.removed(3, 6, "GPU"))
+    assert stats.removed == 3
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(6, "CPU")}
+    assert await index.lookup(p.keys[:3], model=MODEL) == {"r1": match(3, "GPU")}
+    # CPU drops block 4: prefix stops there
+    await apply(index, "r1", p.removed(4, 5, "CPU"))
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(4, "CPU")}
+    # storage tier is slowest of all
+    q = Prompt(make_tokens(3, 7))
+    await apply(index, "r2", q.stored(0, 2), q.stored(2, 3, medium="STORAGE"))
+    assert await index.lookup(q.keys, model=MODEL) == {"r2": match(3, "STORAGE")}
+
+
+async def test_removed_resolves_engine_hashes_and_forgets_them(index: KVIndex) -> None:
+    p = Prompt(make_tokens(4, 8))
+    await apply(index, "r1", p.stored())
+    unknown = Prompt(make_tokens(2, 9))
+    stats = await apply(index, "r1", unknown.removed(), p.removed(2, 4))
+    assert stats.removed == 2  # the unknown hashes resolve to nothing
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(2)}
+    # the removed blocks left every tier, so their hashes are forgotten: a child is orphaned
+    stats = await apply(index, "r1", Prompt(p.tokens + make_tokens(1, 10)).stored(4, 5))
+    assert stats.orphaned == 1
+    # removing again resolves nothing
+    assert (await apply(index, "r1", p.removed(2, 4))).removed == 0
+
+
+async def test_all_blocks_cleared_forgets_one_replica(index: KVIndex) -> None:
+    p = Prompt(make_tokens(5, 11))
+    await apply(index, "r1", p.stored(0, 3))
+    await apply(index, "r2", p.stored())
+    stats = await apply(index, "r1", AllBlocksCleared())
+    assert stats.cleared == 1
+    assert await index.lookup(p.keys, model=MODEL) == {"r2": match(5)}
+    # its engine-hash map went too: a continuation cannot chain
+    assert (await apply(index, "r1", p.stored(3, 5))).orphaned == 2
+    # a clear in the middle of a batch: only what follows it counts
+    stats = await apply(index, "r1", p.stored(0, 2), AllBlocksCleared(), p.stored(0, 1), p.stored(1, 4))
+    assert (stats.stored, stats.cleared, stats.orphaned) == (6, 1, 0)
+    assert (await index.lookup(p.keys, model=MODEL))["r1"] == match(4)
+
+
+async def test_drop_replica(index: KVIndex) -> None:
+    p = Prompt(make_tokens(4, 12))
+    await apply(index, "r1", p.stored())
+    await apply(index, "r2", p.stored(0, 2))
+    await index.drop_replica("r1")
+    assert await index.lookup(p.keys, model=MODEL) == {"r2": match(2)}
+    assert (await apply(index, "r1", Prompt(p.tokens + make_tokens(1, 1)).stored(4, 5))).orphaned == 1
+    # it comes back: fresh stores count, old ones stay gone
+    await apply(index, "r1", p.stored(0, 1))
+    assert (await index.lookup(p.keys, model=MODEL))["r1"] == match(1)
+    await index.drop_replica("never-seen")  # harmless
+
+
+async def test_mark_untrusted_hides_old_entries_and_keeps_chaining(index: KVIndex) -> None:
+    p = Prompt(make_tokens(8, 13))
+    await apply(index, "r1", p.stored(0, 4))
+    await apply(index, "r2", p.stored(0, 4))
+    await index.mark_untrusted("r1")
+    assert await index.lookup(p.keys, model=MODEL) == {"r2": match(4)}
+    # the engine-hash map survived: blocks 4..7 chain from block 3 ...
+    stats = await apply(index, "r1", p.stored(4, 8))
+    assert stats.orphaned == 0
+    # ... but the prefix starts at block 0, which is untrusted
+    assert "r1" not in await index.lookup(p.keys, model=MODEL)
+    await apply(index, "r1", p.stored(0, 4))  # re-stored after the gap: trusted again
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(8), "r2": match(4)}
+    # a tier bit from before the gap does not count after it
+    await apply(index, "r2", p.stored(0, 4, medium="CPU"))
+    await index.mark_untrusted("r2")
+    await apply(index, "r2", p.stored(0, 4, medium="CPU"))
+    assert (await index.lookup(p.keys, model=MODEL))["r2"] == match(4, "CPU")
+
+
+async def test_unknown_parent_is_counted_orphaned(index: KVIndex) -> None:
+    p = Prompt(make_tokens(6, 14))
+    stats = await apply(index, "r1", p.stored(2, 6))
+    assert (stats.stored, stats.orphaned) == (0, 4)
+    assert await index.lookup(p.keys, model=MODEL) == {}
+    assert await index.block_count() == 0
+
+
+async def test_lora_and_salt_give_separate_keys(index: KVIndex) -> None:
+    tokens = make_tokens(4, 15)
+    base, lora = Prompt(tokens), Prompt(tokens, lora="sql-adapter")
+    salted, both = Prompt(tokens, salt="tenant-a"), Prompt(tokens, lora="sql-adapter", salt="tenant-b")
+    await apply(index, "r-lora", lora.stored())
+    await apply(index, "r-salt", salted.stored())
+    await apply(index, "r-both", both.stored())
+    assert await index.lookup(base.keys, model=MODEL) == {}
+    assert await index.lookup(lora.keys, model=MODEL) == {"r-lora": match(4)}
+    assert await index.lookup(salted.keys, model=MODEL) == {"r-salt": match(4)}
+    assert await index.lookup(both.keys, model=MODEL) == {"r-both": match(4)}
+    # the tagged extra-key form gives the same keys
+    tagged = Prompt(tokens, salt="tenant-c")
+    await apply(index, "r-tagged", tagged.stored(tagged=True))
+    assert await index.lookup(tagged.keys, model=MODEL) == {"r-tagged": match(4)}
+
+
+def test_event_salt_forms() -> None:
+    """Salt extraction from block 0's extra keys (untagged, tagged, absent)."""
+
+    def ev(extra: Any, lora: str | None = None) -> BlockStored:
+        return BlockStored([1], None, [0] * BS, BS, None, "GPU", lora, extra_keys=extra)
+
+    assert event_salt(ev(None)) is None
+    assert event_salt(ev([None])) is None
+    assert event_salt(ev([["s1"]])) == "s1"
+    assert event_salt(ev([["my-lora", "s2"]], lora="my-lora")) == "s2"
+    assert event_salt(ev([["my-lora"]], lora="my-lora")) is None
+    assert event_salt(ev([[["lora", "my-lora", "/p"], ["cache_salt", "s3"]]], lora="my-lora")) == "s3"
+    assert event_salt(ev([[["mm", "abc", 0]]])) is None
+
+
+async def test_block_size_recorded(index: KVIndex) -> None:
+    assert index.block_size(MODEL) is None
+    p = Prompt(make_tokens(2, 16, block_size=32), block_size=32)
+    await apply(index, "r1", p.stored())
+    assert index.block_size(MODEL) == 32
+
+
+async def test_raw_digest_hashes_and_other_group_ignored(index: KVIndex) -> None:
+    p = Prompt(make_tokens(4, 17), raw_hashes=True)
+    await apply(index, "r1", p.stored(0, 2), p.stored(2, 4))
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(4)}
+    # a sliding-window group (hybrid model) evicting blocks must not touch group 0's entries
+    ev = p.removed(0, 4)
+    ev.group_idx = 1
+    await apply(index, "r1", ev)
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(4)}
+    await apply(index, "r1", p.removed(1, 2))
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(1)}
+
+
+async def test_legacy_array_events(index: KVIndex) -> None:
+    p = Prompt(make_tokens(3, 18))
+    payload = encode_batch(EventBatch(ts=1.0, events=[p.stored()]), legacy=True)
+    await index.apply("r1", decode_batch(payload), model=MODEL)
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(3)}
+
+
+async def test_malformed_block_size_is_orphaned_not_fatal(index: KVIndex) -> None:
+    p = Prompt(make_tokens(2, 19))
+    bad = p.stored()
+    bad.block_size = 0
+    stats = await index.apply("r1", EventBatch(ts=0.0, events=[bad]), model=MODEL)
+    assert stats.orphaned == 2
+    short = p.stored()
+    short.token_ids = short.token_ids[: BS + 3]  # only one full block of tokens for two hashes
+    stats = await index.apply("r1", EventBatch(ts=0.0, events=[short]), model=MODEL)
+    assert (stats.stored, stats.orphaned) == (1, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# Memory backend specifics
+# ------------------------------------------------------------------------------------------
+
+
+async def test_memory_lru_bound() -> None:
+    idx = MemoryIndex(max_blocks=64)
+    hot = Prompt(make_tokens(4, 20))
+    await apply(idx, "r1", hot.stored())
+    for seed in range(30):
+        await apply(idx, "r1", Prompt(make_tokens(4, 100 + seed)).stored())
+        await apply(idx, "r1", hot.stored())  # re-stored: refreshed, never the oldest
+        assert await idx.block_count() <= 64
+    assert await idx.lookup(hot.keys) == {"r1": match(4)}
+    assert await idx.lookup(Prompt(make_tokens(4, 100)).keys) == {}  # the oldest went
+    assert await idx.lookup(Prompt(make_tokens(4, 129)).keys) == {"r1": match(4)}
+    with pytest.raises(ValueError):
+        MemoryIndex(max_blocks=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Redis backend specifics
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def rindex(redis_url: str) -> AsyncIterator[RedisIndex]:
+    idx = RedisIndex(redis_url, ttl_s=120)
+    yield idx
+    await idx.close()
+
+
+@pytest.mark.redis
+async def test_redis_ttl_set(rindex: RedisIndex, redis_url: str) -> None:
+    p = Prompt(make_tokens(3, 21))
+    await apply(rindex, "r1", p.stored())
+    client = redis.Redis.from_url(redis_url)
+    try:
+        block_keys_ = sorted(client.scan_iter(match=f"kvg:{MODEL}:b:*"))
+        assert len(block_keys_) == 3
+        assert all(0 < client.ttl(k) <= 120 for k in block_keys_)
+        assert 0 < client.ttl("kvg:m:r1") <= 120
+        assert client.ttl("kvg:epochs") in (-1, -2)  # never expires (or not created yet)
+        assert client.hget(f"kvg:{MODEL}:b:{p.keys[0]:016x}", "r1") is not None
+    finally:
+        client.close()
+
+
+@pytest.mark.redis
+async def test_redis_restart_and_script_flush(rindex: RedisIndex, redis_server: RedisServer, redis_url: str) -> None:
+    p = Prompt(make_tokens(4, 22))
+    await apply(rindex, "r1", p.stored())
+    assert await rindex.lookup(p.keys, model=MODEL) == {"r1": match(4)}
+    redis_server.restart()  # data and scripts gone, pooled connections broken
+    assert await rindex.lookup(p.keys, model=MODEL) == {}
+    await apply(rindex, "r1", p.stored())
+    assert await rindex.lookup(p.keys, model=MODEL) == {"r1": match(4)}
+    client = redis.Redis.from_url(redis_url)
+    client.script_flush()
+    client.close()
+    assert await rindex.lookup(p.keys, model=MODEL) == {"r1": match(4)}
+    assert (await apply(rindex, "r1", p.removed(3, 4))).removed == 1
+    assert await rindex.ping() is True
+
+
+@pytest.mark.redis
+async def test_redis_down_raises_and_ping_false() -> None:
+    idx = RedisIndex(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2, retries=1)
+    try:
+        assert await idx.ping() is False
+        with pytest.raises(redis.RedisError):
+            await idx.lookup([1, 2, 3], model=MODEL)
+        with pytest.raises(redis.RedisError):
+            await apply(idx, "r1", Prompt(make_tokens(1, 1)).stored())
+    finally:
+        await idx.close()
+
+
+@pytest.mark.redis
+async def test_redis_shared_between_processes(redis_url: str) -> None:
+    """An indexer and a gateway (two clients) agree on entries, epochs, map and block size."""
+    indexer, gateway = RedisIndex(redis_url), RedisIndex(redis_url)
+    restarted = RedisIndex(redis_url)
+    try:
+        p = Prompt(make_tokens(6, 23))
+        await apply(indexer, "r1", p.stored(0, 3))
+        assert await gateway.lookup(p.keys, model=MODEL) == {"r1": match(3)}
+        # a restarted indexer chains from the parent through Redis's copy of the map
+        assert (await apply(restarted, "r1", p.stored(3, 6))).orphaned == 0
+        assert await gateway.lookup(p.keys, model=MODEL) == {"r1": match(6)}
+        assert gateway.block_size(MODEL) is None
+        assert await gateway.ping()
+        assert gateway.block_size(MODEL) == BS
+        await indexer.mark_untrusted("r1")
+        assert await gateway.lookup(p.keys, model=MODEL) == {}
+    finally:
+        for idx in (indexer, gateway, restarted):
+            await idx.close()
+
+
+@pytest.mark.redis
+async def test_redis_namespaces_and_models_are_separate(redis_url: str) -> None:
+    a, b = RedisIndex(redis_url, namespace="a"), RedisIndex(redis_url, namespace="b")
+    try:
+        p = Prompt(make_tokens(2, 24))
+        await apply(a, "r1", p.stored())
+        assert await b.lookup(p.keys, model=MODEL) == {}
+        assert await a.lookup(p.keys, model="other-model") == {}
+        assert await a.lookup(p.keys, model=MODEL) == {"r1": match(2)}
+        assert await a.block_count() == 2 and await b.block_count() == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.redis
+async def test_redis_local_read_cache(redis_url: str) -> None:
+    idx = RedisIndex(redis_url, local_cache_ms=60_000)
+    try:
+        p = Prompt(make_tokens(3, 25))
+        await apply(idx, "r1", p.stored())
+        assert await idx.lookup(p.keys, model=MODEL) == {"r1": match(3)}
+        await apply(idx, "r1", p.removed(2, 3))
+        # within the window the cached answer stands (the documented staleness) ...
+        assert await idx.lookup(p.keys, model=MODEL) == {"r1": match(3)}
+        # ... but a trust change is seen at once
+        await idx.mark_untrusted("r1")
+        assert await idx.lookup(p.keys, model=MODEL) == {}
+    finally:
+        await idx.close()
+
+
+@pytest.mark.redis
+async def test_redis_long_chain_and_big_event(rindex: RedisIndex) -> None:
+    """A 1500-block prompt in one event (more ARGV than Lua's unpack limit per call)."""
+    p = Prompt(make_tokens(1500, 26))
+    assert (await apply(rindex, "r1", p.stored())).stored == 1500
+    assert await rindex.lookup(p.keys, model=MODEL) == {"r1": match(1500)}
+
+
+# ------------------------------------------------------------------------------------------
+# Property test: random event streams, lookups equal a brute-force model
+# ------------------------------------------------------------------------------------------
+
+REPLICAS = ("r0", "r1", "r2")
+MEDIA = ("GPU", "CPU")
+
+
+def property_prompts() -> list[Prompt]:
+    """Prompts that share prefixes (p1 forks p0 after 3 blocks) plus a salted twin of p0."""
+    t0 = make_tokens(6, 300, block_size=4)
+    return [
+        Prompt(t0, block_size=4),
+        Prompt(t0[:12] + make_tokens(3, 301, block_size=4), block_size=4),
+        Prompt(make_tokens(5, 302, block_size=4), block_size=4),
+        Prompt(t0, block_size=4, salt="s"),
+    ]
+
+
+class BruteForce:
+    """The specification, written plainly: per replica, entries (key -> [mask, epoch]),
+    the engine-hash map and the current epoch."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[int, list[int]]] = {r: {} for r in REPLICAS}
+        self.maps: dict[str, dict[Any, int]] = {r: {} for r in REPLICAS}
+        self.epoch: dict[str, int] = {r: 0 for r in REPLICAS}
+
+    def store(self, r: str, p: Prompt, a: int, b: int, medium: str) -> None:
+        if a > 0 and p.hashes[a - 1] not in self.maps[r]:
+            return  # orphaned
+        tier = {"GPU": 1, "CPU": 2}[medium]
+        for i in range(a, b):
+            self.maps[r][p.hashes[i]] = p.keys[i]
+            e = self.entries[r].get(p.keys[i])
+            if e is not None and e[1] == self.epoch[r]:
+                e[0] |= tier
+            else:
+                self.entries[r][p.keys[i]] = [tier, self.epoch[r]]
+
+    def remove(self, r: str, p: Prompt, a: int, b: int, medium: str) -> None:
+        tier = {"GPU": 1, "CPU": 2}[medium]
+        for h in p.hashes[a:b]:
+            k = self.maps[r].get(h)
+            if k is None:
+                continue
+            e = self.entries[r].get(k)
+            if e is not None:
+                e[0] &= ~tier
+                if e[0]:
+                    continue
+                del self.entries[r][k]
+            del self.maps[r][h]
+
+    def clear(self, r: str) -> None:
+        self.entries[r], self.maps[r] = {}, {}
+        self.epoch[r] += 1
+
+    def untrust(self, r: str) -> None:
+        self.epoch[r] += 1
+
+    def lookup(self, keys: Sequence[int]) -> dict[str, PrefixMatch]:
+        out = {}
+        for r in REPLICAS:
+            n, worst = 0, 0
+            for k in keys:
+                e = self.entries[r].get(k)
+                if e is None or e[1] != self.epoch[r] or not e[0]:
+                    break
+                n += 1
+                worst = max(worst, e[0] & -e[0])
+            if n:
+                out[r] = PrefixMatch(n, {1: "GPU", 2: "CPU"}[worst])
+        return out
+
+
+def op_strategy(n_prompts: int) -> st.SearchStrategy[tuple]:
+    replica = st.sampled_from(REPLICAS)
+    span = st.tuples(st.integers(0, 5), st.integers(1, 6)).map(lambda ab: (min(ab), max(ab[0] + 1, ab[1])))
+    prompt = st.integers(0, n_prompts - 1)
+    return st.one_of(
+        st.tuples(st.just("store"), replica, prompt, span, st.sampled_from(MEDIA)),
+        st.tuples(st.just("store"), replica, prompt, span, st.sampled_from(MEDIA)),
+        st.tuples(st.just("remove"), replica, prompt, span, st.sampled_from(MEDIA)),
+        st.tuples(st.just("clear"), replica),
+        st.tuples(st.just("untrust"), replica),
+        st.tuples(st.just("drop"), replica),
+    )
+
+
+async def run_property(idx: KVIndex, prompts: list[Prompt], ops: list[tuple]) -> None:
+    model = BruteForce()
+    for op in ops:
+        kind, r = op[0], op[1]
+        if kind in ("store", "remove"):
+            p = prompts[op[2]]
+            a, b = op[3]
+            b = min(b, len(p.hashes))
+            a = min(a, b - 1)
+            if kind == "store":
+                model.store(r, p, a, b, op[4])
+                await apply(idx, r, p.stored(a, b, op[4]))
+            else:
+                model.remove(r, p, a, b, op[4])
+                await apply(idx, r, p.removed(a, b, op[4]))
+        elif kind == "clear":
+            model.clear(r)
+            await apply(idx, r, AllBlocksCleared())
+        elif kind == "untrust":
+            model.untrust(r)
+            await idx.mark_untrusted(r)
+        else:
+            model.clear(r)
+            await idx.drop_replica(r)
+    for p in prompts:
+        for n in (1, 3, len(p.keys)):
+            assert await idx.lookup(p.keys[:n], model=MODEL) == model.lookup(p.keys[:n]), (n, ops)
+
+
+@pytest.fixture
+def event_loop_for_property() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_property_lookup_equals_brute_force(
+    kind: str, request: pytest.FixtureRequest, event_loop_for_property: asyncio.AbstractEventLoop
+) -> None:
+    prompts = property_prompts()
+    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    namespaces = itertools.count()
+    ran: list[int] = []
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(ops=st.lists(op_strategy(len(prompts)), min_size=1, max_size=25))
+    def check(ops: list[tuple]) -> None:
+        idx: KVIndex = MemoryIndex() if kind == "memory" else RedisIndex(url, namespace=f"prop{next(namespaces)}")
+
+        async def go() -> None:
+            try:
+                await run_property(idx, prompts, ops)
+            finally:
+                await idx.close()
+
+        event_loop_for_property.run_until_complete(go())
+        ran.append(len(ops))
+
+    check()
+    assert len(ran) >= 50 and max(ran) >= 10  # the property really was exercised
