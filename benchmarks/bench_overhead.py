@@ -1,0 +1,187 @@
+"""How much latency the gateway adds over calling a replica directly.
+
+One simulated replica at time-scale 0 (answers as fast as Python can) in its own process, the
+gateway (``kvgate serve``) in its own process, and the load generator here. The same requests
+go direct and through the gateway, interleaved in rounds so both see the same machine state;
+the figures are the differences (and ratios) between the two in this run, never absolute
+targets. Concurrency 1 shows the per-request cost; concurrency 32 shows throughput.
+
+    python -m benchmarks.bench_overhead [--requests 400] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+MODEL = "kvgate/demo-8b"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_stack(tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
+    sim_port, gw_port = _free_port(), _free_port()
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "sim", "--port", str(sim_port), "--model", MODEL, "--time-scale", "0", "--tokenizer", "demo"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cfg = tmp / "gw.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "listen": {"host": "127.0.0.1", "port": gw_port},
+                "replicas": [{"id": "r0", "url": f"http://127.0.0.1:{sim_port}", "models": [MODEL]}],
+                "models": {MODEL: {"tokenizer": "demo"}},
+            }
+        )
+    )
+    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    direct, via = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
+    _wait_http(f"{direct}/health")
+    _wait_http(f"{via}/ready")
+    return [sim, gw], direct, via
+
+
+def _body(i: int, stream: bool) -> dict:
+    return {"model": MODEL, "prompt": f"Benchmark request {i % 50}: say something short.", "max_tokens": 8, "stream": stream}
+
+
+def _one_sync(client: httpx.Client, base: str, i: int, stream: bool) -> float:
+    t0 = time.perf_counter()
+    if stream:
+        with client.stream("POST", f"{base}/v1/completions", json=_body(i, True)) as r:
+            for _ in r.iter_raw():
+                pass
+            assert r.status_code == 200
+    else:
+        r = client.post(f"{base}/v1/completions", json=_body(i, False))
+        assert r.status_code == 200
+    return time.perf_counter() - t0
+
+
+def concurrency_1(direct: str, via: str, n: int, stream: bool) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"direct": [], "gateway": []}
+    with httpx.Client(timeout=30) as client:
+        for i in range(20):  # warm both paths (connections, caches)
+            _one_sync(client, direct, i, stream)
+            _one_sync(client, via, i, stream)
+        for i in range(n):
+            out["direct"].append(_one_sync(client, direct, i, stream))
+            out["gateway"].append(_one_sync(client, via, i, stream))
+    return out
+
+
+async def _concurrent(base: str, n: int, conc: int, stream: bool) -> tuple[list[float], float]:
+    lat: list[float] = []
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        counter = iter(range(n))
+
+        async def worker() -> None:
+            for i in counter:
+                t0 = time.perf_counter()
+                if stream:
+                    async with client.stream("POST", f"{base}/v1/completions", json=_body(i, True)) as r:
+                        async for _ in r.aiter_raw():
+                            pass
+                else:
+                    r = await client.post(f"{base}/v1/completions", json=_body(i, False))
+                lat.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return lat, n / (time.perf_counter() - t0)
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=400, help="requests per path and mode at concurrency 1")
+    ap.add_argument("--quick", action="store_true", help="fewer requests")
+    args = ap.parse_args(argv)
+    n = 100 if args.quick else args.requests
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, direct, via = start_stack(Path(tmp))
+        try:
+            rows = []
+            for stream in (False, True):
+                c1 = concurrency_1(direct, via, n, stream)
+                d50, g50 = statistics.median(c1["direct"]), statistics.median(c1["gateway"])
+                rows.append(
+                    (
+                        f"c=1 {'stream' if stream else 'non-stream'}",
+                        d50 * 1e3,
+                        g50 * 1e3,
+                        (g50 - d50) * 1e3,
+                        (pct(c1["gateway"], 99) - pct(c1["direct"], 99)) * 1e3,
+                        None,
+                        None,
+                    )
+                )
+                nd, rps_d = asyncio.run(_concurrent(direct, n * 2, 32, stream))
+                ng, rps_g = asyncio.run(_concurrent(via, n * 2, 32, stream))
+                rows.append(
+                    (
+                        f"c=32 {'stream' if stream else 'non-stream'}",
+                        statistics.median(nd) * 1e3,
+                        statistics.median(ng) * 1e3,
+                        (statistics.median(ng) - statistics.median(nd)) * 1e3,
+                        (pct(ng, 99) - pct(nd, 99)) * 1e3,
+                        rps_d,
+                        rps_g,
+                    )
+                )
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    print("| mode | direct p50 ms | gateway p50 ms | added p50 ms | added p99 ms | direct req/s | gateway req/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, d, g, a50, a99, rd, rg in rows:
+        rs = f"{rd:.0f} | {rg:.0f}" if rd else "- | -"
+        print(f"| {name} | {d:.2f} | {g:.2f} | {a50:.2f} | {a99:.2f} | {rs} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
