@@ -3,6 +3,9 @@
 Layout (all O(1) per block, no locks: everything runs on one asyncio loop):
 
 * ``_blocks``: dict ``our key -> {replica: mask | epoch << 3}``, bounded by ``max_blocks``.
+  The value dicts are copy-on-write, never changed in place: the blocks of one BlockStored
+  event share one dict, which makes bulk ingest a C-level ``dict.update`` and lets lookups
+  skip per-replica checks on an identity test.
   Insertion order is the LRU order: storing a block pops and reinserts it. Eviction removes
   the oldest entries in bulk (down to ``max_blocks - max_blocks // 32``) rather than one at a
   time, because finding a dict's first live entry means skipping every deleted slot before
@@ -22,7 +25,7 @@ Layout (all O(1) per block, no locks: everything runs on one asyncio loop):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import islice
+from itertools import islice, repeat
 from typing import Any
 
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
@@ -154,7 +157,12 @@ class MemoryIndex(KVIndex):
         return stats
 
     def _store(self, replica: str, st: _Replica, ev: BlockStored, model: str, stats: ApplyStats) -> None:
-        """Key the event's blocks and record ``replica`` on each (hot path: locals only)."""
+        """Key the event's blocks and record ``replica`` on each.
+
+        Hot path, written for bulk events: the blocks are popped with one C-level ``map`` and,
+        when none was indexed yet (the usual case), reinserted with one ``dict.update``, all
+        sharing one value dict (values are copy-on-write, see ``_blocks``).
+        """
         hashes = st.hashes
         parent = ev.parent_block_hash
         keys = stored_keys(ev, None if parent is None else hashes.get(parent), model)
@@ -163,25 +171,39 @@ class MemoryIndex(KVIndex):
             stats.orphaned += len(block_hashes)
             return
         self._note_block_size(model, ev.block_size)
-        if len(keys) < len(block_hashes):  # token_ids shorter than the hashes claim
-            stats.orphaned += len(block_hashes) - len(keys)
+        if len(keys) != len(block_hashes):  # token_ids and hashes disagree: key what both cover
+            stats.orphaned += max(0, len(block_hashes) - len(keys))
+            keys = keys[: len(block_hashes)]
         # The map needs no LRU refresh: entries leave it on BlockRemoved; the bound only
         # catches leaks from lost events, so oldest-inserted-first is good enough.
         hashes.update(zip(block_hashes, keys))
         tier = medium_tier(ev.medium)
         epoch = st.epoch
         fresh = tier | epoch << 3
+        shared = {replica: fresh}
         blocks = self._blocks
-        pop = blocks.pop
-        for k in keys:
-            d = pop(k, None)
-            if d is None:
-                blocks[k] = {replica: fresh}
-            else:
-                v = d.get(replica)
-                d[replica] = v | tier if v is not None and v >> 3 == epoch else fresh
-                blocks[k] = d
-        stats.stored += min(len(keys), len(block_hashes))
+        olds = list(map(blocks.pop, keys, repeat(None)))  # popped: reinsertion refreshes the LRU
+        if olds.count(None) == len(olds):
+            blocks.update(zip(keys, repeat(shared)))
+        else:
+            last_old: dict[str, int] | None = None
+            last_new: dict[str, int] = shared
+            for k, old in zip(keys, olds):
+                if old is None:
+                    blocks[k] = shared
+                elif old is last_old:  # shared before, shared after: same result
+                    blocks[k] = last_new
+                else:
+                    v = old.get(replica)
+                    new = v | tier if v is not None and v >> 3 == epoch else fresh
+                    if new == v:
+                        d = old
+                    else:
+                        d = old.copy()
+                        d[replica] = new
+                    blocks[k] = last_new = d
+                    last_old = old
+        stats.stored += len(keys)
         if len(hashes) > self.max_blocks:
             evict_oldest(hashes, self.max_blocks)
 
@@ -191,24 +213,32 @@ class MemoryIndex(KVIndex):
         blocks = self._blocks
         keep = ~medium_tier(ev.medium)
         n = 0
+        last_old: dict[str, int] | None = None
+        last_new: dict[str, int] = {}
         for h in ev.block_hashes:
             k = hashes.get(h)
             if k is None:
                 continue
             n += 1
-            d = blocks.get(k)
-            v = None if d is None else d.get(replica)
+            old = blocks.get(k)
+            v = None if old is None else old.get(replica)
             if v is None:  # the block key was evicted from the index: nothing left to clear
                 del hashes[h]
                 continue
             v &= keep
-            if v & 7:
-                d[replica] = v  # type: ignore[index]
-            else:
-                del d[replica]  # type: ignore[union-attr]
+            if v & 7 == 0:
                 del hashes[h]
-                if not d:
-                    del blocks[k]
+            if old is not last_old:  # copy-on-write, once per distinct shared value
+                last_old = old
+                last_new = old.copy()  # type: ignore[union-attr]
+                if v & 7:
+                    last_new[replica] = v
+                else:
+                    del last_new[replica]
+            if last_new:
+                blocks[k] = last_new  # an existing key keeps its LRU position
+            else:
+                del blocks[k]
         stats.removed += n
 
     def _forget(self, replica: str) -> None:
@@ -258,7 +288,7 @@ class MemoryIndex(KVIndex):
             d = get(keys[depth])
             if d is None:
                 break
-            if d != prev:
+            if d is not prev and d != prev:
                 prev = d
                 dget = d.get
                 lost = False

@@ -1,119 +1,173 @@
 """The shared index backend: Redis, so that several gateway processes see one index.
 
-Key layout (``ns`` = namespace, default "kvg"; our keys are written as 16 hex digits):
+Key layout (``ns`` = namespace, default "kvg"; our 64-bit keys are written as 16 hex digits,
+engine hashes as hex too: 16 digits for the usual ints, the digest's hex for raw bytes):
 
-* ``{ns}:{model}:b:{key}`` — hash, field = replica id, value = ``mask + 8 * epoch`` (the tier
-  bitmask in the low 3 bits, as the memory backend). TTL ``ttl_s``, refreshed when the block
-  is stored and (``refresh_on_hit``) when a lookup matches it, so a block that stays hot
-  stays indexed while abandoned ones expire; together with ``maxmemory`` +
-  ``volatile-lru`` this bounds memory.
+* ``{ns}:{model}:b:{key}`` — string: a msgpack map ``{replica: mask + 8 * epoch}`` (the tier
+  bitmask in the low 3 bits, as in the memory backend), SET with ``EX ttl_s``. A string and
+  not a hash per block because a lookup then reads the whole chain with ONE ``MGET``: Lua's
+  per-``redis.call`` cost (~4 µs on the 2-core test machines) made a hash-per-block walk
+  (one HMGET per key) cost ~0.5 ms for 64 blocks. Writes read each touched block once
+  (MGET), change it in a Lua table and SET it once, inside the script, so concurrent
+  indexers never lose each other's replicas. Entries of other replicas are kept as they are
+  (stale epochs included), exactly as the memory backend keeps them.
 * ``{ns}:epochs`` — hash, replica -> current trust epoch. No TTL (one small field per
-  replica, and volatile-lru never evicts it). ``mark_untrusted``, ``drop_replica`` and
+  replica, and ``volatile-lru`` never evicts it). ``mark_untrusted``, ``drop_replica`` and
   AllBlocksCleared are one HINCRBY: entries written under an older epoch stop counting at
-  once, in every gateway, because the lookup script compares epochs inside Redis.
+  once, in every gateway, because each lookup reads the current epochs in the same script.
 * ``{ns}:m:{replica}`` — hash, engine block hash -> our key: resolves BlockRemoved inside the
   apply script and lets a restarted (or second) indexer chain BlockStored events whose parent
-  it never saw. TTL ``ttl_s``, refreshed on every apply for that replica; entries leave it
-  when their block left every tier; DEL on AllBlocksCleared / ``drop_replica``.
+  it never saw. TTL ``ttl_s``, refreshed on every apply for that replica; an entry leaves it
+  when its block left every tier; DEL on AllBlocksCleared / ``drop_replica``.
 * ``{ns}:block_sizes`` — hash, model -> block size seen in events, so gateways that do not
   ingest events learn how to cut requests (``ping`` refreshes the local copy).
 
-Round trips: ``lookup`` is one EVALSHA (a Lua script walking the key chain, carrying the
-replicas still consecutive, stopping at the first key none of them holds). ``apply`` is one
-EVALSHA per batch carrying every store/remove/clear in order; our keys are computed here in
-Python (Redis has no xxh3), chaining from a bounded local engine-hash -> key cache, and only
-when a parent hash is missing from that cache (e.g. after an indexer restart) does one extra
-HMGET ask Redis's copy of the map first. NOSCRIPT (SCRIPT FLUSH, Redis restart) reloads the
-script and retries. Redis errors propagate: the caller degrades to load-only routing.
+Bounded memory: every block key has a TTL (``ttl_s``) and the server should run with
+``maxmemory`` + ``volatile-lru``. vLLM publishes nothing while a block merely stays cached,
+so a hot block would expire although still cached; with ``refresh_on_hit`` the lookups
+re-arm the TTL of blocks that matched, at most once per ``ttl_s / 4`` per key and process,
+inside the next lookup's script (no extra round trip, at most ``REFRESH_PER_LOOKUP`` keys).
 
-Not supported: Redis Cluster (a batch's keys span slots; Sentinel works). The lookup must be
-given the same ``model`` the events were applied under.
+Round trips: ``lookup`` is one EVALSHA returning the epochs of the first block's replicas and
+the MGET of the chain; the longest-prefix walk then runs here, as in the memory backend.
+``apply`` is one EVALSHA per batch carrying every store/remove/clear in event order as one
+msgpack argument (redis-py packs each argument in Python, which cost more than Redis itself
+when every block was its own argument). Our keys are computed in Python (Redis has no xxh3),
+chaining from a bounded local engine-hash -> key cache; only when a parent hash is missing
+from it (e.g. after an indexer restart) does one HMGET ask Redis's copy of the map first.
+NOSCRIPT (SCRIPT FLUSH, Redis restart) reloads the script and retries. Redis errors
+propagate: the caller degrades to load-only routing.
+
+Not supported: Redis Cluster (the scripts build block key names themselves, and a batch's
+keys span slots; Sentinel works). Lookups must be given the ``model`` the events were
+applied under.
 """
 
 from __future__ import annotations
 
+import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
-from .index import TIER_NAMES, ApplyStats, KVIndex, PrefixMatch, medium_tier
-from .memory_index import evict_oldest, is_primary_group, stored_keys
+from .index import ApplyStats, KVIndex, PrefixMatch, medium_tier
+from .memory_index import _BEST_TIER, _SLOWEST_NAME, evict_oldest, is_primary_group, stored_keys
 
 _APPLY_LUA = """
 -- KEYS[1] epochs hash, KEYS[2] this replica's engine-hash map, KEYS[3] block-size hash
--- ARGV[1] replica, ARGV[2] ttl s, ARGV[3] block key prefix, ARGV[4] model, ARGV[5] block size
--- ARGV[6..] ops in event order:
---   'S', tier, n, then n pairs (engine hash, our key)   blocks stored
---   'R', tier, n, then n engine hashes                  blocks removed from one tier
---   'C'                                                 all blocks cleared
-local replica, ttl, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+-- ARGV[1] replica, ARGV[2] ttl s, ARGV[3] block key prefix, ARGV[4] model, ARGV[5] block
+-- size (0: none), ARGV[6] msgpack array of ops in event order:
+--   {'S', tier, keys hex (16 per block), engine hashes hex, hex width per hash}  stored
+--   {'R', tier, engine hashes hex, hex width per hash}                         removed
+--   {'C'}                                                                     all cleared
+-- Each touched block value is read once (MGET), changed in a Lua table, written once (SET EX).
+local replica, ttl, prefix = ARGV[1], ARGV[2], ARGV[3]
 local mapkey = KEYS[2]
 local epoch = tonumber(redis.call('HGET', KEYS[1], replica) or 0)
+local blocks, dirty = {}, {}
+local sub = string.sub
+
+local function split(blob, width)
+  local out = {}
+  for j = 1, #blob / width do out[j] = sub(blob, width * j - width + 1, width * j) end
+  return out
+end
+
+local function load(names)
+  local need = {}
+  for _, name in ipairs(names) do
+    if blocks[name] == nil then blocks[name] = {}; need[#need + 1] = name end
+  end
+  for j = 1, #need, 1000 do
+    local last = math.min(j + 999, #need)
+    local got = redis.call('MGET', unpack(need, j, last))
+    for x = j, last do
+      local v = got[x - j + 1]
+      if v then blocks[need[x]] = cmsgpack.unpack(v) end
+    end
+  end
+end
+
+local function map_get(fields)
+  local out = {}
+  for j = 1, #fields, 1000 do
+    local last = math.min(j + 999, #fields)
+    local got = redis.call('HMGET', mapkey, unpack(fields, j, last))
+    for x = j, last do out[x] = got[x - j + 1] end
+  end
+  return out
+end
+
+local function chunked(cmd, args)
+  for j = 1, #args, 1000 do redis.call(cmd, mapkey, unpack(args, j, math.min(j + 999, #args))) end
+end
+
 local removed = 0
-local i, last = 6, #ARGV
 local map_written = false
-while i <= last do
-  local op = ARGV[i]
-  if op == 'S' then
-    local tier, n = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-    i = i + 3
+for _, op in ipairs(cmsgpack.unpack(ARGV[6])) do
+  local kind = op[1]
+  if kind == 'S' then
+    local tier, keys, fields = op[2], split(op[3], 16), split(op[4], op[5])
+    local names, pairs_ = {}, {}
+    for j, k in ipairs(keys) do
+      names[j] = prefix .. k
+      pairs_[2 * j - 1] = fields[j]; pairs_[2 * j] = k
+    end
+    load(names)
     local fresh = epoch * 8 + tier
-    for j = i + 1, i + 2 * n - 1, 2 do
-      local bkey = prefix .. ARGV[j]
-      local val = fresh
-      local cur = redis.call('HGET', bkey, replica)
+    for _, name in ipairs(names) do
+      local t = blocks[name]
+      local cur = t[replica]
+      local m = cur and cur % 8 or 0
+      if cur and (cur - m) / 8 == epoch then t[replica] = epoch * 8 + bit.bor(m, tier) else t[replica] = fresh end
+      dirty[name] = true
+    end
+    chunked('HSET', pairs_)
+    map_written = map_written or #keys > 0
+  elseif kind == 'R' then
+    local keep, fields = bit.bnot(op[2]), split(op[3], op[4])
+    local keys = map_get(fields)
+    local names, found, forget = {}, {}, {}
+    for j = 1, #fields do
+      if keys[j] then names[#names + 1] = prefix .. keys[j]; found[#found + 1] = fields[j] end
+    end
+    load(names)
+    for j, name in ipairs(names) do
+      removed = removed + 1
+      local t = blocks[name]
+      local cur = t[replica]
+      local left = 0
       if cur then
-        cur = tonumber(cur)
         local m = cur % 8
-        if (cur - m) / 8 == epoch then val = epoch * 8 + bit.bor(m, tier) end
+        left = bit.band(m, keep)
+        if left == 0 then t[replica] = nil else t[replica] = cur - m + left end
+        dirty[name] = true
       end
-      redis.call('HSET', bkey, replica, val)
-      redis.call('EXPIRE', bkey, ttl)
+      if left == 0 then forget[#forget + 1] = found[j] end
     end
-    for j = i, i + 2 * n - 1, 1000 do
-      redis.call('HSET', mapkey, unpack(ARGV, j, math.min(j + 999, i + 2 * n - 1)))
-    end
-    map_written = map_written or n > 0
-    i = i + 2 * n
-  elseif op == 'R' then
-    local keep, n = bit.bnot(tonumber(ARGV[i + 1])), tonumber(ARGV[i + 2])
-    i = i + 3
-    for j = i, i + n - 1 do
-      local h = ARGV[j]
-      local k = redis.call('HGET', mapkey, h)
-      if k then
-        removed = removed + 1
-        local bkey = prefix .. k
-        local cur = redis.call('HGET', bkey, replica)
-        local m = 0
-        if cur then
-          cur = tonumber(cur)
-          m = cur % 8
-          local left = bit.band(m, keep)
-          if left == 0 then
-            redis.call('HDEL', bkey, replica)
-          else
-            redis.call('HSET', bkey, replica, cur - m + left)
-          end
-          m = left
-        end
-        if m == 0 then redis.call('HDEL', mapkey, h) end
-      end
-    end
-    i = i + n
-  elseif op == 'C' then
+    chunked('HDEL', forget)
+  elseif kind == 'C' then
     epoch = redis.call('HINCRBY', KEYS[1], replica, 1)
     redis.call('DEL', mapkey)
     map_written = false
-    i = i + 1
   else
-    return redis.error_reply('kvgate apply: bad op at ARGV[' .. i .. ']')
+    return redis.error_reply('kvgate apply: unknown op ' .. tostring(kind))
+  end
+end
+for name, _ in pairs(dirty) do
+  local t = blocks[name]
+  if next(t) == nil then
+    redis.call('DEL', name)
+  else
+    redis.call('SET', name, cmsgpack.pack(t), 'EX', ttl)
   end
 end
 if map_written then redis.call('EXPIRE', mapkey, ttl) end
@@ -123,68 +177,63 @@ return removed
 """
 
 _LOOKUP_LUA = """
--- KEYS[1] epochs hash, KEYS[2..] block keys in request order; ARGV[1] ttl to refresh on hits
--- (0: read only). Returns {replica, matched blocks, OR of each matched block's best tier, ...}.
-local BEST = {[0] = 0, 1, 2, 1, 4, 1, 2, 1}
-local first = redis.call('HGETALL', KEYS[2])
-if #first == 0 then return {} end
+-- KEYS[1] epochs hash, KEYS[2 ..] block keys whose TTL to re-arm.
+-- ARGV[1] block key prefix, ARGV[2] the request's keys as hex (16 per block), ARGV[3] ttl s.
+-- Returns {} if the first block is unknown, else {replicas of block 1, their epochs, the
+-- values of every block (false where absent)}.
+for i = 2, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+local prefix, blob = ARGV[1], ARGV[2]
+local sub = string.sub
+local n = #blob / 16
+local vals = {}
+for j = 1, n, 1000 do
+  local names = {}
+  for x = j, math.min(j + 999, n) do names[#names + 1] = prefix .. sub(blob, 16 * x - 15, 16 * x) end
+  local got = redis.call('MGET', unpack(names))
+  if j == 1 and not got[1] then return {} end
+  for x = 1, #names do vals[#vals + 1] = got[x] end
+end
 local names = {}
-for i = 1, #first, 2 do names[#names + 1] = first[i] end
-local eps = redis.call('HMGET', KEYS[1], unpack(names))
-local alive, expect, worst = {}, {}, {}
-for i, r in ipairs(names) do
-  local v = tonumber(first[2 * i])
-  local m = v % 8
-  local e = tonumber(eps[i] or 0)
-  if m ~= 0 and (v - m) / 8 == e then
-    alive[#alive + 1] = r; expect[#expect + 1] = e; worst[#worst + 1] = BEST[m]
-  end
-end
-local ttl = tonumber(ARGV[1])
-local out = {}
-if #alive > 0 and ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
-local depth, n = 1, #KEYS - 1
-while #alive > 0 and depth < n do
-  local key = KEYS[depth + 2]
-  local got = redis.call('HMGET', key, unpack(alive))
-  local na, ne, nw = {}, {}, {}
-  for j, r in ipairs(alive) do
-    local v = got[j]
-    local held = false
-    if v then
-      v = tonumber(v)
-      local m = v % 8
-      if m ~= 0 and (v - m) / 8 == expect[j] then
-        held = true
-        na[#na + 1] = r; ne[#ne + 1] = expect[j]; nw[#nw + 1] = bit.bor(worst[j], BEST[m])
-      end
-    end
-    if not held then
-      out[#out + 1] = r; out[#out + 1] = depth; out[#out + 1] = worst[j]
-    end
-  end
-  alive, expect, worst = na, ne, nw
-  if #alive > 0 then
-    depth = depth + 1
-    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-  end
-end
-for j, r in ipairs(alive) do
-  out[#out + 1] = r; out[#out + 1] = depth; out[#out + 1] = worst[j]
-end
-return out
+for r, _ in pairs(cmsgpack.unpack(vals[1])) do names[#names + 1] = r end
+if #names == 0 then return {} end
+return {names, redis.call('HMGET', KEYS[1], unpack(names)), vals}
 """
 
-#: Name of the slowest tier in an OR of best-tier bits.
-_SLOWEST_NAME = tuple(TIER_NAMES[1 << (v.bit_length() - 1)] if v else "GPU" for v in range(8))
+#: At most this many TTL refreshes ride along with one lookup.
+REFRESH_PER_LOOKUP = 64
+
+_ENCODE = msgspec.msgpack.Encoder().encode
 
 
-def hash_field(h: BlockHash) -> bytes:
-    """An engine block hash as a Redis hash field: ints in decimal, raw digests NUL-prefixed
-    (a decimal string never starts with NUL, so the two forms cannot collide)."""
+def hash_field(h: BlockHash) -> str:
+    """An engine block hash as a field of the replica's map: 16 hex digits for an int, the
+    digest's hex for raw bytes (32 or 64 digits, so the two forms cannot collide)."""
     if isinstance(h, int):
-        return b"%d" % h
-    return b"\x00" + bytes(h)
+        return f"{h:016x}"
+    return bytes(h).hex() or "--"
+
+
+def hex_keys(keys: Sequence[int]) -> str:
+    """Our keys as one string of 16 hex digits each (one C call, not one format per key)."""
+    return struct.pack(f">{len(keys)}Q", *keys).hex()
+
+
+def hash_runs(hashes: Sequence[BlockHash]) -> Iterator[tuple[int, int, str, int]]:
+    """Engine hashes as (start, end, hex, width) runs of equal hex width: one run in practice
+    (all ints, or all digests of one algorithm); odd input is split, never rejected."""
+    if not hashes:
+        return
+    try:
+        yield 0, len(hashes), struct.pack(f">{len(hashes)}Q", *hashes).hex(), 16
+        return
+    except (struct.error, TypeError):
+        pass
+    fields = [hash_field(h) for h in hashes]
+    start = 0
+    for i in range(1, len(fields) + 1):
+        if i == len(fields) or len(fields[i]) != len(fields[start]):
+            yield start, i, "".join(fields[start:i]), len(fields[start])
+            start = i
 
 
 class _Script:
@@ -247,6 +296,9 @@ class RedisIndex(KVIndex):
         self._sizes_key = f"{namespace}:block_sizes"
         self._maps: dict[str, dict[BlockHash, int]] = {}  # local cache of each replica's map
         self._read_cache: dict[tuple[str, int, int], tuple[float, dict[str, PrefixMatch]]] = {}
+        self._refresh_queue: dict[str, None] = {}  # block keys to re-arm (an ordered set)
+        self._refreshed: dict[int, float] = {}  # our key -> when we last queued its re-arm
+        self._decode = msgspec.msgpack.Decoder(dict[str, int]).decode
 
     # ---------------------------------------------------------------- key names
 
@@ -265,7 +317,7 @@ class RedisIndex(KVIndex):
         events = [ev for ev in batch.events if isinstance(ev, AllBlocksCleared) or is_primary_group(ev.group_idx)]
         missing = _unresolved_parents(events, local)
         fetched = await self._fetch_map(replica, missing) if missing else {}
-        ops: list[Any] = []
+        ops: list[list[Any]] = []
         block_size = 0
         for ev in events:
             if isinstance(ev, BlockStored):
@@ -275,21 +327,23 @@ class RedisIndex(KVIndex):
                 if keys is None:
                     stats.orphaned += len(ev.block_hashes)
                     continue
-                pairs = list(zip(ev.block_hashes, keys))
-                stats.orphaned += len(ev.block_hashes) - len(pairs)
-                stats.stored += len(pairs)
+                hashes = ev.block_hashes[: len(keys)]
+                keys = keys[: len(hashes)]
+                stats.orphaned += len(ev.block_hashes) - len(hashes)
+                stats.stored += len(hashes)
                 block_size = ev.block_size
-                local.update(pairs)
-                ops += ("S", medium_tier(ev.medium), len(pairs))
-                for h, k in pairs:
-                    ops += (hash_field(h), b"%016x" % k)
+                local.update(zip(hashes, keys))
+                tier = medium_tier(ev.medium)
+                for lo, hi, fields, width in hash_runs(hashes):
+                    ops.append(["S", tier, hex_keys(keys[lo:hi]), fields, width])
             elif isinstance(ev, BlockRemoved):
-                ops += ("R", medium_tier(ev.medium), len(ev.block_hashes))
-                ops += [hash_field(h) for h in ev.block_hashes]
+                tier = medium_tier(ev.medium)
+                for _, _, fields, width in hash_runs(ev.block_hashes):
+                    ops.append(["R", tier, fields, width])
                 for h in ev.block_hashes:  # the block may still be in another tier: Redis knows
                     local.pop(h, None)
             else:
-                ops.append("C")
+                ops.append(["C"])
                 local.clear()
                 fetched.clear()
                 stats.cleared += 1
@@ -302,7 +356,7 @@ class RedisIndex(KVIndex):
                 await self._apply_script(
                     self._redis,
                     (self._epochs_key, self._map_key(replica), self._sizes_key),
-                    (replica, self.ttl_s, self._block_prefix(model), model, block_size, *ops),
+                    (replica, self.ttl_s, self._block_prefix(model), model, block_size, _ENCODE(ops)),
                 )
             )
         if stats.cleared:
@@ -329,33 +383,55 @@ class RedisIndex(KVIndex):
     # ---------------------------------------------------------------- reads
 
     async def lookup(self, keys: Sequence[int], *, model: str = "") -> dict[str, PrefixMatch]:
-        """One EVALSHA; with ``local_cache_ms`` > 0 a recent identical lookup is reused.
-
-        The read cache is keyed by (model, length, last key): chained keys make the last key
-        stand for the whole prefix.
-        """
+        """One EVALSHA, then the longest-prefix walk here; with ``local_cache_ms`` > 0 a
+        recent identical lookup is reused (keyed by model, length and last key: chained keys
+        make the last key stand for the whole prefix)."""
         if not keys:
             return {}
+        now = time.monotonic()
         if self.local_cache_ms > 0:
             ck = (model, len(keys), keys[-1])
             hit = self._read_cache.get(ck)
-            now = time.monotonic()
             if hit is not None and hit[0] > now:
                 return dict(hit[1])
         prefix = self._block_prefix(model)
-        names = [self._epochs_key]
-        names += [f"{prefix}{k:016x}" for k in keys]
-        flat = await self._lookup_script(self._redis, names, (self.ttl_s if self.refresh_on_hit else 0,))
-        out = {
-            flat[i].decode(): PrefixMatch(int(flat[i + 1]), _SLOWEST_NAME[int(flat[i + 2])])
-            for i in range(0, len(flat), 3)
-        }
+        reply = await self._lookup_script(
+            self._redis, [self._epochs_key, *self._due_refreshes()], (prefix, hex_keys(keys), self.ttl_s)
+        )
+        out = _walk(reply, self._decode) if reply else {}
+        if self.refresh_on_hit and out:
+            self._note_hits(prefix, keys[: max(m.blocks for m in out.values())], now)
         if self.local_cache_ms > 0:
             cache = self._read_cache
             cache[ck] = (now + self.local_cache_ms / 1000.0, dict(out))
             if len(cache) > self.local_cache_entries:
                 evict_oldest(cache, self.local_cache_entries)
         return out
+
+    def _note_hits(self, prefix: str, keys: Sequence[int], now: float) -> None:
+        """Queue a TTL re-arm for matched blocks this process has not re-armed in ttl/4."""
+        period = self.ttl_s / 4
+        refreshed, queue = self._refreshed, self._refresh_queue
+        for k in keys:
+            t = refreshed.get(k)
+            if t is None or now - t > period:
+                refreshed.pop(k, None)
+                refreshed[k] = now  # counted as re-armed once sent with the next lookup
+                queue[f"{prefix}{k:016x}"] = None
+        if len(queue) > self.local_cache_entries:
+            evict_oldest(queue, self.local_cache_entries)
+        if len(refreshed) > 8 * self.local_cache_entries:
+            evict_oldest(refreshed, 8 * self.local_cache_entries)
+
+    def _due_refreshes(self) -> list[str]:
+        """Up to REFRESH_PER_LOOKUP queued block keys to re-arm in this lookup's script."""
+        queue = self._refresh_queue
+        if not queue:
+            return []
+        names = list(islice(queue, REFRESH_PER_LOOKUP))
+        for name in names:
+            del queue[name]
+        return names
 
     async def block_count(self) -> int:
         """Distinct block keys in this namespace (a SCAN: O(keys), meant for an occasional gauge)."""
@@ -405,3 +481,53 @@ def _unresolved_parents(events: Sequence[Any], local: dict[BlockHash, int]) -> l
                 seen.add(p)
             seen.update(ev.block_hashes)
     return need
+
+
+def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[str, PrefixMatch]:
+    """The longest-prefix walk over the lookup script's reply (same rules as MemoryIndex).
+
+    ``reply`` = [replicas of block 0, their current epochs, raw values of every block]. Along
+    a shared prefix consecutive blocks usually carry byte-identical values, so a value is
+    decoded only when its bytes differ from the previous block's, and the per-replica checks
+    run only when the decoded map differs too.
+    """
+    first_names, first_epochs, values = reply
+    epochs = {r.decode(): int(e) if e is not None else 0 for r, e in zip(first_names, first_epochs)}
+    prev_raw = values[0]
+    prev = decode(prev_raw)
+    names: list[str] = []
+    expect: list[int] = []
+    worst: list[int] = []
+    for r, v in prev.items():
+        ep = epochs.get(r)
+        if ep is not None and v & 7 and v >> 3 == ep:
+            names.append(r)
+            expect.append(ep)
+            worst.append(_BEST_TIER[v & 7])
+    out: dict[str, PrefixMatch] = {}
+    depth, n = 1, len(values)
+    while names and depth < n:
+        raw = values[depth]
+        if raw is None:
+            break
+        if raw != prev_raw:
+            prev_raw = raw
+            d = decode(raw)
+            if d != prev:
+                prev = d
+                kept = []
+                for j, r in enumerate(names):
+                    v = d.get(r)
+                    if v is not None and v & 7 and v >> 3 == expect[j]:
+                        worst[j] |= _BEST_TIER[v & 7]
+                        kept.append(j)
+                    else:
+                        out[r] = PrefixMatch(depth, _SLOWEST_NAME[worst[j]])
+                if len(kept) < len(names):
+                    names = [names[j] for j in kept]
+                    expect = [expect[j] for j in kept]
+                    worst = [worst[j] for j in kept]
+        depth += 1
+    for r, w in zip(names, worst):
+        out[r] = PrefixMatch(depth, _SLOWEST_NAME[w])
+    return out

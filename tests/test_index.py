@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -392,7 +393,31 @@ async def test_redis_ttl_set(rindex: RedisIndex, redis_url: str) -> None:
         assert all(0 < client.ttl(k) <= 120 for k in block_keys_)
         assert 0 < client.ttl("kvg:m:r1") <= 120
         assert client.ttl("kvg:epochs") in (-1, -2)  # never expires (or not created yet)
-        assert client.hget(f"kvg:{MODEL}:b:{p.keys[0]:016x}", "r1") is not None
+        value = msgspec.msgpack.decode(client.get(f"kvg:{MODEL}:b:{p.keys[0]:016x}"))
+        assert value == {"r1": 1 + 8 * 0}  # GPU tier bit, epoch 0
+    finally:
+        client.close()
+
+
+@pytest.mark.redis
+async def test_redis_lookups_rearm_ttl_of_matched_blocks(rindex: RedisIndex, redis_url: str) -> None:
+    """vLLM is silent while a block stays cached, so lookups that match re-arm its TTL."""
+    p = Prompt(make_tokens(3, 27))
+    await apply(rindex, "r1", p.stored(0, 2))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        names = [f"kvg:{MODEL}:b:{k:016x}" for k in p.keys]
+        for name in names[:2]:
+            client.expire(name, 5)
+        assert await rindex.lookup(p.keys, model=MODEL) == {"r1": match(2)}  # queues the re-arm
+        assert await rindex.lookup(p.keys[:1], model=MODEL) == {"r1": match(1)}  # carries it
+        assert all(client.ttl(name) > 100 for name in names[:2])
+        assert client.exists(names[2]) == 0  # a miss is never created
+        for name in names[:2]:
+            client.expire(name, 5)
+        await rindex.lookup(p.keys, model=MODEL)
+        await rindex.lookup(p.keys, model=MODEL)
+        assert all(client.ttl(name) <= 5 for name in names[:2])  # at most once per ttl/4
     finally:
         client.close()
 
