@@ -79,19 +79,36 @@ def is_primary_group(group_idx: int | None) -> bool:
     return group_idx is None or group_idx == 0
 
 
+def needs_known_first(ev: BlockStored) -> bool:
+    """Whether a prompt-starting event lacks what its root key needs (no extra keys, so no
+    cache salt): true of events from pools other than the GPU one, e.g. CPU offloading."""
+    return ev.parent_block_hash is None and not ev.extra_keys and bool(ev.block_hashes)
+
+
 def stored_keys(
-    ev: BlockStored, parent_key: int | None, model: str
+    ev: BlockStored, parent_key: int | None, model: str, known_first: int | None = None
 ) -> list[int] | None:
     """Our chained keys for a BlockStored event, or None if it cannot be keyed.
 
     ``parent_key`` is the resolved key of ``ev.parent_block_hash`` (ignored when the event
-    starts a prompt). None is returned for an unknown parent or a malformed block size.
+    starts a prompt). ``known_first`` is the key the replica's map already holds for the
+    event's first engine hash, if any: for a prompt-starting event without extra keys (a
+    CPU-offload copy of a salted prompt says nothing of the salt) it is the better source,
+    since the engine hash already covers the salt. None is returned for an unknown parent
+    or a malformed block size.
     """
-    if ev.parent_block_hash is None:
-        parent_key = root_key(model, ev.lora_name, event_salt(ev))
-    if parent_key is None or not isinstance(ev.block_size, int) or ev.block_size <= 0:
+    bs = ev.block_size
+    if not isinstance(bs, int) or bs <= 0:
         return None
-    return chain_keys(parent_key, ev.token_ids, ev.block_size)
+    if ev.parent_block_hash is None:
+        if known_first is not None and needs_known_first(ev):
+            if len(ev.token_ids) < bs:
+                return []
+            return [known_first, *chain_keys(known_first, ev.token_ids[bs:], bs)]
+        parent_key = root_key(model, ev.lora_name, event_salt(ev))
+    if parent_key is None:
+        return None
+    return chain_keys(parent_key, ev.token_ids, bs)
 
 
 def evict_oldest(d: dict[Any, Any], bound: int) -> None:
@@ -165,8 +182,11 @@ class MemoryIndex(KVIndex):
         """
         hashes = st.hashes
         parent = ev.parent_block_hash
-        keys = stored_keys(ev, None if parent is None else hashes.get(parent), model)
         block_hashes = ev.block_hashes
+        if parent is None:
+            keys = stored_keys(ev, None, model, hashes.get(block_hashes[0]) if block_hashes else None)
+        else:
+            keys = stored_keys(ev, hashes.get(parent), model)
         if keys is None:
             stats.orphaned += len(block_hashes)
             return

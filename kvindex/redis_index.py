@@ -45,6 +45,7 @@ applied under.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,7 +60,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
 from .index import ApplyStats, KVIndex, PrefixMatch, medium_tier
-from .memory_index import _BEST_TIER, _SLOWEST_NAME, evict_oldest, is_primary_group, stored_keys
+from .memory_index import _BEST_TIER, _SLOWEST_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
 
 _APPLY_LUA = """
 -- KEYS[1] epochs hash, KEYS[2] this replica's engine-hash map, KEYS[3] block-size hash
@@ -295,6 +296,7 @@ class RedisIndex(KVIndex):
         self._epochs_key = f"{namespace}:epochs"
         self._sizes_key = f"{namespace}:block_sizes"
         self._maps: dict[str, dict[BlockHash, int]] = {}  # local cache of each replica's map
+        self._locks: dict[str, asyncio.Lock] = {}
         self._read_cache: dict[tuple[str, int, int], tuple[float, dict[str, PrefixMatch]]] = {}
         self._refresh_queue: dict[str, None] = {}  # block keys to re-arm (an ordered set)
         self._refreshed: dict[int, float] = {}  # our key -> when we last queued its re-arm
@@ -311,19 +313,57 @@ class RedisIndex(KVIndex):
     # ---------------------------------------------------------------- writes
 
     async def apply(self, replica: str, batch: EventBatch, *, model: str) -> ApplyStats:
-        """Apply a batch in one EVALSHA (plus one HMGET if a parent hash is not cached here)."""
+        """Apply a batch in one EVALSHA (plus one HMGET if a parent hash is not cached here).
+
+        Calls for one replica are serialised by a lock: with a connection pool two
+        overlapping scripts could otherwise reach Redis out of order.
+        """
         stats = ApplyStats()
-        local = self._maps.setdefault(replica, {})
         events = [ev for ev in batch.events if isinstance(ev, AllBlocksCleared) or is_primary_group(ev.group_idx)]
-        missing = _unresolved_parents(events, local)
-        fetched = await self._fetch_map(replica, missing) if missing else {}
+        lock = self._locks.get(replica)
+        if lock is None:
+            lock = self._locks[replica] = asyncio.Lock()
+        async with lock:
+            local = self._maps.setdefault(replica, {})
+            start = 0
+            while start < len(events):
+                end, missing = plan_segment(events, start, local)
+                fetched = await self._fetch_map(replica, missing) if missing else {}
+                ops, block_size = self._ops(events[start:end], local, fetched, model, stats)
+                if ops:
+                    stats.removed += int(
+                        await self._apply_script(
+                            self._redis,
+                            (self._epochs_key, self._map_key(replica), self._sizes_key),
+                            (replica, self.ttl_s, self._block_prefix(model), model, block_size, _ENCODE(ops)),
+                        )
+                    )
+                start = end
+            if len(local) > self.map_cache_blocks:
+                evict_oldest(local, self.map_cache_blocks)
+        if stats.cleared:
+            self._read_cache.clear()
+        return stats
+
+    def _ops(
+        self,
+        events: Sequence[Any],
+        local: dict[BlockHash, int],
+        fetched: dict[BlockHash, int],
+        model: str,
+        stats: ApplyStats,
+    ) -> tuple[list[list[Any]], int]:
+        """The apply script's ops for ``events`` (our keys computed here), and the block size."""
         ops: list[list[Any]] = []
         block_size = 0
         for ev in events:
             if isinstance(ev, BlockStored):
                 parent = ev.parent_block_hash
-                pkey = None if parent is None else local.get(parent, fetched.get(parent))
-                keys = stored_keys(ev, pkey, model)
+                if parent is None:
+                    first = ev.block_hashes[0] if needs_known_first(ev) else None
+                    keys = stored_keys(ev, None, model, local.get(first, fetched.get(first)))
+                else:
+                    keys = stored_keys(ev, local.get(parent, fetched.get(parent)), model)
                 if keys is None:
                     stats.orphaned += len(ev.block_hashes)
                     continue
@@ -332,6 +372,7 @@ class RedisIndex(KVIndex):
                 stats.orphaned += len(ev.block_hashes) - len(hashes)
                 stats.stored += len(hashes)
                 block_size = ev.block_size
+                self._note_block_size(model, block_size)
                 local.update(zip(hashes, keys))
                 tier = medium_tier(ev.medium)
                 for lo, hi, fields, width in hash_runs(hashes):
@@ -347,21 +388,7 @@ class RedisIndex(KVIndex):
                 local.clear()
                 fetched.clear()
                 stats.cleared += 1
-        if len(local) > self.map_cache_blocks:
-            evict_oldest(local, self.map_cache_blocks)
-        if block_size:
-            self._note_block_size(model, block_size)
-        if ops:
-            stats.removed = int(
-                await self._apply_script(
-                    self._redis,
-                    (self._epochs_key, self._map_key(replica), self._sizes_key),
-                    (replica, self.ttl_s, self._block_prefix(model), model, block_size, _ENCODE(ops)),
-                )
-            )
-        if stats.cleared:
-            self._read_cache.clear()
-        return stats
+        return ops, block_size
 
     async def _fetch_map(self, replica: str, hashes: list[BlockHash]) -> dict[BlockHash, int]:
         """Our keys for engine hashes this process has not seen, from Redis's copy of the map."""
@@ -457,30 +484,42 @@ class RedisIndex(KVIndex):
         await self._redis.aclose()
 
 
-def _unresolved_parents(events: Sequence[Any], local: dict[BlockHash, int]) -> list[BlockHash]:
-    """Parent hashes of BlockStored events that neither the local map nor an earlier event of
-    the batch resolves, replaying the batch's removals (which drop local entries) in order.
-    Stops at the first AllBlocksCleared: after it, only the batch itself can resolve parents.
+def plan_segment(
+    events: Sequence[Any], start: int, local: dict[BlockHash, int]
+) -> tuple[int, list[BlockHash]]:
+    """Where the next script run must end, and the parent hashes to fetch from Redis first.
 
-    (A parent removed from its last tier earlier in the *same* batch is still found in
-    Redis's pre-batch map; vLLM never stores a child of an uncached block, so this is moot.)
+    (For a prompt-starting event without extra keys, its first block's own hash plays the
+    parent's part: see ``stored_keys``.) A parent resolves locally (our cache, or a block stored earlier in the run) or must be
+    fetched from Redis's copy of the map. The run ends early, before a BlockStored whose
+    parent this run removed: whether that block left its last tier is only known once
+    Redis has applied the removal. After an AllBlocksCleared nothing is fetched (the map is
+    gone: only later events of the batch resolve parents).
     """
     seen: set[BlockHash] = set()
     gone: set[BlockHash] = set()
     need: list[BlockHash] = []
-    for ev in events:
+    cleared = False
+    for i in range(start, len(events)):
+        ev = events[i]
         if isinstance(ev, AllBlocksCleared):
-            break
-        if isinstance(ev, BlockRemoved):
+            cleared = True
+            seen.clear()
+            gone.clear()
+        elif isinstance(ev, BlockRemoved):
             gone.update(ev.block_hashes)
             seen.difference_update(ev.block_hashes)
         elif isinstance(ev, BlockStored):
-            p = ev.parent_block_hash
-            if p is not None and p not in seen and (p not in local or p in gone):
-                need.append(p)
-                seen.add(p)
+            # the parent, or for a prompt start without extra keys the first block itself
+            p = ev.block_hashes[0] if needs_known_first(ev) else ev.parent_block_hash
+            if p is not None and p not in seen and (cleared or p not in local or p in gone):
+                if p in gone:
+                    return i, need
+                if not cleared:
+                    need.append(p)
+                    seen.add(p)
             seen.update(ev.block_hashes)
-    return need
+    return len(events), need
 
 
 def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[str, PrefixMatch]:
