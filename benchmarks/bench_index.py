@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -125,6 +127,25 @@ async def lookup_table(idx: KVIndex, keys: list[int], rounds: int) -> list[str]:
     return lines
 
 
+async def bytes_per_block(n_blocks: int) -> float:
+    """Heap the memory index keeps per stored block (tracemalloc: blocks, values, hash map)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        idx = MemoryIndex()
+        batches = make_batches(n_blocks, seed=11)
+        for i, b in enumerate(batches):
+            await idx.apply(f"r{i % REPLICAS}", b, model=MODEL)
+        del batches
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - base
+        n = await idx.block_count()
+    finally:
+        tracemalloc.stop()
+    return used / n
+
+
 def block_keys_rate() -> str:
     rng = random.Random(7)
     tokens = [rng.randrange(150_000) for _ in range(8192)]
@@ -219,6 +240,9 @@ async def run(redis_url: str | None, n_blocks: int) -> None:
     steady = await ingest_rate(bounded, batches)  # every store now evicts
     print(f"ingest, empty index growing:      {cold / 1e6:5.2f} M stored blocks/s ({len(batches) * EVENTS_PER_BATCH * BLOCKS_PER_EVENT} blocks)")
     print(f"ingest, at its bound, evicting:   {steady / 1e6:5.2f} M stored blocks/s")
+    per_block = await bytes_per_block(32_768)
+    print(f"footprint: {per_block:.0f} B per block (one replica each) -> "
+          f"{per_block * 2_000_000 / 2**20:.0f} MiB at the default bound of 2M blocks")
     for title, depths in scenarios.items():
         mem = MemoryIndex()
         await fill_for_lookup(mem, prompt, depths, background)
@@ -234,6 +258,8 @@ async def run(redis_url: str | None, n_blocks: int) -> None:
         ns = f"bench{random.randrange(1 << 30)}"
         idx = RedisIndex(url, namespace=ns)
         try:
+            floor = await latency_us(lambda: idx._redis.ping(), 1000)  # noqa: SLF001
+            print(f"round-trip floor (PING through redis-py asyncio): p50 {floor[0]:.1f} µs")
             rbatches = make_batches(min(n_blocks, 65_536), seed=4)
             rate = await ingest_rate(idx, rbatches)
             print(f"ingest ({len(rbatches)} batches of {EVENTS_PER_BATCH * BLOCKS_PER_EVENT} blocks, one EVALSHA each): "

@@ -19,7 +19,9 @@ Layout (all O(1) per block, no locks: everything runs on one asyncio loop):
   later). Epochs come from one index-wide counter, so a replica that is dropped and comes
   back can never resurrect its old entries.
 * ``_replicas``: per replica, the engine-hash -> our-key map that resolves BlockRemoved and
-  chains BlockStored events whose parent was stored earlier (LRU-bounded as well).
+  chains BlockStored events whose parent was stored earlier. Entries leave it when their
+  block leaves every tier; the ``max_blocks`` bound (oldest inserted first) only catches
+  leaks from lost events.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from .hashing import chain_keys, root_key
 from .index import TIER_NAMES, ApplyStats, KVIndex, PrefixMatch, medium_tier
 
 #: Fastest tier bit held, indexed by a 3-bit tier mask (0 = nothing held).
-_BEST_TIER = (0, 1, 2, 1, 4, 1, 2, 1)
+BEST_TIER = (0, 1, 2, 1, 4, 1, 2, 1)
 #: Name of the slowest tier in an OR of best-tier bits, indexed by that 3-bit value.
-_SLOWEST_NAME = tuple(TIER_NAMES[1 << (v.bit_length() - 1)] if v else "GPU" for v in range(8))
+SLOWEST_TIER_NAME = tuple(TIER_NAMES[1 << (v.bit_length() - 1)] if v else "GPU" for v in range(8))
 
 
 def event_salt(ev: BlockStored) -> str | None:
@@ -288,9 +290,9 @@ class MemoryIndex(KVIndex):
 
         Walks the keys once, carrying the replicas still consecutive as parallel lists, and
         stops at the first key none of them holds in its current epoch. Fast path: when a
-        block's replica dict equals the previous block's (a C-level compare, the usual case
-        along a shared prefix), every carried replica holds it in the same tiers, so the
-        per-replica checks are skipped.
+        block's value is the previous block's (the same shared dict, or an equal one: C-level
+        tests, the usual case along a shared prefix), every carried replica holds it in the
+        same tiers, so the per-replica checks are skipped.
         """
         if not keys:
             return {}
@@ -301,7 +303,7 @@ class MemoryIndex(KVIndex):
         names, expect, worst = self._carried(prev)
         out: dict[str, PrefixMatch] = {}
         get = blocks.get
-        best = _BEST_TIER
+        best = BEST_TIER
         depth = 1
         n = len(keys)
         while names and depth < n:
@@ -317,7 +319,7 @@ class MemoryIndex(KVIndex):
                     if v is not None and v >> 3 == expect[j]:
                         worst[j] |= best[v & 7]
                     else:
-                        out[r] = PrefixMatch(depth, _SLOWEST_NAME[worst[j]])
+                        out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[worst[j]])
                         expect[j] = -1
                         lost = True
                 if lost:
@@ -327,7 +329,7 @@ class MemoryIndex(KVIndex):
                     worst = [worst[j] for j in keep]
             depth += 1
         for r, w in zip(names, worst):
-            out[r] = PrefixMatch(depth, _SLOWEST_NAME[w])
+            out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[w])
         return out
 
     def _carried(self, first: dict[str, int]) -> tuple[list[str], list[int], list[int]]:
@@ -341,7 +343,7 @@ class MemoryIndex(KVIndex):
             if ep is not None and v >> 3 == ep:
                 names.append(r)
                 expect.append(ep)
-                worst.append(_BEST_TIER[v & 7])
+                worst.append(BEST_TIER[v & 7])
         return names, expect, worst
 
     async def block_count(self) -> int:

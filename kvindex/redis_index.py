@@ -20,7 +20,8 @@ engine hashes as hex too: 16 digits for the usual ints, the digest's hex for raw
   it never saw. TTL ``ttl_s``, refreshed on every apply for that replica; an entry leaves it
   when its block left every tier; DEL on AllBlocksCleared / ``drop_replica``.
 * ``{ns}:block_sizes`` — hash, model -> block size seen in events, so gateways that do not
-  ingest events learn how to cut requests (``ping`` refreshes the local copy).
+  ingest events learn how to cut requests (every lookup returns its model's entry; ``ping``
+  refreshes them all).
 
 Bounded memory: every block key has a TTL (``ttl_s``) and the server should run with
 ``maxmemory`` + ``volatile-lru``. vLLM publishes nothing while a block merely stays cached,
@@ -60,7 +61,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
 from .index import ApplyStats, KVIndex, PrefixMatch, medium_tier
-from .memory_index import _BEST_TIER, _SLOWEST_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
+from .memory_index import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
 
 _APPLY_LUA = """
 -- KEYS[1] epochs hash, KEYS[2] this replica's engine-hash map, KEYS[3] block-size hash
@@ -178,11 +179,12 @@ return removed
 """
 
 _LOOKUP_LUA = """
--- KEYS[1] epochs hash, KEYS[2 ..] block keys whose TTL to re-arm.
--- ARGV[1] block key prefix, ARGV[2] the request's keys as hex (16 per block), ARGV[3] ttl s.
--- Returns {} if the first block is unknown, else {replicas of block 1, their epochs, the
--- values of every block (false where absent)}.
-for i = 2, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+-- KEYS[1] epochs hash, KEYS[2] block-size hash, KEYS[3 ..] block keys whose TTL to re-arm.
+-- ARGV[1] block key prefix, ARGV[2] the request's keys as hex (16 per block), ARGV[3] ttl s,
+-- ARGV[4] model. Returns {block size or false} if the first block is unknown, else
+-- {block size, replicas of block 1, their epochs, the values of every block (false: absent)}.
+for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+local bs = redis.call('HGET', KEYS[2], ARGV[4])
 local prefix, blob = ARGV[1], ARGV[2]
 local sub = string.sub
 local n = #blob / 16
@@ -191,13 +193,13 @@ for j = 1, n, 1000 do
   local names = {}
   for x = j, math.min(j + 999, n) do names[#names + 1] = prefix .. sub(blob, 16 * x - 15, 16 * x) end
   local got = redis.call('MGET', unpack(names))
-  if j == 1 and not got[1] then return {} end
+  if j == 1 and not got[1] then return {bs} end
   for x = 1, #names do vals[#vals + 1] = got[x] end
 end
 local names = {}
 for r, _ in pairs(cmsgpack.unpack(vals[1])) do names[#names + 1] = r end
-if #names == 0 then return {} end
-return {names, redis.call('HMGET', KEYS[1], unpack(names)), vals}
+if #names == 0 then return {bs} end
+return {bs, names, redis.call('HMGET', KEYS[1], unpack(names)), vals}
 """
 
 #: At most this many TTL refreshes ride along with one lookup.
@@ -270,10 +272,15 @@ class RedisIndex(KVIndex):
         socket_timeout: float = 1.0,
         retries: int = 2,
         max_connections: int = 64,
+        count_cache_s: float = 30.0,
     ) -> None:
         """``socket_timeout`` and ``retries`` are small on purpose: while Redis is down every
         call should fail within about a second so routing falls back to load-only scoring
-        (redis-py's default would retry ten times with up to 1 s backoff)."""
+        (redis-py's default would retry ten times with up to 1 s backoff).
+        ``local_cache_ms`` > 0 reuses a lookup's answer for that long (bounded staleness,
+        ``local_cache_entries`` answers); ``map_cache_blocks`` bounds the local copy of each
+        replica's engine-hash map.
+        """
         super().__init__()
         if ttl_s < 1:
             raise ValueError("ttl_s must be at least 1 second")
@@ -284,13 +291,19 @@ class RedisIndex(KVIndex):
         self.refresh_on_hit = refresh_on_hit
         self.map_cache_blocks = map_cache_blocks
         self.local_cache_entries = local_cache_entries
-        self._redis = aioredis.Redis.from_url(
+        self.count_cache_s = count_cache_s
+        self._count: tuple[float, int] | None = None
+        # A blocking pool: past max_connections a burst of lookups waits (up to
+        # socket_timeout) for a connection instead of failing with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=socket_timeout,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(ExponentialWithJitterBackoff(base=0.005, cap=0.05), retries),
-            max_connections=max_connections,
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         self._apply_script = _Script(_APPLY_LUA)
         self._lookup_script = _Script(_LOOKUP_LUA)
         self._epochs_key = f"{namespace}:epochs"
@@ -416,19 +429,23 @@ class RedisIndex(KVIndex):
         if not keys:
             return {}
         now = time.monotonic()
-        if self.local_cache_ms > 0:
-            ck = (model, len(keys), keys[-1])
+        ck = (model, len(keys), keys[-1]) if self.local_cache_ms > 0 else None
+        if ck is not None:
             hit = self._read_cache.get(ck)
             if hit is not None and hit[0] > now:
                 return dict(hit[1])
         prefix = self._block_prefix(model)
         reply = await self._lookup_script(
-            self._redis, [self._epochs_key, *self._due_refreshes()], (prefix, hex_keys(keys), self.ttl_s)
+            self._redis,
+            [self._epochs_key, self._sizes_key, *self._due_refreshes()],
+            (prefix, hex_keys(keys), self.ttl_s, model),
         )
-        out = _walk(reply, self._decode) if reply else {}
+        if reply[0] is not None:  # learnt from the indexer, wherever it runs
+            self._note_block_size(model, int(reply[0]))
+        out = _walk(reply[1:], self._decode) if len(reply) > 1 else {}
         if self.refresh_on_hit and out:
             self._note_hits(prefix, keys[: max(m.blocks for m in out.values())], now)
-        if self.local_cache_ms > 0:
+        if ck is not None:
             cache = self._read_cache
             cache[ck] = (now + self.local_cache_ms / 1000.0, dict(out))
             if len(cache) > self.local_cache_entries:
@@ -461,10 +478,15 @@ class RedisIndex(KVIndex):
         return names
 
     async def block_count(self) -> int:
-        """Distinct block keys in this namespace (a SCAN: O(keys), meant for an occasional gauge)."""
+        """Distinct block keys in this namespace. A SCAN is O(keys), so the answer is reused
+        for ``count_cache_s`` (it feeds a gauge that may be scraped often)."""
+        now = time.monotonic()
+        if self._count is not None and now - self._count[0] < self.count_cache_s:
+            return self._count[1]
         n = 0
         async for _ in self._redis.scan_iter(match=f"{self.namespace}:*:b:*", count=10_000):
             n += 1
+        self._count = (now, n)
         return n
 
     async def ping(self) -> bool:
@@ -489,9 +511,9 @@ def plan_segment(
 ) -> tuple[int, list[BlockHash]]:
     """Where the next script run must end, and the parent hashes to fetch from Redis first.
 
-    (For a prompt-starting event without extra keys, its first block's own hash plays the
-    parent's part: see ``stored_keys``.) A parent resolves locally (our cache, or a block stored earlier in the run) or must be
-    fetched from Redis's copy of the map. The run ends early, before a BlockStored whose
+    A parent resolves locally (our cache, or a block stored earlier in the run) or must be
+    fetched from Redis's copy of the map; for a prompt-starting event without extra keys the
+    first block's own hash plays the parent's part (see ``stored_keys``). The run ends early, before a BlockStored whose
     parent this run removed: whether that block left its last tier is only known once
     Redis has applied the removal. After an AllBlocksCleared nothing is fetched (the map is
     gone: only later events of the batch resolve parents).
@@ -542,7 +564,7 @@ def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[s
         if ep is not None and v & 7 and v >> 3 == ep:
             names.append(r)
             expect.append(ep)
-            worst.append(_BEST_TIER[v & 7])
+            worst.append(BEST_TIER[v & 7])
     out: dict[str, PrefixMatch] = {}
     depth, n = 1, len(values)
     while names and depth < n:
@@ -558,15 +580,15 @@ def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[s
                 for j, r in enumerate(names):
                     v = d.get(r)
                     if v is not None and v & 7 and v >> 3 == expect[j]:
-                        worst[j] |= _BEST_TIER[v & 7]
+                        worst[j] |= BEST_TIER[v & 7]
                         kept.append(j)
                     else:
-                        out[r] = PrefixMatch(depth, _SLOWEST_NAME[worst[j]])
+                        out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[worst[j]])
                 if len(kept) < len(names):
                     names = [names[j] for j in kept]
                     expect = [expect[j] for j in kept]
                     worst = [worst[j] for j in kept]
         depth += 1
     for r, w in zip(names, worst):
-        out[r] = PrefixMatch(depth, _SLOWEST_NAME[w])
+        out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[w])
     return out

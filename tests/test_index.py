@@ -227,6 +227,21 @@ async def test_removed_resolves_engine_hashes_and_forgets_them(index: KVIndex) -
     assert (await apply(index, "r1", p.removed(2, 4))).removed == 0
 
 
+async def test_events_within_a_batch_apply_in_order(index: KVIndex) -> None:
+    """A batch removing a parent and then storing its child: the child chains only if the
+    parent is still held in some tier once the removal is applied."""
+    p = Prompt(make_tokens(4, 29))
+    await apply(index, "r1", p.stored(0, 2), p.stored(0, 2, medium="CPU"))
+    stats = await apply(index, "r1", p.removed(1, 2, "GPU"), p.stored(2, 3))
+    assert stats.orphaned == 0  # block 1 is still on CPU
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(3, "CPU")}
+    stats = await apply(index, "r1", p.removed(2, 3, "GPU"), p.stored(3, 4))
+    assert stats.orphaned == 1  # block 2 left its only tier first
+    stats = await apply(index, "r1", p.removed(1, 2, "CPU"), p.stored(1, 2), p.stored(2, 4))
+    assert (stats.stored, stats.orphaned) == (3, 0)  # re-stored in the batch before its child
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(4)}
+
+
 async def test_all_blocks_cleared_forgets_one_replica(index: KVIndex) -> None:
     p = Prompt(make_tokens(5, 11))
     await apply(index, "r1", p.stored(0, 3))
@@ -479,14 +494,30 @@ async def test_redis_shared_between_processes(redis_url: str) -> None:
         # a restarted indexer chains from the parent through Redis's copy of the map
         assert (await apply(restarted, "r1", p.stored(3, 6))).orphaned == 0
         assert await gateway.lookup(p.keys, model=MODEL) == {"r1": match(6)}
-        assert gateway.block_size(MODEL) is None
-        assert await gateway.ping()
-        assert gateway.block_size(MODEL) == BS
+        assert gateway.block_size(MODEL) == BS  # learnt with its lookup
+        third = RedisIndex(redis_url)
+        assert third.block_size(MODEL) is None
+        assert await third.ping()
+        assert third.block_size(MODEL) == BS
+        await third.close()
         await indexer.mark_untrusted("r1")
         assert await gateway.lookup(p.keys, model=MODEL) == {}
     finally:
         for idx in (indexer, gateway, restarted):
             await idx.close()
+
+
+@pytest.mark.redis
+async def test_redis_burst_larger_than_the_pool(redis_url: str) -> None:
+    """More concurrent lookups than connections wait for one instead of failing."""
+    idx = RedisIndex(redis_url, max_connections=2)
+    try:
+        p = Prompt(make_tokens(2, 30))
+        await apply(idx, "r1", p.stored())
+        results = await asyncio.gather(*(idx.lookup(p.keys, model=MODEL) for _ in range(50)))
+        assert all(r == {"r1": match(2)} for r in results)
+    finally:
+        await idx.close()
 
 
 @pytest.mark.redis
