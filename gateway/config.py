@@ -60,8 +60,8 @@ class ModelConfig(_Base):
 class IndexConfig(_Base):
     #: "memory" (embedded) or a redis:// URL shared by several gateway replicas
     backend: str = "memory"
-    #: memory backend bound (distinct block keys)
-    max_blocks: int = 2_000_000
+    #: memory backend bound (distinct block keys; about 180 bytes each: 1M ≈ 180 MiB)
+    max_blocks: int = 1_000_000
     #: Redis key TTL in seconds (bounds memory along with Redis maxmemory)
     ttl_s: int = 3600
     #: consume KV events in this process (false when a separate `kvgate indexer` feeds Redis)

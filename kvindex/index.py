@@ -73,7 +73,11 @@ class KVIndex(abc.ABC):
 
     @abc.abstractmethod
     async def lookup(self, keys: Sequence[int], *, model: str = "") -> dict[str, PrefixMatch]:
-        """Per replica, the longest consecutive prefix of ``keys`` it holds (replicas with 0 omitted)."""
+        """Per replica, the longest consecutive prefix of ``keys`` it holds (replicas with 0 omitted).
+
+        ``model`` must be the same base model the events were applied under: the Redis backend
+        namespaces its keys by it (the memory backend ignores it; keys already include it).
+        """
 
     @abc.abstractmethod
     async def drop_replica(self, replica: str) -> None:
@@ -96,6 +100,10 @@ class KVIndex(abc.ABC):
 
     def __init__(self) -> None:
         self._block_sizes: dict[str, int] = {}
+
+    async def ping(self) -> bool:
+        """True when the backend answers (always, for the memory backend)."""
+        return True
 
     async def close(self) -> None:
         """Release connections (no-op for the memory backend)."""
