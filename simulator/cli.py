@@ -1,0 +1,116 @@
+"""``kvgate sim``: run one or several simulated vLLM replicas (flags mirror ``vllm serve`` where they exist)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from urllib.parse import urlparse
+
+from .config import SimConfig
+
+
+def _endpoint_port(endpoint: str | None) -> int:
+    if not endpoint:
+        return 0
+    return urlparse(endpoint.replace("tcp://*", "tcp://0.0.0.0")).port or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SimConfig()
+    p = argparse.ArgumentParser(prog="kvgate sim", description="Simulated vLLM replica(s): same HTTP API, metrics, KV events and P/D protocol.")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=8001, help="HTTP port (the first one with --replicas)")
+    p.add_argument("--model", default=d.model, help="served model name")
+    p.add_argument("--role", choices=["both", "prefill", "decode"], default=d.role)
+    p.add_argument("--replicas", type=int, default=1, help="replicas in this process, on consecutive ports")
+    p.add_argument("--kv-events-endpoint", help="ZMQ PUB bind endpoint, e.g. tcp://*:5557 (omit: no events)")
+    p.add_argument("--replay-endpoint", help="ZMQ ROUTER replay endpoint, e.g. tcp://*:5558")
+    p.add_argument("--kv-events-topic", default=d.kv_events_topic)
+    p.add_argument("--legacy-events", action="store_true", help="encode events in the older array form")
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--num-blocks", type=int, default=d.num_blocks, help="KV cache capacity in blocks")
+    p.add_argument("--hash-algo", choices=["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"], default=d.hash_algo)
+    p.add_argument("--hash-seed", default=os.environ.get("PYTHONHASHSEED"), help="NONE_HASH seed (default: $PYTHONHASHSEED, else vLLM's fixed seed)")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="'demo' or a directory with tokenizer.json")
+    p.add_argument("--seed", type=int, default=d.seed, help="output seed (deterministic text)")
+    p.add_argument("--time-scale", type=float, default=d.time_scale, help="multiplier on every simulated duration (0: none)")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    p.add_argument("--prefill-tokens-per-s", type=float, default=d.prefill_tokens_per_s)
+    p.add_argument("--decode-step-ms", type=float, default=d.decode_step_ms)
+    p.add_argument("--decode-ms-per-1k-kv-tokens", type=float, default=d.decode_ms_per_1k_kv_tokens)
+    p.add_argument("--lora-module", action="append", default=[], help="a LoRA adapter name served on top (repeatable)")
+    p.add_argument("--kv-block-bytes", type=int, default=d.kv_block_bytes, help="bytes moved per block in P/D transfers")
+    p.add_argument("--lease-s", type=float, default=d.lease_s, help="how long prefilled blocks wait for the decode replica")
+    p.add_argument("--engine-id", default="", help="NIXL engine id (default derived from the port)")
+    p.add_argument("--no-nixl", action="store_true", help="move KV over the plain TCP side channel")
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
+    out = []
+    ev_port, rp_port = _endpoint_port(args.kv_events_endpoint), _endpoint_port(args.replay_endpoint)
+    for i in range(args.replicas):
+        out.append(
+            SimConfig(
+                model=args.model, host=args.host, port=args.port + i, role=args.role, block_size=args.block_size, num_blocks=args.num_blocks,
+                hash_algo=args.hash_algo, hash_seed=args.hash_seed, tokenizer=args.tokenizer,
+                kv_events=bool(args.kv_events_endpoint), kv_events_port=ev_port + 2 * i if ev_port else 0,
+                replay_port=(rp_port + 2 * i) if rp_port else 0, kv_events_topic=args.kv_events_topic, legacy_events=args.legacy_events,
+                time_scale=args.time_scale, seed=args.seed + i, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, prefill_tokens_per_s=args.prefill_tokens_per_s,
+                decode_step_ms=args.decode_step_ms, decode_ms_per_1k_kv_tokens=args.decode_ms_per_1k_kv_tokens,
+                lora_modules=list(args.lora_module), kv_block_bytes=args.kv_block_bytes, lease_s=args.lease_s,
+                engine_id=f"{args.engine_id}-{i}" if args.engine_id and args.replicas > 1 else args.engine_id,
+                prefer_nixl=not args.no_nixl,
+            )
+        )
+    return out
+
+
+async def serve(configs: list[SimConfig]) -> None:
+    import uvicorn
+
+    from .server import SimServer
+
+    servers = []
+    for cfg in configs:
+        cfg.validate()
+        if cfg.kv_events and cfg.kv_events_port == 0:
+            raise SystemExit("kvgate sim: --kv-events-endpoint needs an explicit port")
+        sim = SimServer(cfg)
+        servers.append(uvicorn.Server(uvicorn.Config(sim.build_app(), host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on")))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    for s in servers:
+        s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    await stop.wait()
+    for s in servers:
+        s.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        configs = configs_from_args(args)
+        for c in configs:
+            c.validate()
+    except ValueError as exc:
+        print(f"kvgate sim: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(configs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Every knob of a simulated replica, with defaults that resemble an 8B model on one H100.
+
+Latency defaults, and why:
+* prefill ~ 12k tokens/s: an 8B dense model needs ~16 GFLOP per token; an H100 sustains
+  roughly 200–400 TFLOP/s of useful bf16 work in prefill, i.e. 12–25k tokens/s. We take the
+  low end because real batches are not perfectly packed.
+* decode step ~ 7 ms + 0.02 ms per 1k tokens of KV in the batch: a step reads all weights
+  (16 GB at ~3 TB/s ≈ 5–6 ms) plus every running sequence's KV (128 KiB per token for a
+  Llama-3-8B-like GQA model: 1k tokens ≈ 128 MiB ≈ 0.04 ms), plus scheduling overhead.
+``time_scale`` multiplies every simulated duration (0 = no sleeping at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SimConfig:
+    model: str = "kvgate/demo-8b"
+    host: str = "127.0.0.1"
+    port: int = 0
+    role: str = "both"  # both | prefill | decode (kv_both in vLLM terms: any replica can do either)
+    block_size: int = 16
+    num_blocks: int = 2048
+    hash_algo: str = "sha256"
+    hash_seed: str | None = None  # PYTHONHASHSEED of the replica (None: vLLM's fixed default seed)
+    tokenizer: str = "demo"
+    kv_events: bool = True
+    kv_events_port: int = 0  # 0: a free port is chosen
+    replay_port: int = 0
+    kv_events_topic: str = ""
+    legacy_events: bool = False
+    replay_buffer: int = 10_000
+    time_scale: float = 1.0
+    seed: int = 0
+    max_model_len: int = 8192
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    prefill_tokens_per_s: float = 12_000.0
+    decode_step_ms: float = 7.0
+    decode_ms_per_1k_kv_tokens: float = 0.02
+    step_overhead_ms: float = 0.3
+    lora_modules: list[str] = field(default_factory=list)
+    kv_block_bytes: int = 4096  # bytes of "KV" per block moved in P/D transfers
+    lease_s: float = 30.0  # how long a prefill replica keeps blocks for a decode replica to pull
+    engine_id: str = ""  # NIXL engine id; "" = derived from host/port
+    prefer_nixl: bool = True
+    embedding_dim: int = 64
+
+    def validate(self) -> None:
+        if self.role not in ("both", "prefill", "decode"):
+            raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
+        if self.block_size <= 0 or self.num_blocks <= 0:
+            raise ValueError("block_size and num_blocks must be positive")
+        if self.time_scale < 0:
+            raise ValueError("time_scale must be >= 0")
+        if self.prefill_tokens_per_s <= 0:
+            raise ValueError("prefill_tokens_per_s must be positive")

@@ -1,0 +1,78 @@
+"""KV events on the wire exactly as vLLM's ZMQ publisher sends them.
+
+PUB socket: each message ``[topic, seq (8-byte big-endian, from 0), msgpack payload]``; a
+ROUTER replay socket keeps the last ``replay_buffer`` batches and answers a DEALER's
+``[b"", start_seq]`` with ``[b"", topic, seq, payload]`` for every buffered batch from
+``start_seq`` on, then the end marker ``[b"", topic, ff×8, b""]``. Publishing never blocks
+the engine: the PUB socket drops at its high-water mark like vLLM's does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+
+import zmq
+import zmq.asyncio
+
+from kvindex.events import EventBatch, KVEvent, encode_batch
+
+END_SEQ = b"\xff" * 8
+
+
+class EventPublisher:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: str | None, topic: str = "", *, legacy: bool = False, buffer: int = 10_000) -> None:
+        self.topic = topic.encode()
+        self.legacy = legacy
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.bind(endpoint)
+        self.router = None
+        if replay_endpoint:
+            self.router = ctx.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.bind(replay_endpoint)
+        self.seq = 0
+        self.buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer)
+        self._task: asyncio.Task | None = None
+        self.published = 0
+
+    def start(self) -> None:
+        if self.router is not None:
+            self._task = asyncio.create_task(self._serve_replay())
+
+    def publish(self, events: list[KVEvent]) -> None:
+        payload = encode_batch(EventBatch(ts=time.time(), events=events, data_parallel_rank=0), legacy=self.legacy)
+        seq = self.seq
+        self.seq += 1
+        self.buffer.append((seq, payload))
+        with contextlib.suppress(zmq.Again):
+            self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload], flags=zmq.NOBLOCK)
+        self.published += 1
+
+    async def _serve_replay(self) -> None:
+        assert self.router is not None
+        while True:
+            frames = await self.router.recv_multipart()
+            if len(frames) < 3:
+                continue
+            ident, start = frames[0], frames[-1]
+            if len(start) != 8:
+                continue
+            start_seq = int.from_bytes(start, "big")
+            for seq, payload in list(self.buffer):
+                if seq >= start_seq:
+                    await self.router.send_multipart([ident, b"", self.topic, seq.to_bytes(8, "big"), payload])
+            await self.router.send_multipart([ident, b"", self.topic, END_SEQ, b""])
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.pub.close(0)
+        if self.router is not None:
+            self.router.close(0)
