@@ -15,7 +15,7 @@ import random
 import tempfile
 from pathlib import Path
 
-VERSION = "v1"
+VERSION = "v2"
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -40,12 +40,18 @@ _WORDS = (
 ).split()
 
 
-def _corpus(seed: int = 1234, lines: int = 3000) -> list[str]:
+_SYLLABLES = "ka ri to ne mu sa lo pe di va gu shi an el or ix um et qua zen bro fil mar cor tin".split()
+
+
+def _corpus(seed: int = 1234, lines: int = 6000) -> list[str]:
     rng = random.Random(seed)
+    # invented words widen the vocabulary towards VOCAB_SIZE (English alone saturates early)
+    invented = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(1500)]
+    vocab = _WORDS + invented
     out = []
     for i in range(lines):
         n = rng.randint(4, 24)
-        words = [rng.choice(_WORDS) for _ in range(n)]
+        words = [rng.choice(vocab) for _ in range(n)]
         if i % 5 == 0:
             words.append(str(rng.randint(0, 99999)))
         if i % 7 == 0:

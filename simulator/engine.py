@@ -262,9 +262,9 @@ class Engine:
             self.cache.commit_full_blocks(r.alloc, r.prompt[: r.computed], self.extra_keys(r, r.computed // cfg.block_size), r.lora)
             if not r.prefilling:
                 self.prompt_tokens_total += len(r.prompt)
+                if r.remote_decode and self.on_prefill_done is not None:
+                    self.on_prefill_done(r)  # KV ready for the decode replica, before the response goes out
                 self._emit_token(r, now)
-                if r.remote_decode and r.finish_reason is None and self.on_prefill_done is not None:
-                    self.on_prefill_done(r)
         for r in decoding:
             if r.aborted or r.finish_reason is not None:
                 continue
