@@ -1,0 +1,300 @@
+"""KV-event ingestion: ZMQ SUB sockets → decoded batches → the index, with gap repair.
+
+Per publisher the sequence number (8 bytes, big-endian, +1 per batch, 0 after a restart) tells
+what happened on the wire:
+
+* the next expected seq: apply;
+* a jump forward (the PUB dropped batches at its high-water mark, or we joined late): ask the
+  replica's replay ROUTER for everything from the first missing seq (DEALER sends
+  ``[b"", start_seq]``; replies ``[b"", topic, seq, payload]`` or the older ``[b"", seq,
+  payload]``, ended by seq ``ff``×8); if the replay cannot cover the gap, the replica's
+  current entries are marked untrusted (the index hides them) and ingestion resumes;
+* a seq back at 0 (or below what we had): the replica restarted with an empty cache: forget
+  its blocks, then apply;
+* a frame that is not three parts, a seq that is not 8 bytes, a payload that does not decode:
+  counted and skipped.
+
+Two modes: one connecting SUB per replica (``ReplicaSource.endpoint``), or one bound SUB that
+replicas connect to (``bind=``), where the topic names the replica (``topic_map``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from .events import EventBatch, EventDecodeError, EventDecoder, BlockRemoved, BlockStored
+from .index import KVIndex
+
+log = logging.getLogger("kvgate.subscriber")
+
+END_SEQ = b"\xff" * 8
+
+
+@dataclass
+class ReplicaSource:
+    """Where one replica publishes, and the id/model its events are indexed under."""
+
+    replica: str
+    model: str
+    endpoint: str | None = None
+    replay_endpoint: str | None = None
+    topic: str = ""
+
+
+@dataclass
+class ReplicaStats:
+    batches_applied: int = 0
+    events_applied: int = 0
+    blocks_stored: int = 0
+    blocks_removed: int = 0
+    batches_lost: int = 0  # missed and not recovered by replay
+    batches_replayed: int = 0
+    decode_errors: int = 0
+    restarts_detected: int = 0
+    unknown_events: int = 0
+    orphaned_blocks: int = 0
+    last_seq: int | None = None
+    last_event_time: float | None = None
+
+
+@dataclass
+class SubscriberStats:
+    """Counters per replica and in total (names are stable: /metrics exports them)."""
+
+    per_replica: dict[str, ReplicaStats] = field(default_factory=dict)
+    malformed_frames: int = 0
+
+    def replica(self, rid: str) -> ReplicaStats:
+        return self.per_replica.setdefault(rid, ReplicaStats())
+
+    def total(self, name: str) -> int:
+        return sum(getattr(s, name) for s in self.per_replica.values())
+
+
+class EventSubscriber:
+    def __init__(
+        self,
+        index: KVIndex,
+        sources: list[ReplicaSource],
+        *,
+        bind: str | None = None,
+        topic_map: dict[str, str] | None = None,
+        replay_timeout_s: float = 2.0,
+        ctx: zmq.asyncio.Context | None = None,
+        rcvhwm: int = 100_000,
+    ) -> None:
+        self.index = index
+        self.sources: dict[str, ReplicaSource] = {s.replica: s for s in sources}
+        self.bind = bind
+        self.topic_map = dict(topic_map or {})
+        self.replay_timeout_s = replay_timeout_s
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.rcvhwm = rcvhwm
+        self.stats = SubscriberStats()
+        self._decoder = EventDecoder()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._expected: dict[str, int] = {}
+        self._lock: dict[str, asyncio.Lock] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.bind is not None:
+            self._tasks["__bound__"] = asyncio.create_task(self._run_bound())
+        for src in self.sources.values():
+            if src.endpoint:
+                self._start_source(src)
+
+    def _start_source(self, src: ReplicaSource) -> None:
+        self.stats.replica(src.replica)
+        self._tasks[src.replica] = asyncio.create_task(self._run_source(src))
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def add_source(self, src: ReplicaSource) -> None:
+        await self.remove_source(src.replica, forget=False)
+        self.sources[src.replica] = src
+        if src.endpoint:
+            self._start_source(src)
+
+    async def remove_source(self, replica: str, forget: bool = True) -> None:
+        task = self._tasks.pop(replica, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.sources.pop(replica, None)
+        self._expected.pop(replica, None)
+        if forget:
+            await self.index.drop_replica(replica)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _sub_socket(self) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        return sock
+
+    async def _run_source(self, src: ReplicaSource) -> None:
+        sock = self._sub_socket()
+        sock.setsockopt(zmq.SUBSCRIBE, src.topic.encode())
+        sock.connect(src.endpoint)
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                await self._on_frames(src, frames)
+        finally:
+            sock.close(0)
+
+    async def _run_bound(self) -> None:
+        sock = self._sub_socket()
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        assert self.bind is not None
+        sock.bind(self.bind)
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                if len(frames) != 3:
+                    self.stats.malformed_frames += 1
+                    continue
+                topic = frames[0].decode(errors="replace")
+                rid = self.topic_map.get(topic, topic)
+                src = self.sources.get(rid)
+                if src is None:
+                    self.stats.malformed_frames += 1
+                    continue
+                await self._on_frames(src, frames)
+        finally:
+            sock.close(0)
+
+    async def _on_frames(self, src: ReplicaSource, frames: list[bytes]) -> None:
+        st = self.stats.replica(src.replica)
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self.stats.malformed_frames += 1
+            st.decode_errors += 1
+            return
+        seq = int.from_bytes(frames[1], "big")
+        lock = self._lock.setdefault(src.replica, asyncio.Lock())
+        async with lock:
+            await self._on_batch(src, seq, frames[2])
+
+    async def _on_batch(self, src: ReplicaSource, seq: int, payload: bytes) -> None:
+        rid = src.replica
+        st = self.stats.replica(rid)
+        expected = self._expected.get(rid)
+        if expected is not None and seq < expected:
+            if seq == 0 or seq < expected - 1:
+                # the publisher started over: its cache is new and empty
+                st.restarts_detected += 1
+                log.info("replica %s restarted (seq %d after %d): forgetting its blocks", rid, seq, expected - 1)
+                await self.index.drop_replica(rid)
+            else:
+                return  # a duplicate of what we already applied
+        elif expected is not None and seq > expected:
+            await self._repair_gap(src, expected, seq)
+        elif expected is None and seq > 0 and src.replay_endpoint:
+            # joined late: try to catch up on what is still in the replay buffer
+            await self._repair_gap(src, 0, seq, first_contact=True)
+        await self._apply(src, seq, payload)
+
+    async def _apply(self, src: ReplicaSource, seq: int, payload: bytes) -> None:
+        rid = src.replica
+        st = self.stats.replica(rid)
+        before = self._decoder.unknown_events
+        try:
+            batch = self._decoder.decode(payload)
+        except EventDecodeError as exc:
+            st.decode_errors += 1
+            log.debug("replica %s batch %d undecodable: %s", rid, seq, exc)
+            self._expected[rid] = seq + 1
+            return
+        st.unknown_events += self._decoder.unknown_events - before
+        applied = await self.index.apply(rid, batch, model=src.model)
+        self._count(st, batch, applied)
+        st.last_seq = seq
+        st.last_event_time = time.time()
+        self._expected[rid] = seq + 1
+
+    @staticmethod
+    def _count(st: ReplicaStats, batch: EventBatch, applied) -> None:
+        st.batches_applied += 1
+        st.events_applied += len(batch.events)
+        st.blocks_stored += getattr(applied, "stored", sum(len(e.block_hashes) for e in batch.events if isinstance(e, BlockStored)))
+        st.blocks_removed += getattr(applied, "removed", sum(len(e.block_hashes) for e in batch.events if isinstance(e, BlockRemoved)))
+        st.orphaned_blocks += getattr(applied, "orphaned", 0)
+
+    # -- replay ---------------------------------------------------------------------------------
+
+    async def _repair_gap(self, src: ReplicaSource, start: int, upto: int, first_contact: bool = False) -> None:
+        """Fetch batches ``start .. upto-1`` from the replica's replay socket and apply them."""
+        rid = src.replica
+        st = self.stats.replica(rid)
+        got: dict[int, bytes] = {}
+        if src.replay_endpoint:
+            try:
+                got = await self._replay(src.replay_endpoint, start)
+            except (asyncio.TimeoutError, zmq.ZMQError) as exc:
+                log.info("replay from %s failed: %s", rid, exc)
+        wanted = range(start, upto)
+        covered = all(s in got for s in wanted)
+        if covered:
+            for s in wanted:
+                await self._apply(src, s, got[s])
+                st.batches_replayed += 1
+            return
+        if first_contact:
+            # joined late and the buffer no longer reaches seq 0: apply the contiguous tail it
+            # still has (what we learn is true; what we miss only costs hits)
+            tail_start = upto
+            while tail_start - 1 in got:
+                tail_start -= 1
+            for s in range(tail_start, upto):
+                await self._apply(src, s, got[s])
+                st.batches_replayed += 1
+            return
+        st.batches_lost += upto - start
+        log.warning("replica %s: %d KV-event batches lost (seq %d..%d); its entries are untrusted until fresh events", rid, upto - start, start, upto - 1)
+        await self.index.mark_untrusted(rid)
+
+    async def _replay(self, endpoint: str, start: int) -> dict[int, bytes]:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        out: dict[int, bytes] = {}
+        try:
+            await sock.send_multipart([b"", start.to_bytes(8, "big")])
+            deadline = time.monotonic() + self.replay_timeout_s
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise asyncio.TimeoutError("replay did not finish")
+                frames = await asyncio.wait_for(sock.recv_multipart(), left)
+                if frames and frames[0] == b"":
+                    frames = frames[1:]
+                if len(frames) == 3:  # topic, seq, payload (vLLM 0.33)
+                    seq_b, payload = frames[1], frames[2]
+                elif len(frames) == 2:  # seq, payload (older)
+                    seq_b, payload = frames[0], frames[1]
+                else:
+                    continue
+                if seq_b == END_SEQ:
+                    return out
+                if len(seq_b) == 8:
+                    out[int.from_bytes(seq_b, "big")] = payload
+        finally:
+            sock.close(0)

@@ -1,0 +1,252 @@
+"""The event subscriber over real ZMQ sockets on loopback: flow, loss, replay, restarts, garbage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+
+from kvindex.events import BlockStored, EventBatch, encode_batch
+from kvindex.hashing import block_keys, event_hash, vllm_block_hashes
+from kvindex.memory_index import MemoryIndex
+from kvindex.subscriber import EventSubscriber, ReplicaSource
+from tests.conftest import free_port
+
+MODEL = "m"
+BS = 16
+
+
+class Publisher:
+    """vLLM's publisher, wire for wire: PUB [topic, seq, payload] + ROUTER replay."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, topic: bytes = b"kv", *, old_replay: bool = False, buffer: int = 1000) -> None:
+        self.port, self.replay_port = free_port(), free_port()
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(f"tcp://127.0.0.1:{self.port}")
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(f"tcp://127.0.0.1:{self.replay_port}")
+        self.topic = topic
+        self.old_replay = old_replay
+        self.seq = 0
+        self.buffer: list[tuple[int, bytes]] = []
+        self.max_buffer = buffer
+        self.task = asyncio.create_task(self._replay())
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    @property
+    def replay_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.replay_port}"
+
+    async def publish(self, payload: bytes, *, drop: bool = False) -> int:
+        seq = self.seq
+        self.seq += 1
+        self.buffer = (self.buffer + [(seq, payload)])[-self.max_buffer :]
+        if not drop:
+            await self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+        return seq
+
+    async def _replay(self) -> None:
+        while True:
+            ident, _, start = await self.router.recv_multipart()
+            start_seq = int.from_bytes(start, "big")
+            for seq, payload in self.buffer:
+                if seq >= start_seq:
+                    frames = [seq.to_bytes(8, "big"), payload] if self.old_replay else [self.topic, seq.to_bytes(8, "big"), payload]
+                    await self.router.send_multipart([ident, b"", *frames])
+            end = [b"\xff" * 8, b""] if self.old_replay else [self.topic, b"\xff" * 8, b""]
+            await self.router.send_multipart([ident, b"", *end])
+
+    async def close(self) -> None:
+        self.task.cancel()
+        self.pub.close(0)
+        self.router.close(0)
+
+
+def prompt_batch(tokens: list[int], parent_tokens: list[int] | None = None) -> bytes:
+    """A BlockStored batch for ``tokens`` (continuing ``parent_tokens`` if given), vLLM hashes."""
+    full = (parent_tokens or []) + tokens
+    digests = vllm_block_hashes(full, BS)
+    start = len(parent_tokens or []) // BS
+    ev = BlockStored(
+        block_hashes=[event_hash(d) for d in digests[start:]],
+        parent_block_hash=event_hash(digests[start - 1]) if start else None,
+        token_ids=full[start * BS : len(digests) * BS],
+        block_size=BS,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+        extra_keys=[None] * (len(digests) - start),
+        group_idx=0,
+    )
+    return encode_batch(EventBatch(ts=1.0, events=[ev], data_parallel_rank=0))
+
+
+async def matched(index: MemoryIndex, tokens: list[int], replica: str) -> int:
+    found = await index.lookup(block_keys(tokens, BS, model=MODEL), model=MODEL)
+    return found[replica].blocks if replica in found else 0
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if await cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def warm_up(pub: Publisher, sub: EventSubscriber, index: MemoryIndex, rid: str) -> list[int]:
+    """Publish until the subscriber is connected (ZMQ slow joiner); returns the warm-up tokens."""
+    toks = list(range(1000, 1000 + BS))
+    for _ in range(100):
+        await pub.publish(prompt_batch(toks))
+        await asyncio.sleep(0.02)
+        if await matched(index, toks, rid):
+            return toks
+    raise AssertionError("subscriber never connected")
+
+
+@pytest.fixture
+async def ctx():
+    c = zmq.asyncio.Context()
+    yield c
+    c.term()
+
+
+async def test_events_flow_into_index_and_restart_is_detected(ctx):
+    pub = Publisher(ctx)
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
+    await sub.start()
+    try:
+        await warm_up(pub, sub, index, "r0")
+        a = list(range(64))
+        await pub.publish(prompt_batch(a[:32]))
+        await pub.publish(prompt_batch(a[32:], parent_tokens=a[:32]))
+        await until(lambda: _eq(matched(index, a, "r0"), 4))
+        st = sub.stats.replica("r0")
+        assert st.blocks_stored >= 4 and st.batches_lost == 0
+        # the replica restarts: seq back to 0, its blocks are forgotten
+        pub.seq = 0
+        b = list(range(500, 516))
+        await pub.publish(prompt_batch(b))
+        await until(lambda: _eq(matched(index, b, "r0"), 1))
+        assert await matched(index, a, "r0") == 0
+        assert st.restarts_detected == 1
+    finally:
+        await sub.stop()
+        await pub.close()
+
+
+async def _eq(coro, value) -> bool:
+    return (await coro) == value
+
+
+@pytest.mark.parametrize("old_replay", [False, True])
+async def test_dropped_batches_are_replayed(ctx, old_replay):
+    pub = Publisher(ctx, old_replay=old_replay)
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
+    await sub.start()
+    try:
+        await warm_up(pub, sub, index, "r0")
+        replayed_at_join = sub.stats.replica("r0").batches_replayed  # late join: caught up from the buffer
+        a = list(range(2000, 2048))
+        await pub.publish(prompt_batch(a[:16]), drop=True)  # lost on the wire
+        await pub.publish(prompt_batch(a[16:32], parent_tokens=a[:16]), drop=True)
+        await pub.publish(prompt_batch(a[32:], parent_tokens=a[:32]))  # the gap shows here
+        await until(lambda: _eq(matched(index, a, "r0"), 3))
+        st = sub.stats.replica("r0")
+        assert st.batches_replayed - replayed_at_join == 2 and st.batches_lost == 0
+    finally:
+        await sub.stop()
+        await pub.close()
+
+
+async def test_unrecoverable_gap_marks_untrusted(ctx):
+    pub = Publisher(ctx, buffer=1)  # the replay buffer cannot cover a gap
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx, replay_timeout_s=0.5)
+    await sub.start()
+    try:
+        warm = await warm_up(pub, sub, index, "r0")
+        await pub.publish(prompt_batch(list(range(3000, 3016))), drop=True)
+        await pub.publish(prompt_batch(list(range(3100, 3116))), drop=True)
+        fresh = list(range(4000, 4016))
+        await pub.publish(prompt_batch(fresh))
+        await until(lambda: _eq(matched(index, fresh, "r0"), 1))
+        assert sub.stats.replica("r0").batches_lost == 2
+        assert await matched(index, warm, "r0") == 0  # entries from before the gap are hidden
+    finally:
+        await sub.stop()
+        await pub.close()
+
+
+async def test_garbage_is_counted_and_skipped(ctx):
+    pub = Publisher(ctx)
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
+    await sub.start()
+    try:
+        await warm_up(pub, sub, index, "r0")
+        await pub.pub.send_multipart([b"kv", b"short", b"x"])  # bad seq length
+        await pub.pub.send_multipart([b"kv", b"only two"])  # wrong frame count
+        await pub.publish(b"\xc1\xc1 not msgpack")
+        await pub.publish(msgspec.msgpack.encode({"not": "a batch"}))
+        good = list(range(5000, 5016))
+        await pub.publish(prompt_batch(good))
+        await until(lambda: _eq(matched(index, good, "r0"), 1))
+        st = sub.stats.replica("r0")
+        assert st.decode_errors >= 3
+    finally:
+        await sub.stop()
+        await pub.close()
+
+
+async def test_bound_mode_and_several_replicas(ctx):
+    port = free_port()
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("a", MODEL), ReplicaSource("b", MODEL)], bind=f"tcp://127.0.0.1:{port}", topic_map={"topic-a": "a", "topic-b": "b"}, ctx=ctx)
+    await sub.start()
+    pubs = []
+    try:
+        for topic in (b"topic-a", b"topic-b"):
+            s = ctx.socket(zmq.PUB)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"tcp://127.0.0.1:{port}")
+            pubs.append(s)
+        toks_a, toks_b = list(range(16)), list(range(100, 132))
+        for _ in range(100):
+            await pubs[0].send_multipart([b"topic-a", (0).to_bytes(8, "big"), prompt_batch(toks_a)])
+            await pubs[1].send_multipart([b"topic-b", (0).to_bytes(8, "big"), prompt_batch(toks_b)])
+            await asyncio.sleep(0.02)
+            if await matched(index, toks_a, "a") and await matched(index, toks_b, "b") == 2:
+                break
+        assert await matched(index, toks_a, "a") == 1
+        assert await matched(index, toks_b, "b") == 2
+        assert await matched(index, toks_a, "b") == 0
+    finally:
+        for s in pubs:
+            s.close(0)
+        await sub.stop()
+
+
+async def test_stop_is_prompt_and_remove_source_forgets(ctx):
+    pub = Publisher(ctx)
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
+    await sub.start()
+    try:
+        warm = await warm_up(pub, sub, index, "r0")
+        await sub.remove_source("r0")
+        assert await matched(index, warm, "r0") == 0
+    finally:
+        await asyncio.wait_for(sub.stop(), 2)
+        await pub.close()
