@@ -304,7 +304,8 @@ def test_redis_down_degrades_to_load_routing(fleet, redis_server, redis_url):
         redis_server.stop()
         try:
             for i in range(5):
-                assert c.completions.create(model=MODEL, prompt=f"during outage {i}", max_tokens=2).choices
+                # long enough to have full blocks, so the index is asked (and fails)
+                assert c.completions.create(model=MODEL, prompt=f"during outage {i} " + GROUP_PROMPTS[1], max_tokens=2).choices
             assert metric_value(get_metrics(g.url), "kvgate_index_errors_total") >= 1
         finally:
             redis_server.start()
