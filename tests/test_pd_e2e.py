@@ -15,7 +15,9 @@ import pytest
 from simulator.fleet import SimConfig, SimFleet
 from tests.gateway_harness import MODEL, GatewayThread, fleet_config, get_metrics, metric_value, wait_for
 
-LONG = "Document: " + " ".join(f"clause {i} says the tenant shall keep item {i * 3} in good order;" for i in range(80))
+def doc(tag: str) -> str:
+    """A long prompt whose very first block is unique to ``tag`` (no prefix shared across tests)."""
+    return f"Document {tag}: " + " ".join(f"clause {i} says the tenant {tag} shall keep item {i * 3} in good order;" for i in range(80))
 ROLES = ["prefill", "prefill", "decode", "decode"]
 
 
@@ -47,7 +49,7 @@ def _replicas(headers) -> list[str]:
 
 def test_long_prompt_takes_two_hops_and_decode_reports_cached(gw):
     c = _client(gw)
-    raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": LONG + " Q1"}], max_tokens=6)
+    raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": doc("q1")}], max_tokens=6)
     hops = _replicas(raw.headers)
     assert len(hops) == 2
     assert hops[0] in ("r0", "r1") and hops[1] in ("r2", "r3")
@@ -61,7 +63,7 @@ def test_long_prompt_takes_two_hops_and_decode_reports_cached(gw):
 
 def test_two_hop_streaming_completions(gw):
     c = _client(gw)
-    with c.completions.with_streaming_response.create(model=MODEL, prompt=LONG + " stream", max_tokens=8, stream=True, stream_options={"include_usage": True}) as r:
+    with c.completions.with_streaming_response.create(model=MODEL, prompt=doc("stream"), max_tokens=8, stream=True, stream_options={"include_usage": True}) as r:
         assert len(_replicas(r.headers)) == 2
         chunks = list(r.parse())
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
@@ -79,15 +81,15 @@ def test_short_prompt_takes_one_hop_on_a_decode_replica(gw):
 
 def test_follow_up_turn_skips_prefill_once_decode_holds_the_prompt(gw):
     c = _client(gw)
-    doc = LONG + " follow-up variant"
-    first = c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": doc}], max_tokens=4)
+    text = doc("follow-up")
+    first = c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=4)
     decode_id = _replicas(first.headers)[1]
     answer = first.parse().choices[0].message.content
 
     def next_turn():
         return c.chat.completions.with_raw_response.create(
             model=MODEL,
-            messages=[{"role": "user", "content": doc}, {"role": "assistant", "content": answer}, {"role": "user", "content": "and then?"}],
+            messages=[{"role": "user", "content": text}, {"role": "assistant", "content": answer}, {"role": "user", "content": "and then?"}],
             max_tokens=4,
         )
 
@@ -107,11 +109,11 @@ def test_prefill_failures_retry_then_fall_back():
             fleet.kill(0)
             # one prefill replica gone: the other one prefills
             for i in range(3):
-                raw = c.completions.with_raw_response.create(model=MODEL, prompt=LONG + f" p{i}", max_tokens=3)
+                raw = c.completions.with_raw_response.create(model=MODEL, prompt=doc(f"p{i}"), max_tokens=3)
                 assert _replicas(raw.headers)[0] == "r1"
             fleet.kill(1)
             # no prefill replica left: served in one hop on a decode replica, not lost
-            raw = c.completions.with_raw_response.create(model=MODEL, prompt=LONG + " no prefill", max_tokens=3)
+            raw = c.completions.with_raw_response.create(model=MODEL, prompt=doc("no-prefill"), max_tokens=3)
             assert len(_replicas(raw.headers)) == 1 and _replicas(raw.headers)[0] in ("r2", "r3")
             assert raw.parse().choices[0].text
             assert metric_value(get_metrics(g.url), "kvgate_pd_fallbacks_total", {"reason": "prefill_failed"}) >= 1
@@ -127,7 +129,7 @@ def test_decode_replica_down_uses_another():
             c = _client(g)
             fleet.kill(2)
             for i in range(4):
-                raw = c.completions.with_raw_response.create(model=MODEL, prompt=LONG + f" d{i}", max_tokens=3)
+                raw = c.completions.with_raw_response.create(model=MODEL, prompt=doc(f"d{i}"), max_tokens=3)
                 hops = _replicas(raw.headers)
                 assert hops[-1] == "r3"
                 assert raw.parse().choices[0].text
@@ -142,7 +144,7 @@ def test_client_disconnect_cancels_decode():
         cfg = fleet_config(slow.handles, pd={"threshold": 128})
         with GatewayThread(cfg) as g:
             got = threading.Event()
-            with httpx.stream("POST", f"{g.url}/v1/completions", json={"model": MODEL, "prompt": LONG + " cancel me", "max_tokens": 3000, "stream": True}, timeout=30) as r:
+            with httpx.stream("POST", f"{g.url}/v1/completions", json={"model": MODEL, "prompt": doc("cancel"), "max_tokens": 3000, "stream": True}, timeout=30) as r:
                 for _ in r.iter_bytes():
                     got.set()
                     break
