@@ -31,11 +31,17 @@ SYSTEM_PROMPTS = [
     "corrected version. Prefer the standard library, type hints, small functions, and tests with pytest. " * 3,
     "You are a travel planner for a rail company. Suggest itineraries with departure times, changes, "
     "seat classes, luggage rules and the cheapest fare family; mention night trains when useful. " * 3,
+    "You are a contracts analyst. Summarise clauses, flag unusual liability terms, compare against the "
+    "standard template, and answer in a numbered list with clause references. " * 3,
+    "You are a SQL tutor. Explain query plans, suggest indexes, rewrite correlated subqueries as joins, "
+    "and always show the final query in a code block with a one-line explanation. " * 3,
 ]
 QUESTIONS = [
     "How do I upgrade my plan?",
     "Why is this loop slow: for i in range(len(xs)): total += xs[i]",
     "Plan a trip from Paris to Vienna next Friday.",
+    "Is an unlimited indemnity clause normal?",
+    "Why is SELECT * FROM orders WHERE id IN (SELECT ...) slow?",
     "Can I get a refund after 40 days?",
     "Review: def add(a, b): return a+b",
     "What is the cheapest way to Milan?",
@@ -102,7 +108,7 @@ async def _one_chat(client, messages: list[dict], max_tokens: int, result: DemoR
     return "".join(text)
 
 
-async def run_workload(base_url: str, *, sessions: int = 12, turns: int = 3, concurrency: int = 6, seed: int = 7) -> DemoResult:
+async def run_workload(base_url: str, *, sessions: int = 15, turns: int = 3, concurrency: int = 6, seed: int = 7) -> DemoResult:
     """Multi-turn chats over a few shared system prompts, several sessions at a time."""
     from openai import AsyncOpenAI
 
@@ -128,25 +134,32 @@ def render_table(result: DemoResult, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    # a two-hop request is shown on its decode replica (which answered, and whose usage we
+    # see); its prefill replica is counted in the "prefill hops" column
     by_replica: dict[str, list[Sample]] = defaultdict(list)
+    prefill_hops: dict[str, int] = defaultdict(int)
     for s in result.samples:
-        for rid in s.replica.split(","):
-            by_replica[rid].append(s)
+        hops = s.replica.split(",")
+        by_replica[hops[-1]].append(s)
+        if len(hops) == 2:
+            prefill_hops[hops[0]] += 1
     table = Table(title=title)
-    for col in ("replica", "requests", "prefix-hit ratio (replica-reported)", "TTFT p50 (ms)", "routed to a warm prefix"):
+    for col in ("replica", "requests served", "prefill hops", "prefix-hit ratio (replica-reported)", "TTFT p50 (ms)", "routed to a warm prefix"):
         table.add_column(col, justify="right" if col != "replica" else "left")
-    for rid in sorted(by_replica):
-        ss = by_replica[rid]
+    for rid in sorted(set(by_replica) | set(prefill_hops)):
+        ss = by_replica.get(rid, [])
         prompt = sum(s.prompt_tokens for s in ss)
         cached = sum(s.cached_tokens for s in ss)
         warm = sum(1 for s in ss if s.prefix_blocks > 0)
-        table.add_row(rid, str(len(ss)), f"{cached / prompt:.0%}" if prompt else "-", f"{statistics.median(s.ttft_s for s in ss) * 1000:.0f}", f"{warm}/{len(ss)}")
+        ttft = f"{statistics.median(s.ttft_s for s in ss) * 1000:.0f}" if ss else "-"
+        table.add_row(rid, str(len(ss)), str(prefill_hops.get(rid, 0)), f"{cached / prompt:.0%}" if prompt else "-", ttft, f"{warm}/{len(ss)}" if ss else "-")
     prompt = sum(s.prompt_tokens for s in result.samples)
     cached = sum(s.cached_tokens for s in result.samples)
     ttfts = [s.ttft_s for s in result.samples]
     table.add_row(
         "[b]all[/b]",
         str(len(result.samples)),
+        str(sum(prefill_hops.values())),
         f"{cached / prompt:.0%}" if prompt else "-",
         f"{statistics.median(ttfts) * 1000:.0f}" if ttfts else "-",
         f"{sum(1 for s in result.samples if s.prefix_blocks > 0)}/{len(result.samples)}",
@@ -234,7 +247,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--once", action="store_true", help="run the workload, print the table, exit")
     p.add_argument("--pd", action="store_true", help="two prefill + two decode replicas (NIXL transfer)")
     p.add_argument("--port", type=int, default=8000, help="gateway port (a free one if taken)")
-    p.add_argument("--sessions", type=int, default=12, help="chat sessions in the workload")
+    p.add_argument("--sessions", type=int, default=15, help="chat sessions in the workload")
     p.add_argument("--turns", type=int, default=3, help="turns per chat session")
     p.add_argument("--time-scale", type=float, default=0.2, help="simulated GPU time multiplier (1 = H100-like)")
     args = p.parse_args(argv)

@@ -101,6 +101,7 @@ class KVTransfer:
 
     def _init_nixl(self) -> None:
         try:
+            logging.getLogger("nixl").setLevel(logging.WARNING)  # NIXL logs every agent at INFO
             from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[import-not-found]
 
             agent = nixl_agent(self.engine_id, nixl_agent_config(backends=["UCX"]))
