@@ -1,0 +1,126 @@
+"""The KV-event codec: vLLM 0.33 bytes exactly, older forms accepted, garbage rejected cleanly."""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvindex.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    EventDecodeError,
+    EventDecoder,
+    decode_batch,
+    encode_batch,
+)
+
+
+def _s(text: str) -> bytes:
+    """msgpack fixstr."""
+    raw = text.encode()
+    assert len(raw) < 32
+    return bytes([0xA0 | len(raw)]) + raw
+
+
+def test_one_block_stored_batch_is_byte_exact():
+    batch = EventBatch(
+        ts=1.5,
+        events=[BlockStored(block_hashes=[5], parent_block_hash=None, token_ids=[1, 2, 3, 4], block_size=4, lora_id=None, medium="GPU", lora_name=None, extra_keys=[None], group_idx=0)],
+        data_parallel_rank=0,
+    )
+    expected = b"".join(
+        [
+            b"\x93",  # the batch: array of 3 [ts, events, data_parallel_rank]
+            b"\xcb" + struct.pack(">d", 1.5),  # ts as float64
+            b"\x91",  # one event
+            b"\xde\x00\x0a",  # map16 with 10 entries (msgspec sizes the header for 16 fields + tag)
+            _s("type") + _s("BlockStored"),  # the tag comes first
+            _s("block_hashes") + b"\x91\x05",
+            _s("parent_block_hash") + b"\xc0",
+            _s("token_ids") + b"\x94\x01\x02\x03\x04",
+            _s("block_size") + b"\x04",
+            _s("lora_id") + b"\xc0",  # required fields are written even when null
+            _s("medium") + _s("GPU"),
+            _s("lora_name") + b"\xc0",
+            _s("extra_keys") + b"\x91\xc0",  # set fields only from here on
+            _s("group_idx") + b"\x00",
+            b"\x00",  # data_parallel_rank 0
+        ]
+    )
+    assert encode_batch(batch) == expected
+    assert decode_batch(expected) == batch
+
+
+def test_round_trips_all_fields_and_forms():
+    full = BlockStored(
+        block_hashes=[2**64 - 1, 7],
+        parent_block_hash=3,
+        token_ids=list(range(32)),
+        block_size=16,
+        lora_id=2,
+        medium="CPU",
+        lora_name="sql",
+        extra_keys=[["lora", "sql"], None],
+        group_idx=0,
+        kv_cache_spec_kind="full_attention",
+        kv_cache_spec_sliding_window=None,
+        locality="LOCAL",
+        ownership="own",
+        session_id="s",
+        lookahead_token_ids=[1],
+    )
+    raw_hashes = BlockStored(block_hashes=[b"\x01" * 32], parent_block_hash=b"\x02" * 32, token_ids=[1] * 16, block_size=16, lora_id=None, medium=None, lora_name=None)
+    batch = EventBatch(ts=2.0, events=[full, raw_hashes, BlockRemoved(block_hashes=[7], medium="CPU", group_idx=0), AllBlocksCleared()])
+    assert decode_batch(encode_batch(batch)) == batch
+    legacy = decode_batch(encode_batch(batch, legacy=True))
+    assert [type(e) for e in legacy.events] == [BlockStored, BlockStored, BlockRemoved, AllBlocksCleared]
+    assert legacy.events[0].block_hashes == full.block_hashes and legacy.events[0].lora_name == "sql"
+    assert legacy.events[1].block_hashes == [b"\x01" * 32]
+
+
+def test_other_vllm_versions_decode():
+    enc = msgspec.msgpack.encode
+    # older array form with the oldest field set (no medium, no lora_name), no dp rank
+    old = enc([1.0, [["BlockStored", [1, 2], None, list(range(32)), 16, None], ["BlockRemoved", [1]], ["AllBlocksCleared"]]])
+    b = decode_batch(old)
+    assert b.events[0].block_hashes == [1, 2] and b.events[0].medium is None
+    assert isinstance(b.events[1], BlockRemoved) and b.data_parallel_rank is None
+    # map form with a key this version does not know, and an unknown event type
+    newer = enc([1.0, [{"type": "BlockStored", "block_hashes": [9], "parent_block_hash": None, "token_ids": [1] * 16, "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": None, "future_field": {"x": 1}}, {"type": "BlockTransferred", "block_hashes": [9]}], 3])
+    dec = EventDecoder()
+    b = dec.decode(newer)
+    assert len(b.events) == 1 and b.events[0].block_hashes == [9] and b.data_parallel_rank == 3
+    assert dec.unknown_events == 1
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xc1",
+        b"\x93\xcb\x3f",  # truncated
+        msgspec.msgpack.encode({"ts": 1}),
+        msgspec.msgpack.encode([1.0, [{"type": "BlockStored"}]]),  # required fields missing
+        msgspec.msgpack.encode([1.0, [["BlockStored", "not a list", None, [], 16]]]),
+        msgspec.msgpack.encode([1.0, "events"]),
+        msgspec.msgpack.encode(["ts", []]),
+    ],
+)
+def test_garbage_raises_event_decode_error(payload):
+    with pytest.raises(EventDecodeError):
+        decode_batch(payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_crash(data):
+    try:
+        decode_batch(data)
+    except EventDecodeError:
+        pass
