@@ -33,7 +33,7 @@ from .errors import GatewayError, bad_request, error_response
 from .forward import Forwarder
 from .metrics import GatewayMetrics, counter, gauge
 from .pd import PDOrchestrator
-from .proxy import make_client
+from .proxy import make_client, make_session
 from .routing import Router, validate_body
 
 log = logging.getLogger("kvgate.app")
@@ -52,7 +52,7 @@ class Gateway:
         self.subscriber: EventSubscriber | None = None
         self.router: Router | None = None
         self.admission = Admission(cfg.limits.max_inflight, cfg.limits.max_queue, cfg.limits.queue_timeout_s)
-        self.forwarder = Forwarder(cfg, self.fleet, self.scheduler, self.client, self.metrics)
+        self.forwarder = Forwarder(cfg, self.fleet, self.scheduler, self.metrics)
         self.pd = PDOrchestrator(cfg, self.fleet, self.forwarder, self.metrics)
         self.started_at = time.time()
         self.metrics.add_live(self._live_metrics)
@@ -60,6 +60,7 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.forwarder.session = make_session(self.cfg.limits)
         self.index = make_index(self.cfg.index.backend, **self._index_options())
         self.router = Router(self.cfg, self.fleet, self.index, self.scheduler, self.client, self.metrics)
         await self.fleet.start()
@@ -77,6 +78,8 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self.index.close()
         await self.client.aclose()
+        if self.forwarder.session is not None:
+            await self.forwarder.session.close()
 
     def _index_options(self) -> dict[str, Any]:
         if self.cfg.index.backend == "memory":

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -25,7 +25,7 @@ from .config import GatewayConfig
 from .endpoints import Fleet
 from .errors import GatewayError, sse_error_event
 from .metrics import GatewayMetrics
-from .proxy import UpstreamConnectError, forward_headers, iter_body, open_upstream, relay_headers
+from .proxy import UpstreamBroken, UpstreamConnectError, UpstreamResponse, UpstreamTimeout, forward_headers, iter_body, open_upstream, relay_headers
 
 log = logging.getLogger("kvgate.forward")
 
@@ -59,11 +59,11 @@ class Attempt:
 class Forwarder:
     """Sends requests to replicas and relays responses; shared by one-hop and P/D paths."""
 
-    def __init__(self, cfg: GatewayConfig, fleet: Fleet, scheduler: Scheduler, client: httpx.AsyncClient, metrics: GatewayMetrics) -> None:
+    def __init__(self, cfg: GatewayConfig, fleet: Fleet, scheduler: Scheduler, metrics: GatewayMetrics) -> None:
         self.cfg = cfg
         self.fleet = fleet
         self.scheduler = scheduler
-        self.client = client
+        self.session: aiohttp.ClientSession | None = None  # set on start (needs the running loop)
         self.metrics = metrics
 
     # -- accounting ---------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class Forwarder:
         *,
         first_byte_timeout_s: float | None = None,
         prefill_tokens: int | None = None,
-    ) -> tuple[httpx.Response, Attempt]:
+    ) -> tuple[UpstreamResponse, Attempt]:
         """Dispatch to the first replica that accepts the connection (retrying the next ones).
 
         Returns the upstream response with its headers read and its body still streaming.
@@ -115,7 +115,8 @@ class Forwarder:
         for i, ep in enumerate(ranked[: 1 + self.cfg.limits.max_retries]):
             att = self.begin(ctx, ep, profile, prefill_tokens=prefill_tokens)
             try:
-                resp = await open_upstream(self.client, "POST", ep.url + path, content=body, headers=fwd, first_byte_timeout_s=fb_timeout)
+                assert self.session is not None
+                resp = await open_upstream(self.session, "POST", ep.url + path, content=body, headers=fwd, first_byte_timeout_s=fb_timeout)
             except UpstreamConnectError as exc:
                 self.end(ctx, att, profile, ok=False)
                 self.fleet.record_failure(ep.id)
@@ -123,7 +124,7 @@ class Forwarder:
                 errors.append(f"{ep.id}: {exc}")
                 log.info("replica %s unreachable for %s: %s", ep.id, ctx.request_id, exc)
                 continue
-            except httpx.TimeoutException:
+            except UpstreamTimeout:
                 self.end(ctx, att, profile, ok=False)
                 raise GatewayError(504, f"replica {ep.id} did not answer within {fb_timeout:.0f}s", "upstream_timeout") from None
             if resp.status_code in (502, 503) and i + 1 < len(ranked[: 1 + self.cfg.limits.max_retries]):
@@ -140,7 +141,7 @@ class Forwarder:
     async def relay(
         self,
         ctx: RequestContext,
-        resp: httpx.Response,
+        resp: UpstreamResponse,
         att: Attempt,
         profile: str,
         *,
@@ -166,7 +167,7 @@ class Forwarder:
         if not (stream and is_sse):
             try:
                 content = await resp.aread()
-            except httpx.HTTPError as exc:
+            except (UpstreamBroken, UpstreamTimeout) as exc:
                 await resp.aclose()
                 finish(False)
                 self.fleet.record_failure(ep.id)
@@ -187,7 +188,7 @@ class Forwarder:
                         self.first_byte(att)
                         self.metrics.ttft.labels(ep.id, decision).observe(time.perf_counter() - t_request)
                     yield chunk
-            except httpx.HTTPError as exc:
+            except (UpstreamBroken, UpstreamTimeout) as exc:
                 state["ok"] = False
                 self.metrics.midstream_failures.labels(ep.id).inc()
                 self.fleet.record_failure(ep.id)

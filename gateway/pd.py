@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import httpx
 import msgspec
 from starlette.responses import Response
 
@@ -208,20 +207,21 @@ class _ClientError(Exception):
 
 async def _send_one(fwd: Forwarder, ctx: RequestContext, ep, path: str, body: bytes, headers, timeout_s: float, read: bool = False):
     """One attempt on one replica; connection-level failures become _Unreachable."""
-    from .proxy import UpstreamConnectError, forward_headers, open_upstream
+    from .proxy import UpstreamBroken, UpstreamConnectError, UpstreamTimeout, forward_headers, open_upstream
 
+    assert fwd.session is not None
     try:
-        resp = await open_upstream(fwd.client, "POST", ep.url + path, content=body, headers=forward_headers(headers, ctx.request_id), first_byte_timeout_s=timeout_s)
+        resp = await open_upstream(fwd.session, "POST", ep.url + path, content=body, headers=forward_headers(headers, ctx.request_id), first_byte_timeout_s=timeout_s)
     except UpstreamConnectError as exc:
         raise _Unreachable(str(exc)) from None
-    except httpx.TimeoutException:
+    except UpstreamTimeout:
         raise _Unreachable(f"timeout after {timeout_s:.0f}s") from None
     if not read:
         return resp, b""
     try:
         content = await resp.aread()
-    except httpx.HTTPError as exc:
-        raise _Unreachable(f"broke while answering: {type(exc).__name__}") from None
+    except (UpstreamBroken, UpstreamTimeout) as exc:
+        raise _Unreachable(f"broke while answering: {exc}") from None
     finally:
         await resp.aclose()
     return resp, content

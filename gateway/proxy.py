@@ -1,16 +1,20 @@
 """Talking to replicas: one pooled HTTP client, header hygiene, chunk-by-chunk relay.
 
-Latency matters here more than anywhere: the gateway must add well under a millisecond.
-So the client keeps connections alive per replica, sets TCP_NODELAY on every socket (a
-kept-alive stream without it stalls ~40 ms per response on delayed ACKs), and the relay hands
-each upstream chunk to the client as it arrives, never re-framing or buffering SSE.
+Latency matters here more than anywhere: the gateway must add well under a millisecond. The
+proxy hot path uses aiohttp's client (C HTTP parser): measured on the 2-core dev machine
+against one simulated replica, a keep-alive round trip cost 0.48 ms with aiohttp vs 0.83 ms
+with httpx (non-streaming) and 0.68 vs 1.00 ms (8-token stream). Every socket has
+TCP_NODELAY (aiohttp sets it; a kept-alive stream without it stalls ~40 ms per response on
+delayed ACKs), and the relay hands each upstream chunk on as it arrives, never re-framing or
+buffering SSE. httpx stays for the cold paths (health probes, scrapes, /tokenize fallback).
 """
 
 from __future__ import annotations
 
-import socket
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 
+import aiohttp
 import httpx
 
 from .config import LimitsConfig
@@ -41,15 +45,69 @@ class UpstreamConnectError(Exception):
     """The replica could not be reached or broke before sending response headers: safe to retry."""
 
 
-def make_client(limits: LimitsConfig, max_connections: int = 4096) -> httpx.AsyncClient:
-    """The shared upstream client: keep-alive pool, TCP_NODELAY, no automatic decompression."""
-    transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=30.0),
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        retries=0,
-    )
+class UpstreamTimeout(Exception):
+    """The replica did not answer (headers or next chunk) in time."""
+
+
+class UpstreamBroken(Exception):
+    """The replica failed after the response started (connection reset mid-body)."""
+
+
+def make_client(limits: LimitsConfig) -> httpx.AsyncClient:
+    """The client for cold paths (probes, scrapes, /tokenize): simple and well-behaved."""
     timeout = httpx.Timeout(connect=limits.connect_timeout_s, read=limits.read_timeout_s, write=limits.read_timeout_s, pool=limits.connect_timeout_s)
-    return httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False)
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, limits=httpx.Limits(max_connections=256))
+
+
+def make_session(limits: LimitsConfig, max_connections: int = 4096) -> aiohttp.ClientSession:
+    """The proxy's keep-alive pool (must be created on the running event loop)."""
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=30.0, enable_cleanup_closed=True)
+    timeout = aiohttp.ClientTimeout(total=None, connect=limits.connect_timeout_s, sock_read=limits.read_timeout_s)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"))
+
+
+class UpstreamResponse:
+    """A replica's response with headers read and the body still streaming."""
+
+    __slots__ = ("_resp",)
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+
+    @property
+    def status_code(self) -> int:
+        return self._resp.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._resp.headers
+
+    async def aread(self) -> bytes:
+        try:
+            return await self._resp.read()
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("replica stopped answering") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamBroken(type(exc).__name__) from exc
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body chunk by chunk, exactly as received (SSE framing untouched)."""
+        try:
+            async for chunk in self._resp.content.iter_any():
+                if chunk:
+                    yield chunk
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("replica stopped streaming") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamBroken(type(exc).__name__) from exc
+
+    async def aclose(self) -> None:
+        # closing (not releasing) an unfinished body drops the connection, which tells the
+        # replica to abort the request; a finished one goes back to the pool
+        if self._resp.content.at_eof():
+            self._resp.release()
+        else:
+            self._resp.close()
 
 
 def forward_headers(incoming: Mapping[str, str], request_id: str) -> dict[str, str]:
@@ -60,34 +118,42 @@ def forward_headers(incoming: Mapping[str, str], request_id: str) -> dict[str, s
     return out
 
 
-def relay_headers(upstream: httpx.Headers) -> dict[str, str]:
-    return {k: v for k, v in upstream.items() if k.lower() not in _DROP_RESPONSE}
+def relay_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    """Upstream response headers to pass on, lower-cased so ours replace theirs, not duplicate."""
+    out: dict[str, str] = {}
+    for k, v in upstream.items():
+        lk = k.lower()
+        if lk not in _DROP_RESPONSE:
+            out[lk] = v
+    return out
 
 
 async def open_upstream(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     method: str,
     url: str,
     *,
     content: bytes | None,
     headers: Mapping[str, str],
     first_byte_timeout_s: float,
-) -> httpx.Response:
+) -> UpstreamResponse:
     """Send a request and wait for the response *headers* only (body left streaming).
 
     Connection failures and a peer that closes before answering raise
-    ``UpstreamConnectError`` (nothing was produced, the caller may retry elsewhere).
+    ``UpstreamConnectError`` (nothing was produced, the caller may retry elsewhere);
+    no headers within ``first_byte_timeout_s`` raises ``UpstreamTimeout``.
     """
-    request = client.build_request(method, url, content=content, headers=headers)
-    request.extensions["timeout"] = {**request.extensions.get("timeout", {}), "read": first_byte_timeout_s}
     try:
-        return await client.send(request, stream=True)
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.PoolTimeout) as exc:
+        resp = await session.request(method, url, data=content, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=session.timeout.connect, sock_read=first_byte_timeout_s))
+    except aiohttp.ConnectionTimeoutError as exc:  # could not even connect: retry elsewhere
+        raise UpstreamConnectError(f"connect timeout: {exc}") from exc
+    except asyncio.TimeoutError:
+        raise UpstreamTimeout(f"no answer within {first_byte_timeout_s:.0f}s") from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
         raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
+    return UpstreamResponse(resp)
 
 
-async def iter_body(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The upstream body chunk by chunk, exactly as received (SSE framing untouched)."""
+async def iter_body(response: UpstreamResponse) -> AsyncIterator[bytes]:
     async for chunk in response.aiter_raw():
-        if chunk:
-            yield chunk
+        yield chunk
