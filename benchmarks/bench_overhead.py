@@ -104,20 +104,19 @@ def concurrency_1(direct: str, via: str, n: int, stream: bool) -> dict[str, list
 
 
 async def _concurrent(base: str, n: int, conc: int, stream: bool) -> tuple[list[float], float]:
+    """Closed-loop load at ``conc``; aiohttp so the load generator is not the bottleneck."""
+    import aiohttp
+
     lat: list[float] = []
-    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as session:
         counter = iter(range(n))
 
         async def worker() -> None:
             for i in counter:
                 t0 = time.perf_counter()
-                if stream:
-                    async with client.stream("POST", f"{base}/v1/completions", json=_body(i, True)) as r:
-                        async for _ in r.aiter_raw():
-                            pass
-                else:
-                    r = await client.post(f"{base}/v1/completions", json=_body(i, False))
+                async with session.post(f"{base}/v1/completions", json=_body(i, stream)) as r:
+                    async for _ in r.content.iter_any():
+                        pass
                 lat.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
@@ -154,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         None,
                     )
                 )
-                nd, rps_d = asyncio.run(_concurrent(direct, n * 2, 32, stream))
-                ng, rps_g = asyncio.run(_concurrent(via, n * 2, 32, stream))
+                nd, rps_d = asyncio.run(_concurrent(direct, n * 5, 32, stream))
+                ng, rps_g = asyncio.run(_concurrent(via, n * 5, 32, stream))
                 rows.append(
                     (
                         f"c=32 {'stream' if stream else 'non-stream'}",

@@ -294,3 +294,30 @@ class KVTransfer:
         finally:
             with contextlib.suppress(Exception):
                 agent.release_xfer_handle(handle)
+
+
+async def _bench(total_mib: int = 64, block_kib: int = 1024) -> None:
+    """Pull ``total_mib`` between two agents in this process, NIXL vs the TCP side channel."""
+    n = total_mib * 1024 // block_kib
+    for prefer in (True, False):
+        src = KVTransfer("bench-src", n, block_kib * 1024, prefer_nixl=prefer)
+        dst = KVTransfer("bench-dst", n, block_kib * 1024, prefer_nixl=prefer)
+        await src.start()
+        await dst.start()
+        src.buffer[:] = np.random.default_rng(0).integers(0, 255, src.buffer.size, dtype=np.uint8)
+        ids = list(range(n))
+        await dst.pull(remote_host="127.0.0.1", remote_port=src.side_channel_port, remote_engine_id="bench-src", remote_request_id="warm", remote_block_ids=ids[:1], local_block_ids=ids[:1])
+        t0 = time.perf_counter()
+        await dst.pull(remote_host="127.0.0.1", remote_port=src.side_channel_port, remote_engine_id="bench-src", remote_request_id="r", remote_block_ids=ids, local_block_ids=ids)
+        dt = time.perf_counter() - t0
+        assert bytes(dst.buffer[:1024]) == bytes(src.buffer[:1024])
+        print(f"{dst.backend}: {total_mib} MiB in {n} blocks of {block_kib} KiB: {dt * 1000:.1f} ms = {total_mib / 1024 / dt:.2f} GiB/s")
+        await dst.close()
+        await src.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--bench" in sys.argv:
+        asyncio.run(_bench())
