@@ -310,3 +310,32 @@ def test_redis_down_degrades_to_load_routing(fleet, redis_server, redis_url):
         finally:
             redis_server.start()
         wait_for(lambda: c.completions.create(model=MODEL, prompt="after", max_tokens=2).choices is not None, message="recovery")
+
+
+def test_lora_and_cache_salt_route_by_their_own_prefix():
+    fleet = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=0.02, lora_modules=["sql"]) for i in range(2)])
+    fleet.start()
+    try:
+        with GatewayThread(fleet_config(fleet.handles)) as g:
+            assert "sql" in [m.id for m in client(g).models.list().data]  # discovered from /v1/models
+            prompt = "LoRA routing: " + " ".join(f"t{i}" for i in range(80))
+
+            def send(model: str, salt: str | None):
+                body = {"model": model, "prompt": prompt, "max_tokens": 2}
+                if salt:
+                    body["cache_salt"] = salt
+                r = httpx.post(f"{g.url}/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r
+
+            first = send("sql", "tenant-a")
+            home = first.headers["x-kvgate-replica"]
+            wait_for(lambda: int(send("sql", "tenant-a").headers["x-kvgate-prefix-blocks"]) > 0, message="lora+salt blocks indexed")
+            again = send("sql", "tenant-a")
+            assert again.headers["x-kvgate-replica"] == home
+            assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+            # another tenant's salt, or the base model, share nothing with it
+            assert send("sql", "tenant-b").headers["x-kvgate-prefix-blocks"] == "0"
+            assert send(MODEL, None).headers["x-kvgate-prefix-blocks"] == "0"
+    finally:
+        fleet.stop()

@@ -229,3 +229,38 @@ def test_process_mode_kill_and_restart():
         assert httpx.get(f"{h.url}/health").status_code == 200
     finally:
         f.stop()
+
+
+def test_lora_salt_and_legacy_events_match_vllm():
+    f = SimFleet([SimConfig(model=MODEL, time_scale=0.02, lora_modules=["sql"], legacy_events=True)])
+    f.start()
+    try:
+        h = f.handles[0]
+        models = httpx.get(f"{h.url}/v1/models").json()["data"]
+        assert {(m["id"], m["parent"]) for m in models} == {(MODEL, None), ("sql", MODEL)}
+        sub = Subscriber(h.events_endpoint)
+        raw_sub = sub.sock
+        try:
+            prompt = "LoRA and salt: " + " ".join(f"v{i}" for i in range(40))
+            httpx.post(f"{h.url}/v1/completions", json={"model": "sql", "prompt": prompt, "max_tokens": 1, "cache_salt": "tenant-a"}).raise_for_status()
+            tokens = httpx.post(f"{h.url}/tokenize", json={"model": MODEL, "prompt": prompt}).json()["tokens"]
+            n = len(tokens) // 16
+            lora = ("lora", "sql", "/adapters/sql")
+            extra = [(lora, ("cache_salt", "tenant-a"))] + [(lora,)] * (n - 1)
+            expected = [event_hash(d) for d in vllm_block_hashes(tokens, 16, "sha256", None, extra)]
+            frames = []
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not frames:
+                if raw_sub.poll(100):
+                    frames.append(raw_sub.recv_multipart())
+            payload = frames[0][2]
+            import msgspec
+
+            assert isinstance(msgspec.msgpack.decode(payload)[1][0], list)  # the older array form
+            ev = decode_batch(payload).events[0]
+            assert isinstance(ev, BlockStored) and ev.lora_name == "sql"
+            assert ev.block_hashes == expected
+        finally:
+            sub.close()
+    finally:
+        f.stop()
