@@ -1,0 +1,187 @@
+"""``kvgate bench``: the same workloads through the gateway under each routing policy, and direct.
+
+For every (workload, policy) pair a fresh fleet of simulated replicas (each in its own process,
+caches small enough to feel pressure) and a fresh gateway process with that policy as its
+default profile are started, so no policy inherits another's warm caches. "direct" is the
+client round-robining straight over the replicas with no gateway at all. Results go to
+``benchmarks/results/`` as Markdown, JSON and PNG plots.
+
+    kvgate bench            # the full comparison (a few minutes on 2 cores)
+    kvgate bench --quick    # a reduced one (under two minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from simulator.fleet import SimConfig, SimFleet
+
+from .envoy_stack import free_port
+from .report import Summary, summarize, write_results
+from .workloads import MODEL, WORKLOADS, RunResult, Workload, run_workload
+
+ALL_POLICIES = ["direct", "round-robin", "random", "least-loaded", "approx-prefix", "precise-prefix", "precise-prefix+load", "estimated-ttft", "llm-d", "default"]
+QUICK_POLICIES = ["direct", "round-robin", "least-loaded", "precise-prefix", "llm-d", "default"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Setup:
+    replicas: int = 4
+    num_blocks: int = 512
+    time_scale: float = 1.0
+    concurrency: int = 16
+
+
+def workloads(quick: bool) -> list[Workload]:
+    if quick:
+        return [
+            WORKLOADS["shared-prefix"](num_groups=8, num_prompts_per_group=6),
+            WORKLOADS["multi-turn"](num_sessions=12, turns=3),
+        ]
+    return [
+        WORKLOADS["shared-prefix"](),
+        WORKLOADS["multi-turn"](),
+        WORKLOADS["long-doc-qa"](),
+        WORKLOADS["no-reuse"](),
+    ]
+
+
+class GatewayProcess:
+    """`kvgate serve` in its own process, in front of a fleet, with one default profile."""
+
+    def __init__(self, handles, policy: str, tmp: Path) -> None:
+        self.port = free_port()
+        cfg = {
+            "listen": {"host": "127.0.0.1", "port": self.port},
+            "replicas": [
+                {"id": f"r{i}", "url": h.url, "models": [MODEL], "kv_events": h.events_endpoint, "replay": h.replay_endpoint} for i, h in enumerate(handles)
+            ],
+            "models": {MODEL: {"tokenizer": "demo"}},
+            "scheduling": {"default_profile": policy},
+            "debug_headers": True,
+            "scrape": {"interval_s": 0.5},
+            "health": {"interval_s": 1.0},
+        }
+        path = tmp / f"gw-{policy}.yaml"
+        path.write_text(json.dumps(cfg))
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("gateway did not become ready")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, rate: float | None = None) -> RunResult:
+    fleet = SimFleet(
+        [SimConfig(model=MODEL, seed=i, time_scale=setup.time_scale, num_blocks=setup.num_blocks) for i in range(setup.replicas)],
+        mode="process",
+    )
+    fleet.start()
+    gw = None
+    try:
+        if policy == "direct":
+            urls = [h.url for h in fleet.handles]
+        else:
+            gw = GatewayProcess(fleet.handles, policy, tmp)
+            urls = [gw.url]
+        return asyncio.run(run_workload(workload, urls, concurrency=None if rate else setup.concurrency, rate=rate, on_done=on_done))
+    finally:
+        if gw is not None:
+            gw.stop()
+        fleet.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvgate bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced comparison, under two minutes")
+    ap.add_argument("--policies", help="comma-separated subset of: " + ", ".join(ALL_POLICIES))
+    ap.add_argument("--workloads", help="comma-separated subset of: " + ", ".join(WORKLOADS))
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--num-blocks", type=int, default=512, help="KV blocks per simulated replica (cache pressure)")
+    ap.add_argument("--time-scale", type=float, default=1.0, help="simulated GPU time multiplier (1 = H100-like)")
+    ap.add_argument("--concurrency", type=int, default=16, help="closed-loop sessions in flight")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the throughput-vs-rate sweep")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    setup = Setup(args.replicas, args.num_blocks, args.time_scale, args.concurrency)
+    policies = args.policies.split(",") if args.policies else (QUICK_POLICIES if args.quick else ALL_POLICIES)
+    unknown = [p for p in policies if p not in ALL_POLICIES]
+    if unknown:
+        print(f"kvgate bench: unknown policies {unknown}", file=sys.stderr)
+        return 2
+    wls = workloads(args.quick)
+    if args.workloads:
+        wanted = args.workloads.split(",")
+        wls = [w for w in wls if w.name in wanted]
+    sweep_rates = [] if args.no_sweep else ([6.0, 12.0] if args.quick else [4.0, 8.0, 16.0, 32.0])
+    sweep_policies = [p for p in ("round-robin", "precise-prefix", "default") if p in policies]
+    sweep_wl = WORKLOADS["shared-prefix"](num_groups=8, num_prompts_per_group=4 if args.quick else 8, seed=9)
+    total = sum(w.requests for w in wls) * len(policies) + sweep_wl.requests * len(sweep_rates) * len(sweep_policies)
+    summaries: list[Summary] = []
+    runs: dict[tuple[str, str], RunResult] = {}
+    sweep: list[dict] = []
+    t0 = time.perf_counter()
+    console = Console()
+    with tempfile.TemporaryDirectory() as tmp, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("benchmark", total=total)
+        for wl in wls:
+            for policy in policies:
+                progress.update(task, description=f"{wl.name} · {policy}")
+                run = run_one(setup, wl, policy, Path(tmp), lambda: progress.advance(task))
+                runs[(wl.name, policy)] = run
+                summaries.append(summarize(wl.name, policy, run))
+        for rate in sweep_rates:
+            for policy in sweep_policies:
+                progress.update(task, description=f"sweep {rate:g}/s · {policy}")
+                run = run_one(setup, sweep_wl, policy, Path(tmp), lambda: progress.advance(task), rate=rate)
+                s = summarize("sweep", policy, run)
+                sweep.append({"policy": policy, "rate": rate, "throughput_tok_s": s.throughput_tok_s, "ttft_p90_ms": s.ttft_p90_ms, "hit_ratio": s.hit_ratio})
+    name = "quick" if args.quick else "full"
+    meta = {
+        "description": (
+            f"{setup.replicas} simulated replicas (time scale {setup.time_scale}, {setup.num_blocks} KV blocks of 16 tokens each), "
+            f"closed loop at {setup.concurrency} sessions; fresh fleet and gateway per run; "
+            "hit ratio = cached / prompt tokens as reported by the replicas; load spread = max/min requests per replica."
+        ),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "command": "kvgate bench" + (" --quick" if args.quick else ""),
+    }
+    files = write_results(args.out, name, summaries, runs, sweep, meta)
+    console.print((args.out / f"{name}.md").read_text())
+    console.print(f"wrote {', '.join(str(f) for f in files)} in {meta['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
