@@ -1,0 +1,60 @@
+"""The benchmark harness itself: deterministic workloads, correct math, a tiny real run."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import subprocess
+import sys
+
+from benchmarks.report import markdown, percentile, summarize
+from benchmarks.workloads import WORKLOADS, RunResult, Sample, run_workload
+from simulator.fleet import SimConfig, SimFleet
+from tests.gateway_harness import MODEL, GatewayThread, fleet_config
+
+
+def test_workloads_are_seeded_and_bounded():
+    for name, make in WORKLOADS.items():
+        a, b = make(), make()
+        assert [s.system for s in a.sessions] == [s.system for s in b.sessions], name
+        assert 0 < a.requests <= 200
+    sp = WORKLOADS["shared-prefix"](num_groups=3, num_prompts_per_group=5)
+    assert sp.requests == 15 and len({s.system for s in sp.sessions}) == 3
+    mt = WORKLOADS["multi-turn"](num_sessions=2, turns=3)
+    assert all(s.grow and len(s.questions) == 3 for s in mt.sessions)
+
+
+def test_report_math():
+    samples = [Sample(ttft=t, itl=[0.01, 0.02], e2e=t + 0.1, output_tokens=10, prompt_tokens=100, cached_tokens=c, replica=r) for t, c, r in [(0.1, 0, "r0"), (0.2, 50, "r0"), (0.3, 100, "r1"), (0.4, 50, "r0")]]
+    samples.append(Sample(0, [], 1, 0, 0, 0, "r1", error="APIError"))
+    s = summarize("w", "p", RunResult(samples, wall_s=2.0))
+    assert s.requests == 5 and s.errors == 1
+    assert math.isclose(s.ttft_p50_ms, 250.0) and math.isclose(s.hit_ratio, 0.5)
+    assert s.throughput_tok_s == 20.0 and s.load_spread == 3.0
+    assert percentile([1, 2, 3, 4, 5], 90) == 4.6
+    base = summarize("w", "round-robin", RunResult(samples[:2], wall_s=2.0))
+    table = markdown([base, s])
+    assert "| p |" in table and "× faster" in table
+
+
+def test_tiny_end_to_end_run_through_gateway_and_direct():
+    fleet = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=0.05, num_blocks=256) for i in range(2)])
+    fleet.start()
+    try:
+        wl = WORKLOADS["shared-prefix"](num_groups=2, num_prompts_per_group=4, system_prompt_len=120)
+        with GatewayThread(fleet_config(fleet.handles)) as g:
+            via = asyncio.run(run_workload(wl, [g.url], concurrency=4))
+        direct = asyncio.run(run_workload(wl, [h.url for h in fleet.handles], concurrency=4))
+        for run in (via, direct):
+            assert len(run.samples) == 8 and all(s.error is None for s in run.samples)
+            assert all(s.output_tokens == 16 and s.ttft > 0 for s in run.samples)
+        assert {s.replica for s in direct.samples} == {"direct-0", "direct-1"}
+        assert summarize("w", "gw", via).hit_ratio > 0.3  # repeated system prompts hit through the gateway
+    finally:
+        fleet.stop()
+
+
+def test_locustfile_imports():
+    out = subprocess.run([sys.executable, "-c", "import benchmarks.locustfile as l; print(l.OpenAIUser.__name__)"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "OpenAIUser" in out.stdout
