@@ -63,18 +63,20 @@ def workloads(quick: bool) -> list[Workload]:
 class GatewayProcess:
     """`kvgate serve` in its own process, in front of a fleet, with one default profile."""
 
-    def __init__(self, handles, policy: str, tmp: Path) -> None:
+    def __init__(self, handles, policy: str, tmp: Path, extra: dict | None = None) -> None:
         self.port = free_port()
         cfg = {
             "listen": {"host": "127.0.0.1", "port": self.port},
             "replicas": [
-                {"id": f"r{i}", "url": h.url, "models": [MODEL], "kv_events": h.events_endpoint, "replay": h.replay_endpoint} for i, h in enumerate(handles)
+                {"id": f"r{i}", "url": h.url, "role": h.config.role, "models": [MODEL], "kv_events": h.events_endpoint, "replay": h.replay_endpoint}
+                for i, h in enumerate(handles)
             ],
             "models": {MODEL: {"tokenizer": "demo"}},
             "scheduling": {"default_profile": policy},
             "debug_headers": True,
             "scrape": {"interval_s": 0.5},
             "health": {"interval_s": 1.0},
+            **(extra or {}),
         }
         path = tmp / f"gw-{policy}.yaml"
         path.write_text(json.dumps(cfg))

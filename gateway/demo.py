@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import signal
 import socket
 import statistics
 import sys
@@ -228,12 +227,9 @@ async def _serve_and_run(args: argparse.Namespace) -> int:
             return 0 if result.samples and not result.errors else 1
         print("Stack running; point an OpenAI client at the URL above (model "
               f"'{DEMO_MODEL}', any api_key). Ctrl-C to stop.")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        from .server import shutdown_event
+
+        await shutdown_event().wait()
         return 0
     finally:
         server.should_exit = True

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 import time
 import uuid
@@ -276,13 +274,11 @@ async def serve_extproc(cfg: GatewayConfig, host: str = "127.0.0.1", port: int =
 
 
 async def _run(cfg: GatewayConfig, host: str, port: int) -> int:
+    from .server import shutdown_event
+
     srv = await serve_extproc(cfg, host, port)
     log.warning("ext_proc endpoint picker on %s:%d", host, srv.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = shutdown_event()
     await stop.wait()
     await srv.stop()
     return 0

@@ -12,14 +12,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 
 from kvindex.index import make_index
 from kvindex.subscriber import EventSubscriber, ReplicaSource
 
 from .config import ConfigError, load_config
-from .server import setup_logging
+from .server import setup_logging, shutdown_event
 
 log = logging.getLogger("kvgate.indexer")
 
@@ -44,11 +43,7 @@ async def run(config_path: str | None, index_url: str | None, stats_every_s: flo
     index = make_index(url, ttl_s=cfg.index.ttl_s)
     sub = EventSubscriber(index, sources)
     await sub.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = shutdown_event()
     try:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -33,6 +36,16 @@ def setup_logging(level: str, as_json: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def shutdown_event() -> asyncio.Event:
+    """An event set on SIGINT/SIGTERM, for the long-running commands (extproc, indexer, demo)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def build_parser() -> argparse.ArgumentParser:
