@@ -41,9 +41,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @dataclass
 class Setup:
     replicas: int = 4
-    num_blocks: int = 512
+    num_blocks: int = 320
     time_scale: float = 1.0
     concurrency: int = 16
+    extra: dict | None = None  # extra gateway config (e.g. custom scheduling profiles)
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -78,6 +79,8 @@ class GatewayProcess:
             "health": {"interval_s": 1.0},
             **(extra or {}),
         }
+        if extra and "scheduling" in extra:
+            cfg["scheduling"] = {**extra["scheduling"], "default_profile": policy}
         path = tmp / f"gw-{policy}.yaml"
         path.write_text(json.dumps(cfg))
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
@@ -105,6 +108,7 @@ class GatewayProcess:
 
 
 def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, rate: float | None = None) -> RunResult:
+    """One fresh fleet and gateway, one workload, one policy."""
     fleet = SimFleet(
         [SimConfig(model=MODEL, seed=i, time_scale=setup.time_scale, num_blocks=setup.num_blocks) for i in range(setup.replicas)],
         mode="process",
@@ -115,7 +119,7 @@ def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, r
         if policy == "direct":
             urls = [h.url for h in fleet.handles]
         else:
-            gw = GatewayProcess(fleet.handles, policy, tmp)
+            gw = GatewayProcess(fleet.handles, policy, tmp, extra=setup.extra)
             urls = [gw.url]
         return asyncio.run(run_workload(workload, urls, concurrency=None if rate else setup.concurrency, rate=rate, on_done=on_done))
     finally:
@@ -130,15 +134,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", help="comma-separated subset of: " + ", ".join(ALL_POLICIES))
     ap.add_argument("--workloads", help="comma-separated subset of: " + ", ".join(WORKLOADS))
     ap.add_argument("--replicas", type=int, default=4)
-    ap.add_argument("--num-blocks", type=int, default=512, help="KV blocks per simulated replica (cache pressure)")
+    ap.add_argument("--num-blocks", type=int, default=320, help="KV blocks per simulated replica (cache pressure)")
     ap.add_argument("--time-scale", type=float, default=1.0, help="simulated GPU time multiplier (1 = H100-like)")
     ap.add_argument("--concurrency", type=int, default=16, help="closed-loop sessions in flight")
     ap.add_argument("--no-sweep", action="store_true", help="skip the throughput-vs-rate sweep")
+    ap.add_argument("--scheduling", type=Path, help="YAML with a `scheduling:` section (custom profiles to compare by name)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    setup = Setup(args.replicas, args.num_blocks, args.time_scale, args.concurrency)
+    extra = None
+    custom: list[str] = []
+    if args.scheduling:
+        import yaml
+
+        sched = (yaml.safe_load(args.scheduling.read_text()) or {}).get("scheduling", {})
+        extra = {"scheduling": sched}
+        custom = list((sched.get("profiles") or {}).keys())
+    setup = Setup(args.replicas, args.num_blocks, args.time_scale, args.concurrency, extra)
     policies = args.policies.split(",") if args.policies else (QUICK_POLICIES if args.quick else ALL_POLICIES)
-    unknown = [p for p in policies if p not in ALL_POLICIES]
+    unknown = [p for p in policies if p not in ALL_POLICIES + custom]
     if unknown:
         print(f"kvgate bench: unknown policies {unknown}", file=sys.stderr)
         return 2

@@ -45,6 +45,15 @@ def _relative_inverse(values: dict[str, float]) -> dict[str, float]:
     return {k: (hi - v) / (hi - lo) for k, v in values.items()}
 
 
+def _smoothed_inverse(values: dict[str, float], scale: float) -> dict[str, float]:
+    """1 for the least loaded, ``(scale + min) / (scale + v)`` for others: differences count
+    in proportion to ``scale`` (a typical load), not to the spread among candidates."""
+    if not values:
+        return {}
+    lo = min(values.values())
+    return {k: (scale + lo) / (scale + v) for k, v in values.items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # filters
 # ------------------------------------------------------------------------------------------------
@@ -194,13 +203,17 @@ class InflightScorer(Scorer):
 
     type_name = "inflight"
 
-    def __init__(self, token_weight: float = 0.5, **params: Any) -> None:
+    def __init__(self, token_weight: float = 0.5, requests_scale: float = 4.0, tokens_scale: float = 4096.0, **params: Any) -> None:
         super().__init__(**params)
         self.token_weight = token_weight
+        self.requests_scale = requests_scale
+        self.tokens_scale = tokens_scale
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
-        req = _relative_inverse({e.id: float(e.inflight_requests) for e in endpoints})
-        tok = _relative_inverse({e.id: float(e.inflight_decode_tokens) for e in endpoints})
+        # smoothed, not min..max: one request in flight against an idle replica is a small
+        # difference, and must not outweigh a long cached prefix
+        req = _smoothed_inverse({e.id: float(e.inflight_requests) for e in endpoints}, self.requests_scale)
+        tok = _smoothed_inverse({e.id: float(e.inflight_decode_tokens) for e in endpoints}, self.tokens_scale)
         w = self.token_weight
         return {k: (1 - w) * req[k] + w * tok[k] for k in req}
 

@@ -88,9 +88,12 @@ def test_routed_prefix_memory_is_bounded():
 def test_load_scorers_relative_to_candidates():
     fleet = eps(3)
     fleet[0].inflight_requests, fleet[1].inflight_requests, fleet[2].inflight_requests = 0, 5, 10
-    s = InflightScorer(token_weight=0).score(ctx(), fleet)
-    assert s == {"e0": 1.0, "e1": 0.5, "e2": 0.0}
+    s = InflightScorer(token_weight=0, requests_scale=5).score(ctx(), fleet)
+    assert s == {"e0": 1.0, "e1": 0.5, "e2": pytest.approx(1 / 3)}  # (5 + 0) / (5 + load)
     assert InflightScorer().score(ctx(), eps(2)) == {"e0": 1.0, "e1": 1.0}  # idle fleet: no preference
+    # one request more than an idle replica is a small difference, not 1 → 0
+    fleet[1].inflight_requests = 1
+    assert InflightScorer(token_weight=0).score(ctx(), fleet[:2])["e1"] == pytest.approx(0.8)
 
 
 def test_estimated_ttft_trades_cache_against_queue():
