@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,7 +45,7 @@ from google.protobuf import struct_pb2
 from scorers.base import PHASE_ANY, EndpointState, RequestContext
 
 from .app import Gateway
-from .config import ConfigError, GatewayConfig, load_config
+from .config import GatewayConfig
 from .errors import GatewayError, bad_request
 from .forward import Attempt
 from .routing import validate_body
@@ -285,18 +284,15 @@ async def _run(cfg: GatewayConfig, host: str, port: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from .server import setup_logging
+    from .server import load_for_command
 
     p = argparse.ArgumentParser(prog="kvgate extproc", description="Envoy ext_proc endpoint picker (gRPC) using kvgate's scheduler.")
     p.add_argument("--config", "-c", help="gateway YAML (replicas, models, index, scheduling)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9002)
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"kvgate: {exc}", file=sys.stderr)
+    cfg = load_for_command(args.config)
+    if cfg is None:
         return 2
-    setup_logging(cfg.log_level, cfg.log_json)
     return asyncio.run(_run(cfg, args.host, args.port))
 

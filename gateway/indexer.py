@@ -17,14 +17,13 @@ import sys
 from kvindex.index import make_index
 from kvindex.subscriber import EventSubscriber, ReplicaSource
 
-from .config import ConfigError, load_config
-from .server import setup_logging, shutdown_event
+from .config import GatewayConfig
+from .server import load_for_command, shutdown_event
 
 log = logging.getLogger("kvgate.indexer")
 
 
-async def run(config_path: str | None, index_url: str | None, stats_every_s: float) -> int:
-    cfg = load_config(config_path)
+async def run(cfg: GatewayConfig, index_url: str | None, stats_every_s: float) -> int:
     url = index_url or cfg.index.backend
     if not url.startswith(("redis://", "rediss://", "unix://")):
         print("kvgate indexer: needs a Redis index (index.backend or --index redis://...)", file=sys.stderr)
@@ -61,10 +60,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--index", help="redis://host:port/db (overrides index.backend)")
     p.add_argument("--stats-every", type=float, default=30.0, help="seconds between stats log lines")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"kvgate: {exc}", file=sys.stderr)
+    cfg = load_for_command(args.config)
+    if cfg is None:
         return 2
-    setup_logging(cfg.log_level, cfg.log_json)
-    return asyncio.run(run(args.config, args.index, args.stats_every))
+    return asyncio.run(run(cfg, args.index, args.stats_every))

@@ -48,6 +48,17 @@ def shutdown_event() -> asyncio.Event:
     return stop
 
 
+def load_for_command(path: str | None) -> GatewayConfig | None:
+    """Config + logging for a long-running command; prints the error and returns None if invalid."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return None
+    setup_logging(cfg.log_level, cfg.log_json)
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvgate serve", description="Run the kvgate gateway.")
     p.add_argument("--config", "-c", help="gateway YAML config (defaults apply to everything omitted)")

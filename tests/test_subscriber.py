@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
 import pytest
@@ -113,6 +114,20 @@ async def warm_up(pub: Publisher, sub: EventSubscriber, index: MemoryIndex, rid:
     raise AssertionError("subscriber never connected")
 
 
+@contextlib.asynccontextmanager
+async def wired(ctx, *, pub_kw: dict | None = None, sub_kw: dict | None = None):
+    """A publisher, a memory index and a subscriber connected to both, torn down afterwards."""
+    pub = Publisher(ctx, **(pub_kw or {}))
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx, **(sub_kw or {}))
+    await sub.start()
+    try:
+        yield pub, index, sub
+    finally:
+        await asyncio.wait_for(sub.stop(), 2)
+        await pub.close()
+
+
 @pytest.fixture
 async def ctx():
     c = zmq.asyncio.Context()
@@ -121,11 +136,7 @@ async def ctx():
 
 
 async def test_events_flow_into_index_and_restart_is_detected(ctx):
-    pub = Publisher(ctx)
-    index = MemoryIndex()
-    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
-    await sub.start()
-    try:
+    async with wired(ctx) as (pub, index, sub):
         await warm_up(pub, sub, index, "r0")
         a = list(range(64))
         await pub.publish(prompt_batch(a[:32]))
@@ -140,9 +151,6 @@ async def test_events_flow_into_index_and_restart_is_detected(ctx):
         await until(lambda: _eq(matched(index, b, "r0"), 1))
         assert await matched(index, a, "r0") == 0
         assert st.restarts_detected == 1
-    finally:
-        await sub.stop()
-        await pub.close()
 
 
 async def _eq(coro, value) -> bool:
@@ -151,11 +159,7 @@ async def _eq(coro, value) -> bool:
 
 @pytest.mark.parametrize("old_replay", [False, True])
 async def test_dropped_batches_are_replayed(ctx, old_replay):
-    pub = Publisher(ctx, old_replay=old_replay)
-    index = MemoryIndex()
-    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
-    await sub.start()
-    try:
+    async with wired(ctx, pub_kw={"old_replay": old_replay}) as (pub, index, sub):
         await warm_up(pub, sub, index, "r0")
         replayed_at_join = sub.stats.replica("r0").batches_replayed  # late join: caught up from the buffer
         a = list(range(2000, 2048))
@@ -165,17 +169,11 @@ async def test_dropped_batches_are_replayed(ctx, old_replay):
         await until(lambda: _eq(matched(index, a, "r0"), 3))
         st = sub.stats.replica("r0")
         assert st.batches_replayed - replayed_at_join == 2 and st.batches_lost == 0
-    finally:
-        await sub.stop()
-        await pub.close()
 
 
 async def test_unrecoverable_gap_marks_untrusted(ctx):
-    pub = Publisher(ctx, buffer=1)  # the replay buffer cannot cover a gap
-    index = MemoryIndex()
-    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx, replay_timeout_s=0.5)
-    await sub.start()
-    try:
+    # the replay buffer (one batch) cannot cover a gap
+    async with wired(ctx, pub_kw={"buffer": 1}, sub_kw={"replay_timeout_s": 0.5}) as (pub, index, sub):
         warm = await warm_up(pub, sub, index, "r0")
         await pub.publish(prompt_batch(list(range(3000, 3016))), drop=True)
         await pub.publish(prompt_batch(list(range(3100, 3116))), drop=True)
@@ -184,17 +182,10 @@ async def test_unrecoverable_gap_marks_untrusted(ctx):
         await until(lambda: _eq(matched(index, fresh, "r0"), 1))
         assert sub.stats.replica("r0").batches_lost == 2
         assert await matched(index, warm, "r0") == 0  # entries from before the gap are hidden
-    finally:
-        await sub.stop()
-        await pub.close()
 
 
 async def test_garbage_is_counted_and_skipped(ctx):
-    pub = Publisher(ctx)
-    index = MemoryIndex()
-    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
-    await sub.start()
-    try:
+    async with wired(ctx) as (pub, index, sub):
         await warm_up(pub, sub, index, "r0")
         await pub.pub.send_multipart([b"kv", b"short", b"x"])  # bad seq length
         await pub.pub.send_multipart([b"kv", b"only two"])  # wrong frame count
@@ -205,9 +196,6 @@ async def test_garbage_is_counted_and_skipped(ctx):
         await until(lambda: _eq(matched(index, good, "r0"), 1))
         st = sub.stats.replica("r0")
         assert st.decode_errors >= 3
-    finally:
-        await sub.stop()
-        await pub.close()
 
 
 async def test_bound_mode_and_several_replicas(ctx):
@@ -239,14 +227,7 @@ async def test_bound_mode_and_several_replicas(ctx):
 
 
 async def test_stop_is_prompt_and_remove_source_forgets(ctx):
-    pub = Publisher(ctx)
-    index = MemoryIndex()
-    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
-    await sub.start()
-    try:
+    async with wired(ctx) as (pub, index, sub):
         warm = await warm_up(pub, sub, index, "r0")
         await sub.remove_source("r0")
         assert await matched(index, warm, "r0") == 0
-    finally:
-        await asyncio.wait_for(sub.stop(), 2)
-        await pub.close()
