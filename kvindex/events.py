@@ -7,7 +7,8 @@ for a struct with 16 or more fields even when fewer keys are present.
 
 ``decode_batch`` is lenient where vLLM versions differ and strict where garbage would corrupt
 the index: it accepts the 0.33 map form and the older array form (``["BlockStored", ...]``),
-int or raw-bytes block hashes, and unknown keys; an unknown event type is skipped and
+the batch envelope as an array (0.33) or as a map (builds whose ``EventBatch`` is not
+``array_like``), int or raw-bytes block hashes, and unknown keys; an unknown event type is skipped and
 counted; anything else raises ``EventDecodeError`` rather than crashing the subscriber.
 """
 
@@ -125,10 +126,19 @@ class _RawBatch(msgspec.Struct, array_like=True, gc=False):
     data_parallel_rank: int | None = None
 
 
+class _RawMapBatch(msgspec.Struct, gc=False):
+    """The envelope as a map ``{"ts", "events", "data_parallel_rank"}``: some vLLM builds
+    declare ``EventBatch`` without ``array_like`` and publish this form."""
+
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: int | None = None
+
+
 _KNOWN_TAGS = frozenset({"BlockStored", "BlockRemoved", "AllBlocksCleared"})
 
 
-def _is_map(raw: msgspec.Raw) -> bool:
+def _is_map(raw: msgspec.Raw | bytes) -> bool:
     view = memoryview(raw)
     return len(view) > 0 and (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF))
 
@@ -174,6 +184,7 @@ class EventDecoder:
 
     def __init__(self) -> None:
         self._batch = msgspec.msgpack.Decoder(_RawBatch)
+        self._map_batch = msgspec.msgpack.Decoder(_RawMapBatch)
         self._event = msgspec.msgpack.Decoder(KVEvent)
         self._legacy = msgspec.msgpack.Decoder(_LegacyEventT)
         self._tag = msgspec.msgpack.Decoder(Any)
@@ -181,7 +192,7 @@ class EventDecoder:
 
     def decode(self, payload: bytes) -> EventBatch:
         try:
-            raw = self._batch.decode(payload)
+            raw = (self._map_batch if _is_map(payload) else self._batch).decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise EventDecodeError(f"not a KV-event batch: {exc}") from None
         events: list[KVEvent] = []

@@ -43,6 +43,11 @@ def best_tier_name(mask: int) -> str:
     return "STORAGE"
 
 
+class IndexUnavailableError(RuntimeError):
+    """The index backend cannot be reached (e.g. Redis down). Callers route on load alone
+    until it answers again; the Redis backend's subclass is also a ``redis.RedisError``."""
+
+
 class PrefixMatch(NamedTuple):
     """A replica's longest consecutive cached prefix for a request.
 

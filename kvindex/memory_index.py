@@ -6,9 +6,14 @@ Layout (all O(1) per block, no locks: everything runs on one asyncio loop):
   The value dicts are copy-on-write, never changed in place: the blocks of one BlockStored
   event share one dict, which makes bulk ingest a C-level ``dict.update`` and lets lookups
   skip per-replica checks on an identity test.
-  Insertion order is the LRU order: storing a block pops and reinserts it. Eviction removes
-  the oldest entries in bulk (down to ``max_blocks - max_blocks // 32``) rather than one at a
-  time, because finding a dict's first live entry means skipping every deleted slot before
+  Insertion order is the LRU order: storing a block pops and reinserts it, and a lookup that
+  matches blocks marks them in ``_touched`` (one C-level ``set.update``; moving every hit to
+  the end of the dict would cost the lookup more). Eviction gives marked entries a second
+  chance (reinserted at the young end, marks cleared) and removes the oldest unmarked ones,
+  so a hot prefix that vLLM stored once and never re-announces (a cache hit publishes
+  nothing) stays indexed while it is being hit: approximate LRU (CLOCK), O(1) amortised.
+  Eviction removes the oldest entries in bulk (down to ``max_blocks - max_blocks // 32``)
+  rather than one at a time, because finding a dict's first live entry means skipping every deleted slot before
   it: evicting one entry per insert was measured to be quadratic (minutes for 2M stores at a
   200k bound), in bulk it is one scan per ~max/32 inserts. OrderedDict avoids that too but
   cost ~40% more per stored block.
@@ -48,10 +53,13 @@ def event_salt(ev: BlockStored) -> str | None:
     * tagged entries (vLLM 0.33's hashing form): block 0's extra keys contain
       ``("cache_salt", salt)`` (a list after msgpack) -> that salt;
     * untagged (what 0.33 events carry): block 0's extra keys are plain values such as
-      ``[lora_name, salt]`` or ``[salt]``; vLLM appends the salt last, so we take the last
-      string entry that is not the event's LoRA name. Caveat: a multimodal identifier on block
-      0 of an unsalted prompt is indistinguishable from a salt in this form; such prompts get
-      a key no request matches (a missed hit, never a wrong one).
+      ``[lora_name, salt]`` or ``[salt]``; vLLM appends the salt after the LoRA name and the
+      multimodal ``[identifier, offset]`` pairs (prompt-embedding hashes, bytes, may follow),
+      so we take the last string entry that is not the event's LoRA name. Caveat: a bare
+      string that is not a salt (a future extra key) is taken for one; such prompts get a key
+      no request matches (a missed hit, never a wrong one);
+    * typed (vLLM builds that publish ``ExtraKey`` structs): entries are maps such as
+      ``{"type": "cache_salt", "salt": salt}`` next to ``{"type": "lora", "name": ...}``.
     """
     extra = ev.extra_keys
     if not extra:
@@ -66,6 +74,9 @@ def event_salt(ev: BlockStored) -> str | None:
         if isinstance(entry, (list, tuple)):
             if len(entry) == 2 and entry[0] == "cache_salt" and isinstance(entry[1], str):
                 return entry[1]
+        elif isinstance(entry, dict):
+            if entry.get("type") == "cache_salt" and isinstance(entry.get("salt"), str):
+                return entry["salt"]
         elif isinstance(entry, str) and entry != ev.lora_name:
             fallback = entry
     return fallback
@@ -142,6 +153,7 @@ class MemoryIndex(KVIndex):
         self._replicas: dict[str, _Replica] = {}
         self._epochs: dict[str, int] = {}  # replica -> current epoch (mirrors _replicas, for lookup)
         self._next_epoch = 0
+        self._touched: set[int] = set()  # keys matched by lookups since the last eviction
 
     # ---------------------------------------------------------------- replica state
 
@@ -268,8 +280,25 @@ class MemoryIndex(KVIndex):
         self._epochs.pop(replica, None)
 
     def _evict(self) -> None:
-        if len(self._blocks) > self.max_blocks:
-            evict_oldest(self._blocks, self.max_blocks)
+        """Down to ``max_blocks - max_blocks // 32`` entries, oldest first, except that entries
+        matched by a lookup since the last eviction are moved to the young end instead (once)."""
+        blocks = self._blocks
+        if len(blocks) <= self.max_blocks:
+            return
+        touched = self._touched
+        if not touched:
+            evict_oldest(blocks, self.max_blocks)
+            return
+        target = self.max_blocks - self.max_blocks // 32
+        pop = blocks.pop
+        for k in list(islice(blocks, len(blocks) - target)):
+            if k in touched:
+                blocks[k] = pop(k)  # second chance: now the youngest
+            else:
+                del blocks[k]
+        touched.clear()
+        if len(blocks) > target:  # every candidate had been hit: evict the next oldest
+            evict_oldest(blocks, self.max_blocks)
 
     async def drop_replica(self, replica: str) -> None:
         self._forget(replica)
@@ -330,6 +359,11 @@ class MemoryIndex(KVIndex):
             depth += 1
         for r, w in zip(names, worst):
             out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[w])
+        if out:
+            touched = self._touched
+            touched.update(keys[: depth if names else max(m.blocks for m in out.values())])
+            if len(touched) > self.max_blocks:  # bound it when evictions are rare
+                touched.clear()
         return out
 
     def _carried(self, first: dict[str, int]) -> tuple[list[str], list[int], list[int]]:

@@ -36,8 +36,9 @@ msgpack argument (redis-py packs each argument in Python, which cost more than R
 when every block was its own argument). Our keys are computed in Python (Redis has no xxh3),
 chaining from a bounded local engine-hash -> key cache; only when a parent hash is missing
 from it (e.g. after an indexer restart) does one HMGET ask Redis's copy of the map first.
-NOSCRIPT (SCRIPT FLUSH, Redis restart) reloads the script and retries. Redis errors
-propagate: the caller degrades to load-only routing.
+NOSCRIPT (SCRIPT FLUSH, Redis restart) reloads the script and retries. An unreachable Redis
+raises ``RedisIndexUnavailable`` (an ``IndexUnavailableError`` and a ``redis.RedisError``)
+naming the server, within about ``socket_timeout``: the caller degrades to load-only routing.
 
 Not supported: Redis Cluster (the scripts build block key names themselves, and a batch's
 keys span slots; Sentinel works). Lookups must be given the ``model`` the events were
@@ -47,6 +48,7 @@ applied under.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,10 +59,12 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
-from .index import ApplyStats, KVIndex, PrefixMatch, medium_tier
+from .index import ApplyStats, IndexUnavailableError, KVIndex, PrefixMatch, medium_tier
 from .memory_index import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
 
 _APPLY_LUA = """
@@ -202,6 +206,19 @@ if #names == 0 then return {bs} end
 return {bs, names, redis.call('HMGET', KEYS[1], unpack(names)), vals}
 """
 
+class RedisIndexUnavailable(IndexUnavailableError, RedisError):
+    """Redis did not answer (connection refused or lost, timeout, still loading)."""
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for error messages."""
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"
+
+
 #: At most this many TTL refreshes ride along with one lookup.
 REFRESH_PER_LOOKUP = 64
 
@@ -315,6 +332,18 @@ class RedisIndex(KVIndex):
         self._refreshed: dict[int, float] = {}  # our key -> when we last queued its re-arm
         self._decode = msgspec.msgpack.Decoder(dict[str, int]).decode
 
+    @contextlib.contextmanager
+    def _reachable(self, what: str) -> Iterator[None]:
+        """Turn "Redis is not there" errors into ``RedisIndexUnavailable`` with a clear message
+        (other Redis errors, e.g. a script error, pass unchanged)."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError) as exc:
+            raise RedisIndexUnavailable(
+                f"Redis index at {_redacted(self.url)} unavailable ({what}): {exc or type(exc).__name__}; "
+                "routing falls back to load-only until it answers"
+            ) from exc
+
     # ---------------------------------------------------------------- key names
 
     def _block_prefix(self, model: str) -> str:
@@ -337,26 +366,30 @@ class RedisIndex(KVIndex):
         if lock is None:
             lock = self._locks[replica] = asyncio.Lock()
         async with lock:
-            local = self._maps.setdefault(replica, {})
-            start = 0
-            while start < len(events):
-                end, missing = plan_segment(events, start, local)
-                fetched = await self._fetch_map(replica, missing) if missing else {}
-                ops, block_size = self._ops(events[start:end], local, fetched, model, stats)
-                if ops:
-                    stats.removed += int(
-                        await self._apply_script(
-                            self._redis,
-                            (self._epochs_key, self._map_key(replica), self._sizes_key),
-                            (replica, self.ttl_s, self._block_prefix(model), model, block_size, _ENCODE(ops)),
-                        )
-                    )
-                start = end
-            if len(local) > self.map_cache_blocks:
-                evict_oldest(local, self.map_cache_blocks)
+            with self._reachable("apply"):
+                await self._apply_locked(replica, events, model, stats)
         if stats.cleared:
             self._read_cache.clear()
         return stats
+
+    async def _apply_locked(self, replica: str, events: list[Any], model: str, stats: ApplyStats) -> None:
+        local = self._maps.setdefault(replica, {})
+        start = 0
+        while start < len(events):
+            end, missing = plan_segment(events, start, local)
+            fetched = await self._fetch_map(replica, missing) if missing else {}
+            ops, block_size = self._ops(events[start:end], local, fetched, model, stats)
+            if ops:
+                stats.removed += int(
+                    await self._apply_script(
+                        self._redis,
+                        (self._epochs_key, self._map_key(replica), self._sizes_key),
+                        (replica, self.ttl_s, self._block_prefix(model), model, block_size, _ENCODE(ops)),
+                    )
+                )
+            start = end
+        if len(local) > self.map_cache_blocks:
+            evict_oldest(local, self.map_cache_blocks)
 
     def _ops(
         self,
@@ -409,15 +442,17 @@ class RedisIndex(KVIndex):
         return {h: int(v, 16) for h, v in zip(hashes, values) if v is not None}
 
     async def drop_replica(self, replica: str) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self._epochs_key, replica, 1)
-            pipe.delete(self._map_key(replica))
-            await pipe.execute()
-        self._maps.pop(replica, None)
+        self._maps.pop(replica, None)  # stale either way
+        with self._reachable("drop_replica"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(self._epochs_key, replica, 1)
+                pipe.delete(self._map_key(replica))
+                await pipe.execute()
         self._read_cache.clear()
 
     async def mark_untrusted(self, replica: str) -> None:
-        await self._redis.hincrby(self._epochs_key, replica, 1)
+        with self._reachable("mark_untrusted"):
+            await self._redis.hincrby(self._epochs_key, replica, 1)
         self._read_cache.clear()
 
     # ---------------------------------------------------------------- reads
@@ -435,11 +470,12 @@ class RedisIndex(KVIndex):
             if hit is not None and hit[0] > now:
                 return dict(hit[1])
         prefix = self._block_prefix(model)
-        reply = await self._lookup_script(
-            self._redis,
-            [self._epochs_key, self._sizes_key, *self._due_refreshes()],
-            (prefix, hex_keys(keys), self.ttl_s, model),
-        )
+        with self._reachable("lookup"):
+            reply = await self._lookup_script(
+                self._redis,
+                [self._epochs_key, self._sizes_key, *self._due_refreshes()],
+                (prefix, hex_keys(keys), self.ttl_s, model),
+            )
         if reply[0] is not None:  # learnt from the indexer, wherever it runs
             self._note_block_size(model, int(reply[0]))
         out = _walk(reply[1:], self._decode) if len(reply) > 1 else {}
@@ -484,8 +520,9 @@ class RedisIndex(KVIndex):
         if self._count is not None and now - self._count[0] < self.count_cache_s:
             return self._count[1]
         n = 0
-        async for _ in self._redis.scan_iter(match=f"{self.namespace}:*:b:*", count=10_000):
-            n += 1
+        with self._reachable("block_count"):
+            async for _ in self._redis.scan_iter(match=f"{self.namespace}:*:b:*", count=10_000):
+                n += 1
         self._count = (now, n)
         return n
 

@@ -12,7 +12,10 @@ what happened on the wire:
 * a seq back at 0 (or below what we had): the replica restarted with an empty cache: forget
   its blocks, then apply;
 * a frame that is not three parts, a seq that is not 8 bytes, a payload that does not decode:
-  counted and skipped.
+  counted and skipped;
+* the index failing (Redis down): the batch is counted lost (``index_errors``), the replica is
+  marked untrusted as soon as the index answers again, and ingestion goes on: nothing here
+  ever ends the receiving task.
 
 Two modes: one connecting SUB per replica (``ReplicaSource.endpoint``), or one bound SUB that
 replicas connect to (``bind=``), where the topic names the replica (``topic_map``).
@@ -60,6 +63,7 @@ class ReplicaStats:
     restarts_detected: int = 0
     unknown_events: int = 0
     orphaned_blocks: int = 0
+    index_errors: int = 0  # batches the index failed to apply (e.g. Redis down); also lost
     last_seq: int | None = None
     last_event_time: float | None = None
 
@@ -102,6 +106,7 @@ class EventSubscriber:
         self._tasks: dict[str, asyncio.Task] = {}
         self._expected: dict[str, int] = {}
         self._lock: dict[str, asyncio.Lock] = {}
+        self._untrust_pending: set[str] = set()  # replicas whose untrust the index missed
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -140,7 +145,10 @@ class EventSubscriber:
         self.sources.pop(replica, None)
         self._expected.pop(replica, None)
         if forget:
-            await self.index.drop_replica(replica)
+            self._untrust_pending.discard(replica)
+            # if the index is down this only logs: a removed replica is out of the fleet (no
+            # request goes there) and its Redis entries expire with their TTL
+            await self._index_call(self.stats.replica(replica), self.index.drop_replica(replica))
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -157,9 +165,19 @@ class EventSubscriber:
         try:
             while True:
                 frames = await sock.recv_multipart()
-                await self._on_frames(src, frames)
+                await self._guarded(src, frames)
         finally:
             sock.close(0)
+
+    async def _guarded(self, src: ReplicaSource, frames: list[bytes]) -> None:
+        """``_on_frames``, except that an unexpected error is logged and counted, never fatal."""
+        try:
+            await self._on_frames(src, frames)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the receive loop must outlive any bad message
+            self.stats.replica(src.replica).decode_errors += 1
+            log.exception("replica %s: KV-event message not applied", src.replica)
 
     async def _run_bound(self) -> None:
         sock = self._sub_socket()
@@ -178,7 +196,7 @@ class EventSubscriber:
                 if src is None:
                     self.stats.malformed_frames += 1
                     continue
-                await self._on_frames(src, frames)
+                await self._guarded(src, frames)
         finally:
             sock.close(0)
 
@@ -202,7 +220,12 @@ class EventSubscriber:
                 # the publisher started over: its cache is new and empty
                 st.restarts_detected += 1
                 log.info("replica %s restarted (seq %d after %d): forgetting its blocks", rid, seq, expected - 1)
-                await self.index.drop_replica(rid)
+                self._untrust_pending.discard(rid)
+                if not await self._index_call(st, self.index.drop_replica(rid)):
+                    self._untrust_pending.add(rid)  # at least hide what it had, once we can
+                if seq > 0 and src.replay_endpoint:
+                    # batches 0 .. seq-1 of the new run went by unseen: fetch what is left
+                    await self._repair_gap(src, 0, seq, first_contact=True)
             else:
                 return  # a duplicate of what we already applied
         elif expected is not None and seq > expected:
@@ -224,7 +247,18 @@ class EventSubscriber:
             self._expected[rid] = seq + 1
             return
         st.unknown_events += self._decoder.unknown_events - before
-        applied = await self.index.apply(rid, batch, model=src.model)
+        if rid in self._untrust_pending:
+            if await self._index_call(st, self.index.mark_untrusted(rid)):
+                self._untrust_pending.discard(rid)
+        try:
+            applied = await self.index.apply(rid, batch, model=src.model)
+        except Exception as exc:  # noqa: BLE001 - Redis down, script error: count, distrust, go on
+            st.index_errors += 1
+            st.batches_lost += 1
+            self._untrust_pending.add(rid)
+            log.warning("replica %s batch %d not applied (index error: %s); its entries are untrusted", rid, seq, exc)
+            self._expected[rid] = seq + 1
+            return
         self._count(st, batch, applied)
         st.last_seq = seq
         st.last_event_time = time.time()
@@ -269,7 +303,19 @@ class EventSubscriber:
             return
         st.batches_lost += upto - start
         log.warning("replica %s: %d KV-event batches lost (seq %d..%d); its entries are untrusted until fresh events", rid, upto - start, start, upto - 1)
-        await self.index.mark_untrusted(rid)
+        if not await self._index_call(st, self.index.mark_untrusted(rid)):
+            self._untrust_pending.add(rid)
+
+    @staticmethod
+    async def _index_call(st: ReplicaStats, call) -> bool:
+        """Await an index operation; False (counted in ``index_errors``) if the index failed."""
+        try:
+            await call
+            return True
+        except Exception as exc:  # noqa: BLE001
+            st.index_errors += 1
+            log.warning("index unavailable: %s", exc)
+            return False
 
     async def _replay(self, endpoint: str, start: int) -> dict[int, bytes]:
         sock = self.ctx.socket(zmq.DEALER)
