@@ -15,7 +15,13 @@ from collections.abc import Callable, Sequence
 
 
 class RoutedPrefixMemory:
-    """block key → {endpoint id: expiry}, LRU-bounded by key count."""
+    """block key → {slot: expiry}, LRU-bounded by key count.
+
+    Each endpoint writes under a *slot* name; ``forget`` moves the endpoint to a fresh slot, so
+    everything remembered before stops counting at once (O(1), where walking every key would
+    stall the event loop for a failing replica). Dead slots are pruned as their keys are
+    touched or evicted.
+    """
 
     def __init__(self, ttl_s: float, max_keys: int, clock: Callable[[], float] = time.monotonic) -> None:
         if ttl_s <= 0 or max_keys <= 0:
@@ -24,37 +30,60 @@ class RoutedPrefixMemory:
         self.max_keys = max_keys
         self.clock = clock
         self._keys: OrderedDict[int, dict[str, float]] = OrderedDict()
+        self._slot: dict[str, str] = {}  # endpoint → its live slot
+        self._owner: dict[str, str] = {}  # live slot → endpoint
+        self._generation: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
 
+    def _live_slot(self, endpoint: str) -> str:
+        slot = self._slot.get(endpoint)
+        if slot is None:
+            slot = self._slot[endpoint] = endpoint
+            self._owner[slot] = endpoint
+        return slot
+
     def remember(self, keys: Sequence[int], endpoint: str) -> None:
         expiry = self.clock() + self.ttl_s
+        slot = self._live_slot(endpoint)
+        owner = self._owner
+        prune = bool(self._generation)  # some slot died: drop it from the keys we touch
         store = self._keys
         for k in keys:
             holders = store.get(k)
             if holders is None:
-                store[k] = {endpoint: expiry}
+                store[k] = {slot: expiry}
             else:
-                holders[endpoint] = expiry
+                if prune:
+                    for dead in [s for s in holders if s not in owner]:
+                        del holders[dead]
+                holders[slot] = expiry
                 store.move_to_end(k)
         while len(store) > self.max_keys:
             store.popitem(last=False)
 
     def forget(self, endpoint: str) -> None:
-        for holders in self._keys.values():
-            holders.pop(endpoint, None)
+        """Drop everything remembered for ``endpoint`` (it failed: its cache is in doubt)."""
+        old = self._slot.get(endpoint)
+        if old is None:
+            return
+        del self._owner[old]
+        gen = self._generation[endpoint] = self._generation.get(endpoint, 0) + 1
+        slot = self._slot[endpoint] = f"{endpoint}#{gen}"
+        self._owner[slot] = endpoint
 
     def match(self, keys: Sequence[int]) -> dict[str, int]:
         """Per endpoint, the longest consecutive prefix of ``keys`` routed there and not expired."""
         now = self.clock()
         store = self._keys
+        owner = self._owner
         alive: dict[str, int] | None = None
         for i, k in enumerate(keys):
             holders = store.get(k)
             if not holders:
                 break
-            current = {e for e, exp in holders.items() if exp > now}
+            current = {owner[s] for s, exp in holders.items() if exp > now and s in owner}
             if alive is None:
                 alive = {e: 1 for e in current}
                 if not alive:

@@ -85,6 +85,24 @@ def test_routed_prefix_memory_is_bounded():
     assert m.match(list(range(0, 10))) == {}
 
 
+def test_routed_prefix_memory_forget_is_per_endpoint_and_does_not_walk_keys():
+    m = RoutedPrefixMemory(ttl_s=10, max_keys=100_000, clock=lambda: 5.0)
+    for i in range(50_000):
+        m.remember([i, i + 1], "e0")
+    m.remember([1, 2, 3], "e1")
+    m.forget("e0")
+    assert m.match([1, 2, 3]) == {"e1": 3}  # e1 keeps its entries
+    assert m.match([7, 8]) == {}  # e0's are gone
+    m.remember([7, 8], "e0")  # a new dispatch after the failure counts again
+    assert m.match([7, 8]) == {"e0": 2}
+    m.forget("e0")
+    m.forget("never-seen")
+    assert m.match([7, 8]) == {}
+    m.remember([1, 2, 3], "e0")
+    assert m.match([1, 2, 3]) == {"e0": 3, "e1": 3}
+    assert set(m._keys[1]) == {"e1", "e0#2"}  # dead slots pruned when a key is touched
+
+
 def test_load_scorers_relative_to_candidates():
     fleet = eps(3)
     fleet[0].inflight_requests, fleet[1].inflight_requests, fleet[2].inflight_requests = 0, 5, 10
