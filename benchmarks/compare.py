@@ -83,9 +83,11 @@ class GatewayProcess:
             cfg["scheduling"] = {**extra["scheduling"], "default_profile": policy}
         path = tmp / f"gw-{policy}.yaml"
         path.write_text(json.dumps(cfg))
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+        self.log = tmp / f"gw-{policy}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(f"{self.url}/ready", timeout=0.5).status_code == 200:
                     return
@@ -93,7 +95,8 @@ class GatewayProcess:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError("gateway did not become ready")
+        tail = self.log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"gateway ({policy}) did not become ready; its log ends with:\n{tail}")
 
     @property
     def url(self) -> str:
@@ -105,6 +108,13 @@ class GatewayProcess:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def warmup_requests(workload: Workload, setup: Setup, rate: float | None) -> int:
+    """Requests left out of the figures while caches fill: two rounds of the closed loop's
+    sessions (or two seconds of open-loop arrivals), at most a fifth of the run."""
+    wanted = int(2 * rate) if rate else 2 * setup.concurrency
+    return min(wanted, workload.requests // 5)
 
 
 def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, rate: float | None = None) -> RunResult:
@@ -121,7 +131,7 @@ def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, r
         else:
             gw = GatewayProcess(fleet.handles, policy, tmp, extra=setup.extra)
             urls = [gw.url]
-        return asyncio.run(run_workload(workload, urls, concurrency=None if rate else setup.concurrency, rate=rate, on_done=on_done))
+        return asyncio.run(run_workload(workload, urls, concurrency=None if rate else setup.concurrency, rate=rate, on_done=on_done, warmup=warmup_requests(workload, setup, rate)))
     finally:
         if gw is not None:
             gw.stop()

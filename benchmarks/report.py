@@ -21,6 +21,9 @@ def percentile(xs: list[float], p: float) -> float:
 
 @dataclass
 class Summary:
+    """One (workload, policy) run. Latency, throughput, hit ratio and spread are measured after
+    the run's warm-up; ``ttft_p90_all_ms`` and ``errors`` count every request."""
+
     workload: str
     policy: str
     requests: int
@@ -33,29 +36,37 @@ class Summary:
     hit_ratio: float
     load_spread: float
     wall_s: float
+    warmup: int = 0
+    ttft_p90_all_ms: float = float("nan")
 
 
 def summarize(workload: str, policy: str, run: RunResult) -> Summary:
-    ok = [s for s in run.samples if s.error is None]
+    measured = run.measured()
+    ok = [s for s in measured if s.error is None]
     ttft = [s.ttft * 1000 for s in ok]
     itl = [g * 1000 for s in ok for g in s.itl]
     prompt = sum(s.prompt_tokens for s in ok)
     cached = sum(s.cached_tokens for s in ok)
     per_replica = Counter(s.replica.split(",")[-1] for s in ok)
     spread = max(per_replica.values()) / max(1, min(per_replica.values())) if per_replica else float("nan")
+    # throughput over the measured window: from the first measured start to the last end
+    window = (max(s.start + s.e2e for s in measured) - min(s.start for s in measured)) if measured and any(s.start for s in measured) else run.wall_s
+    all_ok = [s.ttft * 1000 for s in run.samples if s.error is None]
     return Summary(
         workload=workload,
         policy=policy,
         requests=len(run.samples),
-        errors=len(run.samples) - len(ok),
+        errors=sum(1 for s in run.samples if s.error is not None),
         ttft_p50_ms=percentile(ttft, 50),
         ttft_p90_ms=percentile(ttft, 90),
         ttft_p99_ms=percentile(ttft, 99),
         itl_p50_ms=percentile(itl, 50),
-        throughput_tok_s=sum(s.output_tokens for s in ok) / run.wall_s if run.wall_s else 0.0,
+        throughput_tok_s=sum(s.output_tokens for s in ok) / window if window > 0 else 0.0,
         hit_ratio=cached / prompt if prompt else 0.0,
         load_spread=spread,
         wall_s=run.wall_s,
+        warmup=run.warmup,
+        ttft_p90_all_ms=percentile(all_ok, 90),
     )
 
 
@@ -66,6 +77,7 @@ COLUMNS = [
     ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"),
     ("ttft_p90_ms", "TTFT p90 ms", "{:.0f}"),
     ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),
+    ("ttft_p90_all_ms", "TTFT p90 ms incl. warm-up", "{:.0f}"),
     ("itl_p50_ms", "ITL p50 ms", "{:.1f}"),
     ("throughput_tok_s", "output tok/s", "{:.0f}"),
     ("hit_ratio", "prefix-hit ratio", "{:.0%}"),

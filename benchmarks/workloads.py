@@ -58,7 +58,7 @@ class Workload:
         return sum(len(s.questions) for s in self.sessions)
 
 
-def shared_prefix(num_groups: int = 8, num_prompts_per_group: int = 12, system_prompt_len: int = 500, question_len: int = 20, output_len: int = 16, seed: int = 1) -> Workload:
+def shared_prefix(num_groups: int = 16, num_prompts_per_group: int = 16, system_prompt_len: int = 1200, question_len: int = 60, output_len: int = 32, seed: int = 1) -> Workload:
     rng = random.Random(seed)
     systems = [f"[group {g}] " + _words(rng, system_prompt_len) for g in range(num_groups)]
     sessions = [Session(systems[g], [_words(rng, question_len)], output_len) for g in range(num_groups) for _ in range(num_prompts_per_group)]
@@ -66,7 +66,7 @@ def shared_prefix(num_groups: int = 8, num_prompts_per_group: int = 12, system_p
     return Workload("shared-prefix", sessions)
 
 
-def multi_turn(num_sessions: int = 24, turns: int = 4, num_systems: int = 4, system_prompt_len: int = 300, question_len: int = 30, output_len: int = 24, seed: int = 2) -> Workload:
+def multi_turn(num_sessions: int = 48, turns: int = 6, num_systems: int = 4, system_prompt_len: int = 300, question_len: int = 40, output_len: int = 32, seed: int = 2) -> Workload:
     rng = random.Random(seed)
     systems = [f"[assistant {s}] " + _words(rng, system_prompt_len) for s in range(num_systems)]
     sessions = [Session(systems[i % num_systems] + f" [session {i}]", [_words(rng, question_len) for _ in range(turns)], output_len, grow=True) for i in range(num_sessions)]
@@ -74,7 +74,7 @@ def multi_turn(num_sessions: int = 24, turns: int = 4, num_systems: int = 4, sys
     return Workload("multi-turn", sessions)
 
 
-def long_doc_qa(num_docs: int = 4, questions_per_doc: int = 8, doc_len: int = 1500, question_len: int = 15, output_len: int = 16, seed: int = 3) -> Workload:
+def long_doc_qa(num_docs: int = 12, questions_per_doc: int = 12, doc_len: int = 1500, question_len: int = 20, output_len: int = 32, seed: int = 3) -> Workload:
     rng = random.Random(seed)
     docs = [f"[document {d}] " + _words(rng, doc_len) for d in range(num_docs)]
     sessions = [Session(docs[d], [_words(rng, question_len)], output_len) for d in range(num_docs) for _ in range(questions_per_doc)]
@@ -82,7 +82,7 @@ def long_doc_qa(num_docs: int = 4, questions_per_doc: int = 8, doc_len: int = 15
     return Workload("long-doc-qa", sessions)
 
 
-def no_reuse(num_requests: int = 64, prompt_len: int = 300, output_len: int = 16, seed: int = 4) -> Workload:
+def no_reuse(num_requests: int = 128, prompt_len: int = 600, output_len: int = 32, seed: int = 4) -> Workload:
     rng = random.Random(seed)
     return Workload("no-reuse", [Session(f"[unique {i}] " + _words(rng, prompt_len), [_words(rng, 10)], output_len) for i in range(num_requests)])
 
@@ -107,6 +107,12 @@ class Sample:
 class RunResult:
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
+    #: the first ``warmup`` requests by start time fill the caches; summaries leave them out
+    warmup: int = 0
+
+    def measured(self) -> list[Sample]:
+        """The samples after the warm-up, in start order."""
+        return sorted(self.samples, key=lambda s: s.start)[self.warmup :]
 
 
 async def _one(client, messages: list[dict], max_tokens: int, headers: dict[str, str]) -> tuple[Sample, str]:
@@ -149,6 +155,8 @@ async def run_workload(
     seed: int = 0,
     on_done: Callable[[], None] | None = None,
     timeout_s: float = 120.0,
+    ramp_s: float = 1.0,
+    warmup: int = 0,
 ) -> RunResult:
     """Closed loop (``concurrency`` sessions at a time) or open loop (Poisson ``rate`` sessions/s).
 
@@ -157,7 +165,7 @@ async def run_workload(
     from openai import AsyncOpenAI
 
     clients = [AsyncOpenAI(base_url=f"{u}/v1", api_key="bench", max_retries=0, timeout=timeout_s) for u in base_urls]
-    result = RunResult()
+    result = RunResult(warmup=min(warmup, max(0, workload.requests - 1)))
     rr = 0
 
     async def session(s: Session) -> None:
@@ -184,13 +192,16 @@ async def run_workload(
             await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
     else:
-        sem = asyncio.Semaphore(concurrency or 1)
+        width = concurrency or 1
+        sem = asyncio.Semaphore(width)
 
-        async def guarded(s: Session) -> None:
+        async def guarded(i: int, s: Session) -> None:
+            if i < width and ramp_s > 0:
+                await asyncio.sleep(ramp_s * i / width)  # spawn rate, as Locust ramps users
             async with sem:
                 await session(s)
 
-        await asyncio.gather(*(guarded(s) for s in workload.sessions))
+        await asyncio.gather(*(guarded(i, s) for i, s in enumerate(workload.sessions)))
     result.wall_s = time.perf_counter() - t0
     for c in clients:
         await c.close()

@@ -17,7 +17,7 @@ def test_workloads_are_seeded_and_bounded():
     for name, make in WORKLOADS.items():
         a, b = make(), make()
         assert [s.system for s in a.sessions] == [s.system for s in b.sessions], name
-        assert 0 < a.requests <= 200
+        assert 0 < a.requests <= 400
     sp = WORKLOADS["shared-prefix"](num_groups=3, num_prompts_per_group=5)
     assert sp.requests == 15 and len({s.system for s in sp.sessions}) == 3
     mt = WORKLOADS["multi-turn"](num_sessions=2, turns=3)
@@ -35,6 +35,20 @@ def test_report_math():
     base = summarize("w", "round-robin", RunResult(samples[:2], wall_s=2.0))
     table = markdown([base, s])
     assert "| p |" in table and "× faster" in table
+
+
+def test_warmup_is_left_out_of_the_figures_but_not_out_of_the_counts():
+    # two cold requests first (slow, uncached), then warm ones; one warm-up request failed
+    samples = [
+        Sample(ttft=2.0, itl=[], e2e=2.5, output_tokens=10, prompt_tokens=100, cached_tokens=0, replica="r0", start=10.0),
+        Sample(ttft=0, itl=[], e2e=0.1, output_tokens=0, prompt_tokens=0, cached_tokens=0, replica="r1", start=10.1, error="APIError"),
+    ] + [Sample(ttft=0.1, itl=[0.01], e2e=0.5, output_tokens=10, prompt_tokens=100, cached_tokens=90, replica=f"r{i % 2}", start=11.0 + i) for i in range(4)]
+    s = summarize("w", "p", RunResult(list(reversed(samples)), wall_s=99.0, warmup=2))
+    assert s.requests == 6 and s.errors == 1 and s.warmup == 2
+    assert math.isclose(s.ttft_p90_ms, 100.0) and math.isclose(s.hit_ratio, 0.9)
+    assert s.ttft_p90_all_ms > 1000  # the cold request still shows in the all-requests column
+    assert math.isclose(s.throughput_tok_s, 40 / 3.5)  # measured window: 11.0 .. 14.5 s
+    assert s.load_spread == 1.0
 
 
 def test_tiny_end_to_end_run_through_gateway_and_direct():
