@@ -9,7 +9,7 @@ Layout (all O(1) per block, no locks: everything runs on one asyncio loop):
   Insertion order is the LRU order: storing a block pops and reinserts it, and a lookup that
   matches blocks marks them in ``_touched`` (one C-level ``set.update``; moving every hit to
   the end of the dict would cost the lookup more). Eviction gives marked entries a second
-  chance (reinserted at the young end, marks cleared) and removes the oldest unmarked ones,
+  chance (reinserted at the young end, mark spent) and removes the oldest unmarked ones,
   so a hot prefix that vLLM stored once and never re-announces (a cache hit publishes
   nothing) stays indexed while it is being hit: approximate LRU (CLOCK), O(1) amortised.
   Eviction removes the oldest entries in bulk (down to ``max_blocks - max_blocks // 32``)
@@ -281,7 +281,8 @@ class MemoryIndex(KVIndex):
 
     def _evict(self) -> None:
         """Down to ``max_blocks - max_blocks // 32`` entries, oldest first, except that entries
-        matched by a lookup since the last eviction are moved to the young end instead (once)."""
+        matched by a lookup since they were last passed over are moved to the young end instead
+        (their mark is spent)."""
         blocks = self._blocks
         if len(blocks) <= self.max_blocks:
             return
@@ -291,14 +292,13 @@ class MemoryIndex(KVIndex):
             return
         target = self.max_blocks - self.max_blocks // 32
         pop = blocks.pop
-        for k in list(islice(blocks, len(blocks) - target)):
-            if k in touched:
-                blocks[k] = pop(k)  # second chance: now the youngest
-            else:
-                del blocks[k]
-        touched.clear()
-        if len(blocks) > target:  # every candidate had been hit: evict the next oldest
-            evict_oldest(blocks, self.max_blocks)
+        while len(blocks) > target:  # each pass deletes or unmarks every candidate: terminates
+            for k in list(islice(blocks, len(blocks) - target)):
+                if k in touched:
+                    touched.discard(k)
+                    blocks[k] = pop(k)  # second chance: now the youngest
+                else:
+                    del blocks[k]
 
     async def drop_replica(self, replica: str) -> None:
         self._forget(replica)

@@ -333,6 +333,14 @@ def test_event_salt_forms() -> None:
     assert event_salt(ev([["my-lora"]], lora="my-lora")) is None
     assert event_salt(ev([[["lora", "my-lora", "/p"], ["cache_salt", "s3"]]], lora="my-lora")) == "s3"
     assert event_salt(ev([[["mm", "abc", 0]]])) is None
+    # untagged as vLLM builds them: LoRA name, multimodal (identifier, offset), salt, embeds hash
+    assert event_salt(ev([["my-lora", ["img0", 3], "s4", b"\x01" * 32]], lora="my-lora")) == "s4"
+    assert event_salt(ev([["my-lora", ["img0", 3]]], lora="my-lora")) is None
+    # typed extra keys (vLLM builds publishing ExtraKey structs)
+    typed = [[{"type": "lora", "name": "my-lora"}, {"type": "mm", "modality": "image", "hash": "h", "block_offset": 0},
+              {"type": "cache_salt", "salt": "s5"}]]
+    assert event_salt(ev(typed, lora="my-lora")) == "s5"
+    assert event_salt(ev([[{"type": "lora", "name": "my-lora"}]], lora="my-lora")) is None
 
 
 async def test_block_size_recorded(index: KVIndex) -> None:
@@ -392,6 +400,73 @@ async def test_memory_lru_bound() -> None:
     assert await idx.lookup(Prompt(make_tokens(4, 129)).keys) == {"r1": match(4)}
     with pytest.raises(ValueError):
         MemoryIndex(max_blocks=0)
+
+
+async def test_memory_lookups_keep_hot_blocks() -> None:
+    """vLLM announces a block once (a cache hit publishes nothing), so recency must come from
+    lookups too: a prefix that requests keep matching outlives newer blocks nobody asks for,
+    while its twin that nobody looks up is evicted in arrival order."""
+    idx = MemoryIndex(max_blocks=64)
+    hot, cold = Prompt(make_tokens(4, 31)), Prompt(make_tokens(4, 32))
+    await apply(idx, "r1", hot.stored(), cold.stored())
+    for seed in range(40):
+        await apply(idx, "r1", Prompt(make_tokens(4, 200 + seed)).stored())
+        assert await idx.lookup(hot.keys) == {"r1": match(4)}  # still there, and touched again
+        assert await idx.block_count() <= 64
+    assert await idx.lookup(cold.keys) == {}
+    assert await idx.lookup(Prompt(make_tokens(4, 239)).keys) == {"r1": match(4)}
+    # a partial match refreshes only what matched: block 0 of a prompt whose tail was never
+    # stored survives, the unmatched rest has nothing to refresh
+    idx2 = MemoryIndex(max_blocks=32)
+    half = Prompt(make_tokens(4, 33))
+    await apply(idx2, "r1", half.stored(0, 2))
+    for seed in range(30):
+        await apply(idx2, "r1", Prompt(make_tokens(4, 300 + seed)).stored())
+        assert await idx2.lookup(half.keys) == {"r1": match(2)}
+    # once nobody asks for it, it ages out like any other block
+    for seed in range(10):
+        await apply(idx2, "r1", Prompt(make_tokens(4, 400 + seed)).stored())
+    assert await idx2.lookup(half.keys) == {}
+
+
+async def test_memory_cost_per_block_does_not_grow_with_the_bound() -> None:
+    """O(1) per block: storing the same 64k new blocks into a full index (every store evicts,
+    every lookup marks) costs about the same at a 2k-block bound as at a 128k one. Anything
+    that scanned or copied the index per store or per batch would be ~64x slower at the large
+    bound; the assertion allows 4x (best of three runs each, for a busy machine)."""
+    import time
+
+    rng = random.Random(5)
+
+    def batches(n_events: int) -> list[EventBatch]:
+        out = []
+        for _ in range(n_events):
+            toks = [rng.randrange(150_000) for _ in range(64 * BS)]
+            hashes = [rng.getrandbits(64) for _ in range(64)]
+            out.append(EventBatch(ts=0.0, events=[BlockStored(hashes, None, toks, BS, None, "GPU", None)]))
+        return out
+
+    work = batches(1000)  # 64k blocks
+    probe = block_keys(work[0].events[0].token_ids, BS, model=MODEL)
+
+    async def cost(bound: int) -> float:
+        best = float("inf")
+        fill = batches(bound // 64 + 1)
+        for _ in range(3):
+            idx = MemoryIndex(max_blocks=bound)
+            for b in fill:
+                await idx.apply("r0", b, model=MODEL)
+            assert await idx.block_count() <= bound
+            t0 = time.perf_counter()
+            for i, b in enumerate(work):
+                await idx.apply(f"r{i % 7}", b, model=MODEL)
+                await idx.lookup(probe)
+            best = min(best, time.perf_counter() - t0)
+            assert await idx.block_count() <= bound
+        return best
+
+    small, large = await cost(2048), await cost(131_072)
+    assert large < 4 * small, (small, large)
 
 
 # ------------------------------------------------------------------------------------------

@@ -231,3 +231,63 @@ async def test_stop_is_prompt_and_remove_source_forgets(ctx):
         warm = await warm_up(pub, sub, index, "r0")
         await sub.remove_source("r0")
         assert await matched(index, warm, "r0") == 0
+
+
+async def test_restart_with_lost_first_batches_replays_them(ctx):
+    """The replica restarts and its first batches of the new run are dropped on the wire: the
+    restart is detected from the lower seq, the old blocks forgotten, and the new run's missing
+    batches fetched from its (fresh) replay buffer."""
+    async with wired(ctx) as (pub, index, sub):
+        await warm_up(pub, sub, index, "r0")
+        old = list(range(6000, 6016))
+        for _ in range(4):
+            await pub.publish(prompt_batch(old))
+        await until(lambda: _eq(matched(index, old, "r0"), 1))
+        pub.seq, pub.buffer = 0, []  # a new process: seq from 0, empty buffer
+        a = list(range(7000, 7048))
+        await pub.publish(prompt_batch(a[:16]), drop=True)
+        await pub.publish(prompt_batch(a[16:32], parent_tokens=a[:16]), drop=True)
+        await pub.publish(prompt_batch(a[32:], parent_tokens=a[:32]))  # seq 2: below what we had
+        await until(lambda: _eq(matched(index, a, "r0"), 3))
+        st = sub.stats.replica("r0")
+        assert st.restarts_detected == 1 and st.batches_lost == 0
+        assert await matched(index, old, "r0") == 0
+        assert st.events_applied >= 7 and st.blocks_stored >= 7 and st.decode_errors == 0
+
+
+@pytest.mark.redis
+async def test_index_outage_is_survived_and_distrusts_the_replica(ctx, redis_url):
+    """Redis stops answering mid-stream (CLIENT PAUSE): the batch that cannot be applied is
+    counted, the receive loop keeps running, and once Redis answers again the replica's
+    earlier entries are hidden (the lost batch may have removed some) while new ones count."""
+    import redis as redis_sync
+
+    from kvindex.redis_index import RedisIndex
+
+    index = RedisIndex(redis_url, socket_timeout=0.2, retries=0)
+    pub = Publisher(ctx)
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
+    await sub.start()
+    admin = redis_sync.Redis.from_url(redis_url)
+    try:
+        before = await warm_up(pub, sub, index, "r0")
+        st = sub.stats.replica("r0")
+        admin.execute_command("CLIENT", "PAUSE", 700, "ALL")
+        await pub.publish(prompt_batch(list(range(8000, 8016))))
+        await until(lambda: _true(st.index_errors >= 1))
+        assert st.batches_lost >= 1
+        await asyncio.sleep(0.8)  # pause over
+        after = list(range(9000, 9016))
+        await pub.publish(prompt_batch(after))
+        await until(lambda: _eq(matched(index, after, "r0"), 1))
+        assert await matched(index, before, "r0") == 0  # untrusted once Redis was back
+        assert not sub._untrust_pending  # noqa: SLF001
+    finally:
+        admin.close()
+        await asyncio.wait_for(sub.stop(), 2)
+        await pub.close()
+        await index.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
