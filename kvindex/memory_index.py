@@ -330,38 +330,41 @@ class MemoryIndex(KVIndex):
         if not prev:
             return {}
         names, expect, worst = self._carried(prev)
+        if not names:
+            return {}
         out: dict[str, PrefixMatch] = {}
-        get = blocks.get
         best = BEST_TIER
         depth = 1
-        n = len(keys)
-        while names and depth < n:
-            d = get(keys[depth])
-            if d is None:
-                break
-            if d is not prev and d != prev:
-                prev = d
-                dget = d.get
-                lost = False
-                for j, r in enumerate(names):
-                    v = dget(r)
-                    if v is not None and v >> 3 == expect[j]:
-                        worst[j] |= best[v & 7]
-                    else:
-                        out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[worst[j]])
-                        expect[j] = -1
-                        lost = True
-                if lost:
-                    keep = [j for j, e in enumerate(expect) if e >= 0]
-                    names = [names[j] for j in keep]
-                    expect = [expect[j] for j in keep]
-                    worst = [worst[j] for j in keep]
+        for d in map(blocks.get, islice(keys, 1, None)):
+            if d is not prev:
+                if d is None:
+                    break
+                if d != prev:
+                    dget = d.get
+                    lost = False
+                    for j, r in enumerate(names):
+                        v = dget(r)
+                        if v is not None and v >> 3 == expect[j]:
+                            worst[j] |= best[v & 7]
+                        else:
+                            out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[worst[j]])
+                            expect[j] = -1
+                            lost = True
+                    if lost:
+                        keep = [j for j, e in enumerate(expect) if e >= 0]
+                        if not keep:
+                            break
+                        names = [names[j] for j in keep]
+                        expect = [expect[j] for j in keep]
+                        worst = [worst[j] for j in keep]
+                prev = d  # equal or not: later blocks of this run share d itself
             depth += 1
-        for r, w in zip(names, worst):
-            out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[w])
+        if names and expect[0] >= 0:  # still carried at the end (not all lost at a break)
+            for r, w in zip(names, worst):
+                out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[w])
         if out:
             touched = self._touched
-            touched.update(keys[: depth if names else max(m.blocks for m in out.values())])
+            touched.update(keys[: max(m.blocks for m in out.values())])
             if len(touched) > self.max_blocks:  # bound it when evictions are rare
                 touched.clear()
         return out
