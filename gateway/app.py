@@ -7,6 +7,7 @@ admit → route (``gateway.routing``) → one or two hops (``gateway.forward``, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -30,7 +31,7 @@ from .admission import Admission
 from .config import GatewayConfig
 from .endpoints import Fleet
 from .errors import GatewayError, bad_request, error_response
-from .forward import Forwarder
+from .forward import DisconnectWatch, Forwarder, RelayResponse, Trace, req_log
 from .metrics import GatewayMetrics, counter, gauge
 from .pd import PDOrchestrator
 from .proxy import make_client, make_session
@@ -108,6 +109,10 @@ class Gateway:
         yield gauge("kvgate_replica_running", "Scraped vllm:num_requests_running", ["replica"], (([s.id], s.running) for s in states))
         yield gauge("kvgate_replica_kv_usage", "Scraped vllm:kv_cache_usage_perc", ["replica"], (([s.id], s.kv_usage) for s in states))
         yield gauge("kvgate_admission_waiting", "Requests waiting for admission", [], [([], self.admission.waiting)])
+        yield gauge("kvgate_inflight_requests", "Requests admitted and not yet answered", [], [([], self.admission.inflight)])
+        prompt = self.metrics.prompt_blocks._value.get()
+        hit = self.metrics.prefix_hit_blocks._value.get()
+        yield gauge("kvgate_prefix_hit_ratio", "Prompt blocks the chosen replica held (index) over all prompt blocks routed, since start", [], [([], hit / prompt if prompt else 0.0)])
         sub = self.subscriber
         if sub is not None:
             st = sub.stats
@@ -124,8 +129,8 @@ class Gateway:
         if self.index is None:
             return 0
         try:
-            return await self.index.block_count()
-        except Exception:
+            return await asyncio.wait_for(self.index.block_count(), 1.0)
+        except Exception:  # Redis down or slow: say so instead of stalling /metrics
             return -1
 
 
@@ -189,12 +194,34 @@ def _debug_headers(gw: Gateway, replicas: list[str], prefix_blocks: int) -> dict
     return {"x-kvgate-replica": ",".join(replicas), "x-kvgate-prefix-blocks": str(prefix_blocks)}
 
 
-async def generate(gw: Gateway, request: Request, kind: str, path: str) -> Response:
+def _client_gone(request_id: str) -> Response:
+    """What a handler returns once the client left: nobody reads it (uvicorn drops it)."""
+    return Response(status_code=499, headers={"x-request-id": request_id})
+
+
+def _fail(gw: Gateway, exc: GatewayError, request_id: str, t0: float, kind: str) -> Response:
+    gw.metrics.errors.labels(exc.code).inc()
+    if exc.status == 429:
+        gw.metrics.rejected.inc()
+    if req_log.isEnabledFor(logging.DEBUG):
+        req_log.debug("request", extra={"request_id": request_id, "kind": kind, "status": exc.status, "ok": False, "error": exc.code, "e2e_ms": round((time.perf_counter() - t0) * 1000, 3)})
+    return error_response(exc, {"x-request-id": request_id})
+
+
+async def generate(gw: Gateway, request: Request, kind: str, path: str) -> Response | RelayResponse:
     """/v1/completions and /v1/chat/completions."""
     t0 = time.perf_counter()
     request_id = request.headers.get("x-request-id") or f"kvg-{uuid.uuid4().hex}"
-    rid_header = {"x-request-id": request_id}
-    admitted = False
+    held = False  # an admission slot is ours to give back
+    watch: DisconnectWatch | None = None
+    handed_over = False  # a streaming response now owns the slot and the watch
+
+    def release() -> None:
+        nonlocal held
+        if held:
+            held = False
+            gw.admission.release()
+
     try:
         check_client_auth(gw, request)
         raw = await read_body(request, gw.cfg.limits.max_body_bytes)
@@ -203,40 +230,40 @@ async def generate(gw: Gateway, request: Request, kind: str, path: str) -> Respo
         info = gw.fleet.resolve_model(body["model"])
         if info is None:
             raise GatewayError(404, f"The model `{body['model']}` does not exist.", "model_not_found", "model")
+        watch = DisconnectWatch(request.receive)
         waited = await gw.admission.acquire()
-        admitted = True
+        held = True
         gw.metrics.queue_wait.observe(waited)
         assert gw.router is not None
         ctx = await gw.router.build_context(request_id, kind, body, info, request.headers)
         profile = gw.scheduler.profile_for(request.headers)
-        stream = bool(body.get("stream", False))
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                gw.admission.release()
-
+        stream = body.get("stream") is True
+        trace = Trace(request_id, kind, body["model"], stream, profile, ctx.prompt_tokens) if req_log.isEnabledFor(logging.DEBUG) else None
         if gw.pd.applies(ctx):
-            resp = await gw.pd.serve(ctx, gw.router, path, body, raw, request.headers, profile, stream=stream, t_request=t0, on_done=release, debug=gw.cfg.debug_headers)
+            resp = await gw.pd.serve(ctx, gw.router, path, body, raw, request.headers, profile, stream=stream, t_request=t0, on_done=release, debug=gw.cfg.debug_headers, watch=watch, trace=trace)
         else:
-            resp = await one_hop(gw, ctx, path, raw, request.headers, profile, stream=stream, t0=t0, on_done=release)
-        admitted = False  # the response now owns the admission slot
+            resp = await one_hop(gw, ctx, path, raw, request.headers, profile, stream=stream, t0=t0, on_done=release, watch=watch, trace=trace)
+        handed_over = isinstance(resp, RelayResponse)
         return resp
     except GatewayError as exc:
-        gw.metrics.errors.labels(exc.code).inc()
-        return error_response(exc, rid_header)
+        return _fail(gw, exc, request_id, t0, kind)
+    except asyncio.CancelledError:
+        if watch is not None and watch.absorb():
+            gw.metrics.errors.labels("client_disconnected").inc()
+            return _client_gone(request_id)
+        raise
     finally:
-        if admitted:
-            gw.admission.release()
+        if not handed_over:
+            if watch is not None:
+                watch.stop()
+            release()
 
 
-async def one_hop(gw: Gateway, ctx: RequestContext, path: str, raw: bytes, headers, profile: str, *, stream: bool, t0: float, on_done) -> Response:
+async def one_hop(gw: Gateway, ctx: RequestContext, path: str, raw: bytes, headers, profile: str, *, stream: bool, t0: float, on_done, watch: DisconnectWatch | None, trace: Trace | None = None):
     assert gw.router is not None
-    ranked = gw.router.decide(ctx, PHASE_ANY, profile)
-    resp, att = await gw.forwarder.send(ctx, ranked, path, raw, headers, profile)
-    chosen = att.endpoint
+    ranked = gw.router.decide(ctx, PHASE_ANY, profile, trace)
+    up = await gw.forwarder.send(ctx, ranked, path, raw, headers, profile, stream=stream, trace=trace)
+    chosen = up.att.endpoint
     hit = ctx.prefix.get(chosen.id)
     hit_blocks = hit.blocks if hit else 0
     gw.metrics.prompt_blocks.inc(len(ctx.block_keys))
@@ -244,16 +271,25 @@ async def one_hop(gw: Gateway, ctx: RequestContext, path: str, raw: bytes, heade
     gw.metrics.pd_requests.labels("one_hop").inc()
     decision = "prefix_hit" if hit_blocks else "cold"
     extra = {"x-request-id": ctx.request_id, **_debug_headers(gw, [chosen.id], hit_blocks)}
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("request", extra={"request_id": ctx.request_id, "replica": chosen.id, "prefix_blocks": hit_blocks, "prompt_tokens": ctx.prompt_tokens, "profile": profile})
-    return await gw.forwarder.relay(ctx, resp, att, profile, stream=stream, decision=decision, extra_headers=extra, on_done=on_done, t_request=t0)
+    if trace is not None:
+        trace.replicas = [chosen.id]
+        trace.prefix_blocks = hit_blocks
+    return gw.forwarder.relay(ctx, up, profile, decision=decision, extra_headers=extra, on_done=on_done, t_request=t0, watch=watch, trace=trace)
 
 
-async def embeddings(gw: Gateway, request: Request) -> Response:
+async def embeddings(gw: Gateway, request: Request) -> Response | RelayResponse:
     """/v1/embeddings: passed through to a replica serving the model, routed on load."""
     t0 = time.perf_counter()
     request_id = request.headers.get("x-request-id") or f"kvg-{uuid.uuid4().hex}"
-    admitted = False
+    held = False
+    watch: DisconnectWatch | None = None
+
+    def release() -> None:
+        nonlocal held
+        if held:
+            held = False
+            gw.admission.release()
+
     try:
         check_client_auth(gw, request)
         raw = await read_body(request, gw.cfg.limits.max_body_bytes)
@@ -265,23 +301,29 @@ async def embeddings(gw: Gateway, request: Request) -> Response:
         info = gw.fleet.resolve_model(body["model"])
         if info is None:
             raise GatewayError(404, f"The model `{body['model']}` does not exist.", "model_not_found", "model")
+        watch = DisconnectWatch(request.receive)
         await gw.admission.acquire()
-        admitted = True
+        held = True
         ctx = RequestContext(request_id=request_id, model=info.base, lora=info.lora, headers=request.headers)
         assert gw.router is not None
         profile = gw.scheduler.profile_for(request.headers)
-        ranked = gw.router.decide(ctx, PHASE_ANY, profile)
-        resp, att = await gw.forwarder.send(ctx, ranked, "/v1/embeddings", raw, request.headers, profile)
-        extra = {"x-request-id": request_id, **_debug_headers(gw, [att.endpoint.id], 0)}
-        out = await gw.forwarder.relay(ctx, resp, att, profile, stream=False, decision="embeddings", extra_headers=extra, on_done=gw.admission.release, t_request=t0)
-        admitted = False
-        return out
+        trace = Trace(request_id, "embeddings", body["model"], False, profile, 0) if req_log.isEnabledFor(logging.DEBUG) else None
+        ranked = gw.router.decide(ctx, PHASE_ANY, profile, trace)
+        up = await gw.forwarder.send(ctx, ranked, "/v1/embeddings", raw, request.headers, profile, stream=False, trace=trace)
+        if trace is not None:
+            trace.replicas = [up.att.endpoint.id]
+        extra = {"x-request-id": request_id, **_debug_headers(gw, [up.att.endpoint.id], 0)}
+        return gw.forwarder.relay(ctx, up, profile, decision="embeddings", extra_headers=extra, on_done=release, t_request=t0, watch=watch, trace=trace)
     except GatewayError as exc:
-        gw.metrics.errors.labels(exc.code).inc()
-        return error_response(exc, {"x-request-id": request_id})
+        return _fail(gw, exc, request_id, t0, "embeddings")
+    except asyncio.CancelledError:
+        if watch is not None and watch.absorb():
+            return _client_gone(request_id)
+        raise
     finally:
-        if admitted:
-            gw.admission.release()
+        if watch is not None:
+            watch.stop()
+        release()
 
 
 def build_app(cfg: GatewayConfig) -> Starlette:
@@ -328,6 +370,7 @@ def build_app(cfg: GatewayConfig) -> Starlette:
         return JSONResponse({"ready": bool(healthy), "healthy_replicas": healthy}, status_code=status)
 
     async def metrics(request: Request) -> Response:
+        gw.metrics.index_blocks.set(await gw.index_blocks())
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def admin_state(request: Request) -> Response:

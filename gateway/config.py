@@ -95,10 +95,14 @@ class LimitsConfig(_Base):
     #: retries on another replica when the connection fails before the first byte
     max_retries: int = 2
     connect_timeout_s: float = 2.0
-    #: time to the response headers (covers queueing + prefill on the replica)
+    #: time to the first byte of the answer: the first streamed chunk (covers queueing and
+    #: prefill on the replica), or the whole body of a non-streaming answer
     first_byte_timeout_s: float = 300.0
-    #: longest gap between two streamed chunks
+    #: longest gap between two streamed chunks once the first one arrived
     read_timeout_s: float = 120.0
+    #: idle upstream connections are closed after this; keep it below the replicas' own
+    #: keep-alive timeout (uvicorn/vLLM: 5 s) so the gateway never reuses one being closed
+    upstream_keepalive_s: float = 4.0
 
 
 class PDConfig(_Base):
@@ -109,7 +113,14 @@ class PDConfig(_Base):
     threshold: int = 512
     #: when every prefill replica fails: "one_hop" (serve on a decode replica) or "error"
     on_prefill_failure: Literal["one_hop", "error"] = "one_hop"
+    #: hop 1 (prefill, one output token) must complete within this
     prefill_timeout_s: float = 120.0
+    #: hop 2: time to the decode replica's first byte (None: limits.first_byte_timeout_s);
+    #: gaps between chunks afterwards use limits.read_timeout_s
+    decode_timeout_s: float | None = None
+    #: how long a prefill replica keeps the prompt's KV blocks for a decode replica to pull
+    #: (vLLM: VLLM_NIXL_ABORT_REQUEST_TIMEOUT, 480 s); a decode retry after that redoes hop 1
+    lease_s: float = 480.0
 
 
 class AuthConfig(_Base):
@@ -168,6 +179,20 @@ def _check(cfg: GatewayConfig) -> None:
         raise ConfigError("config error at $.limits: max_inflight must be > 0 and max_queue >= 0")
     if cfg.pd.threshold < 0:
         raise ConfigError("config error at $.pd.threshold: must be >= 0")
+    for path, value in (
+        ("limits.connect_timeout_s", cfg.limits.connect_timeout_s),
+        ("limits.first_byte_timeout_s", cfg.limits.first_byte_timeout_s),
+        ("limits.read_timeout_s", cfg.limits.read_timeout_s),
+        ("limits.upstream_keepalive_s", cfg.limits.upstream_keepalive_s),
+        ("limits.queue_timeout_s", cfg.limits.queue_timeout_s),
+        ("pd.prefill_timeout_s", cfg.pd.prefill_timeout_s),
+        ("pd.decode_timeout_s", cfg.pd.decode_timeout_s if cfg.pd.decode_timeout_s is not None else 1.0),
+        ("pd.lease_s", cfg.pd.lease_s),
+    ):
+        if value <= 0:
+            raise ConfigError(f"config error at $.{path}: must be > 0, got {value}")
+    if cfg.limits.max_retries < 0 or cfg.limits.max_body_bytes <= 0:
+        raise ConfigError("config error at $.limits: max_retries must be >= 0 and max_body_bytes > 0")
     backend = cfg.index.backend
     if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"config error at $.index.backend: 'memory' or a redis:// URL, got {backend!r}")

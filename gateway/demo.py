@@ -205,12 +205,13 @@ async def _serve_and_run(args: argparse.Namespace) -> int:
     from simulator.fleet import SimFleet
 
     from .app import build_app
+    from .server import uvicorn_config
 
     fleet = SimFleet(demo_configs(args.pd, args.time_scale))
     handles = fleet.start()
     port = _free_port(args.port)
     cfg = gateway_config(handles, port, args.pd)
-    server = uvicorn.Server(uvicorn.Config(build_app(cfg), host="127.0.0.1", port=port, loop="asyncio", log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(build_app(cfg), "127.0.0.1", port, loop="none"))
     serve_task = asyncio.create_task(server.serve())
     try:
         while not server.started:

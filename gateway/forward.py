@@ -5,17 +5,23 @@ counters move at dispatch, first byte and completion; failures feed the circuit 
 scheduler's plugins hear about every dispatch (speculative prefix entries, session affinity).
 A request that was admitted always gets exactly one answer: the replica's, a retry's, or an
 OpenAI-style error — and a stream that breaks midway ends with an SSE error event.
+
+"Before the first byte" means before the first byte of the *answer*: a streaming replica
+sends its headers at once and its first chunk only after queueing and prefill, so a dispatch
+only counts as done once that first chunk (or, not streaming, the whole body) is in hand.
+Until then a failure is retried on the next replica and the client sees nothing of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from scorers.base import EndpointState, RequestContext
@@ -25,23 +31,56 @@ from .config import GatewayConfig
 from .endpoints import Fleet
 from .errors import GatewayError, sse_error_event
 from .metrics import GatewayMetrics
-from .proxy import UpstreamBroken, UpstreamConnectError, UpstreamResponse, UpstreamTimeout, forward_headers, iter_body, open_upstream, relay_headers
+from .proxy import UpstreamBroken, UpstreamConnectError, UpstreamResponse, UpstreamTimeout, forward_headers, open_upstream, relay_headers
 
 log = logging.getLogger("kvgate.forward")
+req_log = logging.getLogger("kvgate.request")
+
+#: upstream statuses worth another replica on a one-hop request (the replica, not the
+#: request, is at fault); the P/D decode hop adds 500 (it could not use the KV handle)
+RETRY_STATUSES = frozenset({502, 503, 504})
 
 
-class RelayResponse(StreamingResponse):
-    """A streaming response that always runs its cleanup, even if never iterated."""
+class DisconnectWatch:
+    """Cancels the request's task when the client goes away, at any stage.
 
-    def __init__(self, *args, on_close: Callable[[], Awaitable[None]], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_close = on_close
+    Started once the request body is read; from then on the only ASGI message left is
+    ``http.disconnect``. The cancellation lands in whatever the request awaits (the index,
+    a replica's answer, the next streamed chunk), whose cleanup closes the upstream
+    connection — which is how a replica learns to abort. ``absorb()`` tells our own
+    cancellation apart from a server shutdown.
+    """
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
+    __slots__ = ("_owner", "_task", "fired", "finishing")
+
+    def __init__(self, receive: Receive) -> None:
+        self.fired = False
+        self.finishing = False  # the response is complete: uvicorn's receive() returns at once
+        self._owner = asyncio.current_task()
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.finishing and self._owner is not None:
+            self.fired = True
+            self._owner.cancel()
+
+    def stop(self) -> None:
+        self.finishing = True
+        self._task.cancel()
+
+    def absorb(self) -> bool:
+        """Inside ``except CancelledError``: True (cancellation undone) if it was ours."""
+        if self.fired and self._owner is not None:
+            self.fired = False
+            self._owner.uncancel()
+            return True
+        return False
+
+
+class ClientGone(Exception):
+    """The client disconnected; there is nobody to answer."""
 
 
 @dataclass(slots=True)
@@ -54,6 +93,122 @@ class Attempt:
     started: float = field(default_factory=time.perf_counter)
     first_byte_at: float | None = None
     done: bool = False
+
+
+@dataclass(slots=True)
+class Upstream:
+    """A replica's answer, held at its first byte: the whole body, or a stream's first chunk."""
+
+    resp: UpstreamResponse
+    att: Attempt
+    status: int
+    content: bytes | None = None  # the full body (not streaming)
+    first: bytes | None = None  # the first chunk of a stream still open
+
+    @property
+    def streaming(self) -> bool:
+        return self.content is None
+
+
+class AttemptFailed(Exception):
+    """One replica failed before the first byte; the request may go to another one."""
+
+    def __init__(self, replica: str, reason: str, *, accepted: bool) -> None:
+        super().__init__(f"{replica}: {reason}")
+        self.replica = replica
+        self.accepted = accepted
+
+
+@dataclass(slots=True)
+class Trace:
+    """What the per-request debug log line says (built only when debug logging is on)."""
+
+    request_id: str
+    kind: str
+    model: str
+    stream: bool
+    profile: str
+    prompt_tokens: int
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    replicas: list[str] = field(default_factory=list)
+    prefix_blocks: int = 0
+    path: str = "one_hop"
+    retries: int = 0
+
+    def emit(self, status: int, ok: bool, ttft_s: float | None, e2e_s: float) -> None:
+        req_log.debug(
+            "request",
+            extra={
+                "request_id": self.request_id,
+                "kind": self.kind,
+                "model": self.model,
+                "stream": self.stream,
+                "profile": self.profile,
+                "pd_path": self.path,
+                "replica": ",".join(self.replicas),
+                "prefix_blocks": self.prefix_blocks,
+                "prompt_tokens": self.prompt_tokens,
+                "scores": self.scores,
+                "retries": self.retries,
+                "status": status,
+                "ok": ok,
+                "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 3),
+                "e2e_ms": round(e2e_s * 1000, 3),
+            },
+        )
+
+
+def _raw_headers(headers: Mapping[str, str], media_type: str | None = None) -> list[tuple[bytes, bytes]]:
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    if media_type and "content-type" not in headers:
+        out.append((b"content-type", media_type.encode("latin-1")))
+    return out
+
+
+class RelayResponse:
+    """A streamed answer relayed chunk by chunk (no re-framing, no buffering).
+
+    A plain ASGI response rather than Starlette's StreamingResponse: the request's
+    ``DisconnectWatch`` already notices a client that leaves (cancelling this task, which
+    closes the upstream connection), so no per-response task group is needed. ``on_close``
+    always runs, exactly once, whatever happens.
+    """
+
+    def __init__(self, first: bytes | None, upstream: UpstreamResponse, *, status: int, headers: Mapping[str, str], watch: DisconnectWatch | None, on_broken: Callable[[Exception], bytes], on_close: Callable[[bool], None]) -> None:
+        self.first = first
+        self.upstream = upstream
+        self.status_code = status
+        self.headers = headers
+        self.watch = watch
+        self.on_broken = on_broken
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ok = False
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": _raw_headers(self.headers)})
+            if self.first:
+                await send({"type": "http.response.body", "body": self.first, "more_body": True})
+            try:
+                async for chunk in self.upstream.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                ok = True
+            except (UpstreamBroken, UpstreamTimeout) as exc:
+                await send({"type": "http.response.body", "body": self.on_broken(exc), "more_body": True})
+            if self.watch is not None:
+                self.watch.finishing = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            ok = False
+            if self.watch is None or not self.watch.absorb():
+                raise
+        except OSError:  # the client's socket broke under us
+            ok = False
+        finally:
+            if self.watch is not None:
+                self.watch.stop()
+            await self.upstream.aclose()
+            self.on_close(ok)
 
 
 class Forwarder:
@@ -90,6 +245,67 @@ class Forwarder:
 
     # -- sending ------------------------------------------------------------------------------
 
+    async def attempt(
+        self,
+        ctx: RequestContext,
+        ep: EndpointState,
+        path: str,
+        body: bytes,
+        fwd_headers: Mapping[str, str],
+        profile: str,
+        *,
+        stream: bool,
+        first_byte_timeout_s: float | None = None,
+        prefill_tokens: int | None = None,
+        retry_statuses: Iterable[int] = RETRY_STATUSES,
+        can_retry: bool = True,
+    ) -> Upstream:
+        """One dispatch to one replica, held until its first byte.
+
+        Raises ``AttemptFailed`` when the replica failed before that (the attempt is closed
+        and, for connection-level failures, counted against its circuit), ``GatewayError``
+        504 on a first-byte timeout. ``retry_statuses`` turn an answer into a failure when
+        ``can_retry`` (there is another replica to try).
+        """
+        timeout = first_byte_timeout_s or self.cfg.limits.first_byte_timeout_s
+        att = self.begin(ctx, ep, profile, prefill_tokens=prefill_tokens)
+        resp: UpstreamResponse | None = None
+        kept = False
+        try:
+            assert self.session is not None
+            try:
+                resp = await open_upstream(self.session, "POST", ep.url + path, content=body, headers=fwd_headers, first_byte_timeout_s=timeout)
+            except UpstreamConnectError as exc:
+                self.fleet.record_failure(ep.id)
+                raise AttemptFailed(ep.id, str(exc), accepted=exc.accepted) from None
+            except UpstreamTimeout:
+                raise GatewayError(504, f"replica {ep.id} did not answer within {timeout:g}s", "upstream_timeout") from None
+            status = resp.status_code
+            if can_retry and status in retry_statuses:
+                raise AttemptFailed(ep.id, f"HTTP {status}", accepted=True)
+            try:
+                if stream and status == 200 and resp.is_sse:
+                    up = Upstream(resp, att, status, first=await resp.first_chunk())
+                    resp.set_read_timeout(self.cfg.limits.read_timeout_s)
+                else:
+                    up = Upstream(resp, att, status, content=await resp.aread())
+                    await resp.aclose()  # read in full: the connection goes back to the pool
+            except UpstreamBroken as exc:
+                self.fleet.record_failure(ep.id)
+                raise AttemptFailed(ep.id, f"broke before the first byte ({exc})", accepted=True) from None
+            except UpstreamTimeout:
+                raise GatewayError(504, f"replica {ep.id} sent no first byte within {timeout:g}s", "upstream_timeout") from None
+            self.first_byte(att)
+            if status < 500:
+                self.fleet.record_success(ep.id)
+            kept = True
+            return up
+        finally:
+            if not kept:
+                if resp is not None:
+                    await resp.aclose()
+                self.end(ctx, att, profile, ok=False)
+
     async def send(
         self,
         ctx: RequestContext,
@@ -99,104 +315,74 @@ class Forwarder:
         headers: Mapping[str, str],
         profile: str,
         *,
+        stream: bool,
         first_byte_timeout_s: float | None = None,
         prefill_tokens: int | None = None,
-    ) -> tuple[UpstreamResponse, Attempt]:
-        """Dispatch to the first replica that accepts the connection (retrying the next ones).
+        trace: Trace | None = None,
+    ) -> Upstream:
+        """Dispatch to the ranked replicas in turn until one produces its first byte.
 
-        Returns the upstream response with its headers read and its body still streaming.
         ``prefill_tokens`` overrides the prefill work charged to the replica (0 for a decode
-        hop that pulls the prompt's KV instead of computing it).
-        Raises GatewayError 503 when every candidate failed to connect, 504 on a timeout.
+        hop that pulls the prompt's KV instead of computing it). Raises GatewayError 503
+        when every candidate failed, 504 on a timeout.
         """
-        fb_timeout = first_byte_timeout_s or self.cfg.limits.first_byte_timeout_s
         fwd = forward_headers(headers, ctx.request_id)
+        candidates = ranked[: 1 + self.cfg.limits.max_retries]
         errors: list[str] = []
-        for i, ep in enumerate(ranked[: 1 + self.cfg.limits.max_retries]):
-            att = self.begin(ctx, ep, profile, prefill_tokens=prefill_tokens)
+        for i, ep in enumerate(candidates):
             try:
-                assert self.session is not None
-                resp = await open_upstream(self.session, "POST", ep.url + path, content=body, headers=fwd, first_byte_timeout_s=fb_timeout)
-            except UpstreamConnectError as exc:
-                self.end(ctx, att, profile, ok=False)
-                self.fleet.record_failure(ep.id)
+                return await self.attempt(
+                    ctx, ep, path, body, fwd, profile, stream=stream, first_byte_timeout_s=first_byte_timeout_s, prefill_tokens=prefill_tokens, can_retry=i + 1 < len(candidates)
+                )
+            except AttemptFailed as exc:
+                errors.append(str(exc))
                 self.metrics.retries.labels(ep.id).inc()
-                errors.append(f"{ep.id}: {exc}")
-                log.info("replica %s unreachable for %s: %s", ep.id, ctx.request_id, exc)
-                continue
-            except UpstreamTimeout:
-                self.end(ctx, att, profile, ok=False)
-                raise GatewayError(504, f"replica {ep.id} did not answer within {fb_timeout:.0f}s", "upstream_timeout") from None
-            if resp.status_code in (502, 503) and i + 1 < len(ranked[: 1 + self.cfg.limits.max_retries]):
-                await resp.aclose()
-                self.end(ctx, att, profile, ok=False)
-                errors.append(f"{ep.id}: HTTP {resp.status_code}")
-                continue
-            self.fleet.record_success(ep.id)
-            return resp, att
+                if trace is not None:
+                    trace.retries += 1
+                log.info("replica %s failed before the first byte of %s: %s", ep.id, ctx.request_id, exc)
         raise GatewayError(503, "no replica could take the request: " + "; ".join(errors or ["no candidates"]), "upstream_unavailable")
 
     # -- relaying -----------------------------------------------------------------------------
 
-    async def relay(
+    def relay(
         self,
         ctx: RequestContext,
-        resp: UpstreamResponse,
-        att: Attempt,
+        up: Upstream,
         profile: str,
         *,
-        stream: bool,
         decision: str,
         extra_headers: Mapping[str, str],
         on_done: Callable[[], None],
         t_request: float,
-    ) -> Response:
-        """Turn the upstream response into the client's response, closing every account once."""
-        headers = relay_headers(resp.headers)
+        watch: DisconnectWatch | None,
+        trace: Trace | None = None,
+    ) -> Response | RelayResponse:
+        """Turn the replica's answer into the client's response, closing every account once."""
+        headers = relay_headers(up.resp.headers)
         headers.update(extra_headers)
+        att = up.att
         ep = att.endpoint
-        status = resp.status_code
+        status = up.status
+        ttft = (att.first_byte_at or time.perf_counter()) - t_request
+        self.metrics.ttft.labels(ep.id, decision).observe(ttft)
 
         def finish(ok: bool) -> None:
             self.end(ctx, att, profile, ok)
+            e2e = time.perf_counter() - t_request
             self.metrics.requests.labels(ctx.lora or ctx.model, ep.id, decision, str(status)).inc()
-            self.metrics.e2e.labels(ep.id, decision).observe(time.perf_counter() - t_request)
+            self.metrics.e2e.labels(ep.id, decision).observe(e2e)
             on_done()
+            if trace is not None:
+                trace.emit(status, ok, ttft, e2e)
 
-        is_sse = "text/event-stream" in resp.headers.get("content-type", "")
-        if not (stream and is_sse):
-            try:
-                content = await resp.aread()
-            except (UpstreamBroken, UpstreamTimeout) as exc:
-                await resp.aclose()
-                finish(False)
-                self.fleet.record_failure(ep.id)
-                raise GatewayError(502, f"replica {ep.id} failed while answering: {type(exc).__name__}", "upstream_error") from None
-            finally:
-                await resp.aclose()
-            self.first_byte(att)
-            self.metrics.ttft.labels(ep.id, decision).observe(time.perf_counter() - t_request)
+        if not up.streaming:
             finish(status < 500)
-            return Response(content, status_code=status, headers=headers)
+            return Response(up.content, status_code=status, headers=headers)
 
-        state = {"ok": True}
+        def broken(exc: Exception) -> bytes:
+            self.metrics.midstream_failures.labels(ep.id).inc()
+            self.fleet.record_failure(ep.id)
+            log.warning("stream from %s broke for %s: %s", ep.id, ctx.request_id, exc)
+            return sse_error_event(f"the replica serving this request failed mid-stream ({type(exc).__name__}); the answer is incomplete", "upstream_stream_broken")
 
-        async def body():
-            try:
-                async for chunk in iter_body(resp):
-                    if att.first_byte_at is None:
-                        self.first_byte(att)
-                        self.metrics.ttft.labels(ep.id, decision).observe(time.perf_counter() - t_request)
-                    yield chunk
-            except (UpstreamBroken, UpstreamTimeout) as exc:
-                state["ok"] = False
-                self.metrics.midstream_failures.labels(ep.id).inc()
-                self.fleet.record_failure(ep.id)
-                log.warning("stream from %s broke for %s: %s", ep.id, ctx.request_id, exc)
-                yield sse_error_event(f"the replica serving this request failed mid-stream ({type(exc).__name__}); the answer is incomplete", "upstream_stream_broken")
-
-        async def close() -> None:
-            await resp.aclose()
-            finish(state["ok"] and status < 500)
-
-        return RelayResponse(body(), status_code=status, headers=headers, on_close=close)
+        return RelayResponse(up.first, up.resp, status=status, headers=headers, watch=watch, on_broken=broken, on_close=finish)

@@ -36,7 +36,13 @@ class GatewayMetrics:
         self.errors = Counter("kvgate_errors", "Requests answered with a gateway-generated error", ["code"], registry=r)
         self.ttft = Histogram("kvgate_ttft_seconds", "Time to first byte of the response body seen by the gateway", ["replica", "decision"], buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kvgate_e2e_seconds", "Request latency through the gateway", ["replica", "decision"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.sched = Histogram("kvgate_scheduler_seconds", "Routing time: tokenize + block keys + index lookup + scoring", buckets=_SCHED_BUCKETS, registry=r)
+        self.sched = Histogram(
+            "kvgate_scheduler_seconds",
+            "Routing time per stage: tokenize (tokens + block keys), index (lookup), schedule (filters + scorers + picker, per hop)",
+            ["stage"],
+            buckets=_SCHED_BUCKETS,
+            registry=r,
+        )
         self.prompt_blocks = Counter("kvgate_prompt_blocks", "Full prompt blocks of routed requests", registry=r)
         self.prefix_hit_blocks = Counter("kvgate_prefix_hit_blocks", "Prompt blocks the chosen replica held according to the index", registry=r)
         self.retries = Counter("kvgate_retries", "Attempts moved to another replica after a connection failure", ["replica"], registry=r)
@@ -50,7 +56,7 @@ class GatewayMetrics:
         self.pd_prefill_share = Histogram(
             "kvgate_pd_prefill_ttft_share", "Share of the client's TTFT spent in the prefill hop", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0), registry=r
         )
-        self.inflight = Gauge("kvgate_inflight_requests", "Requests in flight", registry=r)
+        self.index_blocks = Gauge("kvgate_index_blocks", "Block keys held by the index (-1: the index did not answer)", registry=r)
 
     def add_live(self, read: Callable[[], Iterable]) -> None:
         """Register a callback yielding metric families at scrape time."""

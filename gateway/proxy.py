@@ -42,11 +42,21 @@ _DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "trans
 
 
 class UpstreamConnectError(Exception):
-    """The replica could not be reached or broke before sending response headers: safe to retry."""
+    """The replica failed before producing anything: safe to retry elsewhere.
+
+    ``accepted`` is False when the request never reached the replica (connection refused,
+    connect timeout) and True when the replica may have started on it (it closed the
+    connection before answering) — the P/D path cares, because a decode replica that
+    accepted the request may already have pulled, and so released, the prefill's KV blocks.
+    """
+
+    def __init__(self, message: str, *, accepted: bool) -> None:
+        super().__init__(message)
+        self.accepted = accepted
 
 
 class UpstreamTimeout(Exception):
-    """The replica did not answer (headers or next chunk) in time."""
+    """The replica did not answer (headers, first chunk or next chunk) in time."""
 
 
 class UpstreamBroken(Exception):
@@ -60,8 +70,14 @@ def make_client(limits: LimitsConfig) -> httpx.AsyncClient:
 
 
 def make_session(limits: LimitsConfig, max_connections: int = 4096) -> aiohttp.ClientSession:
-    """The proxy's keep-alive pool (must be created on the running event loop)."""
-    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=30.0, enable_cleanup_closed=True)
+    """The proxy's keep-alive pool (must be created on the running event loop).
+
+    Idle connections are dropped after ``limits.upstream_keepalive_s``, which must stay below
+    the replicas' own keep-alive timeout (uvicorn, hence vLLM, closes idle connections after
+    5 s): the side that closes first decides, and reusing a connection the replica is closing
+    at that instant fails a request that never reached it.
+    """
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=limits.upstream_keepalive_s, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=None, connect=limits.connect_timeout_s, sock_read=limits.read_timeout_s)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
@@ -81,6 +97,30 @@ class UpstreamResponse:
     @property
     def headers(self) -> Mapping[str, str]:
         return self._resp.headers
+
+    @property
+    def is_sse(self) -> bool:
+        return "text/event-stream" in self._resp.headers.get("content-type", "")
+
+    def set_read_timeout(self, seconds: float | None) -> None:
+        """From now on, the longest gap allowed between two chunks of the body."""
+        conn = self._resp.connection
+        proto = conn.protocol if conn is not None else None
+        if proto is not None:
+            proto.read_timeout = seconds
+            proto.start_timeout()
+
+    async def first_chunk(self) -> bytes:
+        """The body's first non-empty chunk (b"" if the body is empty)."""
+        try:
+            while True:
+                chunk = await self._resp.content.readany()
+                if chunk or self._resp.content.at_eof():
+                    return chunk
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("no first chunk in time") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamBroken(type(exc).__name__) from exc
 
     async def aread(self) -> bytes:
         try:
@@ -146,14 +186,12 @@ async def open_upstream(
     try:
         resp = await session.request(method, url, data=content, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=session.timeout.connect, sock_read=first_byte_timeout_s))
     except aiohttp.ConnectionTimeoutError as exc:  # could not even connect: retry elsewhere
-        raise UpstreamConnectError(f"connect timeout: {exc}") from exc
+        raise UpstreamConnectError(f"connect timeout: {exc}", accepted=False) from exc
     except asyncio.TimeoutError:
-        raise UpstreamTimeout(f"no answer within {first_byte_timeout_s:.0f}s") from None
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-        raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
+        raise UpstreamTimeout(f"no answer within {first_byte_timeout_s:g}s") from None
+    except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS: never reached it
+        raise UpstreamConnectError(f"{type(exc).__name__}: {exc}", accepted=False) from exc
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError, OSError) as exc:
+        raise UpstreamConnectError(f"{type(exc).__name__}: {exc}", accepted=True) from exc
     return UpstreamResponse(resp)
 
-
-async def iter_body(response: UpstreamResponse) -> AsyncIterator[bytes]:
-    async for chunk in response.aiter_raw():
-        yield chunk

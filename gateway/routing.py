@@ -157,11 +157,16 @@ class Router:
             return {}, False
 
     async def build_context(self, request_id: str, kind: str, body: Mapping[str, Any], info: ModelInfo, headers: Mapping[str, str]) -> RequestContext:
+        t0 = time.perf_counter()
         tokens = await self.tokens_for(kind, body, info)
         bs = self.block_size(info.base)
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         keys = block_keys(tokens, bs, model=info.base, lora=info.lora, salt=salt) if tokens else []
+        t1 = time.perf_counter()
         prefix, index_ok = await self.lookup(keys, info.base)
+        sched = self.metrics.sched
+        sched.labels("tokenize").observe(t1 - t0)
+        sched.labels("index").observe(time.perf_counter() - t1)
         session = None
         for h in SESSION_HEADERS:
             if h in headers:
@@ -184,17 +189,18 @@ class Router:
             index_ok=index_ok,
         )
 
-    def decide(self, ctx: RequestContext, phase: str = PHASE_ANY, profile: str | None = None) -> list[EndpointState]:
-        """Ranked endpoints for one hop; raises 503 when nothing can serve it."""
+    def decide(self, ctx: RequestContext, phase: str = PHASE_ANY, profile: str | None = None, trace=None) -> list[EndpointState]:
+        """Ranked endpoints for one hop; raises 503 when nothing can serve it.
+
+        ``trace`` (a ``forward.Trace``, only when debug logging is on) collects the scores
+        for the request's one log line.
+        """
         ctx.phase = phase
         t0 = time.perf_counter()
         decision = self.scheduler.schedule(ctx, self.fleet.all(), profile)
-        self.metrics.sched.observe(time.perf_counter() - t0)
+        self.metrics.sched.labels("schedule").observe(time.perf_counter() - t0)
+        if trace is not None:
+            trace.scores[phase] = {k: round(v, 4) for k, v in decision.scores.items()}
         if not decision.ranked:
             raise GatewayError(503, f"no healthy replica can serve model '{ctx.lora or ctx.model}' ({phase} phase)", "no_healthy_replica")
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "decision",
-                extra={"request_id": ctx.request_id, "phase": phase, "profile": decision.profile, "scores": decision.scores, "breakdown": decision.breakdown},
-            )
         return decision.ranked

@@ -59,6 +59,18 @@ def load_for_command(path: str | None) -> GatewayConfig | None:
     return cfg
 
 
+def uvicorn_config(app, host: str, port: int, *, loop: str = "uvloop"):
+    """The one uvicorn setup for the gateway (serve, demo, tests): httptools, no access log.
+
+    Every accepted socket has TCP_NODELAY (asyncio and uvloop both set it on TCP
+    transports; tests/test_gw_transport.py checks it on live connections), so a streamed
+    chunk leaves as soon as it is written instead of waiting on a delayed ACK.
+    """
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, loop=loop, http="httptools", log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvgate serve", description="Run the kvgate gateway.")
     p.add_argument("--config", "-c", help="gateway YAML config (defaults apply to everything omitted)")
@@ -101,5 +113,5 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:  # scheduling section rejected by the scheduler
         print(f"kvgate: config error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=cfg.listen.host, port=cfg.listen.port, loop="uvloop", http="httptools", log_level="warning", access_log=False, lifespan="on")
+    uvicorn.Server(uvicorn_config(app, cfg.listen.host, cfg.listen.port)).run()
     return 0

@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import uvicorn
+import uvloop
 
 from gateway.app import build_app
 from gateway.config import GatewayConfig, parse_config
+from gateway.server import uvicorn_config
 
 from tests.conftest import free_port
 
@@ -50,14 +52,17 @@ def fleet_config(handles, *, roles: list[str] | None = None, **overrides: Any) -
 
 
 class GatewayThread:
-    """uvicorn serving build_app(cfg) on its own event loop in a daemon thread."""
+    """uvicorn serving build_app(cfg) on its own uvloop event loop in a daemon thread.
+
+    Same server settings as ``kvgate serve`` (uvloop, httptools), so socket-level behaviour
+    (TCP_NODELAY, disconnect detection) is what production gets.
+    """
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.app = build_app(cfg)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host=cfg.listen.host, port=cfg.listen.port, loop="asyncio", log_level="warning", access_log=False, lifespan="on")
-        )
+        self.server = uvicorn.Server(uvicorn_config(self.app, cfg.listen.host, cfg.listen.port, loop="none"))
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -70,7 +75,7 @@ class GatewayThread:
         return self.app.state.gateway
 
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve())
 
@@ -123,3 +128,86 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
 def get_metrics(url: str) -> str:
     return httpx.get(f"{url}/metrics", timeout=5).text
+
+
+class RecordingProxy:
+    """A transparent HTTP proxy in front of one replica that records what crosses it.
+
+    Used to check the exact bodies and headers the gateway sends on each P/D hop, and the
+    prefill replica's answers. Each exchange is a dict: method, path, headers (lower-case),
+    body (parsed JSON or raw bytes), status, response (parsed JSON for non-streaming answers).
+    """
+
+    def __init__(self, target: str) -> None:
+        import json
+
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response, StreamingResponse
+        from starlette.routing import Route
+
+        self.target = target.rstrip("/")
+        self.port = free_port()
+        self.exchanges: list[dict[str, Any]] = []
+
+        async def forward(request: Request):
+            raw = await request.body()
+            try:
+                parsed: Any = json.loads(raw) if raw else None
+            except ValueError:
+                parsed = raw
+            rec: dict[str, Any] = {"method": request.method, "path": request.url.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "body": parsed}
+            self.exchanges.append(rec)
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+            client = httpx.AsyncClient(timeout=60)
+            upstream = await client.send(client.build_request(request.method, self.target + request.url.path, content=raw, headers=headers), stream=True)
+            rec["status"] = upstream.status_code
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+            if "text/event-stream" in upstream.headers.get("content-type", ""):
+
+                async def body():
+                    try:
+                        async for chunk in upstream.aiter_raw():
+                            yield chunk
+                    finally:
+                        await upstream.aclose()
+                        await client.aclose()
+
+                return StreamingResponse(body(), status_code=upstream.status_code, headers=out_headers)
+            content = await upstream.aread()
+            await upstream.aclose()
+            await client.aclose()
+            try:
+                rec["response"] = json.loads(content)
+            except ValueError:
+                rec["response"] = content
+            return Response(content, status_code=upstream.status_code, headers=out_headers)
+
+        app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="off", loop="none"))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def posts(self, path_suffix: str = "completions") -> list[dict[str, Any]]:
+        return [e for e in self.exchanges if e["method"] == "POST" and e["path"].endswith(path_suffix)]
+
+    def start(self) -> "RecordingProxy":
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("proxy did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def replica_metric(url: str, name: str) -> float:
+    """A metric read straight from a replica's /metrics (e.g. vllm:num_requests_running)."""
+    return metric_value(httpx.get(f"{url}/metrics", timeout=5).text, name)
