@@ -291,3 +291,25 @@ async def test_index_outage_is_survived_and_distrusts_the_replica(ctx, redis_url
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_topic_filter(ctx):
+    """A source subscribes to its replica's topic only: batches on another topic from the same
+    PUB socket are never seen (not applied, not counted as gaps)."""
+    pub = Publisher(ctx, topic=b"kv@r0")
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, None, topic="kv@r0")], ctx=ctx)
+    await sub.start()
+    try:
+        await warm_up(pub, sub, index, "r0")
+        stranger = list(range(9500, 9516))
+        seq_before = pub.seq
+        await pub.pub.send_multipart([b"kv@r9", (seq_before + 5).to_bytes(8, "big"), prompt_batch(stranger)])
+        mine = list(range(9600, 9616))
+        await pub.publish(prompt_batch(mine))
+        await until(lambda: _eq(matched(index, mine, "r0"), 1))
+        assert await matched(index, stranger, "r0") == 0
+        assert sub.stats.replica("r0").batches_lost == 0 and sub.stats.replica("r0").decode_errors == 0
+    finally:
+        await asyncio.wait_for(sub.stop(), 2)
+        await pub.close()

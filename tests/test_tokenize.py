@@ -80,9 +80,36 @@ def test_caching_tokenizer_hits(tok):
     assert len(c._cache) == 2  # bounded
 
 
+def test_caching_tokenizer_is_lru(tok):
+    c = CachingTokenizer(tok, max_entries=2)
+    c.encode("alpha")
+    c.encode("beta")
+    c.encode("alpha")  # a hit makes it the most recent
+    c.encode("gamma")  # evicts beta, the least recently used
+    assert (c.hits, c.misses) == (1, 3)
+    c.encode("alpha")
+    assert c.hits == 2
+    c.encode("beta")
+    assert c.misses == 4  # beta had gone
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(TokenizerLoadError):
         load_tokenizer(str(tmp_path / "nope"))
+    # a hub id is never fetched: only local directories (and "demo") load
+    with pytest.raises(TokenizerLoadError, match="not a directory"):
+        load_tokenizer("Qwen/Qwen2.5-7B-Instruct")
+
+
+def test_chat_template_helpers_match_transformers(tok):
+    """transformers' rendering rules: its tojson (no HTML escaping, indent/sort_keys honoured),
+    {% generation %} blocks rendered as their body, trim_blocks/lstrip_blocks."""
+    tpl = (
+        "{% for m in messages %}\n  {% generation %}[{{ m.content }}]{% endgeneration %}\n{% endfor %}"
+        "{{ {'b': '<&>', 'a': 'é'} | tojson(sort_keys=True) }}"
+    )
+    out = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], chat_template=tpl)
+    assert out == '[x][y]{"a": "é", "b": "<&>"}'
 
 
 def test_remote_tokenize_speaks_vllm_json(tok):
