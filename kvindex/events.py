@@ -179,7 +179,10 @@ class EventDecoder:
     """Reusable decoder that also counts what it had to skip.
 
     ``unknown_events`` counts events of a type this version does not know (skipped, the rest
-    of the batch is kept); a batch that is garbage as a whole raises ``EventDecodeError``.
+    of the batch is kept); a batch that is garbage as a whole raises ``EventDecodeError``, and
+    so does one malformed event unless ``skip_bad`` is given, in which case it is skipped and
+    counted in ``bad_events`` (the subscriber then distrusts the replica: the skipped event
+    may have been a removal).
     """
 
     def __init__(self) -> None:
@@ -189,8 +192,9 @@ class EventDecoder:
         self._legacy = msgspec.msgpack.Decoder(_LegacyEventT)
         self._tag = msgspec.msgpack.Decoder(Any)
         self.unknown_events = 0
+        self.bad_events = 0
 
-    def decode(self, payload: bytes) -> EventBatch:
+    def decode(self, payload: bytes, *, skip_bad: bool = False) -> EventBatch:
         try:
             raw = (self._map_batch if _is_map(payload) else self._batch).decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -205,6 +209,9 @@ class EventDecoder:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 if self._has_unknown_tag(item):
                     self.unknown_events += 1
+                    continue
+                if skip_bad:
+                    self.bad_events += 1
                     continue
                 raise EventDecodeError(f"bad event in batch: {exc}") from None
         return EventBatch(ts=raw.ts, events=events, data_parallel_rank=raw.data_parallel_rank)
@@ -221,9 +228,12 @@ class EventDecoder:
 _ENCODER = msgspec.msgpack.Encoder()
 
 
+_DECODER = EventDecoder()
+
+
 def decode_batch(payload: bytes) -> EventBatch:
     """Decode one KV-event payload (0.33 map form or older array form)."""
-    return EventDecoder().decode(payload)
+    return _DECODER.decode(payload)
 
 
 def encode_batch(batch: EventBatch, legacy: bool = False) -> bytes:

@@ -118,7 +118,12 @@ def stored_keys(
             if len(ev.token_ids) < bs:
                 return []
             return [known_first, *chain_keys(known_first, ev.token_ids[bs:], bs)]
-        parent_key = root_key(model, ev.lora_name, event_salt(ev))
+        lora = ev.lora_name
+        if lora is None and ev.lora_id is not None:
+            # the oldest events carry only the adapter's int id: keep its blocks apart from the
+            # base model's (requests name adapters, so they miss; they never match wrongly)
+            lora = f"\x00lora-id:{ev.lora_id}"
+        parent_key = root_key(model, lora, event_salt(ev))
     if parent_key is None:
         return None
     return chain_keys(parent_key, ev.token_ids, bs)

@@ -11,8 +11,10 @@ what happened on the wire:
   current entries are marked untrusted (the index hides them) and ingestion resumes;
 * a seq back at 0 (or below what we had): the replica restarted with an empty cache: forget
   its blocks, then apply;
-* a frame that is not three parts, a seq that is not 8 bytes, a payload that does not decode:
-  counted and skipped;
+* a frame that is not three parts, a seq that is not 8 bytes: counted and skipped;
+* a payload that does not decode, or malformed events in it: counted (``decode_errors``) and
+  skipped (the rest of the batch is applied), and the replica's earlier entries are untrusted,
+  since what was skipped may have removed some of them;
 * the index failing (Redis down): the batch is counted lost (``index_errors``), the replica is
   marked untrusted as soon as the index answers again, and ingestion goes on: nothing here
   ever ends the receiving task.
@@ -238,18 +240,24 @@ class EventSubscriber:
     async def _apply(self, src: ReplicaSource, seq: int, payload: bytes) -> None:
         rid = src.replica
         st = self.stats.replica(rid)
-        before = self._decoder.unknown_events
+        dec = self._decoder
+        before, bad_before = dec.unknown_events, dec.bad_events
         try:
-            batch = self._decoder.decode(payload)
+            batch = dec.decode(payload, skip_bad=True)
         except EventDecodeError as exc:
+            # nothing of it is known, removals included: what the replica had may be stale
             st.decode_errors += 1
-            log.debug("replica %s batch %d undecodable: %s", rid, seq, exc)
+            log.warning("replica %s batch %d undecodable (%s); its entries are untrusted", rid, seq, exc)
             self._expected[rid] = seq + 1
+            self._untrust_pending.add(rid)
+            await self._flush_untrust(rid, st)
             return
-        st.unknown_events += self._decoder.unknown_events - before
-        if rid in self._untrust_pending:
-            if await self._index_call(st, self.index.mark_untrusted(rid)):
-                self._untrust_pending.discard(rid)
+        st.unknown_events += dec.unknown_events - before
+        if dec.bad_events != bad_before:  # malformed events skipped, the rest applied
+            st.decode_errors += dec.bad_events - bad_before
+            log.warning("replica %s batch %d: %d malformed events skipped; its entries are untrusted", rid, seq, dec.bad_events - bad_before)
+            self._untrust_pending.add(rid)
+        await self._flush_untrust(rid, st)
         try:
             applied = await self.index.apply(rid, batch, model=src.model)
         except Exception as exc:  # noqa: BLE001 - Redis down, script error: count, distrust, go on
@@ -263,6 +271,11 @@ class EventSubscriber:
         st.last_seq = seq
         st.last_event_time = time.time()
         self._expected[rid] = seq + 1
+
+    async def _flush_untrust(self, rid: str, st: ReplicaStats) -> None:
+        """Carry out a pending ``mark_untrusted`` (kept pending while the index is down)."""
+        if rid in self._untrust_pending and await self._index_call(st, self.index.mark_untrusted(rid)):
+            self._untrust_pending.discard(rid)
 
     @staticmethod
     def _count(st: ReplicaStats, batch: EventBatch, applied) -> None:
@@ -303,8 +316,8 @@ class EventSubscriber:
             return
         st.batches_lost += upto - start
         log.warning("replica %s: %d KV-event batches lost (seq %d..%d); its entries are untrusted until fresh events", rid, upto - start, start, upto - 1)
-        if not await self._index_call(st, self.index.mark_untrusted(rid)):
-            self._untrust_pending.add(rid)
+        self._untrust_pending.add(rid)
+        await self._flush_untrust(rid, st)
 
     @staticmethod
     async def _index_call(st: ReplicaStats, call) -> bool:

@@ -124,3 +124,16 @@ def test_random_bytes_never_crash(data):
         decode_batch(data)
     except EventDecodeError:
         pass
+
+
+def test_decoder_can_skip_malformed_events():
+    enc = msgspec.msgpack.encode
+    good = {"type": "BlockRemoved", "block_hashes": [1], "medium": "GPU"}
+    payload = enc([1.0, [good, {"type": "BlockRemoved", "block_hashes": "x", "medium": None}, ["BlockStored", 1], good], 0])
+    with pytest.raises(EventDecodeError):
+        decode_batch(payload)
+    dec = EventDecoder()
+    b = dec.decode(payload, skip_bad=True)
+    assert b.events == [BlockRemoved([1], "GPU"), BlockRemoved([1], "GPU")] and dec.bad_events == 2
+    with pytest.raises(EventDecodeError):  # a broken envelope is never partly decoded
+        dec.decode(b"\x93\xcb\x00", skip_bad=True)

@@ -363,6 +363,21 @@ async def test_raw_digest_hashes_and_other_group_ignored(index: KVIndex) -> None
     assert await index.lookup(p.keys, model=MODEL) == {"r1": match(1)}
 
 
+async def test_oldest_events_with_only_a_lora_id_never_match_the_base_model(index: KVIndex) -> None:
+    """Events from before ``lora_name`` carry the adapter's int id only: its blocks cannot be
+    keyed as the adapter's (requests name adapters), but must not pass for the base model's."""
+    p = Prompt(make_tokens(3, 34))
+    ev = p.stored()
+    ev.lora_id, ev.lora_name, ev.extra_keys = 7, None, None
+    assert (await apply(index, "r1", ev)).stored == 3
+    assert await index.lookup(p.keys, model=MODEL) == {}
+    # a continuation chains from it as usual
+    longer = Prompt(p.tokens + make_tokens(1, 35))
+    nxt = longer.stored(3, 4)
+    nxt.lora_id, nxt.lora_name, nxt.extra_keys = 7, None, None
+    assert (await apply(index, "r1", nxt)).orphaned == 0
+
+
 async def test_legacy_array_events(index: KVIndex) -> None:
     p = Prompt(make_tokens(3, 18))
     payload = encode_batch(EventBatch(ts=1.0, events=[p.stored()]), legacy=True)

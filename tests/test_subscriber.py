@@ -313,3 +313,24 @@ async def test_topic_filter(ctx):
     finally:
         await asyncio.wait_for(sub.stop(), 2)
         await pub.close()
+
+
+async def test_malformed_event_is_skipped_and_distrusts(ctx):
+    """One malformed event in a batch: the other events are applied, the bad one counted, and
+    the replica's earlier entries hidden (the skipped event might have removed some). A batch
+    that does not decode at all hides them too, without waiting for the next batch."""
+    async with wired(ctx) as (pub, index, sub):
+        warm = await warm_up(pub, sub, index, "r0")
+        st = sub.stats.replica("r0")
+        good = list(range(9700, 9716))
+        good_event = msgspec.msgpack.decode(prompt_batch(good))[1][0]
+        broken = {"type": "BlockRemoved", "block_hashes": "not a list", "medium": "GPU"}
+        await pub.publish(msgspec.msgpack.encode([1.0, [broken, good_event], 0]))
+        await until(lambda: _eq(matched(index, good, "r0"), 1))
+        assert st.decode_errors == 1
+        assert await matched(index, warm, "r0") == 0
+        await pub.publish(prompt_batch(warm))  # re-stored after the fault: trusted again
+        await until(lambda: _eq(matched(index, warm, "r0"), 1))
+        await pub.publish(b"\x93\xcb garbage")
+        await until(lambda: _eq(matched(index, warm, "r0"), 0))
+        assert st.decode_errors == 2 and await matched(index, good, "r0") == 0
