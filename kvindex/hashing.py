@@ -178,7 +178,11 @@ def chain_keys(parent: int, token_ids: Sequence[int], block_size: int) -> list[i
     n_full = len(token_ids) // block_size
     if n_full == 0:
         return []
-    packed = array("I", token_ids[: n_full * block_size])
+    try:
+        # the whole list, trailing partial block included: cheaper than copying a slice first
+        packed = array("I", token_ids)
+    except OverflowError:  # a value out of uint32 range; only the full blocks must fit
+        packed = array("I", token_ids[: n_full * block_size])
     if _BIG_ENDIAN:
         packed.byteswap()
     buf = packed.tobytes()

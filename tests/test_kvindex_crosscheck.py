@@ -345,3 +345,8 @@ def test_block_keys_reject_what_vllm_never_sends() -> None:
         block_keys([1, 2], 0, model="m")
     with pytest.raises((OverflowError, ValueError)):
         block_keys([-1] * 16, 16, model="m")
+
+
+def test_block_keys_ignore_the_partial_tail_whatever_it_holds() -> None:
+    full = list(range(32))
+    assert block_keys(full + [2**40], 16, model="m") == block_keys(full, 16, model="m") == block_keys(full + [5, 6], 16, model="m")
