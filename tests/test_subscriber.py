@@ -157,9 +157,12 @@ async def _eq(coro, value) -> bool:
     return (await coro) == value
 
 
-@pytest.mark.parametrize("old_replay", [False, True])
-async def test_dropped_batches_are_replayed(ctx, old_replay):
-    async with wired(ctx, pub_kw={"old_replay": old_replay}) as (pub, index, sub):
+@pytest.mark.parametrize(
+    ("old_replay", "topic"),
+    [(False, b"kv"), (True, b"kv"), (False, b""), (True, b"")],  # vLLM's default topic is ""
+)
+async def test_dropped_batches_are_replayed(ctx, old_replay, topic):
+    async with wired(ctx, pub_kw={"old_replay": old_replay, "topic": topic}) as (pub, index, sub):
         await warm_up(pub, sub, index, "r0")
         replayed_at_join = sub.stats.replica("r0").batches_replayed  # late join: caught up from the buffer
         a = list(range(2000, 2048))
