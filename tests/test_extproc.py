@@ -1,160 +1,322 @@
-"""The ext-proc endpoint picker behind a real Envoy, and its gRPC protocol driven directly."""
+"""The ext-proc endpoint picker behind a real Envoy 1.40, in both processing modes.
+
+One picker (gRPC, its own loop in a thread) serves two Envoys rendered from
+deploy/envoy/envoy.template.yaml: ``buffered`` (plain Envoy) and ``full-duplex`` (what GIE
+gateways configure). Three simulated replicas listed as ``http://localhost:PORT`` so the picker
+must hand Envoy an IP address. Every test that routes checks the replica's own counters, so
+"the picker chose X" and "X served it" are both proved.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import collections
+import concurrent.futures
+import socket
 import time
 
-import grpc
 import httpx
 import msgspec
 import openai
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from simulator.fleet import SimConfig, SimFleet
 from tests.envoy_harness import ExtProcThread, envoy_binary, extproc_envoy
-from tests.gateway_harness import MODEL, fleet_config, wait_for
+from tests.gateway_harness import MODEL, fleet_config, metric_value, wait_for
 
-SYSTEMS = [f"System {g}: " + " ".join(f"policy {g}-{i} covers case {i * 11};" for i in range(50)) for g in range(4)]
+MODES = ["buffered", "full-duplex"]
+SYSTEMS = [f"System {g} " + "{tag}: " + " ".join(f"policy {g}-{i} covers case {i * 11};" for i in range(50)) for g in range(4)]
+
+
+def _localhost_config(fleet, **overrides):
+    cfg = fleet_config(fleet.handles, **overrides)
+    for r in cfg.replicas:
+        r.url = r.url.replace("127.0.0.1", "localhost")
+    return cfg
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     envoy_binary()  # skip/fail early when Envoy is missing
-    fleet = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=0.02) for i in range(3)])
+    fleet = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=1.0) for i in range(3)])
     fleet.start()
-    ep = ExtProcThread(fleet_config(fleet.handles)).start()
-    envoy = extproc_envoy(tmp_path_factory.mktemp("envoy"), ep.port).start()
-    yield fleet, ep, envoy
-    envoy.stop()
-    ep.stop()
-    fleet.stop()
+    ep = ExtProcThread(_localhost_config(fleet)).start()
+    envoys = {}
+    try:
+        for mode in MODES:
+            envoys[mode] = extproc_envoy(tmp_path_factory.mktemp(mode), ep.port, mode).start()
+        wait_for(lambda: all(s.healthy for s in ep.call(ep.server.gateway.fleet.all)), message="replicas healthy")
+        yield fleet, ep, envoys
+    finally:
+        for e in envoys.values():
+            e.stop()
+        ep.stop()
+        fleet.stop()
 
 
-def _port_to_replica(fleet) -> dict[str, str]:
-    return {f"127.0.0.1:{h.config.port}": f"r{i}" for i, h in enumerate(fleet.handles)}
+@pytest.fixture(params=MODES)
+def mode(request):
+    return request.param
 
 
-def test_requests_through_envoy_reach_the_picked_replica_with_prefix_affinity(stack):
-    fleet, ep, envoy = stack
-    c = openai.OpenAI(base_url=f"{envoy.url}/v1", api_key="x", max_retries=0, timeout=30)
-    by_port = _port_to_replica(fleet)
-    homes = {}
-    for g, system in enumerate(SYSTEMS):
-        r = c.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": "q0"}], max_tokens=3)
-        assert r.choices[0].message.content
-        homes[g] = ep.service.decisions[-1].endpoint
-    # after the replicas' KV events land, the same prefixes go back where they are cached
-    for g, system in enumerate(SYSTEMS):
-        def warm(g=g, system=system) -> bool:
-            c.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": f"p{time.monotonic()}"}], max_tokens=2)
-            return ep.service.decisions[-1].prefix_blocks > 0
-        wait_for(warm, timeout=10, message="prefix blocks indexed")
-    for g, system in enumerate(SYSTEMS):
-        r = c.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": "again"}], max_tokens=3)
+def _served_counts(fleet) -> dict[str, float]:
+    """Prompt tokens each replica processed, from its own /metrics (vllm:prompt_tokens_total)."""
+    out = {}
+    for i, h in enumerate(fleet.handles):
+        out[f"r{i}"] = metric_value(httpx.get(f"{h.url}/metrics", timeout=5).text, "vllm:prompt_tokens_total")
+    return out
+
+
+def _who_served(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    return [r for r in before if after[r] > before[r]]
+
+
+def _load(ep) -> dict:
+    """The picker's accounting, read on its own loop."""
+
+    def read():
+        gw = ep.server.gateway
+        return {
+            "inflight": {s.id: s.inflight_requests for s in gw.fleet.all()},
+            "prefill": {s.id: s.inflight_prefill_tokens for s in gw.fleet.all()},
+            "decode": {s.id: s.inflight_decode_tokens for s in gw.fleet.all()},
+            "admitted": gw.admission.inflight,
+            "streams": ep.server.service.streams_open,
+        }
+
+    return ep.call(read)
+
+
+def _idle(ep) -> bool:
+    s = _load(ep)
+    return not any(s["inflight"].values()) and not any(s["prefill"].values()) and not any(s["decode"].values()) and s["admitted"] == 0 and s["streams"] == 0
+
+
+def _replica_of(ep, endpoint: str) -> str:
+    return ep.call(lambda: ep.server.service.addresses.by_addr[endpoint])
+
+
+def test_openai_requests_reach_the_picked_replica_with_prefix_affinity(stack, mode):
+    fleet, ep, envoys = stack
+    c = openai.OpenAI(base_url=f"{envoys[mode].url}/v1", api_key="x", max_retries=0, timeout=30)
+
+    def ask(system: str, user: str) -> tuple[str, object]:
+        before = _served_counts(fleet)
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}], max_tokens=2)
         d = ep.service.decisions[-1]
-        assert d.endpoint == homes[g] and d.prefix_blocks > 0
-        assert r.usage.prompt_tokens_details.cached_tokens > 0  # the replica Envoy reached had it
-        assert d.replica == by_port[d.endpoint]
+        assert _who_served(before, _served_counts(fleet)) == [d.replica]  # Envoy went where the picker said
+        assert d.endpoint.startswith("127.0.0.1:")  # a name in the config, an IP for ORIGINAL_DST
+        assert _replica_of(ep, d.endpoint) == d.replica
+        return d.replica, r
+
+    tag = f"{mode}-{time.monotonic_ns()}"
+    systems = [s.replace("{tag}", tag) for s in SYSTEMS]  # differ from the first token on
+    # cold prefixes sent together: in-flight load spreads them over the fleet
+    with concurrent.futures.ThreadPoolExecutor(len(systems)) as pool:
+        list(pool.map(lambda s: c.completions.create(model=MODEL, prompt=s + " warm", max_tokens=40), systems))
+    wait_for(lambda: _idle(ep), message="warm-up accounted")
+    homes = {}
+    for g, system in enumerate(systems):
+        def indexed(g=g, system=system) -> bool:
+            homes[g], _ = ask(system, f"probe {time.monotonic_ns()}")
+            return ep.service.decisions[-1].prefix_blocks > 0
+        wait_for(indexed, timeout=10, message="the prefix's KV events indexed")
+    assert len(set(homes.values())) >= 2, f"different prefixes all went to one replica: {homes}"
+    for g, system in enumerate(systems):
+        for i in range(2):
+            replica, r = ask(system, f"again {i}")
+            assert replica == homes[g]
+            assert ep.service.decisions[-1].prefix_blocks > 0
+            assert r.usage.prompt_tokens_details.cached_tokens > 0  # the replica Envoy reached had it
+    wait_for(lambda: _idle(ep), message="every request released")
 
 
-def test_streaming_through_envoy_is_incremental(stack):
-    fleet, ep, envoy = stack
-    c = openai.OpenAI(base_url=f"{envoy.url}/v1", api_key="x", max_retries=0, timeout=30)
-    arrivals = []
+def test_streaming_is_incremental_and_counted_until_the_end(stack, mode):
+    fleet, ep, envoys = stack
+    c = openai.OpenAI(base_url=f"{envoys[mode].url}/v1", api_key="x", max_retries=0, timeout=30)
+    arrivals, during = [], None
     t0 = time.perf_counter()
-    for ch in c.completions.create(model=MODEL, prompt="stream through envoy", max_tokens=30, stream=True, stream_options={"include_usage": True}):
+    stream = c.completions.create(model=MODEL, prompt=f"stream through envoy {mode}", max_tokens=40, stream=True, stream_options={"include_usage": True})
+    for ch in stream:
         arrivals.append(time.perf_counter() - t0)
         last = ch
-    assert len(arrivals) >= 30
-    assert last.usage.completion_tokens == 30
-    assert arrivals[-1] - arrivals[0] > 0  # chunks were not delivered in one buffered block
+        if len(arrivals) == 5:
+            during = _load(ep)
+    d = ep.service.decisions[-1]
+    assert last.usage.completion_tokens == 40
+    assert len(arrivals) >= 40
+    # 40 decode steps of ~7 ms each: the first tokens arrive long before the last one
+    assert arrivals[-1] - arrivals[0] > 0.15, arrivals
+    assert arrivals[4] < arrivals[-1] - 0.1
+    # while streaming: counted on the picked replica, its prefill already released
+    assert during["inflight"][d.replica] == 1 and sum(during["inflight"].values()) == 1
+    assert during["prefill"][d.replica] == 0 and during["decode"][d.replica] > 0
+    assert during["admitted"] == 1
+    wait_for(lambda: _idle(ep), message="stream released")
 
 
-def test_errors_through_envoy(stack):
-    fleet, ep, envoy = stack
-    r = httpx.post(f"{envoy.url}/v1/chat/completions", content=b"{broken", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
-    r = httpx.post(f"{envoy.url}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
-    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
-    models = httpx.get(f"{envoy.url}/v1/models")
+def test_client_leaving_mid_stream_releases_the_count(stack, mode):
+    fleet, ep, envoys = stack
+    body = {"model": MODEL, "prompt": f"leave early {mode}", "max_tokens": 400, "stream": True}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{envoys[mode].url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while not next(lines).startswith("data:"):
+                pass
+            assert sum(_load(ep)["inflight"].values()) == 1
+    wait_for(lambda: _idle(ep), timeout=5, message="count released after the client left")
+
+
+def test_bad_requests_get_openai_errors(stack, mode):
+    fleet, ep, envoys = stack
+    url = envoys[mode].url
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{broken", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["code"] == "invalid_request" and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{url}/v1/completions", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/nope", json={"model": MODEL})
+    assert r.status_code == 404
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=MODEL, messages="not a list")
+    assert exc.value.body["param"] == "messages" or "messages" in exc.value.message
+    # GET without a body: routed to a healthy replica at the headers
+    models = httpx.get(f"{url}/v1/models")
     assert models.status_code == 200 and models.json()["data"][0]["id"] == MODEL
+    wait_for(lambda: _idle(ep), message="no count left behind by errors")
 
 
-def test_no_healthy_replica_is_503(tmp_path):
+def test_large_body_goes_through(stack, mode):
+    """A 1.5 MB prompt: over Envoy's default 1 MiB buffer, chunked back in full-duplex mode."""
+    fleet, ep, envoys = stack
+    r = httpx.post(f"{envoys[mode].url}/v1/completions", json={"model": MODEL, "prompt": "word " * 300_000, "max_tokens": 1}, timeout=60)
+    # the replica itself refuses (context length): proof that the whole body reached it
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"], r.text[:300]
+    wait_for(lambda: _idle(ep), message="released")
+
+
+def test_picker_passes_envoy_grpc_health_checks(stack):
+    fleet, ep, envoys = stack
+    for e in envoys.values():
+        stats = httpx.get(f"http://127.0.0.1:{e.admin_port}/stats?filter=kvgate_extproc.health_check").text
+        assert "cluster.kvgate_extproc.health_check.success: " in stats
+        success = int(stats.split("cluster.kvgate_extproc.health_check.success: ")[1].split()[0])
+        failure = int(stats.split("cluster.kvgate_extproc.health_check.failure: ")[1].split()[0])
+        assert success >= 1 and failure == 0
+
+
+# -- failures: a replica down, a full admission queue ------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_healthy_replica_is_503_and_a_dead_pick_is_released(tmp_path, mode):
     envoy_binary()
     fleet = SimFleet([SimConfig(model=MODEL, time_scale=0.02)])
     fleet.start()
-    cfg = fleet_config(fleet.handles)
-    ep = ExtProcThread(cfg).start()
-    envoy = extproc_envoy(tmp_path, ep.port).start()
+    # slow health probes: the picker still believes in the replica after it died
+    ep = ExtProcThread(fleet_config(fleet.handles, health={"interval_s": 60.0, "failure_threshold": 1, "cooldown_s": 60.0})).start()
+    envoy = extproc_envoy(tmp_path, ep.port, mode).start()
     try:
+        wait_for(lambda: ep.call(lambda: ep.server.gateway.fleet.get("r0").healthy), message="replica healthy")
         fleet.kill(0)
-        wait_for(lambda: not ep.server.gateway.fleet.get("r0").healthy, message="circuit open")
+        # the picker routes to the dead replica; Envoy cannot connect and answers 503 itself
+        r = httpx.post(f"{envoy.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503
+        wait_for(lambda: _idle(ep), message="failed dispatch released")
+        # once the picker knows (here: its circuit opened by hand), the 503 is its own, in OpenAI form
+        ep.call(lambda: ep.server.gateway.fleet.record_failure("r0"))
+        assert not ep.call(lambda: ep.server.gateway.fleet.get("r0").healthy)
         r = httpx.post(f"{envoy.url}/v1/completions", json={"model": MODEL, "prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_healthy_replica"
+        assert r.json()["error"]["type"] == "service_unavailable_error"
+        r = httpx.get(f"{envoy.url}/v1/models")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_healthy_replica"
+        wait_for(lambda: _idle(ep), message="nothing counted")
     finally:
         envoy.stop()
         ep.stop()
         fleet.stop()
 
 
-def _headers(path: str) -> pb.ProcessingRequest:
-    hs = [base_pb2.HeaderValue(key=":path", raw_value=path.encode()), base_pb2.HeaderValue(key=":method", raw_value=b"POST"), base_pb2.HeaderValue(key="x-request-id", raw_value=b"dup-1")]
-    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=hs)), protocol_config=pb.ProtocolConfiguration(request_body_mode=processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED))
+def test_replica_dying_mid_stream_releases_the_count(tmp_path):
+    envoy_binary()
+    fleet = SimFleet([SimConfig(model=MODEL, time_scale=1.0)])
+    fleet.start()
+    ep = ExtProcThread(fleet_config(fleet.handles, health={"interval_s": 60.0})).start()
+    envoy = extproc_envoy(tmp_path, ep.port, "full-duplex").start()
+    try:
+        wait_for(lambda: ep.call(lambda: ep.server.gateway.fleet.get("r0").healthy), message="replica healthy")
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", f"{envoy.url}/v1/completions", json={"model": MODEL, "prompt": "die", "max_tokens": 500, "stream": True}) as r:
+                lines = r.iter_lines()
+                while not next(lines).startswith("data:"):
+                    pass
+                assert _load(ep)["inflight"]["r0"] == 1
+                fleet.kill(0)
+                with pytest.raises(httpx.HTTPError):
+                    for _ in lines:
+                        pass
+        wait_for(lambda: _idle(ep), timeout=5, message="count released after the upstream reset")
+    finally:
+        envoy.stop()
+        ep.stop()
+        fleet.stop()
 
 
-def test_full_duplex_streamed_gie_mode_over_grpc(stack):
-    """GIE mode driven over gRPC directly: chunks buffered to end of stream, then headers + body back."""
-    fleet, ep, envoy = stack
-    body = msgspec.json.encode({"model": MODEL, "prompt": SYSTEMS[0] + " full duplex", "max_tokens": 2})
-    chunks = [body[:40], body[40:100], body[100:]]
-
-    async def run() -> list[pb.ProcessingResponse]:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ep.port}") as ch:
-            stub = pb_grpc.ExternalProcessorStub(ch)
-
-            async def reqs():
-                yield _headers("/v1/completions")
-                for i, c in enumerate(chunks):
-                    yield pb.ProcessingRequest(request_body=pb.HttpBody(body=c, end_of_stream=i == len(chunks) - 1))
-
-            return [r async for r in stub.Process(reqs())]
-
-    out = asyncio.run(run())
-    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body"]
-    mutation = out[0].request_headers.response.header_mutation.set_headers[0].header
-    assert mutation.key == "x-gateway-destination-endpoint"
-    assert mutation.raw_value.decode() in _port_to_replica(fleet)
-    assert out[0].request_headers.response.clear_route_cache
-    lb = out[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"].string_value
-    assert lb.split(",")[0] == mutation.raw_value.decode()
-    streamed = out[1].request_body.response.body_mutation.streamed_response
-    assert streamed.body == body and streamed.end_of_stream
+def test_full_admission_queue_is_429(tmp_path):
+    envoy_binary()
+    fleet = SimFleet([SimConfig(model=MODEL, time_scale=1.0)])
+    fleet.start()
+    ep = ExtProcThread(fleet_config(fleet.handles, limits={"max_inflight": 1, "max_queue": 0})).start()
+    envoy = extproc_envoy(tmp_path, ep.port, "buffered").start()
+    try:
+        wait_for(lambda: ep.call(lambda: ep.server.gateway.fleet.get("r0").healthy), message="replica healthy")
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", f"{envoy.url}/v1/completions", json={"model": MODEL, "prompt": "hold", "max_tokens": 300, "stream": True}) as held:
+                lines = held.iter_lines()
+                while not next(lines).startswith("data:"):
+                    pass
+                c = openai.OpenAI(base_url=f"{envoy.url}/v1", api_key="x", max_retries=0, timeout=30)
+                with pytest.raises(openai.RateLimitError) as exc:
+                    c.completions.create(model=MODEL, prompt="shed me", max_tokens=1)
+                assert exc.value.response.headers["retry-after"] == "1"
+                assert exc.value.body["code"] == "queue_full"
+        wait_for(lambda: _idle(ep), message="slot released")
+        r = httpx.post(f"{envoy.url}/v1/completions", json={"model": MODEL, "prompt": "now fine", "max_tokens": 1})
+        assert r.status_code == 200
+    finally:
+        envoy.stop()
+        ep.stop()
+        fleet.stop()
 
 
-def test_subset_hint_restricts_candidates(stack):
-    fleet, ep, envoy = stack
-    only = f"127.0.0.1:{fleet.handles[2].config.port}"
-    body = msgspec.json.encode({"model": MODEL, "prompt": SYSTEMS[1], "max_tokens": 2})
-    md = base_pb2.Metadata()
-    md.filter_metadata["envoy.lb"].update({"subset_hint": only})
+def test_extproc_command_serves_envoy(tmp_path):
+    """`kvgate extproc --config ... --port P` as its own process, behind Envoy."""
+    import subprocess
+    import sys
 
-    async def run():
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ep.port}") as ch:
-            stub = pb_grpc.ExternalProcessorStub(ch)
+    envoy_binary()
+    fleet = SimFleet([SimConfig(model=MODEL, time_scale=0.02)])
+    fleet.start()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(msgspec.json.encode({"replicas": [{"id": "r0", "url": fleet.handles[0].url, "models": [MODEL]}], "models": {MODEL: {"tokenizer": "demo"}}}).decode())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "extproc", "--config", str(cfg), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    envoy = None
+    try:
+        envoy = extproc_envoy(tmp_path, port, "buffered").start()
 
-            async def reqs():
-                hs = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/completions")]
-                yield pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=hs)))
-                yield pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True), metadata_context=md)
+        def answered() -> bool:
+            return httpx.post(f"{envoy.url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
 
-            return [r async for r in stub.Process(reqs())]
-
-    out = asyncio.run(run())
-    assert out[-1].request_body.response.header_mutation.set_headers[0].header.raw_value.decode() == only
+        wait_for(answered, timeout=20, message="kvgate extproc answering through Envoy")
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        proc.terminate()
+        assert proc.wait(10) == 0, proc.stderr.read().decode()[-2000:]
+        fleet.stop()
