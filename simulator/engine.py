@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,16 +30,42 @@ from typing import Any
 from kvindex.tokenize import Tokenizer
 
 from .config import SimConfig
-from .prefix_cache import Allocation, NoSpace, PrefixCache
+from .prefix_cache import Allocation, BlockKeys, NoSpace, PrefixCache
 
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_ABORT = "abort"
 
 
-@dataclass
+class _Seq:
+    """prompt + output as one read-only sequence, without copying either (for block slicing)."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: list[int], b: list[int]) -> None:
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, s: slice) -> list[int]:
+        start, stop, _ = s.indices(len(self))
+        n = len(self.a)
+        if stop <= n:
+            return self.a[start:stop]
+        if start >= n:
+            return self.b[start - n : stop - n]
+        return self.a[start:] + self.b[: stop - n]
+
+
+@dataclass(eq=False)
 class Request:
-    """One generation request inside the engine."""
+    """One generation request inside the engine.
+
+    ``id`` is the id the client sees (``cmpl-…``); ``engine_id`` is the engine-internal id,
+    the client's id plus a random suffix as vLLM makes it, so two requests sharing an
+    ``X-Request-Id`` never collide (P/D leases are keyed by it).
+    """
 
     id: str
     prompt: list[int]
@@ -47,8 +73,12 @@ class Request:
     min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     lora: str | None = None
+    lora_id: int | None = None
+    lora_path: str | None = None
     salt: str | None = None
+    stream: bool = False  # per-token deltas wanted (``events`` queue)
     arrival: float = field(default_factory=time.monotonic)
+    engine_id: str = ""
     # P/D
     remote_decode: bool = False  # prefill role: keep blocks for a decode replica to pull
     remote_prefill: dict[str, Any] | None = None  # decode role: pull these blocks first
@@ -58,11 +88,24 @@ class Request:
     cached_tokens: int = 0
     output: list[int] = field(default_factory=list)
     text: str = ""
+    sent: int = 0  # characters of ``text`` already released to the client
     finish_reason: str | None = None
+    stop_reason: str | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # (token_text, finish_reason|None)
+    events: asyncio.Queue | None = None  # streaming: (delta_text, finish_reason | None) per token
+    done: asyncio.Event = field(default_factory=asyncio.Event)
     aborted: bool = False
+    keys: BlockKeys | None = None
+    _gen_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.engine_id:
+            self.engine_id = f"{self.id}-{uuid.uuid4().hex[:8]}"
+        if self.stream and self.events is None:
+            self.events = asyncio.Queue()
+        self.keys = BlockKeys(self.lora, self.lora_path, self.salt, self.lora_id)
+        self._holdback = max((len(s) for s in self.stop), default=1) - 1
 
     @property
     def prefilling(self) -> bool:
@@ -79,16 +122,19 @@ class Engine:
         self.publish = publish or (lambda events: None)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.pulling: set[Request] = set()  # decode role: waiting for remote KV (vLLM counts them as waiting)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.word_ids = self._word_vocabulary()
+        self._piece = {i: self.tok.decode([i]) for i in self.word_ids}
         # hooks set by the P/D layer
         self.on_prefill_done: Callable[[Request], None] | None = None
         self.pull_remote: Callable[[Request], Any] | None = None
+        self.on_remote_abort: Callable[[Request], None] | None = None
         # statistics for metrics
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self.ttfts: list[float] = []
+        self.on_first_token: list[Callable[[Request, float], None]] = []
         self.on_finished: list[Callable[[Request], None]] = []
         self.lora_running: dict[str, int] = {}
 
@@ -121,32 +167,32 @@ class Engine:
 
     def extra_keys(self, req: Request, n_blocks: int) -> list[tuple | None]:
         """vLLM 0.33's tagged extra keys per block: LoRA on every block, cache salt on block 0."""
-        out: list[tuple | None] = []
-        for i in range(n_blocks):
-            parts: list[tuple] = []
-            if req.lora:
-                parts.append(("lora", req.lora, f"/adapters/{req.lora}"))
-            if i == 0 and req.salt:
-                parts.append(("cache_salt", req.salt))
-            out.append(tuple(parts) if parts else None)
-        return out
+        assert req.keys is not None
+        return [req.keys.hash_key(i) for i in range(n_blocks)]
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
         self._wake.set()
 
     def abort(self, req: Request) -> None:
-        """The client went away: free everything the request holds."""
+        """The client went away: free everything the request holds, stop counting it."""
         if req.finish_reason is not None:
             return
         req.aborted = True
         if req in self.waiting:
             self.waiting.remove(req)
             self._finish(req, FINISH_ABORT)
+        elif req in self.running:
+            self._finish(req, FINISH_ABORT)
+        # a request still pulling its KV finishes when the pull returns
+        self._flush_events()
         self._wake.set()
 
     def _next_token(self, req: Request) -> int:
-        digest = hashlib.blake2b(repr((self.cfg.seed, req.prompt[-64:], len(req.prompt), len(req.output))).encode(), digest_size=8).digest()
+        if not req._gen_prefix:
+            # the repr of (seed, prompt tail, prompt length, n) without the closing part, computed once
+            req._gen_prefix = repr((self.cfg.seed, req.prompt[-64:], len(req.prompt), 0))[:-2]
+        digest = hashlib.blake2b((req._gen_prefix + repr(len(req.output)) + ")").encode(), digest_size=8).digest()
         return self.word_ids[int.from_bytes(digest, "big") % len(self.word_ids)]
 
     # -- the loop -------------------------------------------------------------------------------
@@ -158,6 +204,18 @@ class Engine:
                 await self._wake.wait()
             await self._step()
 
+    def _allocate(self, req: Request) -> None:
+        """Reuse the cached prefix (never the whole prompt: the last token is always computed)."""
+        cfg = self.cfg
+        assert req.keys is not None
+        n_full = len(req.prompt) // cfg.block_size
+        digests = self.cache.prompt_digests(req.prompt, req.keys, n_full)
+        req.alloc = self.cache.allocate_prompt(
+            digests, len(req.prompt) + 1, max_hit_blocks=(len(req.prompt) - 1) // cfg.block_size, prompt_tokens=len(req.prompt)
+        )
+        req.computed = req.alloc.cached_blocks * cfg.block_size
+        req.cached_tokens = req.computed
+
     def _admit(self, budget: int) -> None:
         cfg = self.cfg
         while self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0:
@@ -167,15 +225,10 @@ class Engine:
                     break
                 continue
             if req.alloc is None:
-                n_full = len(req.prompt) // cfg.block_size
-                digests = self.cache.prompt_digests(req.prompt, self.extra_keys(req, n_full))
                 try:
-                    req.alloc = self.cache.allocate_prompt(digests, len(req.prompt) + 1)
+                    self._allocate(req)
                 except NoSpace:
                     break
-                hit_tokens = req.alloc.cached_blocks * cfg.block_size
-                req.computed = min(hit_tokens, len(req.prompt) - 1)  # always compute the last token
-                req.cached_tokens = req.computed
             self.waiting.popleft()
             self.running.append(req)
             if req.lora:
@@ -183,16 +236,14 @@ class Engine:
             budget -= min(budget, len(req.prompt) - req.computed)
 
     def _start_remote(self, req: Request) -> bool:
-        """Decode role: allocate the prompt's blocks and pull the KV from the prefill replica."""
-        cfg = self.cfg
-        n_full = len(req.prompt) // cfg.block_size
-        digests = self.cache.prompt_digests(req.prompt, self.extra_keys(req, n_full))
+        """Decode role: allocate the prompt's blocks and pull the uncached ones from the prefill replica."""
         try:
-            req.alloc = self.cache.allocate_prompt(digests, len(req.prompt) + 1)
+            self._allocate(req)
         except NoSpace:
             req.alloc = None
             return False
         self.waiting.popleft()
+        self.pulling.add(req)
         asyncio.create_task(self._pull_then_run(req))
         return True
 
@@ -203,21 +254,22 @@ class Engine:
                 ok = bool(await self.pull_remote(req))
             except Exception:
                 ok = False
+        self.pulling.discard(req)
         if req.aborted:
             self._finish(req, FINISH_ABORT)
+            self._flush_events()
             return
+        assert req.alloc is not None and req.keys is not None
         if ok:
             req.computed = len(req.prompt)  # the prompt's KV arrived: nothing to recompute
             req.cached_tokens = len(req.prompt)
-            assert req.alloc is not None
-            self.cache.commit_full_blocks(req.alloc, req.prompt, self.extra_keys(req, len(req.prompt) // self.cfg.block_size), req.lora)
-        else:
-            # vLLM's recompute policy: a failed load is recomputed locally
-            req.computed = req.alloc.cached_blocks * self.cfg.block_size if req.alloc else 0
-            req.computed = min(req.computed, len(req.prompt) - 1)
-            req.cached_tokens = req.computed
+            self.cache.commit_full_blocks(req.alloc, req.prompt, req.keys)
+        # else: vLLM's recompute policy, a failed load is recomputed locally from the local hit
         req.remote_prefill = None
         self.running.append(req)
+        if req.lora:
+            self.lora_running[req.lora] = self.lora_running.get(req.lora, 0) + 1
+        self._flush_events()
         self._wake.set()
 
     async def _step(self) -> None:
@@ -255,56 +307,67 @@ class Engine:
             await asyncio.sleep(0)
         now = time.monotonic()
         for r, chunk in prefill_plan:
-            if r.aborted:
+            if r.finish_reason is not None:
                 continue
             r.computed += chunk
-            assert r.alloc is not None
-            self.cache.commit_full_blocks(r.alloc, r.prompt[: r.computed], self.extra_keys(r, r.computed // cfg.block_size), r.lora)
+            assert r.alloc is not None and r.keys is not None
+            self.cache.commit_full_blocks(r.alloc, r.prompt[: r.computed], r.keys)
             if not r.prefilling:
-                self.prompt_tokens_total += len(r.prompt)
-                if r.remote_decode and self.on_prefill_done is not None:
-                    self.on_prefill_done(r)  # KV ready for the decode replica, before the response goes out
                 self._emit_token(r, now)
         for r in decoding:
-            if r.aborted or r.finish_reason is not None:
-                continue
-            self._emit_token(r, now)
-        for r in list(self.running):
-            if r.aborted and r.finish_reason is None:
-                self._finish(r, FINISH_ABORT)
+            if r.finish_reason is None:
+                self._emit_token(r, now)
         self._flush_events()
 
     def _emit_token(self, r: Request, now: float) -> None:
-        if r.finish_reason is not None:
-            return
         tid = self._next_token(r)
         r.output.append(tid)
-        piece = self.tok.decode([tid])
+        piece = self._piece.get(tid)
+        if piece is None:
+            piece = self._piece[tid] = self.tok.decode([tid])
         r.text += piece
         self.generation_tokens_total += 1
         if r.first_token_at is None:
             r.first_token_at = now
-            self.ttfts.append(now - r.arrival)
-        assert r.alloc is not None
+            self.prompt_tokens_total += len(r.prompt)  # vLLM counts a request's prompt at its first token
+            for cb in self.on_first_token:
+                cb(r, now - r.arrival)
+        assert r.alloc is not None and r.keys is not None
+        bs = self.cfg.block_size
         total = len(r.prompt) + len(r.output)
         try:
             self.cache.grow(r.alloc, total + 1)
         except NoSpace:
             pass  # a real engine would preempt; here the request simply stops caching decode blocks
-        held = min(total, len(r.alloc.blocks) * self.cfg.block_size)
-        self.cache.commit_full_blocks(r.alloc, (r.prompt + r.output)[:held], self.extra_keys(r, held // self.cfg.block_size), r.lora)
+        held = min(total, len(r.alloc.blocks) * bs)
+        if held // bs > len(r.alloc.digests):
+            self.cache.commit_full_blocks(r.alloc, _Seq(r.prompt, r.output)[:held], r.keys)
         finish = None
-        stop_hit = next((s for s in r.stop if s and s in r.text), None) if len(r.output) >= r.min_tokens else None
-        if stop_hit is not None:
-            r.text = r.text[: r.text.index(stop_hit)]
-            finish = FINISH_STOP
-        elif len(r.output) >= r.max_tokens:
+        if r.stop and len(r.output) >= r.min_tokens:
+            scan_from = max(0, len(r.text) - len(piece) - r._holdback)
+            for s in r.stop:
+                idx = r.text.find(s, scan_from) if s else -1
+                if idx >= 0:
+                    r.text = r.text[:idx]
+                    r.stop_reason = s
+                    finish = FINISH_STOP
+                    break
+        if finish is None and len(r.output) >= r.max_tokens:
             finish = FINISH_LENGTH
-        r.events.put_nowait((piece if finish != FINISH_STOP else "", None))
         if finish is not None:
-            self._finish(r, finish)
+            delta = r.text[r.sent :]
+            r.sent = len(r.text)
+        else:
+            # hold back what could still turn out to be the start of a stop string, as vLLM does
+            safe = len(r.text) - r._holdback
+            delta = r.text[r.sent : safe] if safe > r.sent else ""
+            r.sent = max(r.sent, safe)
+        if r.events is not None:
+            r.events.put_nowait((delta, finish))
+        if finish is not None:
+            self._finish(r, finish, notify=False)
 
-    def _finish(self, r: Request, reason: str) -> None:
+    def _finish(self, r: Request, reason: str, notify: bool = True) -> None:
         if r.finish_reason is not None:
             return
         r.finish_reason = reason
@@ -313,9 +376,18 @@ class Engine:
             self.running.remove(r)
             if r.lora:
                 self.lora_running[r.lora] = max(0, self.lora_running.get(r.lora, 1) - 1)
-        if r.alloc is not None and not (r.remote_decode and reason != FINISH_ABORT):
-            self.cache.release(r.alloc)
-        r.events.put_nowait(("", reason))
+        if r.alloc is not None:
+            if r.remote_decode and reason == FINISH_LENGTH and self.on_prefill_done is not None:
+                # NixlConnector: a length-capped prefill keeps its blocks for the decode replica
+                self.on_prefill_done(r)
+            else:
+                self.cache.release(r.alloc)
+        if reason == FINISH_ABORT and r.remote_prefill is not None and self.on_remote_abort is not None:
+            # aborted before its KV was pulled: tell the prefill replica to free the blocks
+            self.on_remote_abort(r)
+        if notify and r.events is not None:
+            r.events.put_nowait(("", reason))
+        r.done.set()
         for cb in self.on_finished:
             cb(r)
 
@@ -330,7 +402,7 @@ class Engine:
         if events:
             self.publish(events)
 
-    def reset_prefix_cache(self) -> bool:
-        ok = self.cache.reset()
+    def reset_prefix_cache(self, force: bool = False) -> bool:
+        ok = self.cache.reset(force)
         self._flush_events()
         return ok

@@ -3,7 +3,8 @@
 PUB socket: each message ``[topic, seq (8-byte big-endian, from 0), msgpack payload]``; a
 ROUTER replay socket keeps the last ``replay_buffer`` batches and answers a DEALER's
 ``[b"", start_seq]`` with ``[b"", topic, seq, payload]`` for every buffered batch from
-``start_seq`` on, then the end marker ``[b"", topic, ff×8, b""]``. Publishing never blocks
+``start_seq`` on, then the end marker ``[b"", topic, ff×8, b""]``; with ``legacy`` (older vLLM,
+array-form events) replies carry no topic: ``[b"", seq, payload]``. Publishing never blocks
 the engine: the PUB socket drops at its high-water mark like vLLM's does.
 """
 
@@ -63,10 +64,11 @@ class EventPublisher:
             if len(start) != 8:
                 continue
             start_seq = int.from_bytes(start, "big")
+            head = [ident, b""] if self.legacy else [ident, b"", self.topic]
             for seq, payload in list(self.buffer):
                 if seq >= start_seq:
-                    await self.router.send_multipart([ident, b"", self.topic, seq.to_bytes(8, "big"), payload])
-            await self.router.send_multipart([ident, b"", self.topic, END_SEQ, b""])
+                    await self.router.send_multipart([*head, seq.to_bytes(8, "big"), payload])
+            await self.router.send_multipart([*head, END_SEQ, b""])
 
     async def close(self) -> None:
         if self._task is not None:

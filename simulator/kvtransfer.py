@@ -86,6 +86,11 @@ class KVTransfer:
         self._remote_agents: set[str] = set()
         self._release_cb: Callable[[str], None] | None = None
         self._notif_task: asyncio.Task | None = None
+        self._pending = asyncio.Event()
+        #: set by the owner: whether any lease waits for a decode replica's notification
+        self.has_pending: Callable[[], bool] = lambda: False
+        #: the backend the last successful pull used ("nixl" or "tcp")
+        self.last_backend: str | None = None
         self.timeout_s = 10.0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -189,9 +194,19 @@ class KVTransfer:
         finally:
             writer.close()
 
+    def wake(self) -> None:
+        """A lease was taken: start polling for the decode side's notifications."""
+        self._pending.set()
+
     async def _poll_notifications(self) -> None:
-        """Prefill side: a decode peer's finished READ arrives as a NIXL notification."""
+        """Prefill side: a decode peer's finished READ arrives as a NIXL notification.
+
+        Polls only while leases are outstanding, so idle replicas cost nothing.
+        """
         while True:
+            if not self.has_pending():
+                self._pending.clear()
+                await self._pending.wait()
             try:
                 notifs = self._agent.get_new_notifs()
             except Exception:
@@ -199,7 +214,7 @@ class KVTransfer:
             for msgs in notifs.values():
                 for m in msgs:
                     self._released(m.decode(errors="replace"))
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.002)
 
     # -- pulling side (decode) ------------------------------------------------------------------
 
@@ -262,10 +277,26 @@ class KVTransfer:
             self._forget(remote_host, remote_port, remote_engine_id)
             raise
         moved = len(local_block_ids) * self.block_bytes
+        self.last_backend = "nixl" if peer.agent_name is not None and self._agent is not None else "tcp"
         self.stats.transfers += 1
         self.stats.bytes_pulled += moved
         self.stats.seconds_total += time.perf_counter() - t0
         return moved
+
+    async def notify_release(self, remote_host: str, remote_port: int, remote_engine_id: str, remote_request_id: str) -> None:
+        """Tell the prefill replica it may free a request's blocks without reading them
+        (a full local prefix hit, or the decode request was aborted): a NIXL notification
+        when both sides run NIXL, else the side channel."""
+        try:
+            peer = await self._peer(remote_host, remote_port, remote_engine_id)
+            if peer.agent_name is not None and self._agent is not None:
+                self._agent.send_notif(peer.agent_name, remote_request_id.encode())
+            else:
+                await self._rpc(remote_host, remote_port, {"op": "release", "request_id": remote_request_id})
+        except KVTransferError as exc:
+            log.info("could not notify %s:%s to free %s: %s", remote_host, remote_port, remote_request_id, exc)
+        except Exception as exc:  # a NIXL error must not kill the caller
+            log.info("NIXL notification to %s failed: %s", remote_engine_id, exc)
 
     def _forget(self, host: str, port: int, engine_id: str) -> None:
         """Drop a cached peer (it may have restarted with a new agent and buffer)."""

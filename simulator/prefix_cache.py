@@ -25,6 +25,38 @@ class Block:
     digest: bytes | None = None  # vLLM block hash once full and cached
 
 
+class BlockKeys:
+    """A request's per-block extra keys, for the hash and for the events.
+
+    vLLM 0.33 hashes tagged entries — ``("lora", name, path)`` on every block and
+    ``("cache_salt", salt)`` on block 0 — while its BlockStored events carry the same keys
+    untagged (``[name, salt]`` on block 0, ``[name]`` after). ``lora_name``/``lora_id`` go
+    into the events as vLLM sets them.
+    """
+
+    __slots__ = ("lora_name", "lora_id", "_h0", "_h", "_e0", "_e")
+
+    def __init__(self, lora: str | None = None, lora_path: str | None = None, salt: str | None = None, lora_id: int | None = None) -> None:
+        self.lora_name = lora
+        self.lora_id = lora_id if lora else None
+        lora_t = (("lora", lora, lora_path or f"/adapters/{lora}"),) if lora else ()
+        salt_t = (("cache_salt", salt),) if salt else ()
+        self._h0 = (lora_t + salt_t) or None
+        self._h = lora_t or None
+        self._e0 = ([lora] if lora else []) + ([salt] if salt else []) or None
+        self._e = [lora] if lora else None
+
+    def hash_key(self, i: int) -> tuple | None:
+        return self._h0 if i == 0 else self._h
+
+    def event_key(self, i: int) -> list | None:
+        e = self._e0 if i == 0 else self._e
+        return list(e) if e is not None else None
+
+
+NO_KEYS = BlockKeys()
+
+
 @dataclass(slots=True)
 class Allocation:
     """Blocks a request holds: the cached prefix it reused plus the blocks it computes."""
@@ -58,12 +90,14 @@ class PrefixCache:
     def block_digest(self, parent: bytes | None, tokens: Sequence[int], extra: tuple | None) -> bytes:
         return self._hash((parent or self._none, tuple(tokens), extra))
 
-    def prompt_digests(self, tokens: Sequence[int], extra_keys: list[tuple | None]) -> list[bytes]:
+    def prompt_digests(self, tokens: Sequence[int], keys: BlockKeys = NO_KEYS, n_full: int | None = None) -> list[bytes]:
+        """vLLM's chained digests of the first ``n_full`` (default: all) full blocks of ``tokens``."""
         bs = self.block_size
         out: list[bytes] = []
         parent = None
-        for i in range(len(tokens) // bs):
-            parent = self.block_digest(parent, tokens[i * bs : (i + 1) * bs], extra_keys[i] if i < len(extra_keys) else None)
+        n = len(tokens) // bs if n_full is None else n_full
+        for i in range(n):
+            parent = self.block_digest(parent, tokens[i * bs : (i + 1) * bs], keys.hash_key(i))
             out.append(parent)
         return out
 
@@ -91,14 +125,19 @@ class PrefixCache:
             blk.digest = None
         return bid
 
-    def allocate_prompt(self, digests: Sequence[bytes], total_tokens: int, count_query: bool = True) -> Allocation:
+    def allocate_prompt(
+        self, digests: Sequence[bytes], total_tokens: int, *, max_hit_blocks: int | None = None, prompt_tokens: int | None = None, count_query: bool = True
+    ) -> Allocation:
         """Reuse the cached prefix of ``digests`` and reserve blocks for the rest of ``total_tokens``.
 
-        Raises NoSpace (changing nothing) when the free queue cannot cover the new blocks.
+        ``max_hit_blocks`` caps the reuse (vLLM looks up at most ``prompt - 1`` tokens, so the
+        last prompt token is always computed); ``prompt_tokens`` is what the query counters
+        count (vLLM: the request's tokens). Raises NoSpace (changing nothing) when the free
+        queue cannot cover the new blocks.
         """
         hit = self.match_prefix(digests)
-        # never reuse the *whole* prompt: vLLM recomputes at least the last token
-        full_prompt_blocks = len(digests)
+        if max_hit_blocks is not None:
+            hit = min(hit, max(0, max_hit_blocks))
         needed_blocks = -(-total_tokens // self.block_size)
         reused_ids = [self.cached[d] for d in digests[:hit]]
         reusable_free = sum(1 for b in reused_ids if self.blocks[b].ref == 0)
@@ -118,7 +157,7 @@ class PrefixCache:
             self.blocks[bid].ref = 1
             alloc.blocks.append(bid)
         if count_query:
-            self.queries += total_tokens if total_tokens < full_prompt_blocks * self.block_size else full_prompt_blocks * self.block_size
+            self.queries += total_tokens if prompt_tokens is None else prompt_tokens
             self.hits += hit * self.block_size
         return alloc
 
@@ -131,7 +170,7 @@ class PrefixCache:
             self.blocks[bid].ref = 1
             alloc.blocks.append(bid)
 
-    def commit_full_blocks(self, alloc: Allocation, tokens: Sequence[int], extra_keys: list[tuple | None], lora_name: str | None = None) -> list[int]:
+    def commit_full_blocks(self, alloc: Allocation, tokens: Sequence[int], keys: BlockKeys = NO_KEYS) -> list[int]:
         """Hash and cache every block of ``alloc`` that ``tokens`` now fills; queue BlockStored.
 
         Returns the ids of newly cached blocks (for P/D, whose KV bytes get written).
@@ -146,23 +185,22 @@ class PrefixCache:
         parent = alloc.digests[-1] if alloc.digests else None
         for i in range(start, full):
             block_tokens = tokens[i * bs : (i + 1) * bs]
-            extra = extra_keys[i] if i < len(extra_keys) else None
-            digest = self.block_digest(parent, block_tokens, extra)
+            digest = self.block_digest(parent, block_tokens, keys.hash_key(i))
             alloc.digests.append(digest)
             parent = digest
             bid = alloc.blocks[i]
             if digest in self.cached:  # an identical block is cached already (computed twice at once)
-                self._emit_stored(alloc, run, tokens, extra_keys, lora_name)
+                self._emit_stored(alloc, run, tokens, keys)
                 run = []
                 continue
             self.blocks[bid].digest = digest
             self.cached[digest] = bid
             run.append(i)
             new_ids.append(bid)
-        self._emit_stored(alloc, run, tokens, extra_keys, lora_name)
+        self._emit_stored(alloc, run, tokens, keys)
         return new_ids
 
-    def _emit_stored(self, alloc: Allocation, run: list[int], tokens: Sequence[int], extra_keys: list[tuple | None], lora_name: str | None) -> None:
+    def _emit_stored(self, alloc: Allocation, run: list[int], tokens: Sequence[int], keys: BlockKeys) -> None:
         """One BlockStored for a run of consecutive blocks, chained to the block before it."""
         if not run:
             return
@@ -174,10 +212,10 @@ class PrefixCache:
                 parent_block_hash=event_hash(alloc.digests[first - 1]) if first > 0 else None,
                 token_ids=list(tokens[first * bs : (run[-1] + 1) * bs]),
                 block_size=bs,
-                lora_id=None,
+                lora_id=keys.lora_id,
                 medium="GPU",
-                lora_name=lora_name,
-                extra_keys=[extra_keys[i] if i < len(extra_keys) else None for i in run],
+                lora_name=keys.lora_name,
+                extra_keys=[keys.event_key(i) for i in run],
                 group_idx=0,
             )
         )
@@ -195,14 +233,15 @@ class PrefixCache:
                     self.free[bid] = None
         alloc.blocks = []
 
-    def reset(self) -> bool:
-        """Drop every cached block (vLLM refuses while blocks are in use)."""
-        if any(b.ref for b in self.blocks):
+    def reset(self, force: bool = False) -> bool:
+        """Drop every cached block. vLLM refuses while blocks are in use, unless ``force``
+        (``reset_running_requests``): then blocks in use stay allocated but stop being cached."""
+        if not force and any(b.ref for b in self.blocks):
             return False
         for b in self.blocks:
             b.digest = None
         self.cached.clear()
-        self.free = OrderedDict((i, None) for i in range(self.num_blocks))
+        self.free = OrderedDict((b.id, None) for b in self.blocks if b.ref == 0)
         self.pending.append(AllBlocksCleared())
         return True
 

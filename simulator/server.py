@@ -2,9 +2,17 @@
 
 Endpoints, response and stream-chunk shapes, error bodies and status codes follow vLLM's
 ``vllm serve``: completions and chat (SSE with ``data: [DONE]``, a usage chunk when
-``stream_options.include_usage``), ``usage.prompt_tokens_details.cached_tokens``, /v1/models,
-/v1/embeddings, /tokenize, /detokenize, /health, /version, /metrics, /reset_prefix_cache, and
-the NixlConnector's ``kv_transfer_params`` for prefill→decode.
+``stream_options.include_usage``, per-chunk usage with ``continuous_usage_stats``),
+``usage.prompt_tokens_details.cached_tokens`` (as vLLM with ``--enable-prompt-tokens-details``),
+/v1/models (LoRA adapters as child cards), /v1/embeddings, /tokenize, /detokenize, /health,
+/version, /metrics, /reset_prefix_cache, and the NixlConnector's ``kv_transfer_params`` for
+prefill→decode.
+
+Errors come in vLLM's two flavours: request-validation errors (FastAPI/pydantic level: bad
+JSON, wrong types, a wrong content type) answer 400 with ``type: "Bad Request"`` and a
+"N validation error(s)" message; serving errors (unknown model 404, context too long,
+max_tokens out of range) answer with ``type: "BadRequestError"``/``"NotFoundError"``.
+A client that disconnects aborts its request in the engine (blocks freed at once).
 """
 
 from __future__ import annotations
@@ -36,12 +44,34 @@ from .metrics import SimMetrics
 log = logging.getLogger("kvgate.sim")
 
 VLLM_VERSION = "0.33.0"
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 class SimError(Exception):
     def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def bad_request(message: str, param: str | None = None) -> SimError:
+    """A serving-level 400, as vLLM's create_error_response makes for a VLLMValidationError."""
+    return SimError(400, message, "BadRequestError", param)
+
+
+def invalid(errors: list[dict | str], param: str | None = None) -> SimError:
+    """A request-validation 400, as vLLM's RequestValidationError handler renders it."""
+    label = "error" if len(errors) == 1 else "errors"
+    message = f"{len(errors)} validation {label}:\n" + "".join(f"  {e}\n" for e in errors)
+    return SimError(400, message.rstrip(), "Bad Request", param)
+
+
+def field_error(field: str, kind: str, msg: str, value: Any) -> SimError:
+    return invalid([{"type": kind, "loc": ("body", field), "msg": msg, "input": value}], f"body.{field}")
+
+
+def value_error(msg: str, param: str | None) -> SimError:
+    """A model validator's VLLMValidationError, surfacing through pydantic."""
+    return invalid([{"type": "value_error", "loc": ("body",), "msg": f"Value error, {msg}"}], param)
 
 
 def error_response(e: SimError) -> JSONResponse:
@@ -57,6 +87,53 @@ def block_bytes_for(digest: bytes, size: int) -> bytes:
     return hashlib.shake_256(digest).digest(size)
 
 
+# -- pydantic-level field checks (what vLLM's request models reject before any serving code) --
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_int(body: dict, name: str, lo: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v):
+        raise field_error(name, "int_type", "Input should be a valid integer", v)
+    if lo is not None and v < lo:
+        raise field_error(name, "greater_than_equal", f"Input should be greater than or equal to {lo}", v)
+    return v
+
+
+def _opt_bool(body: dict, name: str) -> bool | None:
+    v = body.get(name)
+    if v is None or isinstance(v, bool):
+        return v
+    raise field_error(name, "bool_type", "Input should be a valid boolean", v)
+
+
+def _opt_number(body: dict, name: str) -> None:
+    v = body.get(name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise field_error(name, "float_type", "Input should be a valid number", v)
+
+
+def _opt_str(body: dict, name: str) -> str | None:
+    v = body.get(name)
+    if v is None or isinstance(v, str):
+        return v
+    raise field_error(name, "string_type", "Input should be a valid string", v)
+
+
+def _opt_dict(body: dict, name: str) -> dict | None:
+    v = body.get(name)
+    if v is None or isinstance(v, dict):
+        return v
+    raise field_error(name, "dict_type", "Input should be a valid dictionary", v)
+
+
 class SimServer:
     """One simulated vLLM replica: engine, events, KV transfer, HTTP app."""
 
@@ -64,7 +141,7 @@ class SimServer:
         cfg.validate()
         self.cfg = cfg
         self.tok = load_tokenizer(cfg.tokenizer)
-        self.metrics = SimMetrics(cfg.model)
+        self.metrics = SimMetrics(cfg.model, lora_modules=cfg.lora_modules)
         self.zmq_ctx = zmq_ctx
         self.publisher: EventPublisher | None = None
         self.engine: Engine | None = None
@@ -72,6 +149,10 @@ class SimServer:
         self.engine_id = cfg.engine_id or f"sim-{cfg.host}-{cfg.port}-{uuid.uuid4().hex[:6]}"
         self.leases: dict[str, tuple[EngineRequest, asyncio.TimerHandle]] = {}
         self.created = int(time.time())
+        # LoRA adapters get vLLM's lora_int_id (1, 2, ... in load order) and a path
+        self.lora_ids = {name: i + 1 for i, name in enumerate(cfg.lora_modules)}
+        # the longest token string: no text longer than max_input_tokens × this can fit (vLLM's precheck)
+        self._max_chars_per_token = max(1, max((len(t) for t in self.tok._tok.get_vocab()), default=1))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -90,17 +171,22 @@ class SimServer:
             self.publisher.start()
         self.engine = Engine(cfg, self.tok, self.publisher.publish if self.publisher else None)
         self.engine.on_finished.append(self._on_finished)
+        self.engine.on_first_token.append(lambda r, ttft: self.metrics.observe_ttft(ttft))
         if cfg.role in ("prefill", "decode", "both"):
             self.transfer = KVTransfer(self.engine_id, cfg.num_blocks, cfg.kv_block_bytes, host=cfg.host, prefer_nixl=cfg.prefer_nixl and cfg.role != "both")
             await self.transfer.start()
             self.transfer.set_release_callback(self._release_lease)
+            self.transfer.has_pending = lambda: bool(self.leases)
             self.engine.on_prefill_done = self._prefill_done
             self.engine.pull_remote = self._pull
+            self.engine.on_remote_abort = self._remote_abort
         self.engine.start()
 
     async def stop(self) -> None:
         if self.engine is not None:
             await self.engine.stop()
+        for _, timer in self.leases.values():
+            timer.cancel()
         if self.transfer is not None:
             await self.transfer.close()
         if self.publisher is not None:
@@ -119,7 +205,14 @@ class SimServer:
                 data = block_bytes_for(repr(req.prompt[i * bs :]).encode(), self.cfg.kv_block_bytes)
             self.transfer.write_block(bid, data)
         loop = asyncio.get_running_loop()
-        self.leases[req.id] = (req, loop.call_later(self.cfg.lease_s, self._release_lease, req.id))
+        self.leases[req.engine_id] = (req, loop.call_later(self.cfg.lease_s, self._expire_lease, req.engine_id))
+        self.transfer.wake()
+
+    def _expire_lease(self, request_id: str) -> None:
+        if request_id in self.leases:
+            log.warning("KV of %s was not pulled within %.1f s: freeing its blocks", request_id, self.cfg.lease_s)
+            self.metrics.nixl_expired.labels(*self.metrics.lv).inc()
+        self._release_lease(request_id)
 
     def _release_lease(self, request_id: str) -> None:
         item = self.leases.pop(request_id, None)
@@ -130,179 +223,320 @@ class SimServer:
         assert self.engine is not None
         self.engine.release_remote(req)
 
-    async def _pull(self, req: EngineRequest) -> bool:
-        """Decode role: pull the prompt's KV from the prefill replica and verify it."""
-        assert self.transfer is not None and req.alloc is not None
-        p = req.remote_prefill or {}
+    def _remote_ids(self, p: dict) -> list[int]:
         remote_ids = p.get("remote_block_ids") or []
         if remote_ids and isinstance(remote_ids[0], list):
             remote_ids = remote_ids[0]  # one KV-cache group
-        n = min(len(remote_ids), -(-len(req.prompt) // self.cfg.block_size))
-        local_ids = req.alloc.blocks[:n]
-        try:
-            await self.transfer.pull(
-                remote_host=str(p.get("remote_host")),
-                remote_port=int(p.get("remote_port")),
-                remote_engine_id=str(p.get("remote_engine_id")),
-                remote_request_id=str(p.get("remote_request_id")),
-                remote_block_ids=[int(x) for x in remote_ids[:n]],
-                local_block_ids=local_ids,
+        return [int(x) for x in remote_ids]
+
+    def _remote_abort(self, req: EngineRequest) -> None:
+        """Decode role: aborted before pulling; tell the prefill replica to free its blocks."""
+        p = req.remote_prefill or {}
+        if self.transfer is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(
+                self.transfer.notify_release(str(p.get("remote_host")), int(p.get("remote_port") or 0), str(p.get("remote_engine_id")), str(p.get("remote_request_id")))
             )
-        except (KVTransferError, TypeError, ValueError) as exc:
-            log.warning("KV pull failed for %s: %s (recomputing)", req.id, exc)
+
+    async def _pull(self, req: EngineRequest) -> bool:
+        """Decode role: pull the KV of the blocks not cached here from the prefill replica, verify it."""
+        assert self.transfer is not None and req.alloc is not None and self.engine is not None
+        p = req.remote_prefill or {}
+        bs = self.cfg.block_size
+        try:
+            remote_ids = self._remote_ids(p)
+            host, port, eid, rid = str(p.get("remote_host")), int(p.get("remote_port")), str(p.get("remote_engine_id")), str(p.get("remote_request_id"))
+        except (TypeError, ValueError) as exc:
+            log.warning("bad kv_transfer_params for %s: %s (recomputing)", req.id, exc)
             return False
-        # verify every full block against the hash this replica computes itself
-        assert self.engine is not None
-        digests = self.engine.cache.prompt_digests(req.prompt, self.engine.extra_keys(req, len(req.prompt) // self.cfg.block_size))
-        for i, d in enumerate(digests[:n]):
-            if self.transfer.read_block(local_ids[i]) != block_bytes_for(d, self.cfg.kv_block_bytes):
+        n = min(len(remote_ids), -(-len(req.prompt) // bs))
+        hit = min(req.alloc.cached_blocks, n)
+        local_ids = req.alloc.blocks[hit:n]
+        t0 = time.perf_counter()
+        try:
+            if local_ids:
+                # vLLM reads only the blocks that missed the local prefix cache (the tail)
+                await self.transfer.pull(
+                    remote_host=host, remote_port=port, remote_engine_id=eid, remote_request_id=rid,
+                    remote_block_ids=remote_ids[hit:n], local_block_ids=local_ids,
+                )
+            else:
+                await self.transfer.notify_release(host, port, eid, rid)  # full local hit: just free the prefill's blocks
+        except KVTransferError as exc:
+            log.warning("KV pull failed for %s: %s (recomputing)", req.id, exc)
+            self.metrics.nixl_failed.labels(*self.metrics.lv).inc()
+            return False
+        if local_ids and self.transfer.last_backend == "nixl":
+            self.metrics.observe_nixl(time.perf_counter() - t0, len(local_ids) * self.cfg.kv_block_bytes, len(local_ids))
+        # verify every pulled full block against the hash this replica computes itself
+        assert req.keys is not None
+        digests = self.engine.cache.prompt_digests(req.prompt, req.keys)
+        for i in range(hit, min(n, len(digests))):
+            if self.transfer.read_block(req.alloc.blocks[i]) != block_bytes_for(digests[i], self.cfg.kv_block_bytes):
                 log.warning("KV block %d of %s failed verification (recomputing)", i, req.id)
+                self.metrics.kv_verify_failed.labels(*self.metrics.lv).inc()
                 return False
         return True
 
     def _on_finished(self, req: EngineRequest) -> None:
-        if req.finished_at is not None and req.finish_reason != FINISH_ABORT:
-            self.metrics.observe_e2e(req.finished_at - req.arrival)
+        self.metrics.finished(req)
 
     # -- request parsing ------------------------------------------------------------------------
 
     def _check_model(self, body: dict) -> str | None:
-        model = body.get("model")
-        if model is None:
+        model = _opt_str(body, "model")
+        if not model or model == self.cfg.model:
             return None
-        if model == self.cfg.model:
-            return None
-        if model in self.cfg.lora_modules:
+        if model in self.lora_ids:
             return model
         raise SimError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
 
-    def _prompt_tokens(self, kind: str, body: dict) -> list[int]:
+    def _check_fields(self, kind: str, body: dict) -> None:
+        """Types and model validators of vLLM's ChatCompletionRequest / CompletionRequest."""
+        for name in ("max_tokens", "max_completion_tokens", "n", "min_tokens", "logprobs" if kind != "chat" else "top_logprobs", "prompt_logprobs"):
+            _opt_int(body, name)
+        for name in ("seed", "priority"):
+            v = _opt_int(body, name)
+            if v is not None and not _INT64[0] <= v <= _INT64[1]:
+                raise field_error(name, "less_than_equal", f"Input should be less than or equal to {_INT64[1]}", v)
+        for name in ("stream", "echo", "ignore_eos", "add_special_tokens", "skip_special_tokens", "include_stop_str_in_output", "add_generation_prompt", "continue_final_message"):
+            _opt_bool(body, name)
+        for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+            _opt_number(body, name)
+        _opt_str(body, "request_id")
+        _opt_str(body, "user")
+        _opt_dict(body, "kv_transfer_params")
+        so = _opt_dict(body, "stream_options")
+        if so is not None:
+            for k in ("include_usage", "continuous_usage_stats"):
+                _opt_bool(so, k)
+        stop = body.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            raise field_error("stop", "string_type", "Input should be a valid string", stop)
+        salt = body.get("cache_salt")
+        if salt is not None:
+            if not isinstance(salt, str):
+                raise field_error("cache_salt", "string_type", "Input should be a valid string", salt)
+            if not salt:
+                raise value_error("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
+            if len(salt) > 1024:
+                raise field_error("cache_salt", "string_too_long", "String should have at most 1024 characters", salt[:32] + "...")
+        if body.get("stream_options") and not body.get("stream"):
+            raise value_error("Stream options can only be defined when `stream=True`.", "stream_options")
         if kind == "chat":
             msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs:
-                raise SimError(400, "messages must be a non-empty list", param="messages")
+            if msgs is None:
+                raise invalid([{"type": "missing", "loc": ("body", "messages"), "msg": "Field required"}], "body.messages")
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+                raise field_error("messages", "list_type", "Input should be a valid list of messages", msgs if not isinstance(msgs, list) else "...")
+            if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+                raise value_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.", None)
+        else:
+            prompt = body.get("prompt")
+            if prompt is None or prompt == "" or prompt == []:
+                raise value_error("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+            ok = isinstance(prompt, str) or (
+                isinstance(prompt, list)
+                and (
+                    all(_is_int(t) and t >= 0 for t in prompt)
+                    or all(isinstance(p, str) for p in prompt)
+                    or all(isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p) for p in prompt)
+                )
+            )
+            if not ok:
+                raise field_error("prompt", "union_type", "Input should be a string, a list of strings, or a list of (lists of) token ids >= 0", "...")
+
+    def _prompts(self, kind: str, body: dict) -> list[list[int]]:
+        """The request's prompt(s) as token ids, tokenized as vLLM's renderer does."""
+        if kind == "chat":
+            msgs = body["messages"]
             kwargs: dict[str, Any] = {
                 "add_generation_prompt": body.get("add_generation_prompt", True),
                 "continue_final_message": body.get("continue_final_message", False),
                 "tools": body.get("tools"),
             }
+            if isinstance(body.get("chat_template"), str):
+                kwargs["chat_template"] = body["chat_template"]
             if isinstance(body.get("chat_template_kwargs"), dict):
                 kwargs.update(body["chat_template_kwargs"])
             try:
-                ids = self.tok.encode_chat(msgs, **kwargs)
+                text = self.tok.apply_chat_template(msgs, **kwargs)
             except ChatTemplateError as exc:
-                raise SimError(400, str(exc), param="messages") from None
-            if body.get("add_special_tokens"):
-                ids = self.tok.encode(self.tok.apply_chat_template(msgs, **kwargs), add_special_tokens=True)
-            return ids
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
+                raise bad_request(str(exc)) from None
+            self._check_text_len(text, self._check_out(kind, body))
+            return [self.tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))]
+        prompt = body["prompt"]
+        add_special = body.get("add_special_tokens", True) is not False
+        out = self._check_out(kind, body)
+        for p in [prompt] if isinstance(prompt, str) else prompt:
+            if isinstance(p, str):
+                self._check_text_len(p, out)
         if isinstance(prompt, str):
-            return self.tok.encode(prompt, add_special_tokens=body.get("add_special_tokens", True))
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            if any(t < 0 or t >= self.tok.vocab_size for t in prompt):
-                raise SimError(400, f"Token id out of vocabulary (size {self.tok.vocab_size})", param="prompt")
-            return list(prompt)
-        if isinstance(prompt, list) and len(prompt) > 1:
-            raise SimError(400, "this simulator serves one prompt per request", param="prompt")
-        raise SimError(400, "prompt must be a string, a list with one string, or a list of token ids", param="prompt")
+            return [self.tok.encode(prompt, add_special_tokens=add_special)]
+        if prompt and _is_int(prompt[0]):
+            prompts = [list(prompt)]
+        else:
+            prompts = [self.tok.encode(p, add_special_tokens=add_special) if isinstance(p, str) else list(p) for p in prompt]
+        vocab = self.tok.vocab_size
+        for p in prompts:
+            top = max(p, default=0)
+            if top >= vocab:
+                raise bad_request(f"Token id {top} is out of vocabulary", "prompt")
+        return prompts
 
-    def _sampling(self, kind: str, body: dict, n_prompt: int) -> tuple[int, int, list[str]]:
-        max_tokens = body.get("max_completion_tokens") if kind == "chat" and body.get("max_completion_tokens") is not None else body.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = self.cfg.max_model_len - n_prompt if kind == "chat" else 16
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise SimError(400, "max_tokens must be at least 1, got %r." % (max_tokens,), param="max_tokens")
-        if n_prompt + max_tokens > self.cfg.max_model_len:
-            if n_prompt >= self.cfg.max_model_len:
-                raise SimError(
-                    400,
-                    f"This model's maximum context length is {self.cfg.max_model_len} tokens. However, your request has {n_prompt} input tokens. "
-                    "Please reduce the length of the input messages.",
-                    param="messages" if kind == "chat" else "prompt",
-                )
-            raise SimError(
-                400,
-                f"This model's maximum context length is {self.cfg.max_model_len} tokens. However, you requested {n_prompt + max_tokens} tokens "
-                f"({n_prompt} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
-                param="max_tokens",
+    def _requested(self, kind: str, body: dict) -> tuple[int | None, str]:
+        """The output tokens the request asks for (None: up to the context) and the field's name."""
+        if kind == "chat":
+            if body.get("max_completion_tokens") is not None:
+                return body["max_completion_tokens"], "max_completion_tokens"
+            return body.get("max_tokens"), "max_tokens"
+        v = body.get("max_tokens")
+        return (16 if v is None else v), "max_tokens"
+
+    def _check_out(self, kind: str, body: dict) -> int:
+        """TokenizeParams' first check: the output alone must fit the context."""
+        requested, name = self._requested(kind, body)
+        out, L = requested or 0, self.cfg.max_model_len
+        if out > L:
+            raise bad_request(f"{name}={out} cannot be greater than max_model_len=max_total_tokens={L}. Please request fewer output tokens.", name)
+        return out
+
+    def _check_text_len(self, text: str, out: int) -> None:
+        """vLLM's renderer refuses a text prompt longer than any tokenization of it could fit."""
+        L = self.cfg.max_model_len
+        limit = (L - out) * self._max_chars_per_token
+        if len(text) > limit:
+            raise bad_request(
+                f"This model's maximum context length is {L} tokens. However, you requested {out} output tokens and your prompt contains "
+                f"{len(text)} characters (more than {limit} characters, which is the upper bound for {L - out} input tokens). "
+                "Please reduce the length of the input prompt or the number of requested output tokens.",
+                "input_text",
             )
-        n = body.get("n", 1)
-        if n != 1:
-            raise SimError(400, "n > 1 is not supported by the simulator", param="n")
-        min_tokens = body.get("min_tokens", 0) or 0
-        stop = body.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise SimError(400, "stop must be a string or a list of strings", param="stop")
-        return max_tokens, int(min_tokens), stop
+
+    def _max_tokens(self, kind: str, body: dict, prompt_len: int) -> int:
+        """vLLM's length checks (renderer) and max_tokens default (get_max_tokens)."""
+        L = self.cfg.max_model_len
+        requested, _ = self._requested(kind, body)
+        out = self._check_out(kind, body)
+        if prompt_len > L - out:
+            raise bad_request(
+                f"This model's maximum context length is {L} tokens. However, you requested {out} output tokens and your prompt contains "
+                f"{prompt_len} input tokens, for a total of {prompt_len + out} tokens. "
+                "Please reduce the length of the input prompt or the number of requested output tokens.",
+                "input_tokens",
+            )
+        max_tokens = L - prompt_len if requested is None else min(requested, L - prompt_len)
+        if max_tokens < 1:
+            raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+        return max_tokens
 
     # -- generation -----------------------------------------------------------------------------
 
     async def generate(self, request: Request, kind: str) -> Response:
         try:
+            ctype = request.headers.get("content-type", "").lower().split(";", 1)[0].strip()
+            if ctype != "application/json":
+                raise invalid(["Unsupported Media Type: Only 'application/json' is allowed"])
+            raw = await request.body()
             try:
-                body = msgspec.json.decode(await request.body())
+                body = msgspec.json.decode(raw)
             except msgspec.DecodeError as exc:
-                raise SimError(400, f"Invalid JSON: {exc}") from None
+                raise invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error", "input": {}, "ctx": {"error": str(exc)}}], "body.0") from None
             if not isinstance(body, dict):
-                raise SimError(400, "request body must be a JSON object")
+                raise invalid([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from", "input": body}], "body")
+            self._check_fields(kind, body)
             lora = self._check_model(body)
-            prompt = self._prompt_tokens(kind, body)
-            max_tokens, min_tokens, stop = self._sampling(kind, body, len(prompt))
-            stream = bool(body.get("stream", False))
-            if "stream" in body and not isinstance(body["stream"], bool):
-                raise SimError(400, "stream must be a boolean", param="stream")
+            n = body.get("n")
+            if n is not None and n != 1:
+                raise bad_request("n != 1 is not supported by this simulator", "n")
+            prompts = self._prompts(kind, body)
+            max_tokens = [self._max_tokens(kind, body, len(p)) for p in prompts]
         except SimError as e:
             return error_response(e)
-        kvp = body.get("kv_transfer_params") if isinstance(body.get("kv_transfer_params"), dict) else None
-        rid_header = request.headers.get("x-request-id")
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        req_id = f"{prefix}-{rid_header or uuid.uuid4().hex}"
-        engine_req = EngineRequest(
-            id=req_id,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            min_tokens=min_tokens,
-            stop=stop,
-            lora=lora,
-            salt=body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None,
-        )
-        if kvp and kvp.get("do_remote_decode"):
-            engine_req.remote_decode = True
-            engine_req.max_tokens = 1
-        elif kvp and kvp.get("do_remote_prefill") and kvp.get("remote_engine_id"):
-            engine_req.remote_prefill = kvp
+        stream = bool(body.get("stream"))
+        kvp = body.get("kv_transfer_params")
+        base_id = request.headers.get("x-request-id") or body.get("request_id") or uuid.uuid4().hex
+        resp_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{base_id}"
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        min_tokens = body.get("min_tokens") or 0
+        reqs: list[EngineRequest] = []
+        for i, (prompt, mt) in enumerate(zip(prompts, max_tokens)):
+            r = EngineRequest(
+                id=resp_id if kind == "chat" else f"{resp_id}-{i}",
+                prompt=prompt,
+                max_tokens=mt,
+                min_tokens=min_tokens,
+                stop=stop,
+                lora=lora,
+                lora_id=self.lora_ids.get(lora) if lora else None,
+                salt=body.get("cache_salt"),
+                stream=stream,
+            )
+            if kvp and kvp.get("do_remote_decode") and self.transfer is not None:
+                r.remote_decode = True
+                r.max_tokens = 1  # the prefill hop generates one token, as vLLM's proxy asks
+            elif kvp and kvp.get("do_remote_prefill") and kvp.get("remote_engine_id") and self.transfer is not None:
+                r.remote_prefill = dict(kvp)
+            reqs.append(r)
         assert self.engine is not None
-        self.engine.add(engine_req)
-        headers = {"x-request-id": rid_header} if rid_header else {}
+        for r in reqs:
+            self.engine.add(r)
+        headers = {"x-request-id": request.headers["x-request-id"]} if "x-request-id" in request.headers else {}
         model = lora or self.cfg.model
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
+        include_usage = continuous = False
+        so = body.get("stream_options")
+        if isinstance(so, dict):
+            include_usage = bool(so.get("include_usage", True))  # StreamOptions.include_usage defaults to True
+            continuous = include_usage and bool(so.get("continuous_usage_stats"))
         if stream:
-            gen = self._stream(kind, engine_req, model, include_usage)
-            return _AbortingStream(gen, self.engine, engine_req, media_type="text/event-stream", headers=headers)
-        try:
-            while True:
-                _, finish = await engine_req.events.get()
-                if finish is not None:
-                    break
-        except asyncio.CancelledError:
-            self.engine.abort(engine_req)
-            raise
-        return Response(_json(self._final_body(kind, engine_req, model)), media_type="application/json", headers=headers)
+            gen = self._stream(kind, reqs, resp_id, model, include_usage, continuous, body)
+            return _AbortingStream(gen, self.engine, reqs, media_type="text/event-stream", headers=headers)
+        if not await self._wait_or_disconnect(request, reqs):
+            for r in reqs:
+                self.engine.abort(r)
+            return error_response(bad_request("Client disconnected"))
+        return Response(_json(self._final_body(kind, reqs, resp_id, model)), media_type="application/json", headers=headers)
 
-    def _usage(self, r: EngineRequest) -> dict:
-        return {
-            "prompt_tokens": len(r.prompt),
-            "total_tokens": len(r.prompt) + len(r.output),
-            "completion_tokens": len(r.output),
-            "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
-        }
+    async def _wait_or_disconnect(self, request: Request, reqs: list[EngineRequest]) -> bool:
+        """Wait for every request to finish; False if the client went away first (vLLM's with_cancellation)."""
+        if all(r.done.is_set() for r in reqs):
+            return True
+
+        async def all_done() -> None:
+            for r in reqs:
+                await r.done.wait()
+
+        async def disconnected() -> None:
+            while True:
+                msg = await request.receive()
+                if msg["type"] == "http.disconnect":
+                    return
+
+        done = asyncio.ensure_future(all_done())
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (done, gone):
+                t.cancel()
+        return done.done() and not done.cancelled() and all(r.done.is_set() for r in reqs)
+
+    def _usage(self, reqs: list[EngineRequest], full: bool) -> dict:
+        p = sum(len(r.prompt) for r in reqs)
+        c = sum(len(r.output) for r in reqs)
+        details: dict[str, Any] = {"cached_tokens": reqs[-1].cached_tokens}
+        if full:
+            details.update(created_cache_tokens=None, multimodal_tokens=None)
+        usage: dict[str, Any] = {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c, "prompt_tokens_details": details}
+        if full:
+            usage["completion_tokens_details"] = None
+        return usage
 
     def _kv_params_out(self, r: EngineRequest) -> dict | None:
-        if not r.remote_decode or r.alloc is None or self.transfer is None:
+        """What NixlConnector.request_finished returns for a length-capped prefill (else None)."""
+        if not r.remote_decode or r.alloc is None or self.transfer is None or r.engine_id not in self.leases:
             return None
         n = -(-len(r.prompt) // self.cfg.block_size)
         return {
@@ -310,57 +544,89 @@ class SimServer:
             "do_remote_decode": False,
             "remote_block_ids": [list(r.alloc.blocks[:n])],
             "remote_engine_id": self.engine_id,
-            "remote_request_id": r.id,
+            "remote_request_id": r.engine_id,
             "remote_host": self.cfg.host,
             "remote_port": self.transfer.side_channel_port,
             "tp_size": 1,
         }
 
-    def _final_body(self, kind: str, r: EngineRequest, model: str) -> dict:
+    def _final_body(self, kind: str, reqs: list[EngineRequest], resp_id: str, model: str) -> dict:
         created = int(time.time())
-        finish = r.finish_reason if r.finish_reason != FINISH_ABORT else "abort"
+        kvp = self._kv_params_out(reqs[0])
         if kind == "chat":
+            r = reqs[0]
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": r.text, "refusal": None, "annotations": None, "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None},
+                "message": {"role": "assistant", "content": r.text, "refusal": None, "annotations": None, "audio": None, "function_call": None, "reasoning": None},
                 "logprobs": None,
-                "finish_reason": finish,
-                "stop_reason": None,
+                "finish_reason": r.finish_reason,
+                "stop_reason": r.stop_reason,
+                "token_ids": None,
+                "routed_experts": None,
             }
-            return {"id": r.id, "object": "chat.completion", "created": created, "model": model, "choices": [choice], "service_tier": None, "system_fingerprint": None, "usage": self._usage(r), "prompt_logprobs": None, "kv_transfer_params": self._kv_params_out(r)}
-        choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": finish, "stop_reason": None, "prompt_logprobs": None}
-        return {"id": r.id, "object": "text_completion", "created": created, "model": model, "choices": [choice], "service_tier": None, "system_fingerprint": None, "usage": self._usage(r), "kv_transfer_params": self._kv_params_out(r)}
+            return {
+                "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+                "service_tier": None, "system_fingerprint": None, "usage": self._usage(reqs, True), "prompt_logprobs": None,
+                "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": kvp, "ec_transfer_params": None, "metrics": None,
+            }
+        choices = [
+            {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason, "token_ids": None,
+             "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
+            for i, r in enumerate(reqs)
+        ]
+        return {
+            "id": resp_id, "object": "text_completion", "created": created, "model": model, "choices": choices, "service_tier": None,
+            "system_fingerprint": None, "usage": self._usage(reqs, True), "kv_transfer_params": kvp, "ec_transfer_params": None, "metrics": None,
+        }
 
-    async def _stream(self, kind: str, r: EngineRequest, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, kind: str, reqs: list[EngineRequest], resp_id: str, model: str, include_usage: bool, continuous: bool, body: dict) -> AsyncIterator[bytes]:
         created = int(time.time())
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        chat = kind == "chat"
+        obj = b'"chat.completion.chunk"' if chat else b'"text_completion"'
+        head = b'data: {"id":' + _json(resp_id) + b',"object":' + obj + b',"created":' + str(created).encode() + b',"model":' + _json(model) + b',"choices":'
 
-        def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
-            body: dict[str, Any] = {"id": r.id, "object": obj, "created": created, "model": model, "choices": [choice] if choice else []}
-            if usage is not None:
-                body["usage"] = usage
-            return b"data: " + _json(body) + b"\n\n"
+        def usage_of(r: EngineRequest) -> bytes:
+            return b',"usage":' + _json({"prompt_tokens": len(r.prompt), "total_tokens": len(r.prompt) + len(r.output), "completion_tokens": len(r.output)})
 
-        first = True
-        while True:
-            piece, finish = await r.events.get()
-            if kind == "chat" and first:
-                first = False
-                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-            if finish is not None:
-                reason = finish if finish != FINISH_ABORT else "abort"
-                if kind == "chat":
-                    yield chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason, "stop_reason": None})
-                else:
-                    yield chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": reason, "stop_reason": None})
-                break
-            if piece:
-                if kind == "chat":
-                    yield chunk({"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None})
-                else:
-                    yield chunk({"index": 0, "text": piece, "logprobs": None, "finish_reason": None, "stop_reason": None})
+        if chat:
+            r = reqs[0]
+            role = "assistant" if body.get("add_generation_prompt", True) else body["messages"][-1]["role"]
+            first = b'[{"index":0,"delta":{"role":' + _json(role) + b',"content":""},"logprobs":null,"finish_reason":null}]'
+            yield head + first + (usage_of(r) if continuous else b"") + b',"prompt_token_ids":null,"prompt_text":null}\n\n'
+        # merge the per-prompt streams in arrival order (vLLM's merge_async_iterators)
+        queues = [(i, r) for i, r in enumerate(reqs)]
+        pending: dict[asyncio.Future, tuple[int, EngineRequest]] = {}
+        for i, r in queues:
+            assert r.events is not None
+            pending[asyncio.ensure_future(r.events.get())] = (i, r)
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending.keys(), return_when=asyncio.FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: pending[f][0]):
+                    i, r = pending.pop(fut)
+                    delta, finish = fut.result()
+                    if finish is None:
+                        assert r.events is not None
+                        pending[asyncio.ensure_future(r.events.get())] = (i, r)
+                    if chat:
+                        if finish is None:
+                            choice = b'[{"index":0,"delta":{"content":' + _json(delta) + b'},"logprobs":null,"finish_reason":null,"token_ids":null}]'
+                        else:
+                            d = b'{"content":' + _json(delta) + b"}" if delta else b"{}"
+                            choice = (
+                                b'[{"index":0,"delta":' + d + b',"logprobs":null,"finish_reason":' + _json(finish) + b',"stop_reason":' + _json(r.stop_reason) + b',"token_ids":null}]'
+                            )
+                    else:
+                        choice = (
+                            b'[{"index":' + str(i).encode() + b',"text":' + _json(delta) + b',"logprobs":null,"finish_reason":' + _json(finish)
+                            + b',"stop_reason":' + (_json(r.stop_reason) if finish else b"null") + b',"prompt_token_ids":null,"token_ids":null}]'
+                        )
+                    yield head + choice + (usage_of(r) if continuous else b"") + b"}\n\n"
+        finally:
+            for fut in pending:
+                fut.cancel()
         if include_usage:
-            yield chunk(None, self._usage(r))
+            yield head + b"[]" + b',"usage":' + _json(self._usage(reqs, False)) + b"}\n\n"
         yield b"data: [DONE]\n\n"
 
     # -- the app --------------------------------------------------------------------------------
@@ -373,55 +639,101 @@ class SimServer:
             return await self.generate(request, "chat")
 
         async def models(request: Request) -> Response:
-            def card(mid: str, parent: str | None) -> dict:
-                return {"id": mid, "object": "model", "created": self.created, "owned_by": "vllm", "root": mid if parent is None else f"/adapters/{mid}", "parent": parent, "max_model_len": self.cfg.max_model_len, "permission": []}
+            def card(mid: str, root: str, parent: str | None, max_len: int | None) -> dict:
+                perm = {
+                    "id": f"modelperm-{hashlib.md5(mid.encode()).hexdigest()}", "object": "model_permission", "created": self.created,
+                    "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False,
+                    "allow_view": True, "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False,
+                }
+                return {"id": mid, "object": "model", "created": self.created, "owned_by": "vllm", "root": root, "parent": parent, "max_model_len": max_len, "permission": [perm]}
 
-            data = [card(self.cfg.model, None)] + [card(m, self.cfg.model) for m in self.cfg.lora_modules]
+            data = [card(self.cfg.model, self.cfg.model, None, self.cfg.max_model_len)]
+            data += [card(m, f"/adapters/{m}", self.cfg.model, None) for m in self.cfg.lora_modules]
             return JSONResponse({"object": "list", "data": data})
 
         async def embeddings(request: Request) -> Response:
             try:
                 body = msgspec.json.decode(await request.body())
+                if not isinstance(body, dict):
+                    raise invalid(["Input should be a valid dictionary or object to extract fields from"])
                 self._check_model(body)
             except SimError as e:
                 return error_response(e)
             except msgspec.DecodeError:
-                return error_response(SimError(400, "Invalid JSON"))
+                return error_response(invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error"}]))
             inputs = body.get("input")
-            items = inputs if isinstance(inputs, list) and inputs and isinstance(inputs[0], str) else [inputs]
+            items = inputs if isinstance(inputs, list) and inputs and isinstance(inputs[0], (str, list)) else [inputs]
             data, total = [], 0
             for i, text in enumerate(items):
-                ids = self.tok.encode(text) if isinstance(text, str) else list(text or [])
+                ids = self.tok.encode(text) if isinstance(text, str) else [t for t in (text or []) if _is_int(t)]
                 total += len(ids)
                 raw = hashlib.shake_256(repr(ids).encode()).digest(self.cfg.embedding_dim)
                 data.append({"object": "embedding", "index": i, "embedding": [b / 255.0 - 0.5 for b in raw]})
-            return JSONResponse({"id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": self.cfg.model, "data": data, "usage": {"prompt_tokens": total, "total_tokens": total}})
+            return JSONResponse({"id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": self.cfg.model, "data": data, "usage": {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0, "prompt_tokens_details": None}})
 
         async def tokenize(request: Request) -> Response:
             try:
-                body = msgspec.json.decode(await request.body())
+                try:
+                    body = msgspec.json.decode(await request.body())
+                except msgspec.DecodeError:
+                    raise invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error"}], "body.0") from None
+                if not isinstance(body, dict):
+                    raise invalid([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from"}], "body")
                 self._check_model(body)
+                for name in ("add_special_tokens", "add_generation_prompt", "continue_final_message", "return_token_strs"):
+                    _opt_bool(body, name)
                 if "messages" in body:
-                    text = self.tok.apply_chat_template(body["messages"], add_generation_prompt=body.get("add_generation_prompt", True))
-                    ids = self.tok.encode(text, add_special_tokens=body.get("add_special_tokens", False))
+                    msgs = body["messages"]
+                    if not isinstance(msgs, list):
+                        raise field_error("messages", "list_type", "Input should be a valid list", msgs)
+                    if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+                        raise value_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.", None)
+                    kwargs: dict[str, Any] = {
+                        "add_generation_prompt": body.get("add_generation_prompt", True),
+                        "continue_final_message": body.get("continue_final_message", False),
+                        "tools": body.get("tools"),
+                    }
+                    if isinstance(body.get("chat_template"), str):
+                        kwargs["chat_template"] = body["chat_template"]
+                    if isinstance(body.get("chat_template_kwargs"), dict):
+                        kwargs.update(body["chat_template_kwargs"])
+                    try:
+                        text = self.tok.apply_chat_template(msgs, **kwargs)
+                    except ChatTemplateError as exc:
+                        raise bad_request(str(exc)) from None
+                    ids = self.tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
                 else:
-                    ids = self.tok.encode(body.get("prompt", ""), add_special_tokens=body.get("add_special_tokens", True))
+                    prompt = body.get("prompt")
+                    if prompt is None:
+                        raise invalid([{"type": "missing", "loc": ("body", "prompt"), "msg": "Field required"}], "body.prompt")
+                    if not isinstance(prompt, str):
+                        raise field_error("prompt", "string_type", "Input should be a valid string", prompt)
+                    ids = self.tok.encode(prompt, add_special_tokens=body.get("add_special_tokens", True) is not False)
             except SimError as e:
                 return error_response(e)
-            except (msgspec.DecodeError, ChatTemplateError, TypeError, AttributeError) as exc:
-                return error_response(SimError(400, str(exc)))
             strs = [self.tok.id_to_token(i) for i in ids] if body.get("return_token_strs") else None
             return JSONResponse({"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids, "token_strs": strs})
 
         async def detokenize(request: Request) -> Response:
             try:
-                body = msgspec.json.decode(await request.body())
+                try:
+                    body = msgspec.json.decode(await request.body())
+                except msgspec.DecodeError:
+                    raise invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error"}], "body.0") from None
+                if not isinstance(body, dict):
+                    raise invalid([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from"}], "body")
                 self._check_model(body)
-                return JSONResponse({"prompt": self.tok.decode(body.get("tokens", []))})
+                tokens = body.get("tokens")
+                if tokens is None:
+                    raise invalid([{"type": "missing", "loc": ("body", "tokens"), "msg": "Field required"}], "body.tokens")
+                if not isinstance(tokens, list) or not all(_is_int(t) and 0 <= t < 2**63 for t in tokens):
+                    raise field_error("tokens", "list_type", "Input should be a valid list of integers >= 0", "...")
+                top = max(tokens, default=0)
+                if top >= self.tok.vocab_size:
+                    raise bad_request(f"Token id {top} is out of vocabulary", "tokens")
+                return JSONResponse({"prompt": self.tok.decode(tokens)})
             except SimError as e:
                 return error_response(e)
-            except (msgspec.DecodeError, TypeError, ValueError, OverflowError) as exc:
-                return error_response(SimError(400, str(exc)))
 
         async def health(request: Request) -> Response:
             return Response(status_code=200)
@@ -434,9 +746,12 @@ class SimServer:
             return Response(self.metrics.sync(self.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
 
         async def reset(request: Request) -> Response:
+            # vLLM answers 200 whether or not the engine could reset (it refuses while blocks are
+            # in use unless ?reset_running_requests=true)
             assert self.engine is not None
-            if not self.engine.reset_prefix_cache():
-                return error_response(SimError(400, "Failed to reset prefix cache: requests are running"))
+            force = request.query_params.get("reset_running_requests", "false").lower() in ("1", "true")
+            if not self.engine.reset_prefix_cache(force=force):
+                log.warning("reset_prefix_cache refused: blocks are in use")
             return Response(status_code=200)
 
         @contextlib.asynccontextmanager
@@ -450,6 +765,13 @@ class SimServer:
         async def not_found(request: Request, exc: Exception) -> Response:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
 
+        async def method_not_allowed(request: Request, exc: Exception) -> Response:
+            return JSONResponse({"detail": "Method Not Allowed"}, status_code=405)
+
+        async def server_error(request: Request, exc: Exception) -> Response:
+            log.exception("internal error on %s", request.url.path)
+            return JSONResponse({"error": {"message": str(exc), "type": "InternalServerError", "param": None, "code": 500}}, status_code=500)
+
         routes = [
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
@@ -462,20 +784,35 @@ class SimServer:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/reset_prefix_cache", reset, methods=["POST"]),
         ]
-        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found})
+        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error})
 
 
 class _AbortingStream(StreamingResponse):
-    """A stream that aborts the engine request when the client goes away."""
+    """An SSE stream that aborts its engine requests as soon as the client goes away.
 
-    def __init__(self, content, engine: Engine, req: EngineRequest, **kwargs) -> None:
+    Disconnects are watched the whole time (not only when the next chunk is sent), so a
+    streaming request still queued or prefilling is aborted at once, as in vLLM.
+    """
+
+    def __init__(self, content, engine: Engine, reqs: list[EngineRequest], **kwargs) -> None:
         super().__init__(content, **kwargs)
         self._engine = engine
-        self._req = req
+        self._reqs = reqs
 
     async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.ensure_future(self.stream_response(send))
+        listening = asyncio.ensure_future(self.listen_for_disconnect(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait((streaming, listening), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if self._req.finish_reason is None:
-                self._engine.abort(self._req)
+            for t in (streaming, listening):
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError, Exception):
+                await streaming
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await listening
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            for r in self._reqs:
+                if r.finish_reason is None:
+                    self._engine.abort(r)
