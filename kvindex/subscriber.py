@@ -9,8 +9,9 @@ what happened on the wire:
   ``[b"", start_seq]``; replies ``[b"", topic, seq, payload]`` or the older ``[b"", seq,
   payload]``, ended by seq ``ff``×8); if the replay cannot cover the gap, the replica's
   current entries are marked untrusted (the index hides them) and ingestion resumes;
-* a seq back at 0 (or below what we had): the replica restarted with an empty cache: forget
-  its blocks, then apply;
+* a seq back at 0 (or below what we had, or the last seq again with other bytes): the replica
+  restarted with an empty cache: forget its blocks, replay what its new run published before
+  this batch, then apply;
 * a frame that is not three parts, a seq that is not 8 bytes: counted and skipped;
 * a payload that does not decode, or malformed events in it: counted (``decode_errors``) and
   skipped (the rest of the batch is applied), and the replica's earlier entries are untrusted,
@@ -31,6 +32,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import xxhash
 import zmq
 import zmq.asyncio
 
@@ -109,6 +111,9 @@ class EventSubscriber:
         self._expected: dict[str, int] = {}
         self._lock: dict[str, asyncio.Lock] = {}
         self._untrust_pending: set[str] = set()  # replicas whose untrust the index missed
+        # xxh3 of the last payload taken per replica: seq expected-1 again is a duplicate only
+        # if the bytes are the same, otherwise a restarted publisher whose first batches we missed
+        self._last_digest: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -146,6 +151,7 @@ class EventSubscriber:
                 await task
         self.sources.pop(replica, None)
         self._expected.pop(replica, None)
+        self._last_digest.pop(replica, None)
         if forget:
             self._untrust_pending.discard(replica)
             # if the index is down this only logs: a removed replica is out of the fleet (no
@@ -218,7 +224,7 @@ class EventSubscriber:
         st = self.stats.replica(rid)
         expected = self._expected.get(rid)
         if expected is not None and seq < expected:
-            if seq == 0 or seq < expected - 1:
+            if seq == 0 or seq < expected - 1 or xxhash.xxh3_64_intdigest(payload) != self._last_digest.get(rid):
                 # the publisher started over: its cache is new and empty
                 st.restarts_detected += 1
                 log.info("replica %s restarted (seq %d after %d): forgetting its blocks", rid, seq, expected - 1)
@@ -229,7 +235,7 @@ class EventSubscriber:
                     # batches 0 .. seq-1 of the new run went by unseen: fetch what is left
                     await self._repair_gap(src, 0, seq, first_contact=True)
             else:
-                return  # a duplicate of what we already applied
+                return  # the batch we applied last, delivered again
         elif expected is not None and seq > expected:
             await self._repair_gap(src, expected, seq)
         elif expected is None and seq > 0 and src.replay_endpoint:
@@ -240,6 +246,7 @@ class EventSubscriber:
     async def _apply(self, src: ReplicaSource, seq: int, payload: bytes) -> None:
         rid = src.replica
         st = self.stats.replica(rid)
+        self._last_digest[rid] = xxhash.xxh3_64_intdigest(payload)
         dec = self._decoder
         before, bad_before = dec.unknown_events, dec.bad_events
         try:

@@ -337,3 +337,25 @@ async def test_malformed_event_is_skipped_and_distrusts(ctx):
         await pub.publish(b"\x93\xcb garbage")
         await until(lambda: _eq(matched(index, warm, "r0"), 0))
         assert st.decode_errors == 2 and await matched(index, good, "r0") == 0
+
+
+async def test_restart_seen_first_at_the_old_last_seq(ctx):
+    """The new run's first delivered batch has exactly the seq we applied last: different bytes
+    make it a restart (not a duplicate), and the new run's earlier batches are replayed; the
+    same bytes again are a duplicate and change nothing."""
+    async with wired(ctx) as (pub, index, sub):
+        await warm_up(pub, sub, index, "r0")
+        old = list(range(6100, 6116))
+        await pub.publish(prompt_batch(old))
+        await until(lambda: _eq(matched(index, old, "r0"), 1))
+        st = sub.stats.replica("r0")
+        last = pub.seq - 1
+        await pub.pub.send_multipart([b"kv", last.to_bytes(8, "big"), pub.buffer[-1][1]])  # a duplicate
+        pub.seq, pub.buffer = 0, []
+        fresh = [list(range(7100 + 16 * i, 7116 + 16 * i)) for i in range(last + 1)]
+        for i, toks in enumerate(fresh):
+            await pub.publish(prompt_batch(toks), drop=i < last)
+        await until(lambda: _eq(matched(index, fresh[-1], "r0"), 1))
+        assert st.restarts_detected == 1 and st.batches_lost == 0
+        assert await matched(index, old, "r0") == 0
+        assert all([await matched(index, toks, "r0") == 1 for toks in fresh])
