@@ -10,6 +10,7 @@ must hand Envoy an IP address. Every test that routes checks the replica's own c
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import time
 
@@ -18,6 +19,7 @@ import msgspec
 import openai
 import pytest
 
+from benchmarks.envoy_stack import Envoy, free_port, render
 from simulator.fleet import SimConfig, SimFleet
 from tests.envoy_harness import ExtProcThread, envoy_binary, extproc_envoy
 from tests.gateway_harness import MODEL, fleet_config, metric_value, wait_for
@@ -94,6 +96,16 @@ def _replica_of(ep, endpoint: str) -> str:
     return ep.call(lambda: ep.server.service.addresses.by_addr[endpoint])
 
 
+def _access_log(envoy) -> dict[str, dict]:
+    """Envoy's JSON access log lines (template: stdout, which the harness keeps), by request id."""
+    out = {}
+    for line in envoy.log.read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            out[entry["request_id"]] = entry
+    return out
+
+
 def test_openai_requests_reach_the_picked_replica_with_prefix_affinity(stack, mode):
     fleet, ep, envoys = stack
     c = openai.OpenAI(base_url=f"{envoys[mode].url}/v1", api_key="x", max_retries=0, timeout=30)
@@ -127,6 +139,42 @@ def test_openai_requests_reach_the_picked_replica_with_prefix_affinity(stack, mo
             assert ep.service.decisions[-1].prefix_blocks > 0
             assert r.usage.prompt_tokens_details.cached_tokens > 0  # the replica Envoy reached had it
     wait_for(lambda: _idle(ep), message="every request released")
+    # Envoy's own record: the picker's answer landed in envoy.lb and Envoy connected there
+    recent = [d for d in ep.service.decisions[-8:]]
+    wait_for(lambda: all(d.request_id in _access_log(envoys[mode]) for d in recent), message="access log flushed")
+    log = _access_log(envoys[mode])
+    for d in recent:
+        assert log[d.request_id]["picked"] == d.endpoint == log[d.request_id]["upstream"]
+
+
+def test_subset_hint_set_by_the_data_plane_is_honoured(stack, mode, tmp_path):
+    """An Envoy that sets GIE's subset hint (as an Inference Extension gateway would) before ext_proc."""
+    fleet, ep, _ = stack
+    only = f"127.0.0.1:{fleet.handles[1].config.port}"
+    listen = free_port()
+    text = render(listen=("127.0.0.1", listen), extproc=("127.0.0.1", ep.port), admin=("127.0.0.1", free_port()), mode=mode)
+    hook = "                  - name: envoy.filters.http.ext_proc\n"
+    assert hook in text
+    text = text.replace(
+        hook,
+        "                  - name: envoy.filters.http.set_metadata\n"
+        "                    typed_config:\n"
+        '                      "@type": type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config\n'
+        "                      metadata:\n"
+        "                        - metadata_namespace: envoy.lb.subset_hint\n"
+        f'                          value: {{x-gateway-destination-endpoint-subset: ["{only}"]}}\n' + hook,
+    )
+    envoy = Envoy(text, listen, tmp_path, envoy_binary()).start()
+    try:
+        c = openai.OpenAI(base_url=f"{envoy.url}/v1", api_key="x", max_retries=0, timeout=30)
+        for i in range(4):
+            before = _served_counts(fleet)
+            c.completions.create(model=MODEL, prompt=f"{SYSTEMS[i % 4]} subset {mode} {i}", max_tokens=1)
+            assert _who_served(before, _served_counts(fleet)) == ["r1"]
+            assert ep.service.decisions[-1].endpoint == only
+    finally:
+        envoy.stop()
+    wait_for(lambda: _idle(ep), message="released")
 
 
 def test_streaming_is_incremental_and_counted_until_the_end(stack, mode):
