@@ -200,6 +200,9 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                 return [await self._route_headers_only(st)]
             if st.request_mode == FULL_DUPLEX:
                 return []  # answered once the body is complete
+            if st.request_mode == _Mode.NONE:  # Envoy will not show us the body: route on load alone
+                _warn_once("request_body_mode NONE: routing on load alone, without the prompt; send the body (BUFFERED)")
+                return [await self._route_headers_only(st)]
             return [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
         if which == "request_body":
             chunk = req.request_body
@@ -212,8 +215,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                 return await self._route_full_duplex(st, trailers=False) if chunk.end_of_stream else []
             # BUFFERED / BUFFERED_PARTIAL send the body in one message, end_of_stream or not
             # (it is false when trailers follow); STREAMED cannot move the request any more.
-            if st.request_mode == _Mode.STREAMED and not chunk.end_of_stream:
-                log.warning("request_body_mode STREAMED cannot route: use BUFFERED or FULL_DUPLEX_STREAMED")
+            if st.request_mode == _Mode.STREAMED:
+                _warn_once("request_body_mode STREAMED: the headers are gone before the body arrives, so the pick cannot apply; use BUFFERED or FULL_DUPLEX_STREAMED")
             return await self._route_buffered(st)
         if which == "request_trailers":
             if st.request_mode == FULL_DUPLEX and not st.routed:
@@ -394,6 +397,15 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         gw.metrics.prompt_blocks.inc(len(ctx.block_keys))
         gw.metrics.prefix_hit_blocks.inc(blocks)
         return [addr for _, addr in ranked[: 1 + self.fallbacks]], chosen.id, blocks
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _struct_dict(s: struct_pb2.Struct) -> dict:

@@ -370,3 +370,18 @@ def test_struct_metadata_helpers_roundtrip():
     assert _subset_hint({SUBSET_NAMESPACE: _struct_dict(s)}) == {"1.2.3.4:80", "5.6.7.8:80"}
     assert _subset_hint({SUBSET_NAMESPACE: {SUBSET_KEY: "1.2.3.4:80, 5.6.7.8:80"}}) == {"1.2.3.4:80", "5.6.7.8:80"}
     assert _subset_hint({"envoy.lb": {"subset_hint": "1.2.3.4:80"}}) is None
+
+
+def test_body_mode_none_routes_at_the_headers_on_load(picker):
+    """A data plane that sends no body still gets an endpoint (no prompt: load only)."""
+    fleet, ep = picker
+
+    async def run():
+        async with Conversation(ep.port) as c:
+            [h] = await c.send(_headers(request_mode=M.NONE), 1)
+            headers, lb, clear = _mutation(h)
+            assert clear and headers[DEST] == lb and lb in {_addr(fleet, i) for i in range(3)}
+            await c.close()
+
+    asyncio.run(run())
+    wait_for(lambda: _idle(ep), message="idle")
