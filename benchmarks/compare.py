@@ -64,10 +64,12 @@ def workloads(quick: bool) -> list[Workload]:
 class GatewayProcess:
     """`kvgate serve` in its own process, in front of a fleet, with one default profile."""
 
+    ATTEMPTS = 3  # a free port can be taken by someone else before the gateway binds it
+
     def __init__(self, handles, policy: str, tmp: Path, extra: dict | None = None) -> None:
-        self.port = free_port()
+        self.policy = policy
+        self.log = tmp / f"gw-{policy}.log"
         cfg = {
-            "listen": {"host": "127.0.0.1", "port": self.port},
             "replicas": [
                 {"id": f"r{i}", "url": h.url, "role": h.config.role, "models": [MODEL], "kv_events": h.events_endpoint, "replay": h.replay_endpoint}
                 for i, h in enumerate(handles)
@@ -81,22 +83,28 @@ class GatewayProcess:
         }
         if extra and "scheduling" in extra:
             cfg["scheduling"] = {**extra["scheduling"], "default_profile": policy}
-        path = tmp / f"gw-{policy}.yaml"
-        path.write_text(json.dumps(cfg))
-        self.log = tmp / f"gw-{policy}.log"
+        for attempt in range(self.ATTEMPTS):
+            self.port = free_port()
+            path = tmp / f"gw-{policy}.yaml"
+            path.write_text(json.dumps({**cfg, "listen": {"host": "127.0.0.1", "port": self.port}}))
+            if self._start(path):
+                return
+        tail = self.log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"gateway ({policy}) did not become ready; its log ends with:\n{tail}")
+
+    def _start(self, config: Path) -> bool:
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(f"{self.url}/ready", timeout=0.5).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         self.stop()
-        tail = self.log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"gateway ({policy}) did not become ready; its log ends with:\n{tail}")
+        return False
 
     @property
     def url(self) -> str:
@@ -117,13 +125,27 @@ def warmup_requests(workload: Workload, setup: Setup, rate: float | None) -> int
     return min(wanted, workload.requests // 5)
 
 
+def start_fleet(setup: Setup, attempts: int = 3) -> SimFleet:
+    """Fresh simulated replicas, one process each. A port picked free can be taken by another
+    program before the simulator binds it: start again on new ports."""
+    for attempt in range(attempts):
+        fleet = SimFleet(
+            [SimConfig(model=MODEL, seed=i, time_scale=setup.time_scale, num_blocks=setup.num_blocks) for i in range(setup.replicas)],
+            mode="process",
+        )
+        try:
+            fleet.start()
+            return fleet
+        except RuntimeError:
+            fleet.stop()
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
 def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, rate: float | None = None) -> RunResult:
     """One fresh fleet and gateway, one workload, one policy."""
-    fleet = SimFleet(
-        [SimConfig(model=MODEL, seed=i, time_scale=setup.time_scale, num_blocks=setup.num_blocks) for i in range(setup.replicas)],
-        mode="process",
-    )
-    fleet.start()
+    fleet = start_fleet(setup)
     gw = None
     try:
         if policy == "direct":

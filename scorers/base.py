@@ -52,7 +52,7 @@ class EndpointState:
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0  # uncached prompt tokens dispatched and not yet past first token
     inflight_decode_tokens: int = 0  # tokens (prompt + max_tokens) of requests still generating
-    prefill_tokens_per_s: float = 10_000.0  # estimated prefill rate (learned or configured)
+    prefill_tokens_per_s: float = 10_000.0  # prefill rate from the replica's config (estimated-ttft's unit)
     labels: Mapping[str, str] = field(default_factory=dict)
 
     def serves(self, model: str, lora: str | None = None) -> bool:
