@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import shutil
 import socket
 import string
 import subprocess
@@ -99,6 +100,16 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def _die_with_parent() -> list[str]:
+    """A prefix so Envoy gets SIGTERM when the process that started it dies (a killed test run).
+
+    util-linux's setpriv sets the parent-death signal and execs Envoy (same pid); a
+    ``preexec_fn`` would do the same but is unsafe in our multi-threaded test processes.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+
+
 class Envoy:
     def __init__(self, config_text: str, listen_port: int, workdir: Path, binary: str) -> None:
         self.listen_port = listen_port
@@ -115,7 +126,8 @@ class Envoy:
 
     def start(self) -> "Envoy":
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.path), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"], stdout=log, stderr=subprocess.STDOUT)
+            argv = [self.binary, "-c", str(self.path), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
+            self.proc = subprocess.Popen(_die_with_parent() + argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_port(self.listen_port)
         except RuntimeError:
