@@ -105,10 +105,14 @@ class PDOrchestrator:
         self.metrics = metrics
 
     def applies(self, ctx: RequestContext) -> bool:
-        """Two hops are possible: P/D on, and a healthy prefill-role replica serves the model."""
+        """The P/D decision applies: P/D on, and a prefill-role replica serves the model.
+
+        Healthy or not: when every prefill replica is down, the request still goes through
+        ``serve`` so ``pd.on_prefill_failure`` decides (one hop, counted as a fallback, or 503).
+        """
         if not self.cfg.pd.enabled or ctx.prompt_tokens == 0:
             return False
-        return any(s.role == ROLE_PREFILL and s.healthy and s.serves(ctx.model, ctx.lora) for s in self.fleet.all())
+        return any(s.role == ROLE_PREFILL and s.serves(ctx.model, ctx.lora) for s in self.fleet.all())
 
     async def serve(
         self,
