@@ -129,7 +129,32 @@ async def run_workload(base_url: str, *, sessions: int = 15, turns: int = 3, con
     return result
 
 
-def render_table(result: DemoResult, title: str) -> None:
+def routing_summary(metrics_text: str) -> str:
+    """The gateway's own routing decisions, read from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    decisions: dict[str, float] = defaultdict(float)
+    paths: dict[str, float] = defaultdict(float)
+    retries = fallbacks = 0.0
+    for fam in text_string_to_metric_families(metrics_text):
+        for smp in fam.samples:
+            if smp.name == "kvgate_requests_total":
+                decisions[smp.labels.get("route", "?")] += smp.value
+            elif smp.name == "kvgate_pd_requests_total":
+                paths[smp.labels.get("path", "?")] += smp.value
+            elif smp.name == "kvgate_retries_total":
+                retries += smp.value
+            elif smp.name == "kvgate_pd_fallbacks_total":
+                fallbacks += smp.value
+    names = {"prefix_hit": "to a replica holding the prefix", "cold": "cold (no replica held it)", "two_hop": "two hops (prefill → decode)", "fallback": "one hop after a failed prefill"}
+    parts = [f"{int(v)} {names.get(k, k)}" for k, v in sorted(decisions.items(), key=lambda kv: -kv[1]) if v]
+    line = "gateway routing decisions: " + (", ".join(parts) or "none")
+    if paths.get("two_hop"):
+        line += f"; P/D: {int(paths['two_hop'])} two-hop, {int(paths.get('one_hop', 0))} one-hop"
+    return line + f"; retries {int(retries)}, P/D fallbacks {int(fallbacks)}"
+
+
+def render_table(result: DemoResult, title: str, summary: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -142,9 +167,9 @@ def render_table(result: DemoResult, title: str) -> None:
         by_replica[hops[-1]].append(s)
         if len(hops) == 2:
             prefill_hops[hops[0]] += 1
-    table = Table(title=title)
-    for col in ("replica", "requests served", "prefill hops", "prefix-hit ratio (replica-reported)", "TTFT p50 (ms)", "routed to a warm prefix"):
-        table.add_column(col, justify="right" if col != "replica" else "left")
+    table = Table(title=title, caption="hit ratio: cached prompt tokens / prompt tokens, as the replicas report them; warm: routed where the index saw the prefix")
+    for col in ("replica", "requests", "prefill hops", "hit ratio", "TTFT p50 ms", "warm"):
+        table.add_column(col, justify="right" if col != "replica" else "left", no_wrap=True)
     for rid in sorted(set(by_replica) | set(prefill_hops)):
         ss = by_replica.get(rid, [])
         prompt = sum(s.prompt_tokens for s in ss)
@@ -163,9 +188,12 @@ def render_table(result: DemoResult, title: str) -> None:
         f"{statistics.median(ttfts) * 1000:.0f}" if ttfts else "-",
         f"{sum(1 for s in result.samples if s.prefix_blocks > 0)}/{len(result.samples)}",
     )
-    Console().print(table)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    if summary:
+        console.print(summary, highlight=False, soft_wrap=True)
     if result.errors:
-        Console().print(f"[red]{result.errors} request(s) failed[/red]")
+        console.print(f"[red]{result.errors} request(s) failed[/red]")
 
 
 def demo_configs(pd: bool, time_scale: float):
@@ -222,7 +250,11 @@ async def _serve_and_run(args: argparse.Namespace) -> int:
         kind = "2 prefill + 2 decode" if args.pd else "4"
         print(f"kvgate demo: gateway on {base_url} in front of {kind} simulated vLLM replicas")
         result = await run_workload(base_url, sessions=args.sessions, turns=args.turns)
-        render_table(result, f"kvgate demo — {len(result.samples)} chat requests through the gateway")
+        import httpx
+
+        async with httpx.AsyncClient() as http:
+            summary = routing_summary((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
+        render_table(result, f"kvgate demo — {len(result.samples)} chat requests through the gateway", summary)
         print(f"OpenAI base URL: {base_url}")
         if args.once:
             return 0 if result.samples and not result.errors else 1
@@ -240,6 +272,11 @@ async def _serve_and_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
+    import os
+
+    # NIXL configures its own stdout logger at INFO on import (one line per agent); keep the
+    # demo's output to the table unless the user asked for NIXL's logs
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     p = argparse.ArgumentParser(prog="kvgate demo", description=__doc__.splitlines()[0])
     p.add_argument("--once", action="store_true", help="run the workload, print the table, exit")
     p.add_argument("--pd", action="store_true", help="two prefill + two decode replicas (NIXL transfer)")
