@@ -26,7 +26,10 @@ async def _load(url: str, n: int, conc: int, stream: bool) -> float:
         async def worker() -> None:
             for _ in it:
                 async with s.post(f"{url}/v1/completions", json=body) as r:
-                    await r.read()
+                    data = await r.read()
+                    # count only real answers: an error body is not capacity
+                    if r.status != 200 or (stream and not data.endswith(b"data: [DONE]\n\n")) or (not stream and b'"finish_reason":"length"' not in data):
+                        raise RuntimeError(f"bad answer {r.status}: {data[:200]!r}")
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(conc)))
