@@ -159,15 +159,20 @@ def plot(out_dir: Path, name: str, summaries: list[Summary], runs: dict[tuple[st
     plt.close(fig)
     files.append(f)
     if sweep:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.5))
         for policy in dict.fromkeys(r["policy"] for r in sweep):
-            pts = sorted((r["rate"], r["throughput_tok_s"]) for r in sweep if r["policy"] == policy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-        ax.set_xlabel("offered load (sessions/s, Poisson)")
-        ax.set_ylabel("output tokens/s")
-        ax.set_title("Throughput vs request rate (shared-prefix)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            pts = sorted((r["rate"], r["ttft_p90_ms"], r["throughput_tok_s"]) for r in sweep if r["policy"] == policy)
+            lat.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+            thr.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=policy)
+        lat.set_yscale("log")
+        lat.set_ylabel("TTFT p90 (ms, log)")
+        lat.set_title("Latency vs offered load (shared-prefix)")
+        thr.set_ylabel("output tokens/s")
+        thr.set_title("Throughput vs offered load (shared-prefix)")
+        for ax in (lat, thr):
+            ax.set_xlabel("offered load (requests/s, Poisson)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         f = out_dir / f"{name}_throughput_vs_rate.png"
         fig.savefig(f, dpi=110)

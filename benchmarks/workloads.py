@@ -58,7 +58,7 @@ class Workload:
         return sum(len(s.questions) for s in self.sessions)
 
 
-def shared_prefix(num_groups: int = 16, num_prompts_per_group: int = 16, system_prompt_len: int = 1200, question_len: int = 60, output_len: int = 32, seed: int = 1) -> Workload:
+def shared_prefix(num_groups: int = 16, num_prompts_per_group: int = 20, system_prompt_len: int = 1200, question_len: int = 60, output_len: int = 32, seed: int = 1) -> Workload:
     rng = random.Random(seed)
     systems = [f"[group {g}] " + _words(rng, system_prompt_len) for g in range(num_groups)]
     sessions = [Session(systems[g], [_words(rng, question_len)], output_len) for g in range(num_groups) for _ in range(num_prompts_per_group)]
@@ -66,7 +66,7 @@ def shared_prefix(num_groups: int = 16, num_prompts_per_group: int = 16, system_
     return Workload("shared-prefix", sessions)
 
 
-def multi_turn(num_sessions: int = 48, turns: int = 6, num_systems: int = 4, system_prompt_len: int = 300, question_len: int = 40, output_len: int = 32, seed: int = 2) -> Workload:
+def multi_turn(num_sessions: int = 40, turns: int = 8, num_systems: int = 4, system_prompt_len: int = 150, question_len: int = 80, output_len: int = 48, seed: int = 2) -> Workload:
     rng = random.Random(seed)
     systems = [f"[assistant {s}] " + _words(rng, system_prompt_len) for s in range(num_systems)]
     sessions = [Session(systems[i % num_systems] + f" [session {i}]", [_words(rng, question_len) for _ in range(turns)], output_len, grow=True) for i in range(num_sessions)]
@@ -74,7 +74,7 @@ def multi_turn(num_sessions: int = 48, turns: int = 6, num_systems: int = 4, sys
     return Workload("multi-turn", sessions)
 
 
-def long_doc_qa(num_docs: int = 12, questions_per_doc: int = 12, doc_len: int = 1500, question_len: int = 20, output_len: int = 32, seed: int = 3) -> Workload:
+def long_doc_qa(num_docs: int = 12, questions_per_doc: int = 20, doc_len: int = 1500, question_len: int = 20, output_len: int = 32, seed: int = 3) -> Workload:
     rng = random.Random(seed)
     docs = [f"[document {d}] " + _words(rng, doc_len) for d in range(num_docs)]
     sessions = [Session(docs[d], [_words(rng, question_len)], output_len) for d in range(num_docs) for _ in range(questions_per_doc)]
