@@ -46,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-ms-per-1k-kv-tokens", type=float, default=d.decode_ms_per_1k_kv_tokens)
     p.add_argument("--lora-module", action="append", default=[], help="a LoRA adapter name served on top (repeatable)")
     p.add_argument("--kv-block-bytes", type=int, default=d.kv_block_bytes, help="bytes moved per block in P/D transfers")
-    p.add_argument("--lease-s", type=float, default=d.lease_s, help="how long prefilled blocks wait for the decode replica")
+    p.add_argument(
+        "--lease-s", type=float, default=float(os.environ.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT", d.lease_s)),
+        help="how long prefilled blocks wait for the decode replica (default: $VLLM_NIXL_ABORT_REQUEST_TIMEOUT, else 30)",
+    )
+    p.add_argument("--side-channel-host", default=os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", ""), help="host advertised as remote_host (default: $VLLM_NIXL_SIDE_CHANNEL_HOST, else --host)")
+    p.add_argument(
+        "--side-channel-port", type=int, default=int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "0")),
+        help="KV side-channel port, +1 per extra replica (default: $VLLM_NIXL_SIDE_CHANNEL_PORT, else a free port)",
+    )
     p.add_argument("--engine-id", default="", help="NIXL engine id (default derived from the port)")
     p.add_argument("--no-nixl", action="store_true", help="move KV over the plain TCP side channel")
     return p
@@ -67,6 +75,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                 decode_step_ms=args.decode_step_ms, decode_ms_per_1k_kv_tokens=args.decode_ms_per_1k_kv_tokens,
                 lora_modules=list(args.lora_module), kv_block_bytes=args.kv_block_bytes, lease_s=args.lease_s,
                 engine_id=f"{args.engine_id}-{i}" if args.engine_id and args.replicas > 1 else args.engine_id,
+                side_channel_host=args.side_channel_host, side_channel_port=args.side_channel_port + i if args.side_channel_port else 0,
                 prefer_nixl=not args.no_nixl,
             )
         )

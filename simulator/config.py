@@ -43,7 +43,9 @@ class SimConfig:
     step_overhead_ms: float = 0.3
     lora_modules: list[str] = field(default_factory=list)
     kv_block_bytes: int = 4096  # bytes of "KV" per block moved in P/D transfers
-    lease_s: float = 30.0  # how long a prefill replica keeps blocks for a decode replica to pull
+    lease_s: float = 30.0  # how long a prefill replica keeps blocks for a decode replica to pull (vLLM: VLLM_NIXL_ABORT_REQUEST_TIMEOUT, 480 s)
+    side_channel_host: str = ""  # advertised as remote_host (vLLM: VLLM_NIXL_SIDE_CHANNEL_HOST); "" = host, or this machine's address when host is a wildcard
+    side_channel_port: int = 0  # vLLM: VLLM_NIXL_SIDE_CHANNEL_PORT (5600); 0 = a free port
     engine_id: str = ""  # NIXL engine id; "" = derived from host/port
     prefer_nixl: bool = True
     embedding_dim: int = 64

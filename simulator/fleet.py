@@ -70,6 +70,10 @@ def cli_args(cfg: SimConfig) -> list[str]:
     ]
     if cfg.hash_seed is not None:
         args += ["--hash-seed", cfg.hash_seed]
+    if cfg.side_channel_host:
+        args += ["--side-channel-host", cfg.side_channel_host]
+    if cfg.side_channel_port:
+        args += ["--side-channel-port", str(cfg.side_channel_port)]
     if cfg.kv_events:
         args += ["--kv-events-endpoint", f"tcp://{cfg.host}:{cfg.kv_events_port}", "--replay-endpoint", f"tcp://{cfg.host}:{cfg.replay_port}"]
         if cfg.kv_events_topic:

@@ -134,6 +134,16 @@ def _opt_dict(body: dict, name: str) -> dict | None:
     raise field_error(name, "dict_type", "Input should be a valid dictionary", v)
 
 
+def _own_address() -> str:
+    """This machine's address for peers (the side channel is bound to a wildcard)."""
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
 class SimServer:
     """One simulated vLLM replica: engine, events, KV transfer, HTTP app."""
 
@@ -151,6 +161,7 @@ class SimServer:
         self.created = int(time.time())
         # LoRA adapters get vLLM's lora_int_id (1, 2, ... in load order) and a path
         self.lora_ids = {name: i + 1 for i, name in enumerate(cfg.lora_modules)}
+        self.advertised_host = cfg.side_channel_host or (cfg.host if cfg.host not in ("0.0.0.0", "::", "") else _own_address())
         # the longest token string: no text longer than max_input_tokens × this can fit (vLLM's precheck)
         self._max_chars_per_token = max(1, max((len(t) for t in self.tok._tok.get_vocab()), default=1))
 
@@ -173,7 +184,10 @@ class SimServer:
         self.engine.on_finished.append(self._on_finished)
         self.engine.on_first_token.append(lambda r, ttft: self.metrics.observe_ttft(ttft))
         if cfg.role in ("prefill", "decode", "both"):
-            self.transfer = KVTransfer(self.engine_id, cfg.num_blocks, cfg.kv_block_bytes, host=cfg.host, prefer_nixl=cfg.prefer_nixl and cfg.role != "both")
+            self.transfer = KVTransfer(
+                self.engine_id, cfg.num_blocks, cfg.kv_block_bytes, host=cfg.host, side_channel_port=cfg.side_channel_port,
+                prefer_nixl=cfg.prefer_nixl and cfg.role != "both",
+            )
             await self.transfer.start()
             self.transfer.set_release_callback(self._release_lease)
             self.transfer.has_pending = lambda: bool(self.leases)
@@ -545,7 +559,7 @@ class SimServer:
             "remote_block_ids": [list(r.alloc.blocks[:n])],
             "remote_engine_id": self.engine_id,
             "remote_request_id": r.engine_id,
-            "remote_host": self.cfg.host,
+            "remote_host": self.advertised_host,
             "remote_port": self.transfer.side_channel_port,
             "tp_size": 1,
         }

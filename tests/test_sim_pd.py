@@ -186,3 +186,23 @@ def test_unreachable_prefill_and_aborted_decode():
         assert metric(pre.url, "vllm:nixl_num_kv_expired_reqs_total") == 0
     finally:
         f.stop()
+
+
+def test_side_channel_and_lease_follow_vllm_env_vars(monkeypatch):
+    from simulator.cli import build_parser, configs_from_args
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost")
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600")
+    monkeypatch.setenv("VLLM_NIXL_ABORT_REQUEST_TIMEOUT", "480")
+    cfgs = configs_from_args(build_parser().parse_args(["--replicas", "2", "--role", "prefill"]))
+    assert [(c.side_channel_host, c.side_channel_port, c.lease_s) for c in cfgs] == [("localhost", 5600, 480.0), ("localhost", 5601, 480.0)]
+    port = free_port()
+    f = SimFleet([SimConfig(model=MODEL, role="prefill", time_scale=0.0, side_channel_host="localhost", side_channel_port=port), SimConfig(model=MODEL, role="decode", time_scale=0.0)])
+    f.start()
+    try:
+        _, kv, out = _two_hop(*f.handles, _prompt("env"))
+        assert (kv["remote_host"], kv["remote_port"]) == ("localhost", port)
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == out["usage"]["prompt_tokens"]
+    finally:
+        f.stop()
