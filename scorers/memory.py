@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from itertools import islice
 
 
 class RoutedPrefixMemory:
@@ -74,26 +75,34 @@ class RoutedPrefixMemory:
         self._owner[slot] = endpoint
 
     def match(self, keys: Sequence[int]) -> dict[str, int]:
-        """Per endpoint, the longest consecutive prefix of ``keys`` routed there and not expired."""
+        """Per endpoint, the longest consecutive prefix of ``keys`` routed there and not expired.
+
+        Only the slots still extending their chain are checked at each later key, so a prompt
+        costs O(blocks × live endpoints), not O(blocks × every endpoint ever seen)."""
+        if not keys:
+            return {}
         now = self.clock()
         store = self._keys
         owner = self._owner
-        alive: dict[str, int] | None = None
-        for i, k in enumerate(keys):
+        first = store.get(keys[0])
+        if not first:
+            return {}
+        live = [s for s, exp in first.items() if exp > now and s in owner]
+        lengths: dict[str, int] = {}
+        n = 1
+        for k in islice(keys, 1, None):
+            if not live:
+                break
             holders = store.get(k)
-            if not holders:
+            if holders is None:
                 break
-            current = {owner[s] for s, exp in holders.items() if exp > now and s in owner}
-            if alive is None:
-                alive = {e: 1 for e in current}
-                if not alive:
-                    break
-                continue
-            still = False
-            for e in list(alive):
-                if alive[e] == i and e in current:
-                    alive[e] = i + 1
-                    still = True
-            if not still:
-                break
-        return alive or {}
+            still = [s for s in live if holders.get(s, 0.0) > now]
+            if len(still) != len(live):
+                for s in live:
+                    if s not in still:
+                        lengths[s] = n
+                live = still
+            n += 1
+        for s in live:
+            lengths[s] = n
+        return {owner[s]: c for s, c in lengths.items()}

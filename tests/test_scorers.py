@@ -6,6 +6,8 @@ import collections
 import random
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from kvindex.index import PrefixMatch
 from scorers.base import EndpointState, RequestContext
@@ -237,3 +239,32 @@ def test_default_beats_round_robin_on_hits_with_load_spread():
         assert spread_default <= 1.7 and spread_rr <= 1.05
         hit_pp, _ = _toy_fleet_run("precise-prefix", seed)
         assert hit_pp > hit_rr
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["remember", "remember", "forget", "tick", "match", "match"]), st.lists(st.integers(0, 3), min_size=1, max_size=5), st.sampled_from(["e0", "e1", "e2"])), max_size=40))
+@example([("remember", [1, 2], "e0"), ("remember", [1, 2, 3], "e1"), ("match", [1, 2, 3], "e0")])  # e0 drops out, e1 goes on
+@example([("remember", [1, 2], "e0"), ("tick", [0] * 4, "e0"), ("remember", [1], "e0"), ("tick", [0] * 2, "e0"), ("match", [1, 2], "e0")])  # block 2 expired, block 1 refreshed
+def test_routed_prefix_memory_match_equals_brute_force(ops):
+    now = [0.0]
+    m = RoutedPrefixMemory(ttl_s=3.0, max_keys=10_000, clock=lambda: now[0])
+    model: dict[tuple[int, str], float] = {}  # (key, endpoint) → expiry
+    for op, keys, ep in ops:
+        if op == "remember":
+            m.remember(keys, ep)
+            for k in keys:
+                model[(k, ep)] = now[0] + 3.0
+        elif op == "forget":
+            m.forget(ep)
+            model = {kv: exp for kv, exp in model.items() if kv[1] != ep}
+        elif op == "tick":
+            now[0] += len(keys) * 0.5
+        else:
+            expected = {}
+            for e in ("e0", "e1", "e2"):
+                n = 0
+                while n < len(keys) and model.get((keys[n], e), 0.0) > now[0]:
+                    n += 1
+                if n:
+                    expected[e] = n
+            assert m.match(keys) == expected
