@@ -6,7 +6,11 @@ go direct and through the gateway, interleaved in rounds so both see the same ma
 the figures are the differences (and ratios) between the two in this run, never absolute
 targets. Concurrency 1 shows the per-request cost; concurrency 32 shows throughput.
 
-    python -m benchmarks.bench_overhead [--requests 400] [--quick]
+``--compare LABEL=DIR`` (repeatable) runs another gateway from another source tree (e.g. a
+``git archive`` of an older commit) in front of the same replica, interleaved with the others,
+so a change to the hot path is measured before and after in the same run.
+
+    python -m benchmarks.bench_overhead [--requests 400] [--quick] [--compare before=/tmp/old]
 """
 
 from __future__ import annotations
@@ -48,16 +52,9 @@ def _wait_http(url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_stack(tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
-    sim_port, gw_port = _free_port(), _free_port()
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "sim", "--port", str(sim_port), "--model", MODEL, "--time-scale", "0", "--tokenizer", "demo"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    cfg = tmp / "gw.yaml"
+def _start_gateway(root: Path, sim_port: int, tmp: Path, label: str) -> tuple[subprocess.Popen, str]:
+    gw_port = _free_port()
+    cfg = tmp / f"gw-{label}.yaml"
     cfg.write_text(
         json.dumps(
             {
@@ -67,11 +64,32 @@ def start_stack(tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
             }
         )
     )
-    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    direct, via = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(root)}
+    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return gw, f"http://127.0.0.1:{gw_port}"
+
+
+def start_stack(tmp: Path, compare: dict[str, Path] | None = None) -> tuple[list[subprocess.Popen], str, dict[str, str]]:
+    """The replica, this tree's gateway ("gateway") and one gateway per ``compare`` entry."""
+    sim_port = _free_port()
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "sim", "--port", str(sim_port), "--model", MODEL, "--time-scale", "0", "--tokenizer", "demo"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs = [sim]
+    gateways: dict[str, str] = {}
+    for label, root in {"gateway": Path(__file__).resolve().parents[1], **(compare or {})}.items():
+        proc, url = _start_gateway(root, sim_port, tmp, label)
+        procs.append(proc)
+        gateways[label] = url
+    direct = f"http://127.0.0.1:{sim_port}"
     _wait_http(f"{direct}/health")
-    _wait_http(f"{via}/ready")
-    return [sim, gw], direct, via
+    for url in gateways.values():
+        _wait_http(f"{url}/ready")
+    return procs, direct, gateways
 
 
 def _body(i: int, stream: bool) -> dict:
@@ -91,15 +109,16 @@ def _one_sync(client: httpx.Client, base: str, i: int, stream: bool) -> float:
     return time.perf_counter() - t0
 
 
-def concurrency_1(direct: str, via: str, n: int, stream: bool) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"direct": [], "gateway": []}
+def concurrency_1(targets: dict[str, str], n: int, stream: bool) -> dict[str, list[float]]:
+    """Sequential requests, round-robin over the targets so all see the same machine state."""
+    out: dict[str, list[float]] = {k: [] for k in targets}
     with httpx.Client(timeout=30) as client:
-        for i in range(20):  # warm both paths (connections, caches)
-            _one_sync(client, direct, i, stream)
-            _one_sync(client, via, i, stream)
+        for i in range(20):  # warm every path (connections, caches)
+            for base in targets.values():
+                _one_sync(client, base, i, stream)
         for i in range(n):
-            out["direct"].append(_one_sync(client, direct, i, stream))
-            out["gateway"].append(_one_sync(client, via, i, stream))
+            for name, base in targets.items():
+                out[name].append(_one_sync(client, base, i, stream))
     return out
 
 
@@ -133,39 +152,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=400, help="requests per path and mode at concurrency 1")
     ap.add_argument("--quick", action="store_true", help="fewer requests")
+    ap.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR", help="also measure the gateway of another source tree")
     args = ap.parse_args(argv)
     n = 100 if args.quick else args.requests
+    compare = {}
+    for item in args.compare:
+        label, _, root = item.partition("=")
+        compare[label] = Path(root)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        procs, direct, via = start_stack(Path(tmp))
+        procs, direct, gateways = start_stack(Path(tmp), compare)
         try:
-            rows = []
+            targets = {"direct": direct, **gateways}
             for stream in (False, True):
-                c1 = concurrency_1(direct, via, n, stream)
-                d50, g50 = statistics.median(c1["direct"]), statistics.median(c1["gateway"])
-                rows.append(
-                    (
-                        f"c=1 {'stream' if stream else 'non-stream'}",
-                        d50 * 1e3,
-                        g50 * 1e3,
-                        (g50 - d50) * 1e3,
-                        (pct(c1["gateway"], 99) - pct(c1["direct"], 99)) * 1e3,
-                        None,
-                        None,
-                    )
-                )
+                mode = "stream" if stream else "non-stream"
+                c1 = concurrency_1(targets, n, stream)
+                d50, d99 = statistics.median(c1["direct"]), pct(c1["direct"], 99)
+                for name in gateways:
+                    g = c1[name]
+                    rows.append((f"c=1 {mode}", name, d50 * 1e3, statistics.median(g) * 1e3, (statistics.median(g) - d50) * 1e3, (pct(g, 99) - d99) * 1e3, None, None))
                 nd, rps_d = asyncio.run(_concurrent(direct, n * 5, 32, stream))
-                ng, rps_g = asyncio.run(_concurrent(via, n * 5, 32, stream))
-                rows.append(
-                    (
-                        f"c=32 {'stream' if stream else 'non-stream'}",
-                        statistics.median(nd) * 1e3,
-                        statistics.median(ng) * 1e3,
-                        (statistics.median(ng) - statistics.median(nd)) * 1e3,
-                        (pct(ng, 99) - pct(nd, 99)) * 1e3,
-                        rps_d,
-                        rps_g,
-                    )
-                )
+                for name, url in gateways.items():
+                    ng, rps_g = asyncio.run(_concurrent(url, n * 5, 32, stream))
+                    rows.append((f"c=32 {mode}", name, statistics.median(nd) * 1e3, statistics.median(ng) * 1e3, (statistics.median(ng) - statistics.median(nd)) * 1e3, (pct(ng, 99) - pct(nd, 99)) * 1e3, rps_d, rps_g))
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -174,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-    print("| mode | direct p50 ms | gateway p50 ms | added p50 ms | added p99 ms | direct req/s | gateway req/s |")
-    print("|---|---|---|---|---|---|---|")
-    for name, d, g, a50, a99, rd, rg in rows:
+    print("| mode | gateway | direct p50 ms | gateway p50 ms | added p50 ms | added p99 ms | direct req/s | gateway req/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, name, d, g, a50, a99, rd, rg in rows:
         rs = f"{rd:.0f} | {rg:.0f}" if rd else "- | -"
-        print(f"| {name} | {d:.2f} | {g:.2f} | {a50:.2f} | {a99:.2f} | {rs} |")
+        print(f"| {mode} | {name} | {d:.2f} | {g:.2f} | {a50:.2f} | {a99:.2f} | {rs} |")
     return 0
 
 

@@ -326,7 +326,7 @@ async def embeddings(gw: Gateway, request: Request) -> Response | RelayResponse:
         release()
 
 
-def build_app(cfg: GatewayConfig) -> Starlette:
+def build_app(cfg: GatewayConfig) -> GatewayApp:
     gw = Gateway(cfg)
 
     async def completions(request: Request) -> Response:
@@ -437,4 +437,46 @@ def build_app(cfg: GatewayConfig) -> Starlette:
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error, Exception: server_error},
     )
     app.state.gateway = gw
-    return app
+    return GatewayApp(app, gw)
+
+
+class GatewayApp:
+    """The ASGI entry point: the three proxied POST routes go straight to their handler.
+
+    Everything else (models, health, metrics, admin, errors, lifespan) goes through the
+    Starlette app. The hot routes skip Starlette's router and two exception middlewares —
+    about a tenth of the gateway's own CPU per request in a py-spy profile — and keep the
+    same guarantee: an unexpected error is an OpenAI-style 500 (if nothing was sent yet).
+    """
+
+    def __init__(self, app: Starlette, gw: Gateway) -> None:
+        self.app = app
+        self.state = app.state
+        self.gw = gw
+        self.routes = {"/v1/completions": ("completions", "/v1/completions"), "/v1/chat/completions": ("chat", "/v1/chat/completions")}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            route = self.routes.get(path)
+            if route is not None or path == "/v1/embeddings":
+                started = False
+
+                async def tracking_send(message) -> None:
+                    nonlocal started
+                    started = True
+                    await send(message)
+
+                try:
+                    request = Request(scope, receive)
+                    if route is not None:
+                        response = await generate(self.gw, request, route[0], route[1])
+                    else:
+                        response = await embeddings(self.gw, request)
+                    await response(scope, receive, tracking_send)
+                except Exception:
+                    log.exception("unhandled error")
+                    if not started:
+                        await error_response(GatewayError(500, "internal gateway error", "internal_error"))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

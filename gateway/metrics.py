@@ -56,6 +56,10 @@ class GatewayMetrics:
         self.pd_prefill_share = Histogram(
             "kvgate_pd_prefill_ttft_share", "Share of the client's TTFT spent in the prefill hop", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0), registry=r
         )
+        # label children resolved once: .labels() costs a lock and a dict lookup per call
+        self.sched_tokenize = self.sched.labels("tokenize")
+        self.sched_index = self.sched.labels("index")
+        self.sched_schedule = self.sched.labels("schedule")
         self.index_blocks = Gauge("kvgate_index_blocks", "Block keys held by the index (-1: the index did not answer)", registry=r)
 
     def add_live(self, read: Callable[[], Iterable]) -> None:

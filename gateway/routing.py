@@ -164,9 +164,8 @@ class Router:
         keys = block_keys(tokens, bs, model=info.base, lora=info.lora, salt=salt) if tokens else []
         t1 = time.perf_counter()
         prefix, index_ok = await self.lookup(keys, info.base)
-        sched = self.metrics.sched
-        sched.labels("tokenize").observe(t1 - t0)
-        sched.labels("index").observe(time.perf_counter() - t1)
+        self.metrics.sched_tokenize.observe(t1 - t0)
+        self.metrics.sched_index.observe(time.perf_counter() - t1)
         session = None
         for h in SESSION_HEADERS:
             if h in headers:
@@ -198,7 +197,7 @@ class Router:
         ctx.phase = phase
         t0 = time.perf_counter()
         decision = self.scheduler.schedule(ctx, self.fleet.all(), profile)
-        self.metrics.sched.labels("schedule").observe(time.perf_counter() - t0)
+        self.metrics.sched_schedule.observe(time.perf_counter() - t0)
         if trace is not None:
             trace.scores[phase] = {k: round(v, 4) for k, v in decision.scores.items()}
         if not decision.ranked:
