@@ -193,22 +193,40 @@ def test_legacy_events_from_the_cli():
         f.stop()
 
 
-def test_cli_runs_several_replicas_with_their_own_ports(tmp_path):
-    """``python -m simulator.cli --replicas 2``: consecutive HTTP ports, event ports two apart."""
-    from tests.conftest import free_port
+def _free_run(n: int) -> int:
+    """The first of ``n`` consecutive loopback ports that are all free right now."""
+    import random
+    import socket
 
-    port = free_port()
-    while True:
-        ev = free_port()
-        if ev + 3 < 65535:
-            break
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def test_cli_runs_several_replicas_with_their_own_ports():
+    """``python -m simulator.cli --replicas 2``: consecutive HTTP ports, event ports two apart."""
+    port = _free_run(6)
+    ev = port + 2  # events ev, ev+2; replay ev+1, ev+3
     proc = subprocess.Popen(
         [sys.executable, "-m", "simulator.cli", "--port", str(port), "--replicas", "2", "--time-scale", "0", "--kv-events-endpoint", f"tcp://*:{ev}", "--replay-endpoint", f"tcp://*:{ev + 1}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
         for p in (port, port + 1):
-            wait_for(lambda p=p: _healthy(p), timeout=20, message=f"replica on {p}")
+            wait_for(lambda p=p: proc.poll() is not None or _healthy(p), timeout=20, message=f"replica on {p}")
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         sub = Subscriber(f"tcp://127.0.0.1:{ev + 2}")
         try:
             httpx.post(f"http://127.0.0.1:{port + 1}/v1/completions", json={"model": MODEL, "prompt": "x " * 40, "max_tokens": 1}).raise_for_status()
