@@ -39,22 +39,30 @@ def run(roles: list[str], wl, tmp: Path, concurrency: int, time_scale: float):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--docs", type=int, default=36, help="documents in the workload (two questions each)")
     ap.add_argument("--concurrency", type=int, default=12)
     ap.add_argument("--time-scale", type=float, default=1.0)
     args = ap.parse_args(argv)
     # long, mostly unique prompts with long answers: where decode batches suffer from prefill
-    wl = WORKLOADS["long-doc-qa"](num_docs=12 if args.quick else 24, questions_per_doc=2, doc_len=1500, output_len=64, seed=11)
+    wl = WORKLOADS["long-doc-qa"](num_docs=12 if args.quick else args.docs, questions_per_doc=2, doc_len=1500, output_len=64, seed=11)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, roles in (("aggregated (4 × both)", ["both"] * 4), ("disaggregated (2 prefill + 2 decode)", ["prefill", "prefill", "decode", "decode"])):
-            s = summarize(wl.name, name, run(roles, wl, Path(tmp), args.concurrency, args.time_scale))
-            rows.append(s)
-    print(f"workload: {wl.requests} requests, ~1500-word documents (2 questions each), 64 output tokens, concurrency {args.concurrency}")
-    print("| setup | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | output tok/s | errors |")
-    print("|---|---|---|---|---|---|")
-    for s in rows:
-        print(f"| {s.policy} | {s.ttft_p50_ms:.0f} | {s.ttft_p90_ms:.0f} | {s.itl_p50_ms:.1f} | {s.throughput_tok_s:.0f} | {s.errors} |")
+            result = run(roles, wl, Path(tmp), args.concurrency, args.time_scale)
+            ok = [x for x in result.measured() if x.error is None]
+            gaps = sorted(g * 1000 for x in ok for g in x.itl)
+            two_hop = sum(1 for x in ok if "," in x.replica)
+            rows.append((summarize(wl.name, name, result), _pct(gaps, 90), _pct(gaps, 99), two_hop, len(ok)))
+    print(f"workload: {wl.requests} requests, ~1500-word documents (2 questions each), 64 output tokens, concurrency {args.concurrency}, time scale {args.time_scale}")
+    print("| setup | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms | ITL p99 ms | output tok/s | two-hop | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s, i90, i99, two, n in rows:
+        print(f"| {s.policy} | {s.ttft_p50_ms:.0f} | {s.ttft_p90_ms:.0f} | {s.itl_p50_ms:.1f} | {i90:.1f} | {i99:.1f} | {s.throughput_tok_s:.0f} | {two}/{n} | {s.errors} |")
     return 0
+
+
+def _pct(xs: list[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
 
 
 if __name__ == "__main__":
