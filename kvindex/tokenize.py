@@ -219,14 +219,26 @@ async def remote_tokenize(
     messages: list | None = None,
     add_special_tokens: bool | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    tools: list | None = None,
+    chat_template_kwargs: dict | None = None,
     timeout: float = 2.0,
 ) -> list[int]:
-    """Ask a replica's ``POST /tokenize`` (vLLM's JSON) for the tokens of a prompt or chat."""
+    """Ask a replica's ``POST /tokenize`` (vLLM's JSON) for the tokens of a prompt or chat.
+
+    For a chat, everything that changes the rendered template (tools, template kwargs,
+    continue_final_message) goes along, so the tokens are the ones the replica will see."""
     body: dict[str, Any] = {"model": model}
     if messages is not None:
         body["messages"] = messages
         body["add_generation_prompt"] = add_generation_prompt
         body["add_special_tokens"] = False if add_special_tokens is None else add_special_tokens
+        if continue_final_message:
+            body["continue_final_message"] = True
+        if tools is not None:
+            body["tools"] = tools
+        if chat_template_kwargs:
+            body["chat_template_kwargs"] = chat_template_kwargs
     else:
         body["prompt"] = prompt or ""
         body["add_special_tokens"] = True if add_special_tokens is None else add_special_tokens

@@ -133,12 +133,21 @@ def test_remote_tokenize_speaks_vllm_json(tok):
             async with httpx.AsyncClient() as client:
                 a = await remote_tokenize(client, f"http://127.0.0.1:{port}", "m", prompt="hello world")
                 b = await remote_tokenize(client, f"http://127.0.0.1:{port}", "m", messages=[{"role": "user", "content": "hi"}])
+                tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+                await remote_tokenize(
+                    client, f"http://127.0.0.1:{port}", "m", messages=[{"role": "assistant", "content": "so"}],
+                    add_generation_prompt=False, continue_final_message=True, tools=tools, chat_template_kwargs={"enable_thinking": False},
+                )
                 return a, b
 
         a, b = asyncio.run(go())
         assert a == tok.encode("hello world")
         assert b == tok.encode_chat([{"role": "user", "content": "hi"}])
         assert seen[1]["add_generation_prompt"] is True and seen[1]["add_special_tokens"] is False
+        assert "tools" not in seen[1] and "continue_final_message" not in seen[1]
+        # everything that changes the rendered template reaches the replica
+        assert seen[2]["continue_final_message"] is True and seen[2]["add_generation_prompt"] is False
+        assert seen[2]["tools"][0]["function"]["name"] == "f" and seen[2]["chat_template_kwargs"] == {"enable_thinking": False}
     finally:
         server.should_exit = True
         t.join(5)
