@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV side-channel port, +1 per extra replica (default: $VLLM_NIXL_SIDE_CHANNEL_PORT, else a free port)",
     )
     p.add_argument("--engine-id", default="", help="NIXL engine id (default derived from the port)")
-    p.add_argument("--no-nixl", action="store_true", help="move KV over the plain TCP side channel")
+    p.add_argument(
+        "--kv-transfer", choices=["auto", "nixl", "tcp"], default="auto",
+        help="KV transfer backend: auto = NIXL for prefill/decode roles, TCP for both; NIXL falls back to TCP when not installed",
+    )
+    p.add_argument("--no-nixl", action="store_true", help="same as --kv-transfer tcp")
     return p
 
 
@@ -76,7 +80,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                 lora_modules=list(args.lora_module), kv_block_bytes=args.kv_block_bytes, lease_s=args.lease_s,
                 engine_id=f"{args.engine_id}-{i}" if args.engine_id and args.replicas > 1 else args.engine_id,
                 side_channel_host=args.side_channel_host, side_channel_port=args.side_channel_port + i if args.side_channel_port else 0,
-                prefer_nixl=not args.no_nixl,
+                kv_transfer="tcp" if args.no_nixl else args.kv_transfer,
             )
         )
     return out

@@ -47,7 +47,10 @@ class SimConfig:
     side_channel_host: str = ""  # advertised as remote_host (vLLM: VLLM_NIXL_SIDE_CHANNEL_HOST); "" = host, or this machine's address when host is a wildcard
     side_channel_port: int = 0  # vLLM: VLLM_NIXL_SIDE_CHANNEL_PORT (5600); 0 = a free port
     engine_id: str = ""  # NIXL engine id; "" = derived from host/port
-    prefer_nixl: bool = True
+    #: auto: NIXL for prefill/decode replicas, the TCP side channel for role both (NIXL's
+    #: start-up costs ~0.4 s a process, and a both replica rarely moves KV); nixl | tcp: forced
+    kv_transfer: str = "auto"
+    prefer_nixl: bool = True  # False forces tcp (kept for older callers)
     embedding_dim: int = 64
 
     def validate(self) -> None:
@@ -57,5 +60,7 @@ class SimConfig:
             raise ValueError("block_size and num_blocks must be positive")
         if self.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
+        if self.kv_transfer not in ("auto", "nixl", "tcp"):
+            raise ValueError(f"kv_transfer must be auto, nixl or tcp, got {self.kv_transfer!r}")
         if self.prefill_tokens_per_s <= 0:
             raise ValueError("prefill_tokens_per_s must be positive")

@@ -84,6 +84,8 @@ def cli_args(cfg: SimConfig) -> list[str]:
         args += ["--lora-module", m]
     if not cfg.prefer_nixl:
         args.append("--no-nixl")
+    elif cfg.kv_transfer != "auto":
+        args += ["--kv-transfer", cfg.kv_transfer]
     return args
 
 

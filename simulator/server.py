@@ -144,6 +144,13 @@ def _own_address() -> str:
         return "127.0.0.1"
 
 
+
+def uses_nixl(cfg: SimConfig) -> bool:
+    """Whether this replica moves KV over NIXL (when installed) rather than plain TCP."""
+    if not cfg.prefer_nixl or cfg.kv_transfer == "tcp":
+        return False
+    return cfg.kv_transfer == "nixl" or cfg.role != "both"
+
 class SimServer:
     """One simulated vLLM replica: engine, events, KV transfer, HTTP app."""
 
@@ -186,7 +193,7 @@ class SimServer:
         if cfg.role in ("prefill", "decode", "both"):
             self.transfer = KVTransfer(
                 self.engine_id, cfg.num_blocks, cfg.kv_block_bytes, host=cfg.host, side_channel_port=cfg.side_channel_port,
-                prefer_nixl=cfg.prefer_nixl and cfg.role != "both",
+                prefer_nixl=uses_nixl(cfg),
             )
             await self.transfer.start()
             self.transfer.set_release_callback(self._release_lease)

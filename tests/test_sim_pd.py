@@ -206,3 +206,22 @@ def test_side_channel_and_lease_follow_vllm_env_vars(monkeypatch):
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == out["usage"]["prompt_tokens"]
     finally:
         f.stop()
+
+
+@pytest.mark.parametrize("mode", ["auto", "nixl"])
+def test_role_both_uses_tcp_unless_nixl_is_asked_for(mode):
+    """kv_transfer auto keeps NIXL's start-up off role-both replicas; nixl forces it on them."""
+    f = SimFleet([SimConfig(model=MODEL, role="both", time_scale=0.02, kv_transfer=mode) for _ in range(2)])
+    f.start()
+    try:
+        pre, dec = f.handles
+        bytes0 = metric(dec.url, "vllm:nixl_bytes_transferred_sum")
+        first, kv, second = _two_hop(pre, dec, _prompt(f"both-{mode}"))
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == second["usage"]["prompt_tokens"]
+        moved = metric(dec.url, "vllm:nixl_bytes_transferred_sum") - bytes0
+        if mode == "nixl" and NIXL:
+            assert moved == len(kv["remote_block_ids"][0]) * KV_BYTES
+        else:
+            assert moved == 0
+    finally:
+        f.stop()
