@@ -127,7 +127,14 @@ class Router:
                 return tok.encode_chat(body["messages"], **kwargs)
             except ChatTemplateError as exc:
                 raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-        return await self._remote_tokens(info, messages=body["messages"])
+        return await self._remote_tokens(
+            info,
+            messages=body["messages"],
+            add_generation_prompt=kwargs["add_generation_prompt"],
+            continue_final_message=kwargs["continue_final_message"],
+            tools=body.get("tools"),
+            chat_template_kwargs=extra if isinstance(extra, dict) else None,
+        )
 
     async def _remote_tokens(self, info: ModelInfo, **kw: Any) -> list[int] | None:
         """No local tokenizer: ask one healthy replica's /tokenize; None if that fails too."""

@@ -15,11 +15,14 @@ import random
 import tempfile
 from pathlib import Path
 
-VERSION = "v2"
+VERSION = "v3"  # bump whenever the files written change (they are cached on disk)
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 CHATML_TEMPLATE = (
+    # tools go first, as a system block (Qwen-style templates render them into the prompt too)
+    "{%- if tools %}{{- '<|im_start|>system\\n# Tools\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string %}{{- message['content'] }}"

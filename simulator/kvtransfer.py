@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -107,8 +108,11 @@ class KVTransfer:
 
     def _init_nixl(self) -> None:
         try:
-            logging.getLogger("nixl").setLevel(logging.WARNING)  # NIXL logs every agent at INFO
+            # NIXL's import configures its own logger at INFO on stdout; NIXL_LOG_LEVEL is what it reads
+            os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
             from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[import-not-found]
+
+            logging.getLogger("nixl").setLevel(logging.WARNING)
 
             agent = nixl_agent(self.engine_id, nixl_agent_config(backends=["UCX"]))
             agent.register_memory([(self.buffer.ctypes.data, self.buffer.nbytes, 0, "")], "DRAM")
