@@ -14,12 +14,18 @@ published as one batch — as vLLM's scheduler does once per step.
 
 Outputs are deterministic: the tokens of a request depend only on the replica's seed and the
 prompt, so tests can assert on text and two replicas with one seed answer alike.
+
+Diagnosis: with ``KVGATE_SIM_STEP_TRACE=<dir>`` in its environment each engine appends one line
+per step to ``<dir>/<role>-<pid>.steps`` (monotonic step start, sleep start, wake-up, end, the
+planned sleep, decoding requests, prefill tokens), which separates a late wake-up (a starved or
+blocked event loop) from work done inside the step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 import uuid
 from collections import deque
@@ -137,6 +143,13 @@ class Engine:
         self.on_first_token: list[Callable[[Request, float], None]] = []
         self.on_finished: list[Callable[[Request], None]] = []
         self.lora_running: dict[str, int] = {}
+        # KVGATE_SIM_STEP_TRACE=<dir>: one line per step (planned vs actual wall time), for diagnosis
+        self._trace = None
+        trace_dir = os.environ.get("KVGATE_SIM_STEP_TRACE")
+        if trace_dir:
+            self._trace = open(os.path.join(trace_dir, f"{cfg.role}-{os.getpid()}.steps"), "a", buffering=1 << 16)  # noqa: SIM115
+            self._trace.write("t_begin t_sleep t_wake t_end planned_s decoding prefill_tokens\n")
+            self._trace_n = 0
 
     def _word_vocabulary(self) -> list[int]:
         """Single-token words with a leading space: generated text reads like words."""
@@ -156,6 +169,8 @@ class Engine:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
+        if self._trace is not None:
+            self._trace.flush()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -274,6 +289,7 @@ class Engine:
 
     async def _step(self) -> None:
         cfg = self.cfg
+        t_begin = time.monotonic()
         # decoding requests take one token each from the step's budget; prefill gets the rest
         decoding = [r for r in self.running if not r.prefilling]
         if self.waiting:
@@ -301,6 +317,7 @@ class Engine:
                 pass
             self._flush_events()
             return
+        t_sleep = time.monotonic()
         if cfg.time_scale > 0:
             await asyncio.sleep(step_s * cfg.time_scale)
         else:
@@ -318,6 +335,11 @@ class Engine:
             if r.finish_reason is None:
                 self._emit_token(r, now)
         self._flush_events()
+        if self._trace is not None:
+            self._trace.write(f"{t_begin:.6f} {t_sleep:.6f} {now:.6f} {time.monotonic():.6f} {step_s * cfg.time_scale:.6f} {len(decoding)} {prefill_tokens}\n")
+            self._trace_n += 1
+            if self._trace_n % 200 == 0:
+                self._trace.flush()
 
     def _emit_token(self, r: Request, now: float) -> None:
         tid = self._next_token(r)

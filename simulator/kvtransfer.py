@@ -31,6 +31,8 @@ log = logging.getLogger("kvgate.sim.kvtransfer")
 _LEN = struct.Struct(">I")
 _MAX_MSG = 1 << 30
 _TCP_CHUNK = 16 << 20  # bytes per side-channel read message
+_BUSY_POLL_S = 0.002  # NIXL progress/notification poll while a lease is outstanding
+_IDLE_POLL_S = 0.1  # ... and while none is
 
 
 class KVTransferError(RuntimeError):
@@ -114,7 +116,11 @@ class KVTransfer:
 
             logging.getLogger("nixl").setLevel(logging.WARNING)
 
-            agent = nixl_agent(self.engine_id, nixl_agent_config(backends=["UCX"]))
+            # No progress thread: NIXL's spins without a pause (pthrDelay 0), up to a whole core
+            # per replica even while idle, which on a small machine starves every simulated
+            # replica's scheduler loop. Progress is driven from the event loop instead, as vLLM's worker
+            # does each step: check_xfer_state while pulling, get_new_notifs in _poll_notifications.
+            agent = nixl_agent(self.engine_id, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
             agent.register_memory([(self.buffer.ctypes.data, self.buffer.nbytes, 0, "")], "DRAM")
         except Exception as exc:  # not installed, or UCX unusable here
             log.warning("NIXL unavailable (%s): KV transfers use the TCP side channel", exc)
@@ -204,14 +210,15 @@ class KVTransfer:
         self._pending.set()
 
     async def _poll_notifications(self) -> None:
-        """Prefill side: a decode peer's finished READ arrives as a NIXL notification.
+        """Drive this agent's UCX progress and pick up decode peers' notifications.
 
-        Polls only while leases are outstanding, so idle replicas cost nothing.
+        Without a progress thread the serving side only answers a peer's READ (UCX here
+        emulates RMA with active messages over TCP, so the target must progress) and only
+        receives the "pulled" notification when this loop calls into NIXL: every
+        ``_BUSY_POLL_S`` while a lease is outstanding, every ``_IDLE_POLL_S`` otherwise (a
+        late pull, keepalives), so an idle replica costs next to nothing.
         """
         while True:
-            if not self.has_pending():
-                self._pending.clear()
-                await self._pending.wait()
             try:
                 notifs = self._agent.get_new_notifs()
             except Exception:
@@ -219,7 +226,12 @@ class KVTransfer:
             for msgs in notifs.values():
                 for m in msgs:
                     self._released(m.decode(errors="replace"))
-            await asyncio.sleep(0.002)
+            if self.has_pending():
+                await asyncio.sleep(_BUSY_POLL_S)
+            else:
+                self._pending.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._pending.wait(), _IDLE_POLL_S)
 
     # -- pulling side (decode) ------------------------------------------------------------------
 
@@ -349,6 +361,8 @@ async def _bench(blocks: int = 256, block_kib: int = 2048, repeats: int = 3) -> 
         await src.start()
         await dst.start()
         src.buffer[:] = np.random.default_rng(0).integers(0, 255, src.buffer.size, dtype=np.uint8)
+        src.has_pending = lambda: True  # a prefill replica with a lease out drives its side's progress
+        src.wake()
         ids = list(range(blocks))
         await dst.pull(remote_host="127.0.0.1", remote_port=src.side_channel_port, remote_engine_id="bench-src", remote_request_id="warm", remote_block_ids=ids[:1], local_block_ids=ids[:1])
         best = float("inf")
