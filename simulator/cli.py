@@ -61,12 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV transfer backend: auto = NIXL for prefill/decode roles, TCP for both; NIXL falls back to TCP when not installed",
     )
     p.add_argument("--no-nixl", action="store_true", help="same as --kv-transfer tcp")
+    p.add_argument(
+        "--api-key", nargs="+", default=None, metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (several keys: any is accepted; default: $VLLM_API_KEY, as vllm serve)",
+    )
     return p
 
 
 def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     out = []
     ev_port, rp_port = _endpoint_port(args.kv_events_endpoint), _endpoint_port(args.replay_endpoint)
+    # as vllm serve: --api-key wins over VLLM_API_KEY; empty keys are ignored
+    keys = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY")]) if k]
     for i in range(args.replicas):
         out.append(
             SimConfig(
@@ -81,6 +87,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                 engine_id=f"{args.engine_id}-{i}" if args.engine_id and args.replicas > 1 else args.engine_id,
                 side_channel_host=args.side_channel_host, side_channel_port=args.side_channel_port + i if args.side_channel_port else 0,
                 kv_transfer="tcp" if args.no_nixl else args.kv_transfer,
+                api_key=list(keys) or None,
             )
         )
     return out

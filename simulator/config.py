@@ -52,6 +52,15 @@ class SimConfig:
     kv_transfer: str = "auto"
     prefer_nixl: bool = True  # False forces tcp (kept for older callers)
     embedding_dim: int = 64
+    #: vLLM's ``--api-key`` (one key or several, any of them accepted): ``/v1/*`` then needs
+    #: ``Authorization: Bearer KEY`` and answers 401 ``{"error": "Unauthorized"}`` without it;
+    #: /health, /metrics, /version, /tokenize, /detokenize stay open. None or empty: no auth
+    api_key: str | list[str] | None = None
+
+    def api_keys(self) -> list[str]:
+        """The accepted keys, empty ones dropped (vLLM ignores an empty VLLM_API_KEY)."""
+        keys = [self.api_key] if isinstance(self.api_key, str) else list(self.api_key or [])
+        return [k for k in keys if k]
 
     def validate(self) -> None:
         if self.role not in ("both", "prefill", "decode"):

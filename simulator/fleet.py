@@ -86,6 +86,8 @@ def cli_args(cfg: SimConfig) -> list[str]:
         args.append("--no-nixl")
     elif cfg.kv_transfer != "auto":
         args += ["--kv-transfer", cfg.kv_transfer]
+    if cfg.api_keys():
+        args += ["--api-key", *cfg.api_keys()]
     return args
 
 
@@ -156,6 +158,7 @@ class SimFleet:
         cfg = self.configs[i]
         if self.mode == "process":
             env = {**os.environ}
+            env.pop("VLLM_API_KEY", None)  # the replica's keys are cfg.api_key's, passed as --api-key
             self._procs[i] = subprocess.Popen([sys.executable, "-m", "simulator.cli", *cli_args(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             return
         assert self._runner is not None

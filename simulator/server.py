@@ -6,7 +6,8 @@ Endpoints, response and stream-chunk shapes, error bodies and status codes follo
 ``usage.prompt_tokens_details.cached_tokens`` (as vLLM with ``--enable-prompt-tokens-details``),
 /v1/models (LoRA adapters as child cards), /v1/embeddings, /tokenize, /detokenize, /health,
 /version, /metrics, /reset_prefix_cache, and the NixlConnector's ``kv_transfer_params`` for
-prefill→decode.
+prefill→decode. With ``api_key`` set, ``ApiKeyMiddleware`` guards /v1/* as vLLM's ``--api-key``
+does (401 ``{"error": "Unauthorized"}``), leaving /health, /metrics, /version and /tokenize open.
 
 Errors come in vLLM's two flavours: request-validation errors (FastAPI/pydantic level: bad
 JSON, wrong types, a wrong content type) answer 400 with ``type: "Bad Request"`` and a
@@ -21,6 +22,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,9 +32,12 @@ from typing import Any
 import msgspec
 import zmq.asyncio
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvindex.tokenize import ChatTemplateError, load_tokenizer
 
@@ -805,7 +811,51 @@ class SimServer:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/reset_prefix_cache", reset, methods=["POST"]),
         ]
-        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error})
+        keys = self.cfg.api_keys()
+        middleware = [Middleware(ApiKeyMiddleware, tokens=keys)] if keys else []
+        return Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error})
+
+
+#: URL prefixes that need the key when the replica has one (vLLM's --api-key / VLLM_API_KEY).
+#: Everything else stays open: /health, /metrics, /version, /tokenize, /detokenize,
+#: /reset_prefix_cache. vLLM matches the bare prefix (so "/v1x" is guarded too) on the path
+#: with the root path removed and repeated slashes collapsed ("//v1/..." is no way around it).
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+_SLASHES = re.compile(r"/{2,}")
+
+
+class ApiKeyMiddleware:
+    """vLLM's API-key check: ``Authorization: Bearer <key>`` on the guarded routes, else 401.
+
+    The scheme is matched case-insensitively, the token exactly (compared as SHA-256 digests in
+    constant time, any of the configured keys); CORS preflights (OPTIONS) and non-HTTP scopes
+    pass. The refusal is vLLM's, byte for byte: status 401, body ``{"error":"Unauthorized"}``.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: list[str]) -> None:
+        self.app = app
+        self.digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+    def verify(self, headers: Headers) -> bool:
+        value = headers.get("authorization")
+        if not value:
+            return False
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.encode()).digest()
+        ok = False
+        for d in self.digests:  # no early exit: the time taken says nothing about which key
+            ok |= secrets.compare_digest(digest, d)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope.get("method") != "OPTIONS":
+            path = _SLASHES.sub("/", scope["path"]).removeprefix(scope.get("root_path", ""))
+            if path.startswith(GUARDED_PREFIXES) and not self.verify(Headers(scope=scope)):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _AbortingStream(StreamingResponse):
