@@ -188,6 +188,15 @@ def decode_json(raw: bytes) -> Any:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
 
 
+def unknown_model(gw: Gateway, name: str) -> GatewayError:
+    """404 for a model no replica serves; says so when replicas refused to list their models."""
+    message = f"The model `{name}` does not exist."
+    refused = sorted(rid for rid in gw.fleet.auth_rejected if not gw.fleet.states[rid].models)
+    if refused:
+        message += f" (replica {', '.join(refused)} rejected the gateway's credentials on /v1/models, so its models are unknown)"
+    return GatewayError(404, message, "model_not_found", "model")
+
+
 def _debug_headers(gw: Gateway, replicas: list[str], prefix_blocks: int) -> dict[str, str]:
     if not gw.cfg.debug_headers:
         return {}
@@ -229,7 +238,7 @@ async def generate(gw: Gateway, request: Request, kind: str, path: str) -> Respo
         validate_body(kind, body)
         info = gw.fleet.resolve_model(body["model"])
         if info is None:
-            raise GatewayError(404, f"The model `{body['model']}` does not exist.", "model_not_found", "model")
+            raise unknown_model(gw, body["model"])
         watch = DisconnectWatch(request.receive)
         waited = await gw.admission.acquire()
         held = True
@@ -300,7 +309,7 @@ async def embeddings(gw: Gateway, request: Request) -> Response | RelayResponse:
             raise bad_request("'input' is required", "input")
         info = gw.fleet.resolve_model(body["model"])
         if info is None:
-            raise GatewayError(404, f"The model `{body['model']}` does not exist.", "model_not_found", "model")
+            raise unknown_model(gw, body["model"])
         watch = DisconnectWatch(request.receive)
         await gw.admission.acquire()
         held = True
@@ -391,6 +400,8 @@ def build_app(cfg: GatewayConfig) -> GatewayApp:
                 "kv_usage": s.kv_usage,
                 "inflight_requests": s.inflight_requests,
                 "inflight_prefill_tokens": s.inflight_prefill_tokens,
+                "api_key": gw.fleet.has_key(s.id),  # whether one is configured, never the key
+                "auth_rejected": s.id in gw.fleet.auth_rejected,
             }
             for s in gw.fleet.all()
         ]

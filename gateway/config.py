@@ -8,6 +8,7 @@ CLI flags override a few top-level values (see ``gateway.server``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,23 @@ class ReplicaConfig(_Base):
     #: prefill throughput estimate used by the estimated-TTFT scorer (tokens/s)
     prefill_tokens_per_s: float = 10_000.0
     labels: dict[str, str] = {}
+    #: the replica's own key (vLLM --api-key / VLLM_API_KEY), sent as Authorization: Bearer on
+    #: every call to it; the client's Authorization header never reaches a replica
+    api_key: str | None = None
+    #: name of an environment variable holding that key (keeps it out of the file)
+    api_key_env: str | None = None
+
+    def __repr__(self) -> str:  # the key must not end up in a log line or a traceback
+        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "api_key"}
+        if self.api_key is not None:
+            shown["api_key"] = "***"
+        return "ReplicaConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    def resolved_api_key(self) -> str | None:
+        """The key to send (from ``api_key`` or the ``api_key_env`` variable), None for none."""
+        if self.api_key_env is not None:
+            return os.environ.get(self.api_key_env) or None
+        return self.api_key or None
 
 
 class ModelConfig(_Base):
@@ -172,6 +190,16 @@ def _check(cfg: GatewayConfig) -> None:
     for i, r in enumerate(cfg.replicas):
         if not r.url.startswith(("http://", "https://")):
             raise ConfigError(f"config error at $.replicas[{i}].url: must start with http:// or https://, got {r.url!r}")
+        if r.api_key is not None and r.api_key_env is not None:
+            raise ConfigError(f"config error at $.replicas[{i}]: set api_key or api_key_env, not both")
+        if r.api_key is not None and not r.api_key.strip():
+            raise ConfigError(f"config error at $.replicas[{i}].api_key: empty (remove it for a replica without a key)")
+        if r.api_key_env is not None and not os.environ.get(r.api_key_env):
+            raise ConfigError(
+                f"config error at $.replicas[{i}].api_key_env: environment variable {r.api_key_env!r} is "
+                + ("empty" if r.api_key_env in os.environ else "not set")
+                + f" (replica {r.id}'s API key)"
+            )
     for name, m in cfg.models.items():
         if m.block_size <= 0:
             raise ConfigError(f"config error at $.models.{name}.block_size: must be positive")

@@ -4,6 +4,8 @@ Three sources feed each replica's ``EndpointState``:
 
 * a prober (``GET /v1/models`` on an interval) that also discovers served models and LoRA
   adapters, and drives a circuit breaker together with passive failures from the proxy;
+  a replica that answers 401 (it wants an API key, or another one) is alive: it stays
+  healthy, and is flagged ``auth_rejected`` until it accepts the gateway's key;
 * a scraper of the replica's Prometheus ``/metrics`` (vLLM names: running, waiting, KV usage);
 * the gateway's own in-flight counters, changed at dispatch, first byte and completion on
   every path (scraped gauges lag by a scrape interval; these do not).
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -30,6 +32,7 @@ log = logging.getLogger("kvgate.endpoints")
 _RUNNING = ("vllm:num_requests_running",)
 _WAITING = ("vllm:num_requests_waiting",)
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_NO_AUTH: Mapping[str, str] = {}
 
 
 @dataclass(slots=True)
@@ -109,6 +112,11 @@ class Fleet:
         self.states: dict[str, EndpointState] = {}
         self.circuits: dict[str, Circuit] = {}
         self.discovered: dict[str, dict[str, ModelInfo]] = {}
+        #: per replica, the header that carries its API key ({} without one); never logged
+        self._auth: dict[str, Mapping[str, str]] = {}
+        self._keys: dict[str, str | None] = {}
+        #: replicas whose last answer was a 401 to the gateway's credentials
+        self.auth_rejected: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.on_health_change: list = []  # callbacks (replica_id, healthy) → None
         for r in replicas:
@@ -129,6 +137,31 @@ class Fleet:
             labels=dict(r.labels),
         )
         self.circuits[r.id] = Circuit(self.health_cfg.failure_threshold, self.health_cfg.cooldown_s)
+        key = r.resolved_api_key()
+        self._keys[r.id] = key
+        self._auth[r.id] = {"authorization": f"Bearer {key}"} if key else _NO_AUTH
+
+    def api_key(self, rid: str) -> str | None:
+        return self._keys.get(rid)
+
+    def upstream_auth(self, rid: str) -> Mapping[str, str]:
+        """Headers that authenticate the gateway to replica ``rid`` (empty when it has no key)."""
+        return self._auth.get(rid, _NO_AUTH)
+
+    def has_key(self, rid: str) -> bool:
+        return bool(self._auth.get(rid))
+
+    def auth_rejected_by(self, rid: str, where: str) -> None:
+        """Replica ``rid`` answered 401 to the gateway: a configuration problem, not an outage."""
+        if rid not in self.auth_rejected:
+            self.auth_rejected.add(rid)
+            how = "the configured API key" if self.has_key(rid) else "no API key (set replicas[].api_key or api_key_env)"
+            log.warning("replica %s rejected the gateway's credentials (HTTP 401 on %s); the gateway sends %s", rid, where, how)
+
+    def auth_accepted_by(self, rid: str) -> None:
+        if rid in self.auth_rejected:
+            self.auth_rejected.discard(rid)
+            log.warning("replica %s accepts the gateway's credentials again", rid)
 
     def get(self, replica_id: str) -> EndpointState | None:
         return self.states.get(replica_id)
@@ -193,13 +226,20 @@ class Fleet:
             cb(rid, healthy)
 
     async def probe(self, rid: str) -> bool:
-        """One health probe (GET /v1/models), which also refreshes model discovery."""
+        """One health probe (GET /v1/models), which also refreshes model discovery.
+
+        A 401 means the replica is up and refuses the gateway's key: it counts as alive (the
+        circuit stays closed, so requests reach it and get the 502 that names the problem,
+        instead of a 503 that hides it), discovery keeps what it last knew."""
         state = self.states[rid]
         try:
-            resp = await self.client.get(f"{state.url}/v1/models", timeout=self.health_cfg.timeout_s)
-            ok = resp.status_code == 200
-            if ok:
+            resp = await self.client.get(f"{state.url}/v1/models", headers=self.upstream_auth(rid), timeout=self.health_cfg.timeout_s)
+            ok = resp.status_code in (200, 401)
+            if resp.status_code == 200:
                 self._apply_discovery(rid, resp.json())
+                self.auth_accepted_by(rid)
+            elif resp.status_code == 401:
+                self.auth_rejected_by(rid, "GET /v1/models")
         except (httpx.HTTPError, ValueError, OSError):
             ok = False
         if ok:
@@ -216,7 +256,7 @@ class Fleet:
     async def scrape(self, rid: str) -> None:
         state = self.states[rid]
         try:
-            resp = await self.client.get(f"{state.url}/metrics", timeout=self.scrape_cfg.timeout_s)
+            resp = await self.client.get(f"{state.url}/metrics", headers=self.upstream_auth(rid), timeout=self.scrape_cfg.timeout_s)
             if resp.status_code != 200:
                 return
             running, waiting, kv = parse_vllm_metrics(resp.text)

@@ -119,6 +119,27 @@ class AttemptFailed(Exception):
         self.accepted = accepted
 
 
+class AuthRejected(AttemptFailed):
+    """The replica answered 401: it refused the gateway's own key (the client's never goes
+    upstream). The replica is up and did no work; another one may accept its key."""
+
+    def __init__(self, replica: str) -> None:
+        super().__init__(replica, "rejected the gateway's credentials (HTTP 401)", accepted=False)
+
+
+def auth_error(failures: list[AttemptFailed]) -> GatewayError | None:
+    """The 502 for a request that every tried replica refused on credentials, else None."""
+    if not failures or not all(isinstance(f, AuthRejected) for f in failures):
+        return None
+    names = sorted({f.replica for f in failures})
+    return GatewayError(
+        502,
+        f"{'replica' if len(names) == 1 else 'replicas'} {', '.join(names)} rejected the gateway's credentials (HTTP 401): the gateway's API key for it is "
+        "missing or wrong (replicas[].api_key / api_key_env); the client's own key was accepted",
+        "upstream_auth_failed",
+    )
+
+
 @dataclass(slots=True)
 class Trace:
     """What the per-request debug log line says (built only when debug logging is on)."""
@@ -268,6 +289,9 @@ class Forwarder:
         ``can_retry`` (there is another replica to try).
         """
         timeout = first_byte_timeout_s or self.cfg.limits.first_byte_timeout_s
+        auth = self.fleet.upstream_auth(ep.id)
+        if auth:
+            fwd_headers = {**fwd_headers, **auth}
         att = self.begin(ctx, ep, profile, prefill_tokens=prefill_tokens)
         resp: UpstreamResponse | None = None
         kept = False
@@ -281,6 +305,9 @@ class Forwarder:
             except UpstreamTimeout:
                 raise GatewayError(504, f"replica {ep.id} did not answer within {timeout:g}s", "upstream_timeout") from None
             status = resp.status_code
+            if status == 401:  # not the client's fault, not an outage: never relayed, never a circuit failure
+                self.fleet.auth_rejected_by(ep.id, f"POST {path}")
+                raise AuthRejected(ep.id)
             if can_retry and status in retry_statuses:
                 raise AttemptFailed(ep.id, f"HTTP {status}", accepted=True)
             try:
@@ -298,6 +325,7 @@ class Forwarder:
             self.first_byte(att)
             if status < 500:
                 self.fleet.record_success(ep.id)
+                self.fleet.auth_accepted_by(ep.id)
             kept = True
             return up
         finally:
@@ -324,23 +352,25 @@ class Forwarder:
 
         ``prefill_tokens`` overrides the prefill work charged to the replica (0 for a decode
         hop that pulls the prompt's KV instead of computing it). Raises GatewayError 503
-        when every candidate failed, 504 on a timeout.
+        when every candidate failed (502 when each refused the gateway's key), 504 on a timeout.
         """
         fwd = forward_headers(headers, ctx.request_id)
         candidates = ranked[: 1 + self.cfg.limits.max_retries]
         errors: list[str] = []
+        failures: list[AttemptFailed] = []
         for i, ep in enumerate(candidates):
             try:
                 return await self.attempt(
                     ctx, ep, path, body, fwd, profile, stream=stream, first_byte_timeout_s=first_byte_timeout_s, prefill_tokens=prefill_tokens, can_retry=i + 1 < len(candidates)
                 )
             except AttemptFailed as exc:
+                failures.append(exc)
                 errors.append(str(exc))
                 self.metrics.retries.labels(ep.id).inc()
                 if trace is not None:
                     trace.retries += 1
                 log.info("replica %s failed before the first byte of %s: %s", ep.id, ctx.request_id, exc)
-        raise GatewayError(503, "no replica could take the request: " + "; ".join(errors or ["no candidates"]), "upstream_unavailable")
+        raise auth_error(failures) or GatewayError(503, "no replica could take the request: " + "; ".join(errors or ["no candidates"]), "upstream_unavailable")
 
     # -- relaying -----------------------------------------------------------------------------
 

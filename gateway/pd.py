@@ -34,7 +34,7 @@ from scorers.base import PHASE_DECODE, PHASE_PREFILL, ROLE_PREFILL, EndpointStat
 from .config import GatewayConfig
 from .endpoints import Fleet
 from .errors import GatewayError
-from .forward import AttemptFailed, DisconnectWatch, Forwarder, Trace, Upstream
+from .forward import AttemptFailed, DisconnectWatch, Forwarder, Trace, Upstream, auth_error
 from .metrics import GatewayMetrics
 from .proxy import forward_headers
 
@@ -76,6 +76,10 @@ DECODE_RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
 class PrefillFailed(Exception):
     """No prefill replica produced a usable KV handle."""
+
+    def __init__(self, message: str, auth: GatewayError | None = None) -> None:
+        super().__init__(message)
+        self.auth = auth  # the 502 to give if every prefill replica refused the gateway's key
 
 
 class _ClientError(Exception):
@@ -147,7 +151,7 @@ class PDOrchestrator:
     async def _prefill_fallback(self, ctx, ranked, exc, path, raw, headers, profile, stream, t_request, on_done, debug, watch, trace):
         self.metrics.pd_fallbacks.labels("prefill_failed").inc()
         if self.cfg.pd.on_prefill_failure == "error":
-            raise GatewayError(503, f"prefill failed: {exc}", "prefill_unavailable") from None
+            raise exc.auth or GatewayError(503, f"prefill failed: {exc}", "prefill_unavailable") from None
         log.warning("prefill failed for %s, serving in one hop: %s", ctx.request_id, exc)
         return await self._one_hop(ctx, ranked, path, raw, headers, profile, stream, t_request, on_done, debug, watch, trace, fallback=True)
 
@@ -177,6 +181,7 @@ class PDOrchestrator:
         timeout = self.cfg.pd.decode_timeout_s or self.cfg.limits.first_byte_timeout_s
         candidates = ranked[: 1 + self.cfg.limits.max_retries]
         errors: list[str] = []
+        failures: list[AttemptFailed] = []
         last: Handle | None = handle
         up: Upstream | None = None
         for i, ep in enumerate(candidates):
@@ -203,6 +208,7 @@ class PDOrchestrator:
                 )
             except AttemptFailed as exc:
                 errors.append(str(exc))
+                failures.append(exc)
                 self.metrics.retries.labels(ep.id).inc()
                 self.metrics.pd_fallbacks.labels("decode_retry").inc()
                 if trace is not None:
@@ -213,7 +219,7 @@ class PDOrchestrator:
                 continue
             break
         if up is None:
-            raise GatewayError(503, "no decode replica could take the request: " + "; ".join(errors), "upstream_unavailable")
+            raise auth_error(failures) or GatewayError(503, "no decode replica could take the request: " + "; ".join(errors), "upstream_unavailable")
         assert last is not None
         decode_first = (up.att.first_byte_at or time.perf_counter()) - t_decode
         self.metrics.pd_hop.labels("decode").observe(decode_first)
@@ -244,17 +250,20 @@ class PDOrchestrator:
         fwd = self.forwarder
         fwd_headers = forward_headers(headers, ctx.request_id)
         errors: list[str] = []
+        failures: list[AttemptFailed] = []
         for ep in ranked[: 1 + self.cfg.limits.max_retries]:
             t0 = time.perf_counter()
             try:
                 up = await fwd.attempt(ctx, ep, path, pbody, fwd_headers, profile, stream=False, first_byte_timeout_s=self.cfg.pd.prefill_timeout_s, can_retry=False)
             except AttemptFailed as exc:
                 errors.append(str(exc))
+                failures.append(exc)
                 self.metrics.retries.labels(ep.id).inc()
                 continue
             except GatewayError as exc:  # timed out: a slow prefill replica is as good as down
                 self.metrics.pd_fallbacks.labels("prefill_timeout").inc()
                 errors.append(f"{ep.id}: {exc.message}")
+                failures.append(AttemptFailed(ep.id, exc.message, accepted=True))
                 continue
             elapsed = time.perf_counter() - t0
             self.metrics.pd_hop.labels("prefill").observe(elapsed)
@@ -267,10 +276,11 @@ class PDOrchestrator:
             fwd.end(ctx, up.att, profile, ok=kv is not None)
             if kv is None:
                 errors.append(f"{ep.id}: HTTP {status}" + ("" if status != 200 else " without kv_transfer_params"))
+                failures.append(AttemptFailed(ep.id, f"HTTP {status}", accepted=True))
                 continue
             hit = ctx.prefix.get(ep.id)
             return Handle(kv, ep.id, hit.blocks if hit else 0, elapsed, time.monotonic())
-        raise PrefillFailed("; ".join(errors) or "no prefill replica")
+        raise PrefillFailed("; ".join(errors) or "no prefill replica", auth_error(failures))
 
 
 def _kv_params(content: bytes) -> dict | None:

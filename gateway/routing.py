@@ -141,7 +141,11 @@ class Router:
         for state in self.fleet.all():
             if state.healthy and info.base in state.models:
                 try:
-                    return await remote_tokenize(self.client, state.url, info.id, **kw)
+                    return await remote_tokenize(self.client, state.url, info.id, api_key=self.fleet.api_key(state.id), **kw)
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code == 401:
+                        self.fleet.auth_rejected_by(state.id, "POST /tokenize")
+                    continue
                 except (httpx.HTTPError, ValueError, KeyError):
                     continue
         return None

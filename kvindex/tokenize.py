@@ -223,11 +223,15 @@ async def remote_tokenize(
     tools: list | None = None,
     chat_template_kwargs: dict | None = None,
     timeout: float = 2.0,
+    api_key: str | None = None,
 ) -> list[int]:
     """Ask a replica's ``POST /tokenize`` (vLLM's JSON) for the tokens of a prompt or chat.
 
     For a chat, everything that changes the rendered template (tools, template kwargs,
-    continue_final_message) goes along, so the tokens are the ones the replica will see."""
+    continue_final_message) goes along, so the tokens are the ones the replica will see.
+    ``api_key``: the replica's own key, sent as a bearer token. vLLM builds that derive the
+    guarded routes from the route table protect /tokenize too; older ones leave it open and
+    the header does no harm."""
     body: dict[str, Any] = {"model": model}
     if messages is not None:
         body["messages"] = messages
@@ -242,7 +246,8 @@ async def remote_tokenize(
     else:
         body["prompt"] = prompt or ""
         body["add_special_tokens"] = True if add_special_tokens is None else add_special_tokens
-    resp = await client.post(f"{base_url.rstrip('/')}/tokenize", json=body, timeout=timeout)
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    resp = await client.post(f"{base_url.rstrip('/')}/tokenize", json=body, headers=headers, timeout=timeout)
     resp.raise_for_status()
     tokens = resp.json()["tokens"]
     if not isinstance(tokens, list):
