@@ -22,8 +22,16 @@ Inference Extension's subset hint (metadata namespace ``envoy.lb.subset_hint``, 
 the header and the metadata (the protocol requires the two to be equal; plain Envoy's
 ORIGINAL_DST cluster only parses a single address, so the default is 0).
 
+Upstream credentials: Envoy passes the client's own headers on, ``authorization`` included,
+and the client's key is the gateway's, not a replica's. So every routing answer also rewrites
+it: ``authorization: Bearer <replica key>`` when the picked replica has ``api_key`` /
+``api_key_env`` configured, the header removed when it has none. Fallback endpoints are only
+those with the same key as the primary (the data plane retries with the same headers).
+
 Errors are immediate responses with an OpenAI-style JSON body: bad body 400, unknown model
-404, no healthy replica (or none in the subset) 503, admission queue full 429.
+404, no healthy replica (or none in the subset) 503, admission queue full 429; and a replica
+answering 401 (it refused the key the picker set) becomes a 502 ``upstream_auth_failed`` at
+the response headers, as in the HTTP gateway: the client's own key was fine.
 
 Accounting: a request is counted in flight on its replica when we pick it; its prefill tokens
 are released at the first byte of the response (first response body chunk if Envoy sends
@@ -63,10 +71,10 @@ from google.protobuf import struct_pb2
 
 from scorers.base import PHASE_ANY, EndpointState, RequestContext
 
-from .app import Gateway
+from .app import Gateway, unknown_model
 from .config import GatewayConfig
 from .errors import GatewayError, bad_request
-from .forward import Attempt
+from .forward import Attempt, AuthRejected, auth_error
 from .routing import validate_body
 
 log = logging.getLogger("kvgate.extproc")
@@ -158,6 +166,9 @@ class _Stream:
     admitted: bool = False
     status: int = 0
     closed: bool = False  # an immediate response was sent: Envoy ignores anything further
+    #: the picked replica's API key, set as the upstream authorization (None: header removed)
+    upstream_key: str | None = field(default=None, repr=False)
+    replica: str | None = None  # the picked replica's id
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):
@@ -228,6 +239,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                 if h.key == ":status":
                     value = h.raw_value.decode() if h.raw_value else h.value
                     st.status = int(value) if value.isdigit() else 0
+            if st.status == 401 and st.replica is not None:
+                return [self._auth_rejected(st)]
             if st.response_mode == _Mode.NONE or req.response_headers.end_of_stream:
                 self._first_byte(st)
             if req.response_headers.end_of_stream:
@@ -246,6 +259,16 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             self._finish(st, ok=0 < st.status < 500 if st.status else True)
             return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
         return []
+
+    def _auth_rejected(self, st: _Stream) -> pb.ProcessingResponse:
+        """The replica refused the key we set (or the lack of one): a 502 naming that, not its 401,
+        which would tell the client its own key was wrong. The replica is not counted as failing."""
+        rid = st.replica
+        assert rid is not None
+        self.gw.fleet.auth_rejected_by(rid, f"{st.headers.get(':method', 'POST')} {st.headers.get(':path', '')} via Envoy")
+        err = auth_error([AuthRejected(rid)])
+        assert err is not None
+        return self._error(st, err)
 
     # -- accounting -------------------------------------------------------------------------------
 
@@ -278,6 +301,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             return
         self.gw.forwarder.end(st.ctx, st.attempt, st.profile, ok=False)
         st.attempt = self.gw.forwarder.begin(st.ctx, ep, st.profile)
+        st.replica = ep.id
 
     # -- decisions --------------------------------------------------------------------------------
 
@@ -298,8 +322,15 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             ranked = await self._restrict(sorted(healthy, key=lambda s: s.inflight_requests), subset)
         except GatewayError as exc:
             return self._error(st, exc)
-        st.endpoints = [addr for _, addr in ranked[: 1 + self.fallbacks]]
-        return _route_response("request_headers", st.endpoints)
+        st.endpoints, st.upstream_key = self._with_key(ranked)
+        st.replica = ranked[0][0].id
+        return _route_response("request_headers", st.endpoints, api_key=st.upstream_key)
+
+    def _with_key(self, ranked: list[tuple[EndpointState, str]]) -> tuple[list[str], str | None]:
+        """The primary and its fallbacks, kept to those the primary's upstream key fits."""
+        fleet = self.gw.fleet
+        key = fleet.api_key(ranked[0][0].id)
+        return [addr for ep, addr in ranked if fleet.api_key(ep.id) == key][: 1 + self.fallbacks], key
 
     async def _restrict(self, ranked: list[EndpointState], subset: set[str] | None) -> list[tuple[EndpointState, str]]:
         """Ranked endpoints with their addresses, kept to the subset hint if there is one."""
@@ -320,7 +351,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
     async def _decide(self, st: _Stream) -> GatewayError | None:
         raw = bytes(st.body)
         try:
-            st.endpoints, replica, blocks = await self._schedule(st, raw)
+            st.endpoints, st.upstream_key, replica, blocks = await self._schedule(st, raw)
+            st.replica = replica
         except GatewayError as exc:
             return exc
         except Exception:  # a bug must not turn into Envoy's bare 500: answer in OpenAI form
@@ -335,21 +367,21 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         err = await self._decide(st)
         if err is not None:
             return [self._error(st, err)]
-        return [_route_response("request_body", st.endpoints)]
+        return [_route_response("request_body", st.endpoints, api_key=st.upstream_key)]
 
     async def _route_full_duplex(self, st: _Stream, trailers: bool) -> list[pb.ProcessingResponse]:
         err = await self._decide(st)
         if err is not None:
             return [self._error(st, err)]
         raw = bytes(st.body)
-        out = [_route_response("request_headers", st.endpoints, content_length=len(raw))]
+        out = [_route_response("request_headers", st.endpoints, content_length=len(raw), api_key=st.upstream_key)]
         if raw or not trailers:
             out += [_streamed("request_body", raw[i : i + CHUNK_BYTES], not trailers and i + CHUNK_BYTES >= len(raw)) for i in range(0, max(len(raw), 1), CHUNK_BYTES)]
         if trailers:
             out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
         return out
 
-    async def _schedule(self, st: _Stream, raw: bytes) -> tuple[list[str], str, int]:
+    async def _schedule(self, st: _Stream, raw: bytes) -> tuple[list[str], str | None, str, int]:
         gw = self.gw
         keys = gw.cfg.auth.api_keys
         if keys:
@@ -376,7 +408,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             validate_body(kind, body)
         info = gw.fleet.resolve_model(body["model"])
         if info is None:
-            raise GatewayError(404, f"The model `{body['model']}` does not exist.", "model_not_found", "model")
+            raise unknown_model(gw, body["model"])
         subset = _subset_hint(st.metadata)
         waited = await gw.admission.acquire()
         st.admitted = True
@@ -396,7 +428,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         blocks = hit.blocks if hit else 0
         gw.metrics.prompt_blocks.inc(len(ctx.block_keys))
         gw.metrics.prefix_hit_blocks.inc(blocks)
-        return [addr for _, addr in ranked[: 1 + self.fallbacks]], chosen.id, blocks
+        endpoints, key = self._with_key(ranked)
+        return endpoints, key, chosen.id, blocks
 
 
 _warned: set[str] = set()
@@ -427,14 +460,22 @@ def _subset_hint(metadata: dict[str, dict]) -> set[str] | None:
     return subset
 
 
-def _route_response(phase: str, endpoints: list[str], content_length: int | None = None) -> pb.ProcessingResponse:
-    """The picked endpoint(s): same comma-separated value in the header and in ``envoy.lb``."""
+def _route_response(phase: str, endpoints: list[str], content_length: int | None = None, api_key: str | None = None) -> pb.ProcessingResponse:
+    """The picked endpoint(s): same comma-separated value in the header and in ``envoy.lb``.
+
+    Also the upstream ``authorization``: the replica's key, or none at all — the client's own
+    bearer token (the gateway's key) must never reach a replica."""
     value = ",".join(endpoints)
     headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=value.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]
     if content_length:
         # FULL_DUPLEX_STREAMED makes Envoy drop content-length; we send the body back unchanged
         headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-length", raw_value=str(content_length).encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
-    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers), clear_route_cache=True)
+    remove: list[str] = []
+    if api_key:
+        headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="authorization", raw_value=f"Bearer {api_key}".encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+    else:
+        remove.append("authorization")
+    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers, remove_headers=remove), clear_route_cache=True)
     md = struct_pb2.Struct()
     md.update({LB_NAMESPACE: {DEST_HEADER: value}})
     if phase == "request_headers":

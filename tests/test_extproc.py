@@ -368,3 +368,194 @@ def test_extproc_command_serves_envoy(tmp_path):
         proc.terminate()
         assert proc.wait(10) == 0, proc.stderr.read().decode()[-2000:]
         fleet.stop()
+
+
+# -- upstream credentials: the replica's key in, the client's key out ----------------------------
+
+REPLICA_KEY = "replica-key-for-envoy"
+CLIENT_KEY = "client-key-for-the-picker"
+
+
+def _auth_mutation(resp) -> tuple[str | None, list[str], list[str]]:
+    """(authorization set, headers removed, endpoints listed) of a routing answer."""
+    common = getattr(resp, resp.WhichOneof("response")).response
+    mutation = common.header_mutation
+    auth = next((h.header.raw_value.decode() for h in mutation.set_headers if h.header.key == "authorization"), None)
+    dest = next(h.header.raw_value.decode() for h in mutation.set_headers if h.header.key == "x-gateway-destination-endpoint")
+    return auth, list(mutation.remove_headers), dest.split(",")
+
+
+def test_picker_sets_the_replica_key_and_removes_the_clients_grpc(tmp_path):
+    """Over gRPC, message by message: keyed replica -> its key set; open replica -> header removed;
+    fallbacks only where the primary's key fits; a replica's 401 becomes the picker's 502."""
+    import asyncio
+
+    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+
+    from tests.test_extproc_protocol import Conversation, _body, _headers, _metadata, _prompt, _response_headers
+
+    M = processing_mode_pb2.ProcessingMode
+    fleet = SimFleet([SimConfig(model=MODEL, time_scale=0.0, api_key=REPLICA_KEY), SimConfig(model=MODEL, time_scale=0.0), SimConfig(model=MODEL, time_scale=0.0, api_key=REPLICA_KEY)])
+    fleet.start()
+    cfg = fleet_config(fleet.handles, auth={"api_keys": [CLIENT_KEY]})
+    cfg.replicas[0].api_key = cfg.replicas[2].api_key = REPLICA_KEY
+    ep = ExtProcThread(cfg, fallbacks=2).start()
+    addr = [f"127.0.0.1:{h.config.port}" for h in fleet.handles]
+    client_auth = (("authorization", f"Bearer {CLIENT_KEY}"),)
+
+    def with_subset(req, ids):
+        _metadata(req, {"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": [addr[i] for i in ids]}})
+        return req
+
+    async def route(ids, mode=M.BUFFERED, path="/v1/completions"):
+        async with Conversation(ep.port) as c:
+            if path == "/v1/models":
+                [r] = await c.send(with_subset(_headers(path, eos=True, extra=client_auth), ids), 1)
+            elif mode == M.BUFFERED:
+                await c.send(with_subset(_headers(extra=client_auth), ids), 1)
+                [r] = await c.send(_body(_prompt("who gets which key"), eos=True), 1)
+            else:
+                await c.send(with_subset(_headers(request_mode=M.FULL_DUPLEX_STREAMED, extra=client_auth), ids), 0)
+                r, _ = await c.send(_body(_prompt("who gets which key"), eos=True), 2)
+            await c.send(_response_headers(200, eos=True), 1)
+            await c.close()
+            return r
+
+    try:
+        wait_for(lambda: all(s.healthy for s in ep.call(ep.server.gateway.fleet.all)), message="replicas healthy")
+        for mode in (M.BUFFERED, M.FULL_DUPLEX_STREAMED):
+            assert _auth_mutation(asyncio.run(route([0], mode))) == (f"Bearer {REPLICA_KEY}", [], [addr[0]])
+            assert _auth_mutation(asyncio.run(route([1], mode))) == (None, ["authorization"], [addr[1]])
+        assert _auth_mutation(asyncio.run(route([1], path="/v1/models"))) == (None, ["authorization"], [addr[1]])
+        assert _auth_mutation(asyncio.run(route([2], path="/v1/models")))[0] == f"Bearer {REPLICA_KEY}"
+        # fallbacks: the data plane retries with the same headers, so only same-key endpoints follow
+        auth, removed, listed = _auth_mutation(asyncio.run(route([0, 2])))
+        assert auth == f"Bearer {REPLICA_KEY}" and sorted(listed) == sorted([addr[0], addr[2]])
+        auth, removed, listed = _auth_mutation(asyncio.run(route([0, 1])))
+        assert len(listed) == 1 and (auth, removed) == ((f"Bearer {REPLICA_KEY}", []) if listed == [addr[0]] else (None, ["authorization"]))
+
+        async def refused():
+            async with Conversation(ep.port) as c:
+                await c.send(with_subset(_headers(extra=client_auth), [0]), 1)
+                await c.send(_body(_prompt("refused"), eos=True), 1)
+                [r] = await c.send(_response_headers(401), 1, then_end=True)
+                return r
+
+        r = asyncio.run(refused())
+        assert r.immediate_response.status.code == 502
+        err = msgspec.json.decode(r.immediate_response.body)["error"]
+        assert err["code"] == "upstream_auth_failed" and "replica r0 rejected the gateway's credentials" in err["message"]
+        assert ep.call(lambda: ep.server.gateway.fleet.get("r0").healthy)
+        assert ep.call(lambda: "r0" in ep.server.gateway.fleet.auth_rejected)
+        wait_for(lambda: _idle(ep), message="nothing left counted")
+    finally:
+        ep.stop()
+        fleet.stop()
+
+
+class _HeaderRecorder:
+    """A pass-through HTTP proxy that records the request headers a replica receives.
+
+    (gateway_harness.RecordingProxy forwards ``transfer-encoding``, which breaks on the chunked
+    bodies Envoy sends in full-duplex mode; this one drops hop-by-hop headers.)"""
+
+    HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "upgrade"})
+
+    def __init__(self, target: str) -> None:
+        import threading
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import Response, StreamingResponse
+        from starlette.routing import Route
+
+        self.seen: list[tuple[str, str, dict[str, str], int]] = []  # method, path, headers, status
+        self.port = free_port()
+
+        async def forward(request):
+            raw = await request.body()
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in self.HOP}
+            client = httpx.AsyncClient(timeout=30)
+            up = await client.send(client.build_request(request.method, target + request.url.path, content=raw, headers=headers), stream=True)
+            self.seen.append((request.method, request.url.path, dict(request.headers), up.status_code))
+            out = {k: v for k, v in up.headers.items() if k.lower() not in self.HOP}
+
+            async def body():
+                try:
+                    async for chunk in up.aiter_raw():
+                        yield chunk
+                finally:
+                    await up.aclose()
+                    await client.aclose()
+
+            if "text/event-stream" in up.headers.get("content-type", ""):
+                return StreamingResponse(body(), status_code=up.status_code, headers=out)
+            content = await up.aread()
+            await up.aclose()
+            await client.aclose()
+            return Response(content, status_code=up.status_code, headers=out)
+
+        app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", loop="none"))
+        self.thread = threading.Thread(target=lambda: __import__("asyncio").run(self.server.serve()), daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, message="recorder up")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_envoy_sends_the_replica_key_never_the_clients(tmp_path, mode):
+    """Through a real Envoy: the keyed replica (vLLM --api-key) answers because the picker set its
+    key; recording proxies in front of the replicas show what Envoy actually sent upstream."""
+    envoy_binary()
+    fleet = SimFleet([SimConfig(model=MODEL, time_scale=0.0, api_key=REPLICA_KEY), SimConfig(model=MODEL, time_scale=0.0)])
+    fleet.start()
+    proxies = [_HeaderRecorder(h.url) for h in fleet.handles]
+    cfg = fleet_config(fleet.handles, auth={"api_keys": [CLIENT_KEY]}, scheduling={"default_profile": "round-robin"})
+    for r, p in zip(cfg.replicas, proxies):
+        r.url = p.url
+    cfg.replicas[0].api_key = REPLICA_KEY
+    wrong = fleet_config(fleet.handles[:1])
+    wrong.replicas[0].api_key = "not-the-key"
+    ep, bad, envoy, bad_envoy = ExtProcThread(cfg).start(), ExtProcThread(wrong).start(), None, None
+    try:
+        (tmp_path / "good").mkdir()
+        (tmp_path / "bad").mkdir()
+        envoy = extproc_envoy(tmp_path / "good", ep.port, mode).start()
+        bad_envoy = extproc_envoy(tmp_path / "bad", bad.port, mode).start()
+        wait_for(lambda: all(s.healthy for s in ep.call(ep.server.gateway.fleet.all)), message="replicas healthy")
+        c = openai.OpenAI(base_url=f"{envoy.url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+        for i in range(4):  # three calls a round, round-robin over two replicas: each sees each kind
+            assert c.completions.create(model=MODEL, prompt=f"keyed through envoy {i}", max_tokens=2).usage.completion_tokens == 2
+            chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"s{i}"}], max_tokens=2, stream=True))
+            assert chunks[-1].choices[0].finish_reason == "length"
+            assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"n{i}"}], max_tokens=2).choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):  # the picker still checks the client's key
+            openai.OpenAI(base_url=f"{envoy.url}/v1", api_key=REPLICA_KEY, max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=1)
+        for proxy, expected in zip(proxies, (f"Bearer {REPLICA_KEY}", None)):
+            posts = [(path, headers, status) for method, path, headers, status in proxy.seen if method == "POST"]
+            assert sorted(p for p, _, _ in posts) == ["/v1/chat/completions"] * 4 + ["/v1/completions"] * 2
+            assert all(status == 200 and headers.get("authorization") == expected for _, headers, status in posts)
+            assert CLIENT_KEY not in json.dumps([headers for _, _, headers, _ in proxy.seen])
+        # a picker holding the wrong key: Envoy's client gets the 502, not the replica's 401
+        wait_for(lambda: bad.call(lambda: bad.server.gateway.fleet.get("r0").healthy), message="healthy")
+        r = httpx.post(f"{bad_envoy.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}, timeout=30)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_auth_failed", r.text
+        assert bad.call(lambda: bad.server.gateway.fleet.get("r0").healthy)
+        wait_for(lambda: _idle(ep) and _idle(bad), message="released")
+    finally:
+        for e in (envoy, bad_envoy):
+            if e is not None:
+                e.stop()
+        ep.stop()
+        bad.stop()
+        for p in proxies:
+            p.stop()
+        fleet.stop()
