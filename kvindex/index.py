@@ -6,6 +6,10 @@ from the ``token_ids`` each BlockStored event carries, so a lookup never depends
 replica's hash algorithm or seed. Each backend keeps, per replica, the map from the engine's
 block hash to our key so that BlockRemoved (which carries only engine hashes) resolves.
 
+Loss: a shared backend can lose everything at once (Redis restarted empty, FLUSHDB, failover to an
+empty replica). ``data_lost`` reports it once per loss; the subscriber then rebuilds the index from
+every replica's replay buffer (``forget_local`` first drops what the backend mirrors locally).
+
 Trust: when a replica's event stream has an unrepaired gap, ``mark_untrusted`` makes every
 entry it had *so far* invisible to lookups (an epoch bump, O(1)), while its engine-hash map is
 kept so that later BlockStored events still chain. AllBlocksCleared, ``drop_replica`` and a
@@ -105,6 +109,18 @@ class KVIndex(abc.ABC):
 
     def __init__(self) -> None:
         self._block_sizes: dict[str, int] = {}
+
+    async def data_lost(self) -> bool:
+        """True once after the backend lost its whole contents since the previous call (e.g. Redis
+        restarted empty); the first call only sets the reference. Raises ``IndexUnavailableError``
+        while the backend cannot be asked. Always False for the memory backend: it lives and dies
+        with its process (and its subscriber)."""
+        return False
+
+    def forget_local(self, replica: str) -> None:
+        """Drop local state mirroring ``replica``'s entries in a shared backend (the Redis
+        backend's engine-hash -> key cache), before its events are applied again from a replay
+        buffer. No-op for the memory backend, whose maps are the index itself."""
 
     async def ping(self) -> bool:
         """True when the backend answers (always, for the memory backend)."""

@@ -22,6 +22,16 @@ engine hashes as hex too: 16 digits for the usual ints, the digest's hex for raw
 * ``{ns}:block_sizes`` — hash, model -> block size seen in events, so gateways that do not
   ingest events learn how to cut requests (every lookup returns its model's entry; ``ping``
   refreshes them all).
+* ``{ns}:generation`` — string, a random token written by whichever process first finds it
+  missing (an apply script, or ``data_lost``'s ``SET NX``). No TTL. Each process remembers the
+  token it first saw; the key missing, or holding another token, means Redis lost our data
+  (restarted empty, FLUSHDB, failover to an empty replica): ``data_lost`` reports it once and
+  the subscriber rebuilds from the replicas' replay buffers. Every apply script reads it too, so
+  a write that lands on an empty Redis notices at once; ``data_lost`` (one MULTI round trip)
+  covers the case where nothing is written. Several processes sharing one Redis each see the
+  change: the first re-creates the key with its own token, the others find a token that is not
+  theirs. With ``maxmemory-policy`` ``allkeys-*`` the key could be evicted: a false alarm, which
+  costs one replay (re-applying a buffer is harmless), never a wrong answer.
 
 Bounded memory: every block key has a TTL (``ttl_s``) and the server should run with
 ``maxmemory`` + ``volatile-lru``. vLLM publishes nothing while a block merely stays cached,
@@ -49,8 +59,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import struct
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -68,13 +80,18 @@ from .index import ApplyStats, IndexUnavailableError, KVIndex, PrefixMatch, medi
 from .memory_index import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
 
 _APPLY_LUA = """
--- KEYS[1] epochs hash, KEYS[2] this replica's engine-hash map, KEYS[3] block-size hash
+-- KEYS[1] epochs hash, KEYS[2] this replica's engine-hash map, KEYS[3] block-size hash,
+-- KEYS[4] generation marker
 -- ARGV[1] replica, ARGV[2] ttl s, ARGV[3] block key prefix, ARGV[4] model, ARGV[5] block
--- size (0: none), ARGV[6] msgpack array of ops in event order:
+-- size (0: none), ARGV[7] a fresh generation token, set if the marker is missing,
+-- ARGV[6] msgpack array of ops in event order:
 --   {'S', tier, keys hex (16 per block), engine hashes hex, hex width per hash}  stored
 --   {'R', tier, engine hashes hex, hex width per hash}                         removed
 --   {'C'}                                                                     all cleared
 -- Each touched block value is read once (MGET), changed in a Lua table, written once (SET EX).
+-- Returns {blocks removed, the generation marker}.
+local gen = redis.call('GET', KEYS[4])
+if not gen then gen = ARGV[7]; redis.call('SET', KEYS[4], gen) end
 local replica, ttl, prefix = ARGV[1], ARGV[2], ARGV[3]
 local mapkey = KEYS[2]
 local epoch = tonumber(redis.call('HGET', KEYS[1], replica) or 0)
@@ -179,7 +196,7 @@ end
 if map_written then redis.call('EXPIRE', mapkey, ttl) end
 local bs = tonumber(ARGV[5])
 if bs > 0 then redis.call('HSET', KEYS[3], ARGV[4], bs) end
-return removed
+return {removed, gen}
 """
 
 _LOOKUP_LUA = """
@@ -205,6 +222,9 @@ for r, _ in pairs(cmsgpack.unpack(vals[1])) do names[#names + 1] = r end
 if #names == 0 then return {bs} end
 return {bs, names, redis.call('HMGET', KEYS[1], unpack(names)), vals}
 """
+
+log = logging.getLogger("kvgate.redis_index")
+
 
 class RedisIndexUnavailable(IndexUnavailableError, RedisError):
     """Redis did not answer (connection refused or lost, timeout, still loading)."""
@@ -325,6 +345,9 @@ class RedisIndex(KVIndex):
         self._lookup_script = _Script(_LOOKUP_LUA)
         self._epochs_key = f"{namespace}:epochs"
         self._sizes_key = f"{namespace}:block_sizes"
+        self._gen_key = f"{namespace}:generation"
+        self._generation: bytes | None = None  # the marker's token as this process first saw it
+        self._lost = False  # a changed marker was seen and not yet reported by data_lost
         self._maps: dict[str, dict[BlockHash, int]] = {}  # local cache of each replica's map
         self._locks: dict[str, asyncio.Lock] = {}
         self._read_cache: dict[tuple[str, int, int], tuple[float, dict[str, PrefixMatch]]] = {}
@@ -380,13 +403,13 @@ class RedisIndex(KVIndex):
             fetched = await self._fetch_map(replica, missing) if missing else {}
             ops, block_size = self._ops(events[start:end], local, fetched, model, stats)
             if ops:
-                stats.removed += int(
-                    await self._apply_script(
-                        self._redis,
-                        (self._epochs_key, self._map_key(replica), self._sizes_key),
-                        (replica, self.ttl_s, self._block_prefix(model), model, block_size, _ENCODE(ops)),
-                    )
+                removed, gen = await self._apply_script(
+                    self._redis,
+                    (self._epochs_key, self._map_key(replica), self._sizes_key, self._gen_key),
+                    (replica, self.ttl_s, self._block_prefix(model), model, block_size, _ENCODE(ops), uuid.uuid4().hex),
                 )
+                stats.removed += int(removed)
+                self._observe_generation(gen)
             start = end
         if len(local) > self.map_cache_blocks:
             evict_oldest(local, self.map_cache_blocks)
@@ -440,6 +463,37 @@ class RedisIndex(KVIndex):
         """Our keys for engine hashes this process has not seen, from Redis's copy of the map."""
         values = await self._redis.hmget(self._map_key(replica), [hash_field(h) for h in hashes])
         return {h: int(v, 16) for h, v in zip(hashes, values) if v is not None}
+
+    # ---------------------------------------------------------------- loss of the data
+
+    def _observe_generation(self, gen: bytes) -> None:
+        """Compare the marker's token with the one this process knows (adopting the first)."""
+        if self._generation is None:
+            self._generation = gen
+        elif gen != self._generation:
+            log.info("Redis index at %s: generation marker %s, was %s: its data is gone", _redacted(self.url), gen, self._generation)
+            self._generation = gen
+            self._lost = True
+            # cached answers are stale; the engine-hash maps stay right (our keys depend only on
+            # tokens) until the subscriber's rebuild forgets each before replaying (forget_local)
+            self._read_cache.clear()
+            self._refresh_queue.clear()
+            self._refreshed.clear()
+            self._count = None
+
+    async def data_lost(self) -> bool:
+        """One MULTI round trip: create the marker if missing (our fresh token), read it back."""
+        with self._reachable("data_lost"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._gen_key, uuid.uuid4().hex, nx=True)
+                pipe.get(self._gen_key)
+                _, gen = await pipe.execute()
+        self._observe_generation(gen)
+        lost, self._lost = self._lost, False
+        return lost
+
+    def forget_local(self, replica: str) -> None:
+        self._maps.pop(replica, None)
 
     async def drop_replica(self, replica: str) -> None:
         self._maps.pop(replica, None)  # stale either way

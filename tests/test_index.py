@@ -157,6 +157,17 @@ async def test_store_then_lookup_whole_chain(index: KVIndex) -> None:
     assert await index.block_count() == 8
 
 
+async def test_data_lost_only_when_lost(index: KVIndex) -> None:
+    """Both backends answer the subscriber's loss check; nothing is lost here, so never True
+    (the memory backend: never at all; Redis's restarts are in test_kvindex_redis.py)."""
+    p = Prompt(make_tokens(4, 70))
+    assert await index.data_lost() is False
+    await apply(index, "r1", p.stored())
+    index.forget_local("r1")  # drops only a local cache: the index still answers
+    assert await index.lookup(p.keys, model=MODEL) == {"r1": match(4)}
+    assert await index.data_lost() is False
+
+
 async def test_chained_events_and_partial_prefix(index: KVIndex) -> None:
     p = Prompt(make_tokens(8, 1))
     await apply(index, "r1", p.stored(0, 3))

@@ -145,3 +145,46 @@ async def test_redis_outage_then_recovery(redis_server: RedisServer, redis_url: 
         assert await idx.lookup(p.keys, model=MODEL) == {"r1": match(4)}
     finally:
         await idx.close()
+
+
+async def test_data_lost_reported_once_to_every_process(redis_server: RedisServer, redis_url: str) -> None:
+    """The generation marker: two processes share Redis; FLUSHALL, then an empty restart, are each
+    reported once to each of them (the first to look re-creates the marker, the other finds a
+    token that is not its own); a steady Redis is never reported."""
+    a, b = RedisIndex(redis_url, retries=1), RedisIndex(redis_url, retries=1)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        p = Prompt(make_tokens(3, 60))
+        await apply(a, "r1", p.stored())
+        for _ in range(3):
+            assert await a.data_lost() is False and await b.data_lost() is False
+            await a.lookup(p.keys, model=MODEL)
+        admin.flushall()
+        assert await a.data_lost() is True
+        assert await a.data_lost() is False
+        assert await b.data_lost() is True
+        assert await b.data_lost() is False
+        # an empty restart, noticed first by a write: the apply script re-creates the marker and
+        # the loss is known without another round trip
+        redis_server.restart()
+        await apply(a, "r1", p.stored())
+        assert a._lost  # noqa: SLF001
+        assert await a.data_lost() is True and await a.data_lost() is False
+        assert await b.data_lost() is True
+        # the engine-hash cache is forgotten per replica, on request (the rebuild does it)
+        assert "r1" in a._maps  # noqa: SLF001
+        a.forget_local("r1")
+        assert "r1" not in a._maps  # noqa: SLF001
+    finally:
+        admin.close()
+        await a.close()
+        await b.close()
+
+
+async def test_data_lost_raises_while_redis_is_down() -> None:
+    idx = RedisIndex(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2, retries=0)
+    try:
+        with pytest.raises(IndexUnavailableError):
+            await idx.data_lost()
+    finally:
+        await idx.close()
