@@ -4,6 +4,10 @@ With several gateway replicas, one indexer (or one per shard of the fleet) consu
 replica's events into Redis and the gateways run with ``index.ingest: false``: each event is
 applied once, not once per gateway. The replicas' models must be listed in the config
 (there is no HTTP discovery here).
+
+If Redis loses its data (restarted empty, failover to an empty replica), the subscriber notices
+(a generation marker checked every ``--loss-check-every`` seconds and on every write) and
+rebuilds the index from every replica's replay buffer; see ``kvindex.subscriber``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .server import load_for_command, shutdown_event
 log = logging.getLogger("kvgate.indexer")
 
 
-async def run(cfg: GatewayConfig, index_url: str | None, stats_every_s: float) -> int:
+async def run(cfg: GatewayConfig, index_url: str | None, stats_every_s: float, loss_check_s: float = 1.0) -> int:
     url = index_url or cfg.index.backend
     if not url.startswith(("redis://", "rediss://", "unix://")):
         print("kvgate indexer: needs a Redis index (index.backend or --index redis://...)", file=sys.stderr)
@@ -40,7 +44,7 @@ async def run(cfg: GatewayConfig, index_url: str | None, stats_every_s: float) -
         print("kvgate indexer: no replica has a kv_events endpoint", file=sys.stderr)
         return 2
     index = make_index(url, ttl_s=cfg.index.ttl_s)
-    sub = EventSubscriber(index, sources)
+    sub = EventSubscriber(index, sources, loss_check_s=loss_check_s)
     await sub.start()
     stop = shutdown_event()
     try:
@@ -59,8 +63,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", "-c", required=True, help="gateway YAML (replicas with kv_events and models)")
     p.add_argument("--index", help="redis://host:port/db (overrides index.backend)")
     p.add_argument("--stats-every", type=float, default=30.0, help="seconds between stats log lines")
+    p.add_argument("--loss-check-every", type=float, default=1.0, help="seconds between checks that Redis still holds the index (one small round trip)")
     args = p.parse_args(argv)
+    if args.loss_check_every <= 0:
+        p.error("--loss-check-every must be positive")
     cfg = load_for_command(args.config)
     if cfg is None:
         return 2
-    return asyncio.run(run(cfg, args.index, args.stats_every))
+    return asyncio.run(run(cfg, args.index, args.stats_every, args.loss_check_every))

@@ -20,6 +20,20 @@ what happened on the wire:
   marked untrusted as soon as the index answers again, and ingestion goes on: nothing here
   ever ends the receiving task.
 
+The index itself can lose everything (Redis restarted empty): the replicas never announce again
+the blocks they already hold, so a watch task asks ``index.data_lost()`` every ``loss_check_s``,
+at once when an index call fails and then every 0.1 s until it answers (the first answer after
+an outage is checked, not one a period later), and on a loss rebuilds: per replica, under its
+lock (live batches wait), the backend's local engine-hash map is forgotten and the replay buffer
+is fetched from seq 0 (the buffer answers from the oldest seq it still holds) and applied in
+order, up to the last batch already applied; batches older than the buffer are counted
+``batches_unrecoverable``. Lookups keep working meanwhile and
+just find less. Several subscribers sharing one Redis may rebuild at once, uncoordinated: every
+one re-applies the same batches in the same order, and per block and tier the last write wins
+with the same op in every interleaving (an AllBlocksCleared bumps the replica's epoch, after
+which each re-applies the same tail), so they converge on what a single rebuild gives; a
+subscriber still replaying old batches can briefly show an entry another has already removed.
+
 Two modes: one connecting SUB per replica (``ReplicaSource.endpoint``), or one bound SUB that
 replicas connect to (``bind=``), where the topic names the replica (``topic_map``).
 """
@@ -68,6 +82,9 @@ class ReplicaStats:
     unknown_events: int = 0
     orphaned_blocks: int = 0
     index_errors: int = 0  # batches the index failed to apply (e.g. Redis down); also lost
+    rebuilds: int = 0  # times this replica's entries were re-applied after the index lost its data
+    rebuild_failures: int = 0  # rebuilds whose replay could not be fetched (nothing re-applied)
+    batches_unrecoverable: int = 0  # at a rebuild: batches of the replica's run older than its buffer
     last_seq: int | None = None
     last_event_time: float | None = None
 
@@ -78,6 +95,7 @@ class SubscriberStats:
 
     per_replica: dict[str, ReplicaStats] = field(default_factory=dict)
     malformed_frames: int = 0
+    index_losses: int = 0  # times the index reported its whole contents lost (Redis restarted empty)
 
     def replica(self, rid: str) -> ReplicaStats:
         return self.per_replica.setdefault(rid, ReplicaStats())
@@ -97,6 +115,7 @@ class EventSubscriber:
         replay_timeout_s: float = 2.0,
         ctx: zmq.asyncio.Context | None = None,
         rcvhwm: int = 100_000,
+        loss_check_s: float = 1.0,
     ) -> None:
         self.index = index
         self.sources: dict[str, ReplicaSource] = {s.replica: s for s in sources}
@@ -105,6 +124,7 @@ class EventSubscriber:
         self.replay_timeout_s = replay_timeout_s
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.rcvhwm = rcvhwm
+        self.loss_check_s = loss_check_s
         self.stats = SubscriberStats()
         self._decoder = EventDecoder()
         self._tasks: dict[str, asyncio.Task] = {}
@@ -114,10 +134,14 @@ class EventSubscriber:
         # xxh3 of the last payload taken per replica: seq expected-1 again is a duplicate only
         # if the bytes are the same, otherwise a restarted publisher whose first batches we missed
         self._last_digest: dict[str, int] = {}
+        self._index_failing = False  # an index call failed since the last good loss check
+        self._index_failed = asyncio.Event()  # wakes the loss check early
+        self._rebuild_pending: set[str] = set()  # replicas whose rebuild the index interrupted
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._tasks["__loss_watch__"] = asyncio.create_task(self._watch_index())
         if self.bind is not None:
             self._tasks["__bound__"] = asyncio.create_task(self._run_bound())
         for src in self.sources.values():
@@ -268,6 +292,7 @@ class EventSubscriber:
         try:
             applied = await self.index.apply(rid, batch, model=src.model)
         except Exception as exc:  # noqa: BLE001 - Redis down, script error: count, distrust, go on
+            self._note_index_failure()
             st.index_errors += 1
             st.batches_lost += 1
             self._untrust_pending.add(rid)
@@ -326,16 +351,109 @@ class EventSubscriber:
         self._untrust_pending.add(rid)
         await self._flush_untrust(rid, st)
 
-    @staticmethod
-    async def _index_call(st: ReplicaStats, call) -> bool:
+    async def _index_call(self, st: ReplicaStats, call) -> bool:
         """Await an index operation; False (counted in ``index_errors``) if the index failed."""
         try:
             await call
             return True
         except Exception as exc:  # noqa: BLE001
+            self._note_index_failure()
             st.index_errors += 1
             log.warning("index unavailable: %s", exc)
             return False
+
+    # -- the index lost its data: rebuild ---------------------------------------------------------
+
+    def _note_index_failure(self) -> None:
+        """An index call failed: check for a loss at once and every 0.1 s until the index
+        answers, so an empty restart is caught as soon as it is back (not a period later)."""
+        self._index_failing = True
+        self._index_failed.set()
+
+    async def _watch_index(self) -> None:
+        """Ask the index whether it lost its data, now and every ``loss_check_s``; rebuild if so."""
+        while True:
+            self._index_failed.clear()
+            try:
+                lost = await self.index.data_lost()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - down: ask again soon, it may come back empty
+                self._index_failing = True
+                log.debug("index loss check failed: %s", exc)
+            else:
+                self._index_failing = False
+                try:
+                    if lost:
+                        await self.rebuild_index()
+                    elif self._rebuild_pending:
+                        await self.rebuild_index(sorted(self._rebuild_pending), retry=True)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the watch must outlive any failure
+                    log.exception("KV index rebuild failed")
+            delay = min(self.loss_check_s, 0.1) if self._index_failing else self.loss_check_s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._index_failed.wait(), delay)
+
+    async def rebuild_index(self, replicas: list[str] | None = None, *, retry: bool = False) -> None:
+        """Re-apply every replica's replay buffer to an index that lost its contents."""
+        t0 = time.monotonic()
+        if not retry:
+            self.stats.index_losses += 1
+        rids = [r for r in (replicas if replicas is not None else list(self.sources)) if r in self.sources]
+        before = {r: (self.stats.replica(r).batches_replayed, self.stats.replica(r).batches_unrecoverable) for r in rids}
+        done = await asyncio.gather(*(self._rebuild_replica(self.sources[r]) for r in rids), return_exceptions=True)
+        failed = [r for r, ok in zip(rids, done) if ok is not True]
+        for r, ok in zip(rids, done):
+            if isinstance(ok, BaseException):
+                log.error("replica %s: rebuild failed", r, exc_info=ok)
+        replayed = sum(self.stats.replica(r).batches_replayed - before[r][0] for r in rids)
+        lost = sum(self.stats.replica(r).batches_unrecoverable - before[r][1] for r in rids)
+        log.warning(
+            "KV index %s: re-applied %d batches from the replay buffers of %d replicas in %.2f s; "
+            "%d older batches were no longer buffered (their blocks stay unknown until stored again)%s",
+            "rebuild retried" if retry else "lost its contents (Redis restarted empty?)",
+            replayed, len(rids) - len(failed), time.monotonic() - t0, lost,
+            f"; not rebuilt: {', '.join(failed)}" if failed else "",
+        )
+
+    async def _rebuild_replica(self, src: ReplicaSource) -> bool:
+        """Replay ``src``'s buffer from seq 0 and apply, in order, the contiguous run of batches
+        ending at the last one applied (later ones arrive on the SUB socket as usual). False if
+        nothing could be fetched or the index failed meanwhile (retried while Redis answers)."""
+        rid = src.replica
+        st = self.stats.replica(rid)
+        async with self._lock.setdefault(rid, asyncio.Lock()):
+            expected = self._expected.get(rid)
+            self._rebuild_pending.discard(rid)
+            if expected is None:  # nothing applied yet: its first batch replays from 0 anyway
+                return True
+            got: dict[int, bytes] = {}
+            ok = src.replay_endpoint is not None
+            if src.replay_endpoint:
+                try:
+                    got = await self._replay(src.replay_endpoint, 0)
+                except (asyncio.TimeoutError, zmq.ZMQError) as exc:
+                    log.info("replica %s: replay for the rebuild failed: %s", rid, exc)
+                    ok = False
+            start = expected
+            while start - 1 in got:
+                start -= 1
+            self.index.forget_local(rid)
+            errors = st.index_errors
+            for s in range(start, expected):
+                await self._apply(src, s, got[s])
+                st.batches_replayed += 1
+            st.batches_unrecoverable += start
+            if not ok:
+                st.rebuild_failures += 1
+                return False
+            st.rebuilds += 1
+            if st.index_errors != errors:  # down again mid-way: once it answers, do it again
+                self._rebuild_pending.add(rid)
+                return False
+            return True
 
     async def _replay(self, endpoint: str, start: int) -> dict[int, bytes]:
         sock = self.ctx.socket(zmq.DEALER)
