@@ -68,8 +68,8 @@ class ReplicaConfig(_Base):
 class ModelConfig(_Base):
     """Per-model settings: how to tokenize exactly as the replicas do."""
 
-    #: directory with tokenizer.json (+ tokenizer_config.json), "demo", or a known name
-    #: ("qwen2.5"); None = ask a replica's /tokenize (a remote call on the hot path)
+    #: directory with tokenizer.json (+ tokenizer_config.json) or "demo"; None = ask a
+    #: replica's /tokenize (a remote call on the hot path)
     tokenizer: str | None = None
     #: KV block size used if no event has told us yet
     block_size: int = 16
@@ -146,6 +146,9 @@ class AuthConfig(_Base):
     api_keys: list[str] = []
     #: bearer key for /admin/*; None = admin endpoints disabled
     admin_key: str | None = None
+
+    def __repr__(self) -> str:  # keys must not end up in a log line or a traceback
+        return f"AuthConfig(api_keys=[{len(self.api_keys)} keys], admin_key={'***' if self.admin_key else None})"
 
 
 class GatewayConfig(_Base):

@@ -89,8 +89,9 @@ def test_config_api_key_and_api_key_env(monkeypatch):
     with pytest.raises(ConfigError, match=r"\$\.replicas\[0\]\.api_key: empty"):
         parse_config({"replicas": [{**base, "api_key": ""}]})
     # the key is not in the config's repr (a traceback or a debug print of the config)
-    shown = repr(parse_config({"replicas": [{**base, "api_key": "s3cret-value"}]}))
+    shown = repr(parse_config({"replicas": [{**base, "api_key": "s3cret-value"}], "auth": {"api_keys": ["client-s3cret"], "admin_key": "admin-s3cret"}}))
     assert "s3cret-value" not in shown and "api_key='***'" in shown
+    assert "client-s3cret" not in shown and "admin-s3cret" not in shown and "1 keys" in shown
 
 
 # -- the happy path ------------------------------------------------------------------------------
