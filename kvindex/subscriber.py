@@ -433,10 +433,10 @@ class EventSubscriber:
             ok = src.replay_endpoint is not None
             if src.replay_endpoint:
                 try:
-                    got = await self._replay(src.replay_endpoint, 0)
-                except (asyncio.TimeoutError, zmq.ZMQError) as exc:
+                    got = await self._fetch_buffer(src.replay_endpoint, expected)
+                except zmq.ZMQError as exc:
                     log.info("replica %s: replay for the rebuild failed: %s", rid, exc)
-                    ok = False
+                ok = bool(got)  # an answering replica has at least the batch applied last
             start = expected
             while start - 1 in got:
                 start -= 1
@@ -455,9 +455,43 @@ class EventSubscriber:
                 return False
             return True
 
-    async def _replay(self, endpoint: str, start: int) -> dict[int, bytes]:
+    async def _fetch_buffer(self, endpoint: str, upto: int) -> dict[int, bytes]:
+        """The replica's whole replay buffer below ``upto``, as complete as it can be had.
+
+        A replay ROUTER sends its buffer in one burst and silently drops what exceeds its send
+        high-water mark (1000 messages by default, vLLM's included), so a long buffer comes back
+        with holes (measured: 10 000 buffered batches, 200 to 800 lost per request) and often
+        without its end marker. The first ~1000 replies from the requested seq always arrive,
+        so holes are filled by asking again from the lowest one, until none is left below
+        ``upto``, a round fills none (gone from the buffer meanwhile), or ``REPLAY_ROUNDS``.
+        """
+        got = await self._replay(endpoint, 0, partial=True)
+        for _ in range(self.REPLAY_ROUNDS):
+            have = [s for s in got if s < upto]
+            if not have:
+                break
+            holes = [s for s in range(min(have), upto) if s not in got]
+            if not holes:
+                break
+            more = await self._replay(endpoint, holes[0], partial=True)
+            if not any(s in more for s in holes):
+                break
+            got.update(more)
+        return got
+
+    #: at most this many extra replay requests to fill the holes of one rebuild's fetch
+    REPLAY_ROUNDS = 32
+    #: a partial replay ends after this long without a reply once replies have started (the end
+    #: marker may have been dropped); the whole request is still bounded by ``replay_timeout_s``
+    REPLAY_IDLE_S = 0.25
+
+    async def _replay(self, endpoint: str, start: int, *, partial: bool = False) -> dict[int, bytes]:
+        """Batches from ``start`` on. ``partial``: return what came instead of raising a timeout."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # a deep receive queue (filled by ZMQ's I/O thread whatever this loop is doing), so that
+        # losses in a long replay are only the sender's own (see _fetch_buffer)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.connect(endpoint)
         out: dict[int, bytes] = {}
         try:
@@ -465,9 +499,18 @@ class EventSubscriber:
             deadline = time.monotonic() + self.replay_timeout_s
             while True:
                 left = deadline - time.monotonic()
+                if partial and out:
+                    left = min(left, self.REPLAY_IDLE_S)
                 if left <= 0:
+                    if partial:
+                        return out
                     raise asyncio.TimeoutError("replay did not finish")
-                frames = await asyncio.wait_for(sock.recv_multipart(), left)
+                try:
+                    frames = await asyncio.wait_for(sock.recv_multipart(), left)
+                except asyncio.TimeoutError:
+                    if partial:
+                        return out
+                    raise
                 if frames and frames[0] == b"":
                     frames = frames[1:]
                 if len(frames) == 3:  # topic, seq, payload (vLLM 0.33)

@@ -214,6 +214,47 @@ async def test_buffer_without_seq_0_rebuilds_what_it_has(ctx, redis_server: Redi
         await pub.close()
 
 
+class LossyReplay(Publisher):
+    """A replay ROUTER that, like a real one past its send high-water mark, silently drops part
+    of a long reply: once ``lossy``, on the first two requests every third batch after the first
+    few is lost, and on the first the end marker too."""
+
+    lossy: bool = False
+    requests: int = 0
+
+    async def _replay(self) -> None:
+        while True:
+            ident, _, start = await self.router.recv_multipart()
+            self.requests += self.lossy
+            start_seq = int.from_bytes(start, "big")
+            for seq, raw in self.buffer:
+                if seq >= start_seq and not (self.lossy and self.requests <= 2 and seq - start_seq > 4 and seq % 3 == 0):
+                    await self.router.send_multipart([ident, b"", self.topic, seq.to_bytes(8, "big"), raw])
+            if not (self.lossy and self.requests == 1):
+                await self.router.send_multipart([ident, b"", self.topic, b"\xff" * 8, b""])
+
+
+async def test_rebuild_fills_the_holes_of_a_lossy_replay(ctx, redis_server: RedisServer, redis_url: str) -> None:
+    """Replies dropped by the replica's ROUTER (and its end marker) do not cost the rebuild
+    anything: the fetch stops waiting once replies stop, and asks again from the first hole."""
+    pub = LossyReplay(ctx)
+    try:
+        async with subscribers(ctx, pub, redis_url) as [(idx, sub)]:
+            await connect(pub, idx)
+            prompts = [Prompt(make_tokens(1, 100 + i)) for i in range(30)]
+            for p in prompts:
+                await pub.publish(payload(p.stored()))
+            await poll(lambda: _eq(found(idx, prompts[-1].keys), {"r0": PrefixMatch(1, "GPU")}), "events applied")
+            st = sub.stats.replica("r0")
+            pub.lossy = True
+            await restart_empty(redis_server)
+            await poll(lambda: _true(st.rebuilds == 1), "rebuild done")
+            assert [p for p in prompts if await found(idx, p.keys) != {"r0": PrefixMatch(1, "GPU")}] == []
+            assert st.batches_unrecoverable == 0 and pub.requests >= 3
+    finally:
+        await pub.close()
+
+
 async def test_two_subscribers_sharing_redis_rebuild_at_once(ctx, redis_server: RedisServer, redis_url: str) -> None:
     """Two gateways ingest the same replica into one Redis; both notice the restart and rebuild
     concurrently, uncoordinated. The result equals what the replica holds (an in-memory index fed
