@@ -326,7 +326,8 @@ class EventSubscriber:
         got: dict[int, bytes] = {}
         if src.replay_endpoint:
             try:
-                got = await self._replay(src.replay_endpoint, start)
+                # a long gap comes back with holes like a rebuild's fetch: fill them the same way
+                got = await self._fetch_buffer(src.replay_endpoint, upto, start=start)
             except (asyncio.TimeoutError, zmq.ZMQError) as exc:
                 log.info("replay from %s failed: %s", rid, exc)
         wanted = range(start, upto)
@@ -455,8 +456,8 @@ class EventSubscriber:
                 return False
             return True
 
-    async def _fetch_buffer(self, endpoint: str, upto: int) -> dict[int, bytes]:
-        """The replica's whole replay buffer below ``upto``, as complete as it can be had.
+    async def _fetch_buffer(self, endpoint: str, upto: int, start: int = 0) -> dict[int, bytes]:
+        """The replica's replay buffer from ``start`` to below ``upto``, as complete as it can be had.
 
         A replay ROUTER sends its buffer in one burst and silently drops what exceeds its send
         high-water mark (1000 messages by default, vLLM's included), so a long buffer comes back
@@ -465,9 +466,9 @@ class EventSubscriber:
         so holes are filled by asking again from the lowest one, until none is left below
         ``upto``, a round fills none (gone from the buffer meanwhile), or ``REPLAY_ROUNDS``.
         """
-        got = await self._replay(endpoint, 0, partial=True)
+        got = await self._replay(endpoint, start, partial=True)
         for _ in range(self.REPLAY_ROUNDS):
-            have = [s for s in got if s < upto]
+            have = [s for s in got if start <= s < upto]
             if not have:
                 break
             holes = [s for s in range(min(have), upto) if s not in got]

@@ -174,6 +174,33 @@ async def test_dropped_batches_are_replayed(ctx, old_replay, topic):
         assert st.batches_replayed - replayed_at_join == 2 and st.batches_lost == 0
 
 
+async def test_long_gap_is_repaired_through_a_lossy_replay(ctx):
+    """A replay ROUTER drops replies past its send high-water mark (and the end marker): the gap
+    repair asks again from the first hole, like a rebuild, instead of distrusting the replica."""
+    from tests.test_kvindex_rebuild import LossyReplay
+
+    pub = LossyReplay(ctx)
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx, replay_timeout_s=2.0)
+    await sub.start()
+    try:
+        await warm_up(pub, sub, index, "r0")
+        st = sub.stats.replica("r0")
+        replayed = st.batches_replayed
+        lost = [list(range(10_000 + BS * i, 10_000 + BS * (i + 1))) for i in range(30)]
+        for toks in lost:
+            await pub.publish(prompt_batch(toks), drop=True)
+        pub.lossy = True
+        fresh = list(range(20_000, 20_000 + BS))
+        await pub.publish(prompt_batch(fresh))
+        await until(lambda: _eq(matched(index, fresh, "r0"), 1))
+        assert [await matched(index, toks, "r0") for toks in lost] == [1] * 30
+        assert st.batches_lost == 0 and st.batches_replayed - replayed == 30 and pub.requests >= 2
+    finally:
+        await asyncio.wait_for(sub.stop(), 2)
+        await pub.close()
+
+
 async def test_unrecoverable_gap_marks_untrusted(ctx):
     # the replay buffer (one batch) cannot cover a gap
     async with wired(ctx, pub_kw={"buffer": 1}, sub_kw={"replay_timeout_s": 0.5}) as (pub, index, sub):
