@@ -68,7 +68,7 @@ class Gateway:
         if self.cfg.index.ingest:
             sources = self._event_sources()
             if sources:
-                self.subscriber = EventSubscriber(self.index, sources)
+                self.subscriber = EventSubscriber(self.index, sources, loss_check_s=self.cfg.index.loss_check_s)
                 await self.subscriber.start()
 
     async def stop(self) -> None:
@@ -122,8 +122,14 @@ class Gateway:
                 ("kvgate_kv_batches_lost", "batches_lost", "KV-event batches lost and not recovered by replay"),
                 ("kvgate_kv_batches_replayed", "batches_replayed", "KV-event batches recovered by replay"),
                 ("kvgate_kv_decode_errors", "decode_errors", "Malformed KV-event messages skipped"),
+                ("kvgate_kv_index_apply_errors", "index_errors", "KV-event batches the index failed to apply (index unreachable)"),
+                ("kvgate_kv_replica_restarts", "restarts_detected", "Replica restarts seen in the KV-event sequence"),
+                ("kvgate_index_rebuilds", "rebuilds", "Times a replica's entries were re-applied from its replay buffer after the index lost its data"),
+                ("kvgate_index_rebuild_failures", "rebuild_failures", "Rebuilds whose replay could not be fetched"),
+                ("kvgate_index_batches_unrecoverable", "batches_unrecoverable", "At a rebuild: batches older than the replica's replay buffer"),
             ):
                 yield counter(name, doc, ["replica"], (([rid], float(getattr(s, attr, 0))) for rid, s in per.items()))
+            yield counter("kvgate_index_losses", "Times the index reported its whole contents lost (e.g. Redis restarted empty)", [], [([], float(st.index_losses))])
 
     async def index_blocks(self) -> int:
         if self.index is None:

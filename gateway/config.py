@@ -86,6 +86,9 @@ class IndexConfig(_Base):
     ingest: bool = True
     #: a lookup slower than this is abandoned and the request is routed on load alone
     lookup_timeout_ms: float = 50.0
+    #: how often the event subscriber asks the index whether it lost its data (Redis restarted
+    #: empty) and, if so, rebuilds it from the replicas' replay buffers
+    loss_check_s: float = 1.0
 
 
 class HealthConfig(_Base):
@@ -219,6 +222,7 @@ def _check(cfg: GatewayConfig) -> None:
         ("pd.prefill_timeout_s", cfg.pd.prefill_timeout_s),
         ("pd.decode_timeout_s", cfg.pd.decode_timeout_s if cfg.pd.decode_timeout_s is not None else 1.0),
         ("pd.lease_s", cfg.pd.lease_s),
+        ("index.loss_check_s", cfg.index.loss_check_s),
     ):
         if value <= 0:
             raise ConfigError(f"config error at $.{path}: must be > 0, got {value}")
