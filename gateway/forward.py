@@ -252,7 +252,9 @@ class Forwarder:
         return att
 
     def first_byte(self, att: Attempt) -> None:
-        if att.first_byte_at is None:
+        # after end() the prefill tokens are already released: releasing them again would eat
+        # into other requests' counts on that replica
+        if att.first_byte_at is None and not att.done:
             att.first_byte_at = time.perf_counter()
             self.fleet.first_byte(att.endpoint.id, att.prefill_tokens)
 

@@ -137,3 +137,29 @@ def test_pd_bodies_follow_vllm_protocol():
     d = decode_body(body, handle)
     assert d["kv_transfer_params"] is handle
     assert d["stream"] is True and d["max_tokens"] == 100 and d["min_tokens"] == 5
+
+
+def test_inflight_accounting_releases_prefill_tokens_once():
+    import httpx
+
+    from gateway.endpoints import Fleet
+    from gateway.forward import Forwarder
+    from gateway.metrics import GatewayMetrics
+    from scorers.base import RequestContext
+    from scorers.scheduler import Scheduler
+
+    cfg = parse_config({"replicas": [{"id": "r0", "url": "http://127.0.0.1:9", "models": ["m"]}]})
+    fleet = Fleet(cfg.replicas, httpx.AsyncClient())
+    fwd = Forwarder(cfg, fleet, Scheduler.from_config(None), GatewayMetrics())
+    ep = fleet.get("r0")
+    ctx = RequestContext(request_id="a", model="m", prompt_tokens=100, max_tokens=10)
+    other = fwd.begin(ctx, ep, "default", prefill_tokens=300)  # another request, still prefilling
+    att = fwd.begin(ctx, ep, "default", prefill_tokens=100)
+    assert (ep.inflight_requests, ep.inflight_prefill_tokens) == (2, 400)
+    fwd.end(ctx, att, "default", ok=False)  # failed before its first byte: its 100 go
+    fwd.first_byte(att)  # a late first-byte signal for the same attempt changes nothing
+    fwd.end(ctx, att, "default", ok=False)
+    assert (ep.inflight_requests, ep.inflight_prefill_tokens) == (1, 300)
+    fwd.first_byte(other)
+    fwd.end(ctx, other, "default", ok=True)
+    assert (ep.inflight_requests, ep.inflight_prefill_tokens, ep.inflight_decode_tokens) == (0, 0, 0)
