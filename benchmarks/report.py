@@ -126,13 +126,13 @@ def plot(out_dir: Path, name: str, summaries: list[Summary], runs: dict[tuple[st
         for (w, policy), run in runs.items():
             if w != wl:
                 continue
-            xs = sorted(s.ttft * 1000 for s in run.samples if s.error is None)
+            xs = sorted(s.ttft * 1000 for s in run.measured() if s.error is None)  # as in the table
             if xs:
                 ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=policy)
         ax.set_xscale("log")
         ax.set_xlabel("TTFT (ms, log)")
         ax.set_ylabel("fraction of requests")
-        ax.set_title(f"TTFT CDF — {wl}")
+        ax.set_title(f"TTFT CDF — {wl} (after warm-up)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         f = out_dir / f"{name}_ttft_cdf_{wl}.png"
