@@ -397,7 +397,7 @@ class Engine:
             delta = r.text[r.sent : safe] if safe > r.sent else ""
             r.sent = max(r.sent, safe)
         if r.events is not None:
-            r.events.put_nowait((delta, finish))
+            r.events.put_nowait((delta, finish, len(r.output)))  # the count as of this token
         if finish is not None:
             self._finish(r, finish, notify=False)
 
@@ -420,7 +420,7 @@ class Engine:
             # aborted before its KV was pulled: tell the prefill replica to free the blocks
             self.on_remote_abort(r)
         if notify and r.events is not None:
-            r.events.put_nowait(("", reason))
+            r.events.put_nowait(("", reason, len(r.output)))
         r.done.set()
         for cb in self.on_finished:
             cb(r)

@@ -42,7 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kvindex.tokenize import ChatTemplateError, load_tokenizer
 
 from .config import SimConfig
-from .engine import FINISH_ABORT, Engine, Request as EngineRequest
+from .engine import Engine, Request as EngineRequest
 from .events_publisher import EventPublisher
 from .kvtransfer import KVTransfer, KVTransferError
 from .metrics import SimMetrics
@@ -374,23 +374,27 @@ class SimServer:
             if not ok:
                 raise field_error("prompt", "union_type", "Input should be a string, a list of strings, or a list of (lists of) token ids >= 0", "...")
 
+    def _chat_text(self, body: dict) -> str:
+        """A chat rendered by the model's template, from the same inputs for /v1/chat/completions
+        and /tokenize (vLLM's renderer), so a client's token count matches the served prompt."""
+        kwargs: dict[str, Any] = {
+            "add_generation_prompt": body.get("add_generation_prompt", True),
+            "continue_final_message": body.get("continue_final_message", False),
+            "tools": body.get("tools"),
+        }
+        if isinstance(body.get("chat_template"), str):
+            kwargs["chat_template"] = body["chat_template"]
+        if isinstance(body.get("chat_template_kwargs"), dict):
+            kwargs.update(body["chat_template_kwargs"])
+        try:
+            return self.tok.apply_chat_template(body["messages"], **kwargs)
+        except ChatTemplateError as exc:
+            raise bad_request(str(exc)) from None
+
     def _prompts(self, kind: str, body: dict) -> list[list[int]]:
         """The request's prompt(s) as token ids, tokenized as vLLM's renderer does."""
         if kind == "chat":
-            msgs = body["messages"]
-            kwargs: dict[str, Any] = {
-                "add_generation_prompt": body.get("add_generation_prompt", True),
-                "continue_final_message": body.get("continue_final_message", False),
-                "tools": body.get("tools"),
-            }
-            if isinstance(body.get("chat_template"), str):
-                kwargs["chat_template"] = body["chat_template"]
-            if isinstance(body.get("chat_template_kwargs"), dict):
-                kwargs.update(body["chat_template_kwargs"])
-            try:
-                text = self.tok.apply_chat_template(msgs, **kwargs)
-            except ChatTemplateError as exc:
-                raise bad_request(str(exc)) from None
+            text = self._chat_text(body)
             self._check_text_len(text, self._check_out(kind, body))
             return [self.tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))]
         prompt = body["prompt"]
@@ -612,14 +616,15 @@ class SimServer:
         obj = b'"chat.completion.chunk"' if chat else b'"text_completion"'
         head = b'data: {"id":' + _json(resp_id) + b',"object":' + obj + b',"created":' + str(created).encode() + b',"model":' + _json(model) + b',"choices":'
 
-        def usage_of(r: EngineRequest) -> bytes:
-            return b',"usage":' + _json({"prompt_tokens": len(r.prompt), "total_tokens": len(r.prompt) + len(r.output), "completion_tokens": len(r.output)})
+        def usage_of(r: EngineRequest, n: int) -> bytes:
+            """Usage as of the chunk's own token (the engine may already be further along)."""
+            return b',"usage":' + _json({"prompt_tokens": len(r.prompt), "total_tokens": len(r.prompt) + n, "completion_tokens": n})
 
         if chat:
             r = reqs[0]
             role = "assistant" if body.get("add_generation_prompt", True) else body["messages"][-1]["role"]
             first = b'[{"index":0,"delta":{"role":' + _json(role) + b',"content":""},"logprobs":null,"finish_reason":null}]'
-            yield head + first + (usage_of(r) if continuous else b"") + b',"prompt_token_ids":null,"prompt_text":null}\n\n'
+            yield head + first + (usage_of(r, 0) if continuous else b"") + b',"prompt_token_ids":null,"prompt_text":null}\n\n'
         # merge the per-prompt streams in arrival order (vLLM's merge_async_iterators)
         queues = [(i, r) for i, r in enumerate(reqs)]
         pending: dict[asyncio.Future, tuple[int, EngineRequest]] = {}
@@ -631,7 +636,7 @@ class SimServer:
                 done, _ = await asyncio.wait(pending.keys(), return_when=asyncio.FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: pending[f][0]):
                     i, r = pending.pop(fut)
-                    delta, finish = fut.result()
+                    delta, finish, n_out = fut.result()
                     if finish is None:
                         assert r.events is not None
                         pending[asyncio.ensure_future(r.events.get())] = (i, r)
@@ -648,7 +653,7 @@ class SimServer:
                             b'[{"index":' + str(i).encode() + b',"text":' + _json(delta) + b',"logprobs":null,"finish_reason":' + _json(finish)
                             + b',"stop_reason":' + (_json(r.stop_reason) if finish else b"null") + b',"prompt_token_ids":null,"token_ids":null}]'
                         )
-                    yield head + choice + (usage_of(r) if continuous else b"") + b"}\n\n"
+                    yield head + choice + (usage_of(r, n_out) if continuous else b"") + b"}\n\n"
         finally:
             for fut in pending:
                 fut.cancel()
@@ -715,19 +720,7 @@ class SimServer:
                         raise field_error("messages", "list_type", "Input should be a valid list", msgs)
                     if body.get("continue_final_message") and body.get("add_generation_prompt", True):
                         raise value_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.", None)
-                    kwargs: dict[str, Any] = {
-                        "add_generation_prompt": body.get("add_generation_prompt", True),
-                        "continue_final_message": body.get("continue_final_message", False),
-                        "tools": body.get("tools"),
-                    }
-                    if isinstance(body.get("chat_template"), str):
-                        kwargs["chat_template"] = body["chat_template"]
-                    if isinstance(body.get("chat_template_kwargs"), dict):
-                        kwargs.update(body["chat_template_kwargs"])
-                    try:
-                        text = self.tok.apply_chat_template(msgs, **kwargs)
-                    except ChatTemplateError as exc:
-                        raise bad_request(str(exc)) from None
+                    text = self._chat_text(body)
                     ids = self.tok.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
                 else:
                     prompt = body.get("prompt")
