@@ -151,6 +151,18 @@ def _own_address() -> str:
 
 
 
+def _json_object(raw: bytes) -> dict:
+    """A request body as FastAPI validates it for vLLM: JSON, and an object (else a 400 with
+    pydantic's error list)."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error", "input": {}, "ctx": {"error": str(exc)}}], "body.0") from None
+    if not isinstance(body, dict):
+        raise invalid([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from", "input": body}], "body")
+    return body
+
+
 def uses_nixl(cfg: SimConfig) -> bool:
     """Whether this replica moves KV over NIXL (when installed) rather than plain TCP."""
     if not cfg.prefer_nixl or cfg.kv_transfer == "tcp":
@@ -469,13 +481,7 @@ class SimServer:
             ctype = request.headers.get("content-type", "").lower().split(";", 1)[0].strip()
             if ctype != "application/json":
                 raise invalid(["Unsupported Media Type: Only 'application/json' is allowed"])
-            raw = await request.body()
-            try:
-                body = msgspec.json.decode(raw)
-            except msgspec.DecodeError as exc:
-                raise invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error", "input": {}, "ctx": {"error": str(exc)}}], "body.0") from None
-            if not isinstance(body, dict):
-                raise invalid([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from", "input": body}], "body")
+            body = _json_object(await request.body())
             self._check_fields(kind, body)
             lora = self._check_model(body)
             n = body.get("n")
@@ -705,12 +711,7 @@ class SimServer:
 
         async def tokenize(request: Request) -> Response:
             try:
-                try:
-                    body = msgspec.json.decode(await request.body())
-                except msgspec.DecodeError:
-                    raise invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error"}], "body.0") from None
-                if not isinstance(body, dict):
-                    raise invalid([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from"}], "body")
+                body = _json_object(await request.body())
                 self._check_model(body)
                 for name in ("add_special_tokens", "add_generation_prompt", "continue_final_message", "return_token_strs"):
                     _opt_bool(body, name)
@@ -736,12 +737,7 @@ class SimServer:
 
         async def detokenize(request: Request) -> Response:
             try:
-                try:
-                    body = msgspec.json.decode(await request.body())
-                except msgspec.DecodeError:
-                    raise invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error"}], "body.0") from None
-                if not isinstance(body, dict):
-                    raise invalid([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from"}], "body")
+                body = _json_object(await request.body())
                 self._check_model(body)
                 tokens = body.get("tokens")
                 if tokens is None:
