@@ -145,26 +145,30 @@ class Gateway:
 # ------------------------------------------------------------------------------------------------
 
 
-def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+def _bearer(authorization: str) -> str | None:
+    return authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
 
 
 def _check_key(given: str | None, allowed: list[str]) -> bool:
     return given is not None and any(hmac.compare_digest(given, k) for k in allowed)
 
 
-def check_client_auth(gw: Gateway, request: Request) -> None:
-    keys = gw.cfg.auth.api_keys
-    if keys and not _check_key(_bearer(request), keys):
+def require_client_key(keys: list[str], authorization: str) -> None:
+    """401 unless ``authorization`` carries one of the client keys (none configured: open).
+    Shared by the HTTP gateway and the ext-proc picker."""
+    if keys and not _check_key(_bearer(authorization), keys):
         raise GatewayError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_api_key")
+
+
+def check_client_auth(gw: Gateway, request: Request) -> None:
+    require_client_key(gw.cfg.auth.api_keys, request.headers.get("authorization", ""))
 
 
 def check_admin_auth(gw: Gateway, request: Request) -> None:
     key = gw.cfg.auth.admin_key
     if key is None:
         raise GatewayError(404, "admin endpoints are disabled (set auth.admin_key)", "not_found")
-    if not _check_key(_bearer(request), [key]):
+    if not _check_key(_bearer(request.headers.get("authorization", "")), [key]):
         raise GatewayError(401, "invalid or missing admin key", "invalid_admin_key")
 
 

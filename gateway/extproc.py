@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import ipaddress
 import logging
 import socket
@@ -71,7 +70,7 @@ from google.protobuf import struct_pb2
 
 from scorers.base import PHASE_ANY, EndpointState, RequestContext
 
-from .app import Gateway, unknown_model
+from .app import Gateway, require_client_key, unknown_model
 from .config import GatewayConfig
 from .errors import GatewayError, bad_request
 from .forward import Attempt, AuthRejected, auth_error
@@ -383,12 +382,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
 
     async def _schedule(self, st: _Stream, raw: bytes) -> tuple[list[str], str | None, str, int]:
         gw = self.gw
-        keys = gw.cfg.auth.api_keys
-        if keys:
-            auth = st.headers.get("authorization", "")
-            given = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-            if given is None or not any(hmac.compare_digest(given, k) for k in keys):
-                raise GatewayError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_api_key")
+        require_client_key(gw.cfg.auth.api_keys, st.headers.get("authorization", ""))
         path = st.headers.get(":path", "").split("?")[0]
         kind = _KINDS.get(path)
         if kind is None:
