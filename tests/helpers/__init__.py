@@ -1,0 +1,1 @@
+"""Code shared by the tests (no tests here): harnesses, fixtures' machinery, wire builders."""

@@ -1,0 +1,212 @@
+"""Run a real gateway (uvicorn on loopback) in a background thread for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import httpx
+import uvicorn
+import uvloop
+
+from gateway.app import build_app
+from gateway.config import GatewayConfig, parse_config
+from gateway.server import uvicorn_config
+from tests.helpers.net import free_port
+
+MODEL = "kvgate/demo-8b"
+
+
+def fleet_config(handles, *, roles: list[str] | None = None, **overrides: Any) -> GatewayConfig:
+    """A gateway config in front of simulator handles (ids r0, r1, ... or role-i with roles)."""
+    replicas = []
+    for i, h in enumerate(handles):
+        role = roles[i] if roles else h.config.role
+        replicas.append(
+            {
+                "id": f"r{i}",
+                "url": h.url,
+                "role": role,
+                "models": [h.config.model],
+                "kv_events": h.events_endpoint,
+                "replay": h.replay_endpoint,
+            }
+        )
+    data: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "replicas": replicas,
+        "models": {MODEL: {"tokenizer": "demo"}},
+        "debug_headers": True,
+        "health": {"interval_s": 0.3, "timeout_s": 0.5, "failure_threshold": 2, "cooldown_s": 1.0},
+        "scrape": {"interval_s": 0.2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data)
+
+
+class GatewayThread:
+    """uvicorn serving build_app(cfg) on its own uvloop event loop in a daemon thread.
+
+    Same server settings as ``kvgate serve`` (uvloop, httptools), so socket-level behaviour
+    (TCP_NODELAY, disconnect detection) is what production gets.
+    """
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.app = build_app(cfg)
+        self.server = uvicorn.Server(uvicorn_config(self.app, cfg.listen.host, cfg.listen.port, loop="none"))
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.listen.host}:{self.cfg.listen.port}"
+
+    @property
+    def gateway(self):
+        return self.app.state.gateway
+
+    def _run(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve())
+
+    def start(self) -> "GatewayThread":
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def call(self, coro, timeout: float = 10.0):
+        """Run a coroutine on the gateway's loop (to read its state safely)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def __enter__(self) -> "GatewayThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of samples named ``name`` (with matching labels) in Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += s.value
+    return total
+
+
+def get_metrics(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=5).text
+
+
+class RecordingProxy:
+    """A transparent HTTP proxy in front of one replica that records what crosses it.
+
+    Used to check the exact bodies and headers the gateway sends on each P/D hop, and the
+    prefill replica's answers. Each exchange is a dict: method, path, headers (lower-case),
+    body (parsed JSON or raw bytes), status, response (parsed JSON for non-streaming answers).
+    """
+
+    def __init__(self, target: str) -> None:
+        import json
+
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response, StreamingResponse
+        from starlette.routing import Route
+
+        self.target = target.rstrip("/")
+        self.port = free_port()
+        self.exchanges: list[dict[str, Any]] = []
+
+        async def forward(request: Request):
+            raw = await request.body()
+            try:
+                parsed: Any = json.loads(raw) if raw else None
+            except ValueError:
+                parsed = raw
+            rec: dict[str, Any] = {"method": request.method, "path": request.url.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "body": parsed}
+            self.exchanges.append(rec)
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+            client = httpx.AsyncClient(timeout=60)
+            upstream = await client.send(client.build_request(request.method, self.target + request.url.path, content=raw, headers=headers), stream=True)
+            rec["status"] = upstream.status_code
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+            if "text/event-stream" in upstream.headers.get("content-type", ""):
+
+                async def body():
+                    try:
+                        async for chunk in upstream.aiter_raw():
+                            yield chunk
+                    finally:
+                        await upstream.aclose()
+                        await client.aclose()
+
+                return StreamingResponse(body(), status_code=upstream.status_code, headers=out_headers)
+            content = await upstream.aread()
+            await upstream.aclose()
+            await client.aclose()
+            try:
+                rec["response"] = json.loads(content)
+            except ValueError:
+                rec["response"] = content
+            return Response(content, status_code=upstream.status_code, headers=out_headers)
+
+        app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="off", loop="none"))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def posts(self, path_suffix: str = "completions") -> list[dict[str, Any]]:
+        return [e for e in self.exchanges if e["method"] == "POST" and e["path"].endswith(path_suffix)]
+
+    def start(self) -> "RecordingProxy":
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("proxy did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def replica_metric(url: str, name: str) -> float:
+    """A metric read straight from a replica's /metrics (e.g. vllm:num_requests_running)."""
+    return metric_value(httpx.get(f"{url}/metrics", timeout=5).text, name)
