@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Decision, EndpointState, Filter, Picker, RequestContext, Scorer
-from .plugins import REGISTRY
+from .registry import REGISTRY
 
 PROFILE_HEADER = "x-kvgate-profile"
 
@@ -84,7 +84,7 @@ class Profile:
     picker: Picker
 
     @classmethod
-    def from_spec(cls, name: str, spec: Any) -> "Profile":
+    def from_spec(cls, name: str, spec: Any) -> Profile:
         where = f"scheduling.profiles.{name}"
         if not isinstance(spec, Mapping):
             raise ValueError(f"{where}: expected a mapping")
@@ -117,7 +117,7 @@ class Scheduler:
         self.allow_header_override = allow_header_override
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "Scheduler":
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> Scheduler:
         cfg = dict(cfg or {})
         unknown = set(cfg) - {"default_profile", "allow_header_override", "profiles"}
         if unknown:

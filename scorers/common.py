@@ -1,0 +1,40 @@
+"""Helpers shared by several plugins: score normalisation, the queue estimate, the seeded picker base."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from scorers.base import EndpointState, Picker, RequestContext
+
+
+def relative_inverse(values: dict[str, float]) -> dict[str, float]:
+    """1 for the smallest value, falling linearly to 0 at the largest (all 1 if all equal)."""
+    if not values:
+        return {}
+    hi, lo = max(values.values()), min(values.values())
+    if hi <= lo:
+        return {k: 1.0 for k in values}
+    return {k: (hi - v) / (hi - lo) for k, v in values.items()}
+
+
+def smoothed_inverse(values: dict[str, float], scale: float) -> dict[str, float]:
+    """1 for the least loaded, ``(scale + min) / (scale + v)`` for others: differences count
+    in proportion to ``scale`` (a typical load), not to the spread among candidates."""
+    if not values:
+        return {}
+    lo = min(values.values())
+    return {k: (scale + lo) / (scale + v) for k, v in values.items()}
+
+
+def est_queue_s(ctx: RequestContext, e: EndpointState) -> float:
+    """Seconds of prefill work queued ahead of this request on ``e``, plus its own."""
+    return (e.inflight_prefill_tokens + ctx.uncached_tokens(e.id)) / max(e.prefill_tokens_per_s, 1.0)
+
+
+class SeededPicker(Picker):
+    """A picker with its own ``random.Random`` (``seed`` makes its tie-breaks reproducible)."""
+
+    def __init__(self, seed: int | None = None, **params: Any) -> None:
+        super().__init__(**params)
+        self.rng = random.Random(seed)

@@ -1,0 +1,1 @@
+"""The built-in pickers, one module each (registered by name in ``scorers.registry``)."""
