@@ -22,7 +22,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvindex.index import KVIndex, make_index
+from kvindex.backends import make_index
+from kvindex.index import KVIndex
 from kvindex.subscriber import EventSubscriber, ReplicaSource
 from scorers.base import PHASE_ANY, RequestContext
 from scorers.scheduler import Scheduler

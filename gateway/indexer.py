@@ -18,7 +18,7 @@ import contextlib
 import logging
 import sys
 
-from kvindex.index import make_index
+from kvindex.backends import make_index
 from kvindex.subscriber import EventSubscriber, ReplicaSource
 
 from .config import GatewayConfig

@@ -64,6 +64,7 @@ def _corpus(seed: int = 1234, lines: int = 6000) -> list[str]:
 
 
 def _train() -> str:
+    # deferred for start-up cost: ``tokenize`` imports this module, and only a first build trains
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())

@@ -1,10 +1,11 @@
 """The KV-block index: which replica holds which block, in which tier.
 
-One interface, two backends (``memory`` embedded, ``redis`` shared by several gateways). The
-index is keyed by kvgate's own chained block keys (``kvindex.hashing.block_keys``), computed
-from the ``token_ids`` each BlockStored event carries, so a lookup never depends on a
-replica's hash algorithm or seed. Each backend keeps, per replica, the map from the engine's
-block hash to our key so that BlockRemoved (which carries only engine hashes) resolves.
+One interface, two backends (``memory`` embedded, ``redis`` shared by several gateways;
+``kvindex.backends.make_index`` picks one by URL). The index is keyed by kvgate's own chained
+block keys (``kvindex.hashing.block_keys``), computed from the ``token_ids`` each BlockStored
+event carries, so a lookup never depends on a replica's hash algorithm or seed. Each backend
+keeps, per replica, the map from the engine's block hash to our key so that BlockRemoved (which
+carries only engine hashes) resolves.
 
 Loss: a shared backend can lose everything at once (Redis restarted empty, FLUSHDB, failover to an
 empty replica). ``data_lost`` reports it once per loss; the subscriber then rebuilds the index from
@@ -128,16 +129,3 @@ class KVIndex(abc.ABC):
 
     async def close(self) -> None:
         """Release connections (no-op for the memory backend)."""
-
-
-def make_index(url: str | None = None, **options: object) -> KVIndex:
-    """Build a backend from a URL: None / "memory" → embedded; "redis://..." → Redis."""
-    if not url or url == "memory":
-        from .memory_index import MemoryIndex
-
-        return MemoryIndex(**options)  # type: ignore[arg-type]
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis_index import RedisIndex
-
-        return RedisIndex(url, **options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown index backend {url!r}: use 'memory' or a redis:// URL")

@@ -75,9 +75,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .event_rules import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
 from .index import ApplyStats, IndexUnavailableError, KVIndex, PrefixMatch, medium_tier
-from .memory_index import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
 
 _APPLY_LUA = """
 -- KEYS[1] epochs hash, KEYS[2] this replica's engine-hash map, KEYS[3] block-size hash,

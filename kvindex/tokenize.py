@@ -30,6 +30,8 @@ import jinja2.nodes
 import xxhash
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .demo_tokenizer import build_demo_tokenizer
+
 
 class ChatTemplateError(ValueError):
     """The chat could not be rendered (bad message shape, or the template raised)."""
@@ -95,6 +97,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
+        # deferred for start-up cost: the ``tokenizers`` extension is needed only once a tokenizer is loaded
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
@@ -259,8 +262,6 @@ async def remote_tokenize(
 def load_tokenizer(spec: str) -> Tokenizer:
     """A tokenizer from a directory path, or ``"demo"`` (the built-in small BPE, ChatML)."""
     if spec == "demo":
-        from .demo_tokenizer import build_demo_tokenizer
-
         tok = Tokenizer.from_dir(build_demo_tokenizer())
         tok.name = "demo"
         return tok

@@ -27,9 +27,10 @@ from kvindex.events import (
     decode_batch,
     encode_batch,
 )
+from kvindex.event_rules import event_salt
 from kvindex.hashing import block_keys
 from kvindex.index import ApplyStats, KVIndex, PrefixMatch
-from kvindex.memory_index import MemoryIndex, event_salt
+from kvindex.memory_index import MemoryIndex
 from kvindex.redis_index import RedisIndex
 from tests.helpers.index import BS, MODEL, Prompt, apply, make_tokens, match
 from tests.helpers.net import free_port

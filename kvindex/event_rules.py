@@ -1,0 +1,118 @@
+"""Rules both index backends follow, so that the memory and the Redis backend answer alike.
+
+What lives here is what ``memory_index`` and ``redis_index`` share about index *entries*:
+
+* which events count (``is_primary_group``: KV-cache group 0 only);
+* how a BlockStored event becomes our chained keys (``stored_keys``, with ``event_salt`` and
+  ``needs_known_first`` for a prompt's first block);
+* how a walk reads an entry's tier bits (``BEST_TIER``, ``SLOWEST_TIER_NAME``);
+* how a bounded insertion-ordered map sheds its oldest entries (``evict_oldest``).
+
+It is a module of its own so that neither backend imports the other: both import this (and the
+interface in ``kvindex.index``), and ``kvindex.backends.make_index`` imports both backends.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any
+
+from .events import BlockStored
+from .hashing import chain_keys, root_key
+from .index import TIER_NAMES
+
+#: Fastest tier bit held, indexed by a 3-bit tier mask (0 = nothing held).
+BEST_TIER = (0, 1, 2, 1, 4, 1, 2, 1)
+#: Name of the slowest tier in an OR of best-tier bits, indexed by that 3-bit value.
+SLOWEST_TIER_NAME = tuple(TIER_NAMES[1 << (v.bit_length() - 1)] if v else "GPU" for v in range(8))
+
+
+def event_salt(ev: BlockStored) -> str | None:
+    """The cache salt of a prompt's first BlockStored event, from block 0's extra keys.
+
+    vLLM hashes ``cache_salt`` into block 0 only, as an extra key. Two encodings are accepted:
+
+    * tagged entries (vLLM 0.33's hashing form): block 0's extra keys contain
+      ``("cache_salt", salt)`` (a list after msgpack) -> that salt;
+    * untagged (what 0.33 events carry): block 0's extra keys are plain values such as
+      ``[lora_name, salt]`` or ``[salt]``; vLLM appends the salt after the LoRA name and the
+      multimodal ``[identifier, offset]`` pairs (prompt-embedding hashes, bytes, may follow),
+      so we take the last string entry that is not the event's LoRA name. Caveat: a bare
+      string that is not a salt (a future extra key) is taken for one; such prompts get a key
+      no request matches (a missed hit, never a wrong one);
+    * typed (vLLM builds that publish ``ExtraKey`` structs): entries are maps such as
+      ``{"type": "cache_salt", "salt": salt}`` next to ``{"type": "lora", "name": ...}``.
+    """
+    extra = ev.extra_keys
+    if not extra:
+        return None
+    first = extra[0]
+    if isinstance(first, str):
+        return first if first != ev.lora_name else None
+    if not isinstance(first, (list, tuple)):
+        return None
+    fallback: str | None = None
+    for entry in first:
+        if isinstance(entry, (list, tuple)):
+            if len(entry) == 2 and entry[0] == "cache_salt" and isinstance(entry[1], str):
+                return entry[1]
+        elif isinstance(entry, dict):
+            if entry.get("type") == "cache_salt" and isinstance(entry.get("salt"), str):
+                return entry["salt"]
+        elif isinstance(entry, str) and entry != ev.lora_name:
+            fallback = entry
+    return fallback
+
+
+def is_primary_group(group_idx: int | None) -> bool:
+    """Whether an event belongs to KV-cache group 0 (or carries no group, as older vLLM).
+
+    Hybrid models publish one event stream per KV-cache group with the same token blocks; a
+    sliding-window group evicts blocks the full-attention group keeps, so only group 0 is
+    indexed (ordinary models have only group 0).
+    """
+    return group_idx is None or group_idx == 0
+
+
+def needs_known_first(ev: BlockStored) -> bool:
+    """Whether a prompt-starting event lacks what its root key needs (no extra keys, so no
+    cache salt): true of events from pools other than the GPU one, e.g. CPU offloading."""
+    return ev.parent_block_hash is None and not ev.extra_keys and bool(ev.block_hashes)
+
+
+def stored_keys(
+    ev: BlockStored, parent_key: int | None, model: str, known_first: int | None = None
+) -> list[int] | None:
+    """Our chained keys for a BlockStored event, or None if it cannot be keyed.
+
+    ``parent_key`` is the resolved key of ``ev.parent_block_hash`` (ignored when the event
+    starts a prompt). ``known_first`` is the key the replica's map already holds for the
+    event's first engine hash, if any: for a prompt-starting event without extra keys (a
+    CPU-offload copy of a salted prompt says nothing of the salt) it is the better source,
+    since the engine hash already covers the salt. None is returned for an unknown parent
+    or a malformed block size.
+    """
+    bs = ev.block_size
+    if not isinstance(bs, int) or bs <= 0:
+        return None
+    if ev.parent_block_hash is None:
+        if known_first is not None and needs_known_first(ev):
+            if len(ev.token_ids) < bs:
+                return []
+            return [known_first, *chain_keys(known_first, ev.token_ids[bs:], bs)]
+        lora = ev.lora_name
+        if lora is None and ev.lora_id is not None:
+            # the oldest events carry only the adapter's int id: keep its blocks apart from the
+            # base model's (requests name adapters, so they miss; they never match wrongly)
+            lora = f"\x00lora-id:{ev.lora_id}"
+        parent_key = root_key(model, lora, event_salt(ev))
+    if parent_key is None:
+        return None
+    return chain_keys(parent_key, ev.token_ids, bs)
+
+
+def evict_oldest(d: dict[Any, Any], bound: int) -> None:
+    """Drop the oldest entries of an insertion-ordered dict down to ``bound - bound // 32``."""
+    target = bound - bound // 32
+    for k in list(islice(d, len(d) - target)):
+        del d[k]
