@@ -12,9 +12,12 @@ Scores are normalised to [0, 1] (1 = best) so weights in the YAML mean what they
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import msgspec
 
 from kvindex.index import PrefixMatch
 
@@ -86,15 +89,60 @@ class RequestContext:
         return self.prompt_tokens - self.cached_tokens(endpoint_id)
 
 
-class Plugin(abc.ABC):
-    """Common base: a name used in the YAML, parameters, optional feedback hooks."""
+class PluginParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every plugin's ``Params``: typed, immutable, unknown fields rejected.
+
+    Ranges are declared with ``Annotated[float, msgspec.Meta(ge=0)]`` and enforced when the
+    parameters are converted (from the YAML, or the keywords given to a plugin)."""
+
+
+class NoParams(PluginParams, frozen=True):
+    """For plugins that take no parameters."""
+
+
+class Plugin:
+    """Common base: a YAML ``type``, an instance ``name``, typed parameters, feedback hooks.
+
+    Built from keywords, ``PrecisePrefixScorer(cpu_weight=0.3, name="pp-cpu")``: the keywords
+    are converted to the class's ``Params`` (so they are checked exactly as YAML params are)
+    and kept as ``self.params``."""
 
     #: the ``type`` string used in the YAML config; set by each concrete plugin
     type_name: ClassVar[str] = ""
+    #: the parameter struct; plugins with parameters define a nested ``Params(PluginParams)``
+    Params: ClassVar[type[PluginParams]] = NoParams
 
-    def __init__(self, **params: Any) -> None:
-        if params:
-            raise ValueError(f"{self.type_name}: unknown parameters {sorted(params)}")
+    params: PluginParams
+    #: instance name, unique within a profile (``Decision.breakdown`` is keyed by it)
+    name: str
+
+    def __init__(self, *, name: str | None = None, **params: Any) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"{self.type_name}: name must be a non-empty string, got {name!r}")
+        self.name = self.type_name if name is None else name
+        self.params = self.parse_params(params)
+
+    @classmethod
+    def parse_params(cls, params: Mapping[str, Any]) -> PluginParams:
+        """``params`` as this plugin's ``Params``; ValueError naming the field and what it expects."""
+        fields = cls.Params.__struct_fields__
+        unknown = sorted((k for k in params if k not in fields), key=str)
+        if unknown:
+            known = f"known: {', '.join(fields)}" if fields else "it takes none"
+            raise ValueError(f"{cls.type_name}: unknown parameters {unknown}; {known}")
+        try:
+            out = msgspec.convert(dict(params), cls.Params)
+        except msgspec.ValidationError as exc:
+            msg, _, at = str(exc).partition(" - at `$.")
+            field = at.rstrip("`")
+            if field in params:
+                raise ValueError(f"{cls.type_name}: parameter {field!r}: {msg}, got {params[field]!r}") from None
+            raise ValueError(f"{cls.type_name}: bad parameters: {exc}") from None
+        for field in fields:
+            value = getattr(out, field)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{cls.type_name}: parameter {field!r}: expected a finite number, got {value!r}")
+        return out
 
     def on_dispatch(self, ctx: RequestContext, endpoint: EndpointState) -> None:
         """Called once the request was sent to ``endpoint`` (every hop, every retry)."""
@@ -102,22 +150,25 @@ class Plugin(abc.ABC):
     def on_complete(self, ctx: RequestContext, endpoint: EndpointState, ok: bool) -> None:
         """Called when the request finished on ``endpoint`` (ok False on error)."""
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, params={self.params!r})"
 
-class Filter(Plugin):
+
+class Filter(Plugin, abc.ABC):
     """Removes endpoints that must not serve the request."""
 
     @abc.abstractmethod
     def filter(self, ctx: RequestContext, endpoints: list[EndpointState]) -> list[EndpointState]: ...
 
 
-class Scorer(Plugin):
+class Scorer(Plugin, abc.ABC):
     """Rates each candidate in [0, 1], 1 being best."""
 
     @abc.abstractmethod
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]: ...
 
 
-class Picker(Plugin):
+class Picker(Plugin, abc.ABC):
     """Orders the scored candidates: first is the pick, the rest are fallbacks."""
 
     @abc.abstractmethod
@@ -130,7 +181,7 @@ class Decision:
 
     ranked: list[EndpointState]
     scores: dict[str, float]
-    breakdown: dict[str, dict[str, float]]  # scorer name → endpoint id → raw [0,1] score
+    breakdown: dict[str, dict[str, float]]  # scorer instance name → endpoint id → raw [0,1] score
     profile: str
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from scorers.base import EndpointState, Picker, RequestContext
+from scorers.base import EndpointState, Picker, PluginParams, RequestContext
 
 
 def relative_inverse(values: dict[str, float]) -> dict[str, float]:
@@ -33,8 +33,14 @@ def est_queue_s(ctx: RequestContext, e: EndpointState) -> float:
 
 
 class SeededPicker(Picker):
-    """A picker with its own ``random.Random`` (``seed`` makes its tie-breaks reproducible)."""
+    """A picker with its own ``random.Random`` (``seed`` makes its choices reproducible)."""
 
-    def __init__(self, seed: int | None = None, **params: Any) -> None:
-        super().__init__(**params)
-        self.rng = random.Random(seed)
+    class Params(PluginParams, frozen=True):
+        #: seed of the picker's random generator (None: seeded from the OS)
+        seed: int | None = None
+
+    params: Params
+
+    def __init__(self, *, name: str | None = None, **params: Any) -> None:
+        super().__init__(name=name, **params)
+        self.rng = random.Random(self.params.seed)

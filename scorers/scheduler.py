@@ -7,11 +7,11 @@ in the YAML with the same name replaces the built-in one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from .base import Decision, EndpointState, Filter, Picker, RequestContext, Scorer
+from .base import Decision, EndpointState, Filter, Picker, Plugin, RequestContext, Scorer
 from .registry import REGISTRY
 
 PROFILE_HEADER = "x-kvgate-profile"
@@ -45,7 +45,7 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     "approx-prefix": {"filters": _BASE_FILTERS, "scorers": [{"type": "approx-prefix", "weight": 3}, {"type": "inflight", "weight": 2}], "picker": {"type": "max"}},
     "estimated-ttft": {"filters": _BASE_FILTERS, "scorers": [{"type": "estimated-ttft", "weight": 1}], "picker": {"type": "max"}},
     "llm-d": {
-        "filters": _BASE_FILTERS + [{"type": "prefix-affinity", "params": {"threshold": 0.8}}],
+        "filters": [*_BASE_FILTERS, {"type": "prefix-affinity", "params": {"threshold": 0.8}}],
         "scorers": [{"type": "token-load", "weight": 1}],
         "picker": {"type": "max"},
     },
@@ -55,25 +55,45 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_plugin(spec: Any, kind: type, where: str):
-    """One plugin from ``{type: name, params: {...}}`` (params may also sit beside ``type``)."""
+def build_plugin(spec: Any, kind: type[Plugin], where: str) -> Plugin:
+    """One plugin from ``{type: t, params: {...}}`` (params may also sit beside ``type``).
+
+    ``where`` (the YAML location) prefixes every error. ``weight`` is the profile's business
+    and is skipped here for scorers; filters and pickers have none."""
     if isinstance(spec, str):
         spec = {"type": spec}
     if not isinstance(spec, Mapping) or "type" not in spec:
         raise ValueError(f"{where}: expected a mapping with a 'type', got {spec!r}")
-    name = spec["type"]
-    cls = REGISTRY.get(name)
+    type_name = spec["type"]
+    cls = REGISTRY.get(type_name) if isinstance(type_name, str) else None
     if cls is None or not issubclass(cls, kind):
         known = sorted(k for k, v in REGISTRY.items() if issubclass(v, kind))
-        raise ValueError(f"{where}: unknown {kind.__name__.lower()} {name!r}; known: {', '.join(known)}")
-    params = dict(spec.get("params") or {})
-    params.update({k: v for k, v in spec.items() if k not in ("type", "params", "weight")})
+        raise ValueError(f"{where}: unknown {kind.__name__.lower()} {type_name!r}; known: {', '.join(known)}")
+    params = spec.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{where}: params of {type_name!r} must be a mapping, got {params!r}")
+    reserved = {"type", "params", "weight"} if issubclass(kind, Scorer) else {"type", "params"}
+    beside = {k: v for k, v in spec.items() if k not in reserved}
+    twice = sorted((k for k in beside if k in params), key=str)
+    if twice:
+        raise ValueError(f"{where}: {type_name!r} parameters {twice} given both in 'params' and beside 'type'")
+    merged = {**params, **beside}
+    not_str = [k for k in merged if not isinstance(k, str)]
+    if not_str:
+        raise ValueError(f"{where}: {type_name}: parameter names must be strings, got {not_str!r}")
     try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ValueError(f"{where}: bad parameters for {name!r}: {exc}") from None
+        return cls(**merged)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+def _as_list(spec: Mapping[str, Any], key: str, default: list[Any], where: str) -> list[Any]:
+    value = spec.get(key, default)
+    if not isinstance(value, list):
+        raise ValueError(f"{where}.{key}: expected a list, got {value!r}")
+    return value
 
 
 @dataclass
@@ -91,17 +111,17 @@ class Profile:
         unknown = set(spec) - {"filters", "scorers", "picker"}
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-        filters = [build_plugin(f, Filter, f"{where}.filters[{i}]") for i, f in enumerate(spec.get("filters", _BASE_FILTERS))]
+        filters = [cast(Filter, build_plugin(f, Filter, f"{where}.filters[{i}]")) for i, f in enumerate(_as_list(spec, "filters", _BASE_FILTERS, where))]
         scorers = []
-        for i, s in enumerate(spec.get("scorers", [])):
+        for i, s in enumerate(_as_list(spec, "scorers", [], where)):
             weight = s.get("weight", 1.0) if isinstance(s, Mapping) else 1.0
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
                 raise ValueError(f"{where}.scorers[{i}]: weight must be a number >= 0, got {weight!r}")
-            scorers.append((build_plugin(s, Scorer, f"{where}.scorers[{i}]"), float(weight)))
-        picker = build_plugin(spec.get("picker", {"type": "max"}), Picker, f"{where}.picker")
+            scorers.append((cast(Scorer, build_plugin(s, Scorer, f"{where}.scorers[{i}]")), float(weight)))
+        picker = cast(Picker, build_plugin(spec.get("picker", {"type": "max"}), Picker, f"{where}.picker"))
         return cls(name, filters, scorers, picker)
 
-    def plugins(self):
+    def plugins(self) -> Iterator[Plugin]:
         yield from self.filters
         for s, _ in self.scorers:
             yield s

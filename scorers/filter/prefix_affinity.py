@@ -1,10 +1,12 @@
-"""``prefix-affinity`` filter: llm-d's default: stick to replicas caching ≥ threshold of the prompt, unless they are"""
+"""``prefix-affinity`` filter: llm-d's default cache affinity, released when the warm replicas are overloaded."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
-from scorers.base import EndpointState, Filter, RequestContext
+from msgspec import Meta
+
+from scorers.base import EndpointState, Filter, PluginParams, RequestContext
 from scorers.common import est_queue_s
 
 
@@ -14,21 +16,22 @@ class PrefixAffinityFilter(Filter):
 
     type_name = "prefix-affinity"
 
-    def __init__(self, threshold: float = 0.8, margin_s: float = 0.5, **params: Any) -> None:
-        super().__init__(**params)
-        if not 0 < threshold <= 1:
-            raise ValueError("prefix-affinity: threshold must be in (0, 1]")
-        self.threshold = threshold
-        self.margin_s = margin_s
+    class Params(PluginParams, frozen=True):
+        #: fraction of the prompt a replica must cache to count as warm
+        threshold: Annotated[float, Meta(gt=0, le=1)] = 0.8
+        #: seconds of extra queued prefill on the best warm replica (over the best cold one) tolerated
+        margin_s: Annotated[float, Meta(ge=0)] = 0.5
+
+    params: Params
 
     def filter(self, ctx: RequestContext, endpoints: list[EndpointState]) -> list[EndpointState]:
         if not ctx.prompt_tokens or not ctx.prefix:
             return endpoints
-        warm = [e for e in endpoints if ctx.cached_tokens(e.id) >= self.threshold * ctx.prompt_tokens]
+        need = self.params.threshold * ctx.prompt_tokens
+        warm = [e for e in endpoints if ctx.cached_tokens(e.id) >= need]
         cold = [e for e in endpoints if e not in warm]
         if not warm or not cold:
             return endpoints
         best_warm = min(est_queue_s(ctx, e) for e in warm)
         best_cold = min(est_queue_s(ctx, e) for e in cold)
-        return endpoints if best_warm - best_cold > self.margin_s else warm
-
+        return endpoints if best_warm - best_cold > self.params.margin_s else warm

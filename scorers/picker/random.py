@@ -1,4 +1,4 @@
-"""``random`` picker: ignores scores: a uniformly random order."""
+"""``random`` picker: ignores scores, a uniformly random order."""
 
 from __future__ import annotations
 

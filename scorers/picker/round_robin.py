@@ -1,4 +1,4 @@
-"""``round-robin`` picker: ignores scores: each request goes to the next candidate in id order."""
+"""``round-robin`` picker: ignores scores, each request goes to the next candidate in id order."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from scorers.base import EndpointState, Picker, RequestContext
 
 
 class RoundRobinPicker(Picker):
-    """Ignores scores: each request goes to the next candidate in id order."""
+    """Ignores scores: each request goes to the next candidate in id order (no parameters)."""
 
     type_name = "round-robin"
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
+    def __init__(self, *, name: str | None = None, **params: Any) -> None:
+        super().__init__(name=name, **params)
         self._next = 0
 
     def pick(self, ctx: RequestContext, scored: list[tuple[EndpointState, float]]) -> list[EndpointState]:
@@ -23,4 +23,3 @@ class RoundRobinPicker(Picker):
         i = self._next % len(eps)
         self._next += 1
         return eps[i:] + eps[:i]
-

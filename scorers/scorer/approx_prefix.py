@@ -1,10 +1,12 @@
-"""``approx-prefix`` scorer: for replicas without KV events: what this gateway routed where (bounded, with TTL)."""
+"""``approx-prefix`` scorer: prefix affinity from what this gateway routed where (replicas without KV events)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from scorers.base import EndpointState, RequestContext, Scorer
+from msgspec import Meta
+
+from scorers.base import EndpointState, PluginParams, RequestContext, Scorer
 from scorers.memory import RoutedPrefixMemory
 
 
@@ -13,9 +15,17 @@ class ApproxPrefixScorer(Scorer):
 
     type_name = "approx-prefix"
 
-    def __init__(self, ttl_s: float = 300.0, max_keys: int = 500_000, **params: Any) -> None:
-        super().__init__(**params)
-        self.memory = RoutedPrefixMemory(ttl_s, max_keys)
+    class Params(PluginParams, frozen=True):
+        #: how long a dispatched prefix is assumed to stay cached
+        ttl_s: Annotated[float, Meta(gt=0)] = 300.0
+        #: bound on the memory (block keys)
+        max_keys: Annotated[int, Meta(ge=1)] = 500_000
+
+    params: Params
+
+    def __init__(self, *, name: str | None = None, **params: Any) -> None:
+        super().__init__(name=name, **params)
+        self.memory = RoutedPrefixMemory(self.params.ttl_s, self.params.max_keys)
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
         n = len(ctx.block_keys)
@@ -31,4 +41,3 @@ class ApproxPrefixScorer(Scorer):
     def on_complete(self, ctx: RequestContext, endpoint: EndpointState, ok: bool) -> None:
         if not ok:
             self.memory.forget(endpoint.id)
-

@@ -1,10 +1,12 @@
-"""``estimated-ttft`` scorer: cache and load in one unit, seconds (Dynamo-style cost): the prefill work queued ahead"""
+"""``estimated-ttft`` scorer: cache and load priced in one unit, seconds to first token."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
-from scorers.base import EndpointState, RequestContext, Scorer
+from msgspec import Meta
+
+from scorers.base import EndpointState, PluginParams, RequestContext, Scorer
 from scorers.common import est_queue_s
 
 
@@ -15,13 +17,17 @@ class EstimatedTTFTScorer(Scorer):
 
     type_name = "estimated-ttft"
 
-    def __init__(self, decode_penalty_s: float = 0.002, floor_s: float = 0.005, **params: Any) -> None:
-        super().__init__(**params)
-        self.decode_penalty_s = decode_penalty_s
-        self.floor_s = floor_s
+    class Params(PluginParams, frozen=True):
+        #: seconds added per request already running or queued on the replica
+        decode_penalty_s: Annotated[float, Meta(ge=0)] = 0.002
+        #: lower bound of an estimate (keeps best / this finite)
+        floor_s: Annotated[float, Meta(gt=0)] = 0.005
+
+    params: Params
 
     def estimate(self, ctx: RequestContext, e: EndpointState) -> float:
-        return max(self.floor_s, est_queue_s(ctx, e) + self.decode_penalty_s * max(e.inflight_requests, e.running + e.waiting))
+        p = self.params
+        return max(p.floor_s, est_queue_s(ctx, e) + p.decode_penalty_s * max(e.inflight_requests, e.running + e.waiting))
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
         est = {e.id: self.estimate(ctx, e) for e in endpoints}
@@ -29,4 +35,3 @@ class EstimatedTTFTScorer(Scorer):
             return {}
         best = min(est.values())
         return {k: best / v for k, v in est.items()}
-

@@ -1,10 +1,12 @@
-"""``inflight`` scorer: the gateway's own in-flight count (exact at dispatch, unlike scraped gauges)."""
+"""``inflight`` scorer: the gateway's own in-flight requests and tokens, smoothed."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
-from scorers.base import EndpointState, RequestContext, Scorer
+from msgspec import Meta
+
+from scorers.base import EndpointState, PluginParams, RequestContext, Scorer
 from scorers.common import smoothed_inverse
 
 
@@ -13,17 +15,21 @@ class InflightScorer(Scorer):
 
     type_name = "inflight"
 
-    def __init__(self, token_weight: float = 0.5, requests_scale: float = 4.0, tokens_scale: float = 4096.0, **params: Any) -> None:
-        super().__init__(**params)
-        self.token_weight = token_weight
-        self.requests_scale = requests_scale
-        self.tokens_scale = tokens_scale
+    class Params(PluginParams, frozen=True):
+        #: share of the score from in-flight tokens (the rest from in-flight requests)
+        token_weight: Annotated[float, Meta(ge=0, le=1)] = 0.5
+        #: a typical request load: differences count in proportion to it
+        requests_scale: Annotated[float, Meta(gt=0)] = 4.0
+        #: a typical token load (prompt + max_tokens of requests still generating)
+        tokens_scale: Annotated[float, Meta(gt=0)] = 4096.0
+
+    params: Params
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
         # smoothed, not min..max: one request in flight against an idle replica is a small
         # difference, and must not outweigh a long cached prefix
-        req = smoothed_inverse({e.id: float(e.inflight_requests) for e in endpoints}, self.requests_scale)
-        tok = smoothed_inverse({e.id: float(e.inflight_decode_tokens) for e in endpoints}, self.tokens_scale)
-        w = self.token_weight
+        p = self.params
+        req = smoothed_inverse({e.id: float(e.inflight_requests) for e in endpoints}, p.requests_scale)
+        tok = smoothed_inverse({e.id: float(e.inflight_decode_tokens) for e in endpoints}, p.tokens_scale)
+        w = p.token_weight
         return {k: (1 - w) * req[k] + w * tok[k] for k in req}
-

@@ -1,4 +1,4 @@
-"""``kv-usage`` scorer: scraped ``vllm:kv_cache_usage_perc``: free KV memory means room to batch."""
+"""``kv-usage`` scorer: scraped ``vllm:kv_cache_usage_perc`` (free KV memory means room to batch)."""
 
 from __future__ import annotations
 

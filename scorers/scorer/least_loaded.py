@@ -1,4 +1,4 @@
-"""``least-loaded`` scorer: in-flight plus scraped waiting requests: the classic least-loaded baseline."""
+"""``least-loaded`` scorer: in-flight plus scraped waiting requests, the classic least-loaded baseline."""
 
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
-"""``precise-prefix`` scorer: cached fraction of the prompt per replica, from the KV-event index (GPU tier worth"""
+"""``precise-prefix`` scorer: the cached fraction of the prompt per replica, from the KV-event index."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from scorers.base import PHASE_DECODE, EndpointState, RequestContext, Scorer
+from msgspec import Meta
+
+from scorers.base import PHASE_DECODE, EndpointState, PluginParams, RequestContext, Scorer
 from scorers.memory import RoutedPrefixMemory
 
 
@@ -15,11 +17,22 @@ class PrecisePrefixScorer(Scorer):
 
     type_name = "precise-prefix"
 
-    def __init__(self, gpu_weight: float = 1.0, cpu_weight: float = 0.5, speculative_ttl_s: float = 2.0, speculative_max_keys: int = 200_000, **params: Any) -> None:
-        super().__init__(**params)
-        self.gpu_weight = gpu_weight
-        self.cpu_weight = cpu_weight
-        self.speculative = RoutedPrefixMemory(speculative_ttl_s, speculative_max_keys) if speculative_ttl_s > 0 else None
+    class Params(PluginParams, frozen=True):
+        #: worth of one block cached in GPU memory
+        gpu_weight: Annotated[float, Meta(ge=0)] = 1.0
+        #: worth of one block offloaded to CPU/storage
+        cpu_weight: Annotated[float, Meta(ge=0)] = 0.5
+        #: how long a dispatch counts as cached before the replica's events confirm it; 0 = off
+        speculative_ttl_s: Annotated[float, Meta(ge=0)] = 2.0
+        #: bound on the speculative memory (block keys)
+        speculative_max_keys: Annotated[int, Meta(ge=1)] = 200_000
+
+    params: Params
+
+    def __init__(self, *, name: str | None = None, **params: Any) -> None:
+        super().__init__(name=name, **params)
+        p = self.params
+        self.speculative = RoutedPrefixMemory(p.speculative_ttl_s, p.speculative_max_keys) if p.speculative_ttl_s > 0 else None
 
     def set_clock(self, clock: Callable[[], float]) -> None:
         if self.speculative is not None:
@@ -29,15 +42,16 @@ class PrecisePrefixScorer(Scorer):
         n = len(ctx.block_keys)
         if n == 0:
             return {e.id: 0.0 for e in endpoints}
+        gpu, cpu = self.params.gpu_weight, self.params.cpu_weight
         spec = self.speculative.match(ctx.block_keys) if self.speculative is not None else {}
         out: dict[str, float] = {}
         for e in endpoints:
             m = ctx.prefix.get(e.id) if ctx.index_ok else None
             w = 0.0
             if m is not None:
-                w = m.blocks * (self.gpu_weight if m.tier == "GPU" else self.cpu_weight)
-            w = max(w, spec.get(e.id, 0) * self.gpu_weight)
-            out[e.id] = min(1.0, w / (n * max(self.gpu_weight, self.cpu_weight, 1e-9)))
+                w = m.blocks * (gpu if m.tier == "GPU" else cpu)
+            w = max(w, spec.get(e.id, 0) * gpu)
+            out[e.id] = min(1.0, w / (n * max(gpu, cpu, 1e-9)))
         return out
 
     def on_dispatch(self, ctx: RequestContext, endpoint: EndpointState) -> None:
@@ -47,4 +61,3 @@ class PrecisePrefixScorer(Scorer):
     def on_complete(self, ctx: RequestContext, endpoint: EndpointState, ok: bool) -> None:
         if not ok and self.speculative is not None:
             self.speculative.forget(endpoint.id)
-

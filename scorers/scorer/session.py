@@ -1,11 +1,13 @@
-"""``session`` scorer: affinity by session id: 1 for the replica that served the session last."""
+"""``session`` scorer: affinity to the replica that served the request's session last."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Annotated, Any
 
-from scorers.base import PHASE_PREFILL, EndpointState, RequestContext, Scorer
+from msgspec import Meta
+
+from scorers.base import PHASE_PREFILL, EndpointState, PluginParams, RequestContext, Scorer
 
 
 class SessionScorer(Scorer):
@@ -13,9 +15,14 @@ class SessionScorer(Scorer):
 
     type_name = "session"
 
-    def __init__(self, max_sessions: int = 100_000, **params: Any) -> None:
-        super().__init__(**params)
-        self.max_sessions = max_sessions
+    class Params(PluginParams, frozen=True):
+        #: sessions remembered (least recently used forgotten first)
+        max_sessions: Annotated[int, Meta(ge=1)] = 100_000
+
+    params: Params
+
+    def __init__(self, *, name: str | None = None, **params: Any) -> None:
+        super().__init__(name=name, **params)
         self._last: OrderedDict[str, str] = OrderedDict()
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
@@ -26,6 +33,5 @@ class SessionScorer(Scorer):
         if ctx.session_id and ctx.phase != PHASE_PREFILL:
             self._last[ctx.session_id] = endpoint.id
             self._last.move_to_end(ctx.session_id)
-            while len(self._last) > self.max_sessions:
+            while len(self._last) > self.params.max_sessions:
                 self._last.popitem(last=False)
-

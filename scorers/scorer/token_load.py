@@ -1,4 +1,4 @@
-"""``token-load`` scorer: llm-d's token load: uncached prompt tokens in flight (plus this request's own)."""
+"""``token-load`` scorer: llm-d's token load, uncached prompt tokens in flight (plus this request's own)."""
 
 from __future__ import annotations
 
