@@ -14,7 +14,7 @@ counted; anything else raises ``EventDecodeError`` rather than crashing the subs
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 import msgspec
 
@@ -24,7 +24,7 @@ MEDIUM_STORAGE = "STORAGE"
 
 #: A block hash as published: the digest's low 64 bits as an unsigned int (default) or the
 #: raw digest bytes.
-BlockHash = Union[int, bytes]
+BlockHash: TypeAlias = int | bytes
 
 
 class EventDecodeError(ValueError):
@@ -78,7 +78,7 @@ class AllBlocksCleared(KVCacheEvent):
     """The replica's whole prefix cache was reset."""
 
 
-KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+KVEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -117,7 +117,7 @@ class _LegacyAllBlocksCleared(_LegacyEvent, tag="AllBlocksCleared"):
     pass
 
 
-_LegacyEventT = Union[_LegacyBlockStored, _LegacyBlockRemoved, _LegacyAllBlocksCleared]
+_LegacyEventT: TypeAlias = _LegacyBlockStored | _LegacyBlockRemoved | _LegacyAllBlocksCleared
 
 
 class _RawBatch(msgspec.Struct, array_like=True, gc=False):

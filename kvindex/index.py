@@ -118,7 +118,7 @@ class KVIndex(abc.ABC):
         with its process (and its subscriber)."""
         return False
 
-    def forget_local(self, replica: str) -> None:
+    def forget_local(self, replica: str) -> None:  # noqa: B027 - a deliberate no-op default (nothing mirrored locally), not a forgotten abstractmethod
         """Drop local state mirroring ``replica``'s entries in a shared backend (the Redis
         backend's engine-hash -> key cache), before its events are applied again from a replay
         buffer. No-op for the memory backend, whose maps are the index itself."""
@@ -127,5 +127,5 @@ class KVIndex(abc.ABC):
         """True when the backend answers (always, for the memory backend)."""
         return True
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - a deliberate no-op default (no connections), not a forgotten abstractmethod
         """Release connections (no-op for the memory backend)."""

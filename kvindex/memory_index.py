@@ -119,7 +119,7 @@ class MemoryIndex(KVIndex):
             keys = keys[: len(block_hashes)]
         # The map needs no LRU refresh: entries leave it on BlockRemoved; the bound only
         # catches leaks from lost events, so oldest-inserted-first is good enough.
-        hashes.update(zip(block_hashes, keys))
+        hashes.update(zip(block_hashes, keys, strict=False))  # keys may be fewer (orphaned tail)
         tier = medium_tier(ev.medium)
         epoch = st.epoch
         fresh = tier | epoch << 3
@@ -127,11 +127,11 @@ class MemoryIndex(KVIndex):
         blocks = self._blocks
         olds = list(map(blocks.pop, keys, repeat(None)))  # popped: reinsertion refreshes the LRU
         if olds.count(None) == len(olds):
-            blocks.update(zip(keys, repeat(shared)))
+            blocks.update(zip(keys, repeat(shared), strict=False))  # repeat() is endless
         else:
             last_old: dict[str, int] | None = None
             last_new: dict[str, int] = shared
-            for k, old in zip(keys, olds):
+            for k, old in zip(keys, olds, strict=True):
                 if old is None:
                     blocks[k] = shared
                 elif old is last_old:  # shared before, shared after: same result
@@ -269,7 +269,7 @@ class MemoryIndex(KVIndex):
                 prev = d  # equal or not: later blocks of this run share d itself
             depth += 1
         if names and expect[0] >= 0:  # still carried at the end (not all lost at a break)
-            for r, w in zip(names, worst):
+            for r, w in zip(names, worst, strict=True):
                 out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[w])
         if out:
             touched = self._touched

@@ -361,7 +361,7 @@ class RedisIndex(KVIndex):
         (other Redis errors, e.g. a script error, pass unchanged)."""
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
             raise RedisIndexUnavailable(
                 f"Redis index at {_redacted(self.url)} unavailable ({what}): {exc or type(exc).__name__}; "
                 "routing falls back to load-only until it answers"
@@ -429,8 +429,11 @@ class RedisIndex(KVIndex):
             if isinstance(ev, BlockStored):
                 parent = ev.parent_block_hash
                 if parent is None:
-                    first = ev.block_hashes[0] if needs_known_first(ev) else None
-                    keys = stored_keys(ev, None, model, local.get(first, fetched.get(first)))
+                    known = None
+                    if needs_known_first(ev):
+                        first = ev.block_hashes[0]
+                        known = local.get(first, fetched.get(first))
+                    keys = stored_keys(ev, None, model, known)
                 else:
                     keys = stored_keys(ev, local.get(parent, fetched.get(parent)), model)
                 if keys is None:
@@ -442,7 +445,7 @@ class RedisIndex(KVIndex):
                 stats.stored += len(hashes)
                 block_size = ev.block_size
                 self._note_block_size(model, block_size)
-                local.update(zip(hashes, keys))
+                local.update(zip(hashes, keys, strict=True))
                 tier = medium_tier(ev.medium)
                 for lo, hi, fields, width in hash_runs(hashes):
                     ops.append(["S", tier, hex_keys(keys[lo:hi]), fields, width])
@@ -462,7 +465,7 @@ class RedisIndex(KVIndex):
     async def _fetch_map(self, replica: str, hashes: list[BlockHash]) -> dict[BlockHash, int]:
         """Our keys for engine hashes this process has not seen, from Redis's copy of the map."""
         values = await self._redis.hmget(self._map_key(replica), [hash_field(h) for h in hashes])
-        return {h: int(v, 16) for h, v in zip(hashes, values) if v is not None}
+        return {h: int(v, 16) for h, v in zip(hashes, values, strict=True) if v is not None}
 
     # ---------------------------------------------------------------- loss of the data
 
@@ -644,7 +647,7 @@ def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[s
     run only when the decoded map differs too.
     """
     first_names, first_epochs, values = reply
-    epochs = {r.decode(): int(e) if e is not None else 0 for r, e in zip(first_names, first_epochs)}
+    epochs = {r.decode(): int(e) if e is not None else 0 for r, e in zip(first_names, first_epochs, strict=True)}
     prev_raw = values[0]
     prev = decode(prev_raw)
     names: list[str] = []
@@ -669,9 +672,9 @@ def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[s
                 prev = d
                 kept = []
                 for j, r in enumerate(names):
-                    v = d.get(r)
-                    if v is not None and v & 7 and v >> 3 == expect[j]:
-                        worst[j] |= BEST_TIER[v & 7]
+                    held = d.get(r)
+                    if held is not None and held & 7 and held >> 3 == expect[j]:
+                        worst[j] |= BEST_TIER[held & 7]
                         kept.append(j)
                     else:
                         out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[worst[j]])
@@ -680,6 +683,6 @@ def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[s
                     expect = [expect[j] for j in kept]
                     worst = [worst[j] for j in kept]
         depth += 1
-    for r, w in zip(names, worst):
+    for r, w in zip(names, worst, strict=True):
         out[r] = PrefixMatch(depth, SLOWEST_TIER_NAME[w])
     return out

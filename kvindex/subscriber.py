@@ -50,7 +50,7 @@ import xxhash
 import zmq
 import zmq.asyncio
 
-from .events import EventBatch, EventDecodeError, EventDecoder, BlockRemoved, BlockStored
+from .events import BlockRemoved, BlockStored, EventBatch, EventDecodeError, EventDecoder
 from .index import KVIndex
 
 log = logging.getLogger("kvgate.subscriber")
@@ -146,11 +146,11 @@ class EventSubscriber:
             self._tasks["__bound__"] = asyncio.create_task(self._run_bound())
         for src in self.sources.values():
             if src.endpoint:
-                self._start_source(src)
+                self._start_source(src, src.endpoint)
 
-    def _start_source(self, src: ReplicaSource) -> None:
+    def _start_source(self, src: ReplicaSource, endpoint: str) -> None:
         self.stats.replica(src.replica)
-        self._tasks[src.replica] = asyncio.create_task(self._run_source(src))
+        self._tasks[src.replica] = asyncio.create_task(self._run_source(src, endpoint))
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -165,7 +165,7 @@ class EventSubscriber:
         await self.remove_source(src.replica, forget=False)
         self.sources[src.replica] = src
         if src.endpoint:
-            self._start_source(src)
+            self._start_source(src, src.endpoint)
 
     async def remove_source(self, replica: str, forget: bool = True) -> None:
         task = self._tasks.pop(replica, None)
@@ -190,10 +190,10 @@ class EventSubscriber:
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         return sock
 
-    async def _run_source(self, src: ReplicaSource) -> None:
+    async def _run_source(self, src: ReplicaSource, endpoint: str) -> None:
         sock = self._sub_socket()
         sock.setsockopt(zmq.SUBSCRIBE, src.topic.encode())
-        sock.connect(src.endpoint)
+        sock.connect(endpoint)
         try:
             while True:
                 frames = await sock.recv_multipart()
@@ -207,7 +207,7 @@ class EventSubscriber:
             await self._on_frames(src, frames)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - the receive loop must outlive any bad message
+        except Exception:  # the receive loop must outlive any bad message
             self.stats.replica(src.replica).decode_errors += 1
             log.exception("replica %s: KV-event message not applied", src.replica)
 
@@ -291,7 +291,7 @@ class EventSubscriber:
         await self._flush_untrust(rid, st)
         try:
             applied = await self.index.apply(rid, batch, model=src.model)
-        except Exception as exc:  # noqa: BLE001 - Redis down, script error: count, distrust, go on
+        except Exception as exc:  # Redis down, script error: count, distrust, go on
             self._note_index_failure()
             st.index_errors += 1
             st.batches_lost += 1
@@ -328,7 +328,7 @@ class EventSubscriber:
             try:
                 # a long gap comes back with holes like a rebuild's fetch: fill them the same way
                 got = await self._fetch_buffer(src.replay_endpoint, upto, start=start)
-            except (asyncio.TimeoutError, zmq.ZMQError) as exc:
+            except (TimeoutError, zmq.ZMQError) as exc:
                 log.info("replay from %s failed: %s", rid, exc)
         wanted = range(start, upto)
         covered = all(s in got for s in wanted)
@@ -357,7 +357,7 @@ class EventSubscriber:
         try:
             await call
             return True
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._note_index_failure()
             st.index_errors += 1
             log.warning("index unavailable: %s", exc)
@@ -379,7 +379,7 @@ class EventSubscriber:
                 lost = await self.index.data_lost()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - down: ask again soon, it may come back empty
+            except Exception as exc:  # down: ask again soon, it may come back empty
                 self._index_failing = True
                 log.debug("index loss check failed: %s", exc)
             else:
@@ -391,7 +391,7 @@ class EventSubscriber:
                         await self.rebuild_index(sorted(self._rebuild_pending), retry=True)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - the watch must outlive any failure
+                except Exception:  # the watch must outlive any failure
                     log.exception("KV index rebuild failed")
             delay = min(self.loss_check_s, 0.1) if self._index_failing else self.loss_check_s
             with contextlib.suppress(asyncio.TimeoutError):
@@ -405,8 +405,8 @@ class EventSubscriber:
         rids = [r for r in (replicas if replicas is not None else list(self.sources)) if r in self.sources]
         before = {r: (self.stats.replica(r).batches_replayed, self.stats.replica(r).batches_unrecoverable) for r in rids}
         done = await asyncio.gather(*(self._rebuild_replica(self.sources[r]) for r in rids), return_exceptions=True)
-        failed = [r for r, ok in zip(rids, done) if ok is not True]
-        for r, ok in zip(rids, done):
+        failed = [r for r, ok in zip(rids, done, strict=True) if ok is not True]
+        for r, ok in zip(rids, done, strict=True):
             if isinstance(ok, BaseException):
                 log.error("replica %s: rebuild failed", r, exc_info=ok)
         replayed = sum(self.stats.replica(r).batches_replayed - before[r][0] for r in rids)
@@ -505,10 +505,10 @@ class EventSubscriber:
                 if left <= 0:
                     if partial:
                         return out
-                    raise asyncio.TimeoutError("replay did not finish")
+                    raise TimeoutError("replay did not finish")
                 try:
                     frames = await asyncio.wait_for(sock.recv_multipart(), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if partial:
                         return out
                     raise

@@ -60,7 +60,7 @@ class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask marker): when
     only rendering text it is a no-op around its body, so templates that use it compile."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - jinja2's Extension declares ``tags`` an instance-level set; a ClassVar would clash
 
     def parse(self, parser: Any) -> Any:
         lineno = next(parser.stream).lineno
@@ -96,7 +96,7 @@ class Tokenizer:
         self._special = {k: _token_str(v) for k, v in self.config.items() if k.endswith("_token") and _token_str(v) is not None}
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path) -> Tokenizer:
         # deferred for start-up cost: the ``tokenizers`` extension is needed only once a tokenizer is loaded
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -225,7 +225,7 @@ async def remote_tokenize(
     continue_final_message: bool = False,
     tools: list | None = None,
     chat_template_kwargs: dict | None = None,
-    timeout: float = 2.0,
+    timeout: float = 2.0,  # noqa: ASYNC109 - httpx's per-request timeout (connect/read), passed on, not a coroutine deadline
     api_key: str | None = None,
 ) -> list[int]:
     """Ask a replica's ``POST /tokenize`` (vLLM's JSON) for the tokens of a prompt or chat.
