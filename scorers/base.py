@@ -135,8 +135,9 @@ class Plugin:
         except msgspec.ValidationError as exc:
             msg, _, at = str(exc).partition(" - at `$.")
             field = at.rstrip("`")
-            if field in params:
-                raise ValueError(f"{cls.type_name}: parameter {field!r}: {msg}, got {params[field]!r}") from None
+            if field in params:  # "Expected `float` >= 0.0" / "Expected `int`, got `float`"
+                expected = msg.partition(", got ")[0].replace("Expected", "expected", 1)
+                raise ValueError(f"{cls.type_name}: parameter {field!r}: {expected}, got {params[field]!r}") from None
             raise ValueError(f"{cls.type_name}: bad parameters: {exc}") from None
         for field in fields:
             value = getattr(out, field)

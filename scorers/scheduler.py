@@ -56,7 +56,8 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def build_plugin(spec: Any, kind: type[Plugin], where: str) -> Plugin:
-    """One plugin from ``{type: t, params: {...}}`` (params may also sit beside ``type``).
+    """One plugin from ``{type: t, name: n, params: {...}}`` (params may also sit beside ``type``;
+    ``name`` defaults to the type).
 
     ``where`` (the YAML location) prefixes every error. ``weight`` is the profile's business
     and is skipped here for scorers; filters and pickers have none."""
@@ -74,8 +75,11 @@ def build_plugin(spec: Any, kind: type[Plugin], where: str) -> Plugin:
         params = {}
     if not isinstance(params, Mapping):
         raise ValueError(f"{where}: params of {type_name!r} must be a mapping, got {params!r}")
-    reserved = {"type", "params", "weight"} if issubclass(kind, Scorer) else {"type", "params"}
-    beside = {k: v for k, v in spec.items() if k not in reserved}
+    if "weight" in spec and not issubclass(kind, Scorer):
+        raise ValueError(f"{where}: only scorers take a 'weight'")
+    if "name" in params:
+        raise ValueError(f"{where}: 'name' goes beside 'type', not in 'params'")
+    beside = {k: v for k, v in spec.items() if k not in ("type", "name", "params", "weight")}
     twice = sorted((k for k in beside if k in params), key=str)
     if twice:
         raise ValueError(f"{where}: {type_name!r} parameters {twice} given both in 'params' and beside 'type'")
@@ -84,7 +88,7 @@ def build_plugin(spec: Any, kind: type[Plugin], where: str) -> Plugin:
     if not_str:
         raise ValueError(f"{where}: {type_name}: parameter names must be strings, got {not_str!r}")
     try:
-        return cls(**merged)
+        return cls(name=spec.get("name"), **merged)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
@@ -119,6 +123,14 @@ class Profile:
                 raise ValueError(f"{where}.scorers[{i}]: weight must be a number >= 0, got {weight!r}")
             scorers.append((cast(Scorer, build_plugin(s, Scorer, f"{where}.scorers[{i}]")), float(weight)))
         picker = cast(Picker, build_plugin(spec.get("picker", {"type": "max"}), Picker, f"{where}.picker"))
+        seen: dict[str, str] = {}
+        located: list[tuple[Plugin, str]] = [(p, f"{where}.filters[{i}]") for i, p in enumerate(filters)]
+        located += [(p, f"{where}.scorers[{i}]") for i, (p, _) in enumerate(scorers)]
+        located.append((picker, f"{where}.picker"))
+        for plugin, at in located:
+            if plugin.name in seen:
+                raise ValueError(f"{at}: name {plugin.name!r} is already used by {seen[plugin.name]}; give one of them a distinct 'name'")
+            seen[plugin.name] = at
         return cls(name, filters, scorers, picker)
 
     def plugins(self) -> Iterator[Plugin]:
@@ -172,7 +184,7 @@ class Scheduler:
         wsum = sum(w for _, w in prof.scorers)
         for scorer, w in prof.scorers:
             s = scorer.score(ctx, cands)
-            breakdown[scorer.type_name] = s
+            breakdown[scorer.name] = s
             if wsum > 0:
                 for k in total:
                     total[k] += w * s.get(k, 0.0) / wsum

@@ -268,3 +268,27 @@ def test_routed_prefix_memory_match_equals_brute_force(ops):
                 if n:
                     expected[e] = n
             assert m.match(keys) == expected
+
+
+def test_two_scorers_of_one_type_keep_separate_breakdowns():
+    s = Scheduler.from_config(
+        {
+            "profiles": {
+                "two": {
+                    "scorers": [
+                        {"type": "precise-prefix", "weight": 1, "params": {"speculative_ttl_s": 0}},
+                        {"type": "precise-prefix", "name": "pp-cpu-light", "weight": 1, "cpu_weight": 0.1, "speculative_ttl_s": 0},
+                    ]
+                }
+            }
+        }
+    )
+    scorers = [sc for sc, _ in s.profiles["two"].scorers]
+    assert [sc.name for sc in scorers] == ["precise-prefix", "pp-cpu-light"]
+    fleet = eps(2)
+    d = s.schedule(ctx(prefix={"e0": PrefixMatch(10, "CPU"), "e1": PrefixMatch(4, "GPU")}), fleet, "two")
+    assert d.breakdown == {"precise-prefix": {"e0": 0.5, "e1": 0.4}, "pp-cpu-light": {"e0": pytest.approx(0.1), "e1": 0.4}}
+    assert d.scores == {"e0": pytest.approx(0.3), "e1": pytest.approx(0.4)}
+    assert d.chosen is not None and d.chosen.id == "e1"
+    with pytest.raises(ValueError, match=r"scheduling\.profiles\.p\.scorers\[1\]: name 'precise-prefix' is already used by scheduling\.profiles\.p\.scorers\[0\]; give one of them a distinct 'name'"):
+        Scheduler.from_config({"profiles": {"p": {"scorers": [{"type": "precise-prefix"}, {"type": "precise-prefix", "cpu_weight": 0.1}]}}})
