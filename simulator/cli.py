@@ -110,8 +110,6 @@ async def serve(configs: list[SimConfig]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    for s in servers:
-        s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     await stop.wait()
     for s in servers:

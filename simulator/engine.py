@@ -135,6 +135,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._step_end: float | None = None  # when the last step was due to end (monotonic)
         self._task: asyncio.Task | None = None
+        self._pulls: set[asyncio.Task[None]] = set()  # running _pull_then_run tasks (the loop keeps only weak references)
         self.word_ids = self._word_vocabulary()
         self._piece = {i: self.tok.decode([i]) for i in self.word_ids}
         # hooks set by the P/D layer
@@ -151,7 +152,7 @@ class Engine:
         self._trace = None
         trace_dir = os.environ.get("KVGATE_SIM_STEP_TRACE")
         if trace_dir:
-            self._trace = open(os.path.join(trace_dir, f"{cfg.role}-{os.getpid()}.steps"), "a", buffering=1 << 16)  # noqa: SIM115
+            self._trace = open(os.path.join(trace_dir, f"{cfg.role}-{os.getpid()}.steps"), "a", buffering=1 << 16)  # open for the engine's lifetime
             self._trace.write("t_begin t_sleep t_wake t_end planned_s decoding prefill_tokens\n")
             self._trace_n = 0
 
@@ -263,7 +264,9 @@ class Engine:
             return False
         self.waiting.popleft()
         self.pulling.add(req)
-        asyncio.create_task(self._pull_then_run(req))
+        task = asyncio.create_task(self._pull_then_run(req))
+        self._pulls.add(task)
+        task.add_done_callback(self._pulls.discard)
         return True
 
     async def _pull_then_run(self, req: Request) -> None:
@@ -317,7 +320,7 @@ class Engine:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), 0.05)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._flush_events()
             return

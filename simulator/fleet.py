@@ -8,6 +8,7 @@ extra processes). ``mode="process"``: one ``python -m simulator.cli`` per replic
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -126,7 +127,7 @@ class SimFleet:
         self.handles: list[SimHandle] = []
         self._servers: list[uvicorn.Server | None] = []
         self._sims: list[SimServer | None] = []
-        self._tasks: list[asyncio.Future | None] = []
+        self._tasks: list[concurrent.futures.Future[None] | None] = []  # server.serve() on the runner's loop
         self._procs: list[subprocess.Popen | None] = []
         self._runner: _ThreadRunner | None = None
 
@@ -164,7 +165,6 @@ class SimFleet:
         assert self._runner is not None
         sim = SimServer(dataclasses.replace(cfg))
         server = uvicorn.Server(uvicorn.Config(sim.build_app(), host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on", loop="asyncio"))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._sims[i] = sim
         self._servers[i] = server
         self._tasks[i] = asyncio.run_coroutine_threadsafe(server.serve(), self._runner.loop)
@@ -227,7 +227,7 @@ class SimFleet:
             self._runner.close()
             self._runner = None
 
-    def __enter__(self) -> "SimFleet":
+    def __enter__(self) -> SimFleet:
         self.start()
         return self
 

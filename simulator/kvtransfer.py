@@ -112,7 +112,7 @@ class KVTransfer:
         try:
             # NIXL's import configures its own logger at INFO on stdout; NIXL_LOG_LEVEL is what it reads
             os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
-            from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[import-not-found]
+            from nixl._api import nixl_agent, nixl_agent_config
 
             logging.getLogger("nixl").setLevel(logging.WARNING)
 
@@ -257,12 +257,12 @@ class KVTransfer:
     async def _rpc(self, host: str, port: int, msg: dict) -> dict:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             raise KVTransferError(f"side channel {host}:{port} unreachable: {exc}") from None
         try:
             await _send(writer, msg)
             reply = await asyncio.wait_for(_recv(reader), self.timeout_s)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
             raise KVTransferError(f"side channel {host}:{port} failed: {type(exc).__name__}") from None
         finally:
             writer.close()

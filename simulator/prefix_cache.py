@@ -34,7 +34,7 @@ class BlockKeys:
     into the events as vLLM sets them.
     """
 
-    __slots__ = ("lora_name", "lora_id", "_h0", "_h", "_e0", "_e")
+    __slots__ = ("_e", "_e0", "_h", "_h0", "lora_id", "lora_name")
 
     def __init__(self, lora: str | None = None, lora_path: str | None = None, salt: str | None = None, lora_id: int | None = None) -> None:
         self.lora_name = lora

@@ -42,7 +42,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kvindex.tokenize import ChatTemplateError, load_tokenizer
 
 from .config import SimConfig
-from .engine import Engine, Request as EngineRequest
+from .engine import Engine
+from .engine import Request as EngineRequest
 from .events_publisher import EventPublisher
 from .kvtransfer import KVTransfer, KVTransferError
 from .metrics import SimMetrics
@@ -183,6 +184,7 @@ class SimServer:
         self.transfer: KVTransfer | None = None
         self.engine_id = cfg.engine_id or f"sim-{cfg.host}-{cfg.port}-{uuid.uuid4().hex[:6]}"
         self.leases: dict[str, tuple[EngineRequest, asyncio.TimerHandle]] = {}
+        self._releases: set[asyncio.Task[None]] = set()  # running notify_release tasks (the loop keeps only weak references)
         self.created = int(time.time())
         # LoRA adapters get vLLM's lora_int_id (1, 2, ... in load order) and a path
         self.lora_ids = {name: i + 1 for i, name in enumerate(cfg.lora_modules)}
@@ -274,9 +276,11 @@ class SimServer:
         if self.transfer is None:
             return
         with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(
+            task = asyncio.get_running_loop().create_task(
                 self.transfer.notify_release(str(p.get("remote_host")), int(p.get("remote_port") or 0), str(p.get("remote_engine_id")), str(p.get("remote_request_id")))
             )
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def _pull(self, req: EngineRequest) -> bool:
         """Decode role: pull the KV of the blocks not cached here from the prefill replica, verify it."""
@@ -285,7 +289,10 @@ class SimServer:
         bs = self.cfg.block_size
         try:
             remote_ids = self._remote_ids(p)
-            host, port, eid, rid = str(p.get("remote_host")), int(p.get("remote_port")), str(p.get("remote_engine_id")), str(p.get("remote_request_id"))
+            raw_port = p.get("remote_port")
+            if raw_port is None:
+                raise ValueError("no remote_port")
+            host, port, eid, rid = str(p.get("remote_host")), int(raw_port), str(p.get("remote_engine_id")), str(p.get("remote_request_id"))
         except (TypeError, ValueError) as exc:
             log.warning("bad kv_transfer_params for %s: %s (recomputing)", req.id, exc)
             return False
@@ -499,7 +506,7 @@ class SimServer:
         stop = [stop] if isinstance(stop, str) else list(stop)
         min_tokens = body.get("min_tokens") or 0
         reqs: list[EngineRequest] = []
-        for i, (prompt, mt) in enumerate(zip(prompts, max_tokens)):
+        for i, (prompt, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
             r = EngineRequest(
                 id=resp_id if kind == "chat" else f"{resp_id}-{i}",
                 prompt=prompt,
