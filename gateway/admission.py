@@ -38,7 +38,7 @@ class Admission:
         self._waiters.append(fut)
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if fut.done() and not fut.cancelled():
                 return time.monotonic() - start  # the slot arrived just as we timed out: keep it
             fut.cancel()

@@ -1,48 +1,49 @@
 """The gateway's ASGI app: OpenAI-compatible routes, health, metrics, admin.
 
 ``build_app(cfg)`` wires the parts together; the lifespan starts and stops the background
-work (health probes, metric scrapes, KV-event ingestion). Handlers stay thin: validate →
-admit → route (``gateway.routing``) → one or two hops (``gateway.forward``, ``gateway.pd``).
+work (health probes, metric scrapes, KV-event ingestion). A proxied request walks the
+modules once, in order: this handler → ``intake`` (auth, body, validation, model, admission)
+→ ``routing`` (tokens, block keys, index, scheduler: the plan) → ``hops`` (one hop, or
+prefill then decode) → ``forward`` (dispatch with retries, relay) → ``proxy`` (the HTTP call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvindex.backends import make_index
 from kvindex.index import KVIndex
 from kvindex.subscriber import EventSubscriber, ReplicaSource
-from scorers.base import PHASE_ANY, RequestContext
 from scorers.scheduler import Scheduler
 
 from .admission import Admission
 from .config import GatewayConfig
-from .endpoints import Fleet
-from .errors import GatewayError, bad_request, error_response
-from .forward import DisconnectWatch, Forwarder, RelayResponse, Trace, req_log
+from .errors import GatewayError, error_response
+from .fleet import Fleet
+from .forward import Forwarder, RelayResponse
+from .hops import Hops
+from .intake import FrontDoor, key_matches, require_client_key
 from .metrics import GatewayMetrics, counter, gauge
-from .pd import PDOrchestrator
-from .proxy import make_client, make_session
-from .routing import Router, validate_body
+from .proxy import make_client
+from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, new_request_id, req_log
+from .routing import Router
 
 log = logging.getLogger("kvgate.app")
 
 
 class Gateway:
-    """Everything one gateway process holds; created by ``build_app``, started by its lifespan."""
+    """Everything one gateway process holds, built whole by the constructor; ``start`` only
+    opens what needs the running loop (the upstream pool, probes, event ingestion)."""
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
@@ -50,21 +51,20 @@ class Gateway:
         self.scheduler = Scheduler.from_config(cfg.scheduling or None)
         self.client = make_client(cfg.limits)
         self.fleet = Fleet(cfg.replicas, self.client, cfg.health, cfg.scrape)
-        self.index: KVIndex | None = None
-        self.subscriber: EventSubscriber | None = None
-        self.router: Router | None = None
+        self.index: KVIndex = make_index(cfg.index.backend, **self._index_options())
+        self.subscriber: EventSubscriber | None = None  # only when some replica publishes events
         self.admission = Admission(cfg.limits.max_inflight, cfg.limits.max_queue, cfg.limits.queue_timeout_s)
         self.forwarder = Forwarder(cfg, self.fleet, self.scheduler, self.metrics)
-        self.pd = PDOrchestrator(cfg, self.fleet, self.forwarder, self.metrics)
+        self.hops = Hops(cfg, self.forwarder, self.metrics)
+        self.router = Router(cfg, self.fleet, self.index, self.scheduler, self.client, self.metrics, self.hops)
+        self.front = FrontDoor(cfg, self.fleet, self.admission, self.metrics, self.router)
         self.started_at = time.time()
         self.metrics.add_live(self._live_metrics)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.forwarder.session = make_session(self.cfg.limits)
-        self.index = make_index(self.cfg.index.backend, **self._index_options())
-        self.router = Router(self.cfg, self.fleet, self.index, self.scheduler, self.client, self.metrics)
+        await self.forwarder.start()
         await self.fleet.start()
         if self.cfg.index.ingest:
             sources = self._event_sources()
@@ -76,12 +76,10 @@ class Gateway:
         if self.subscriber is not None:
             await self.subscriber.stop()
         await self.fleet.stop()
-        if self.index is not None:
-            with contextlib.suppress(Exception):
-                await self.index.close()
+        with contextlib.suppress(Exception):
+            await self.index.close()
         await self.client.aclose()
-        if self.forwarder.session is not None:
-            await self.forwarder.session.close()
+        await self.forwarder.stop()
 
     def _index_options(self) -> dict[str, Any]:
         if self.cfg.index.backend == "memory":
@@ -133,8 +131,6 @@ class Gateway:
             yield counter("kvgate_index_losses", "Times the index reported its whole contents lost (e.g. Redis restarted empty)", [], [([], float(st.index_losses))])
 
     async def index_blocks(self) -> int:
-        if self.index is None:
-            return 0
         try:
             return await asyncio.wait_for(self.index.block_count(), 1.0)
         except Exception:  # Redis down or slow: say so instead of stalling /metrics
@@ -146,21 +142,6 @@ class Gateway:
 # ------------------------------------------------------------------------------------------------
 
 
-def _bearer(authorization: str) -> str | None:
-    return authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
-
-
-def _check_key(given: str | None, allowed: list[str]) -> bool:
-    return given is not None and any(hmac.compare_digest(given, k) for k in allowed)
-
-
-def require_client_key(keys: list[str], authorization: str) -> None:
-    """401 unless ``authorization`` carries one of the client keys (none configured: open).
-    Shared by the HTTP gateway and the ext-proc picker."""
-    if keys and not _check_key(_bearer(authorization), keys):
-        raise GatewayError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_api_key")
-
-
 def check_client_auth(gw: Gateway, request: Request) -> None:
     require_client_key(gw.cfg.auth.api_keys, request.headers.get("authorization", ""))
 
@@ -169,194 +150,56 @@ def check_admin_auth(gw: Gateway, request: Request) -> None:
     key = gw.cfg.auth.admin_key
     if key is None:
         raise GatewayError(404, "admin endpoints are disabled (set auth.admin_key)", "not_found")
-    if not _check_key(_bearer(request.headers.get("authorization", "")), [key]):
+    if not key_matches(request.headers.get("authorization", ""), [key]):
         raise GatewayError(401, "invalid or missing admin key", "invalid_admin_key")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise GatewayError(400, "client disconnected while sending the body", "client_disconnected") from None
-    return b"".join(chunks)
-
-
-def decode_json(raw: bytes) -> Any:
-    if not raw:
-        raise bad_request("request body is empty; expected JSON")
-    try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc}") from None
-
-
-def unknown_model(gw: Gateway, name: str) -> GatewayError:
-    """404 for a model no replica serves; says so when replicas refused to list their models."""
-    message = f"The model `{name}` does not exist."
-    refused = sorted(rid for rid in gw.fleet.auth_rejected if not gw.fleet.states[rid].models)
-    if refused:
-        message += f" (replica {', '.join(refused)} rejected the gateway's credentials on /v1/models, so its models are unknown)"
-    return GatewayError(404, message, "model_not_found", "model")
-
-
-def _debug_headers(gw: Gateway, replicas: list[str], prefix_blocks: int) -> dict[str, str]:
-    if not gw.cfg.debug_headers:
-        return {}
-    return {"x-kvgate-replica": ",".join(replicas), "x-kvgate-prefix-blocks": str(prefix_blocks)}
-
-
-def _client_gone(request_id: str) -> Response:
-    """What a handler returns once the client left: nobody reads it (uvicorn drops it)."""
-    return Response(status_code=499, headers={"x-request-id": request_id})
-
-
-def _fail(gw: Gateway, exc: GatewayError, request_id: str, t0: float, kind: str) -> Response:
+def _fail(gw: Gateway, exc: GatewayError, req: ProxyRequest) -> Response:
     gw.metrics.errors.labels(exc.code).inc()
     if exc.status == 429:
         gw.metrics.rejected.inc()
     if req_log.isEnabledFor(logging.DEBUG):
-        req_log.debug("request", extra={"request_id": request_id, "kind": kind, "status": exc.status, "ok": False, "error": exc.code, "e2e_ms": round((time.perf_counter() - t0) * 1000, 3)})
-    return error_response(exc, {"x-request-id": request_id})
+        e2e_ms = round((time.perf_counter() - req.t0) * 1000, 3)
+        req_log.debug("request", extra={"request_id": req.request_id, "kind": req.kind, "status": exc.status, "ok": False, "error": exc.code, "e2e_ms": e2e_ms})
+    return error_response(exc, {"x-request-id": req.request_id})
 
 
-async def generate(gw: Gateway, request: Request, kind: str, path: str) -> Response | RelayResponse:
-    """/v1/completions and /v1/chat/completions."""
-    t0 = time.perf_counter()
-    request_id = request.headers.get("x-request-id") or f"kvg-{uuid.uuid4().hex}"
-    held = False  # an admission slot is ours to give back
-    watch: DisconnectWatch | None = None
+async def proxy_request(gw: Gateway, request: Request, kind: str, path: str) -> Response | RelayResponse:
+    """/v1/completions, /v1/chat/completions and /v1/embeddings: through the front door.
+
+    Whatever happens, the request gives back what it holds (admission slot, disconnect
+    watch) exactly once: here, or — for a streamed answer — when the stream ends.
+    """
+    req = ProxyRequest(kind, path, request.headers.get("x-request-id") or new_request_id(), request.headers)
     handed_over = False  # a streaming response now owns the slot and the watch
-
-    def release() -> None:
-        nonlocal held
-        if held:
-            held = False
-            gw.admission.release()
-
     try:
-        check_client_auth(gw, request)
-        raw = await read_body(request, gw.cfg.limits.max_body_bytes)
-        body = decode_json(raw)
-        validate_body(kind, body)
-        info = gw.fleet.resolve_model(body["model"])
-        if info is None:
-            raise unknown_model(gw, body["model"])
-        watch = DisconnectWatch(request.receive)
-        waited = await gw.admission.acquire()
-        held = True
-        gw.metrics.queue_wait.observe(waited)
-        assert gw.router is not None
-        ctx = await gw.router.build_context(request_id, kind, body, info, request.headers)
-        profile = gw.scheduler.profile_for(request.headers)
-        stream = body.get("stream") is True
-        trace = Trace(request_id, kind, body["model"], stream, profile, ctx.prompt_tokens) if req_log.isEnabledFor(logging.DEBUG) else None
-        if gw.pd.applies(ctx):
-            resp = await gw.pd.serve(ctx, gw.router, path, body, raw, request.headers, profile, stream=stream, t_request=t0, on_done=release, debug=gw.cfg.debug_headers, watch=watch, trace=trace)
-        else:
-            resp = await one_hop(gw, ctx, path, raw, request.headers, profile, stream=stream, t0=t0, on_done=release, watch=watch, trace=trace)
+        resp = await gw.front.serve(req, request)
         handed_over = isinstance(resp, RelayResponse)
         return resp
     except GatewayError as exc:
-        return _fail(gw, exc, request_id, t0, kind)
+        return _fail(gw, exc, req)
     except asyncio.CancelledError:
-        if watch is not None and watch.absorb():
+        if req.watch is not None and req.watch.absorb():
             gw.metrics.errors.labels("client_disconnected").inc()
-            return _client_gone(request_id)
+            # nobody reads this answer (uvicorn drops it once the client is gone)
+            return Response(status_code=499, headers={"x-request-id": req.request_id})
         raise
     finally:
         if not handed_over:
-            if watch is not None:
-                watch.stop()
-            release()
-
-
-async def one_hop(gw: Gateway, ctx: RequestContext, path: str, raw: bytes, headers, profile: str, *, stream: bool, t0: float, on_done, watch: DisconnectWatch | None, trace: Trace | None = None):
-    assert gw.router is not None
-    ranked = gw.router.decide(ctx, PHASE_ANY, profile, trace)
-    up = await gw.forwarder.send(ctx, ranked, path, raw, headers, profile, stream=stream, trace=trace)
-    chosen = up.att.endpoint
-    hit = ctx.prefix.get(chosen.id)
-    hit_blocks = hit.blocks if hit else 0
-    gw.metrics.prompt_blocks.inc(len(ctx.block_keys))
-    gw.metrics.prefix_hit_blocks.inc(hit_blocks)
-    gw.metrics.pd_requests.labels("one_hop").inc()
-    decision = "prefix_hit" if hit_blocks else "cold"
-    extra = {"x-request-id": ctx.request_id, **_debug_headers(gw, [chosen.id], hit_blocks)}
-    if trace is not None:
-        trace.replicas = [chosen.id]
-        trace.prefix_blocks = hit_blocks
-    return gw.forwarder.relay(ctx, up, profile, decision=decision, extra_headers=extra, on_done=on_done, t_request=t0, watch=watch, trace=trace)
-
-
-async def embeddings(gw: Gateway, request: Request) -> Response | RelayResponse:
-    """/v1/embeddings: passed through to a replica serving the model, routed on load."""
-    t0 = time.perf_counter()
-    request_id = request.headers.get("x-request-id") or f"kvg-{uuid.uuid4().hex}"
-    held = False
-    watch: DisconnectWatch | None = None
-
-    def release() -> None:
-        nonlocal held
-        if held:
-            held = False
-            gw.admission.release()
-
-    try:
-        check_client_auth(gw, request)
-        raw = await read_body(request, gw.cfg.limits.max_body_bytes)
-        body = decode_json(raw)
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            raise bad_request("'model' is required and must be a string", "model")
-        if "input" not in body:
-            raise bad_request("'input' is required", "input")
-        info = gw.fleet.resolve_model(body["model"])
-        if info is None:
-            raise unknown_model(gw, body["model"])
-        watch = DisconnectWatch(request.receive)
-        await gw.admission.acquire()
-        held = True
-        ctx = RequestContext(request_id=request_id, model=info.base, lora=info.lora, headers=request.headers)
-        assert gw.router is not None
-        profile = gw.scheduler.profile_for(request.headers)
-        trace = Trace(request_id, "embeddings", body["model"], False, profile, 0) if req_log.isEnabledFor(logging.DEBUG) else None
-        ranked = gw.router.decide(ctx, PHASE_ANY, profile, trace)
-        up = await gw.forwarder.send(ctx, ranked, "/v1/embeddings", raw, request.headers, profile, stream=False, trace=trace)
-        if trace is not None:
-            trace.replicas = [up.att.endpoint.id]
-        extra = {"x-request-id": request_id, **_debug_headers(gw, [up.att.endpoint.id], 0)}
-        return gw.forwarder.relay(ctx, up, profile, decision="embeddings", extra_headers=extra, on_done=release, t_request=t0, watch=watch, trace=trace)
-    except GatewayError as exc:
-        return _fail(gw, exc, request_id, t0, "embeddings")
-    except asyncio.CancelledError:
-        if watch is not None and watch.absorb():
-            return _client_gone(request_id)
-        raise
-    finally:
-        if watch is not None:
-            watch.stop()
-        release()
+            req.close()
 
 
 def build_app(cfg: GatewayConfig) -> GatewayApp:
     gw = Gateway(cfg)
 
-    async def completions(request: Request) -> Response:
-        return await generate(gw, request, "completions", "/v1/completions")
+    async def completions(request: Request) -> Response | RelayResponse:
+        return await proxy_request(gw, request, COMPLETIONS, "/v1/completions")
 
-    async def chat(request: Request) -> Response:
-        return await generate(gw, request, "chat", "/v1/chat/completions")
+    async def chat(request: Request) -> Response | RelayResponse:
+        return await proxy_request(gw, request, CHAT, "/v1/chat/completions")
 
-    async def embed(request: Request) -> Response:
-        return await embeddings(gw, request)
+    async def embed(request: Request) -> Response | RelayResponse:
+        return await proxy_request(gw, request, EMBEDDINGS, "/v1/embeddings")
 
     async def models(request: Request) -> Response:
         try:
@@ -475,13 +318,13 @@ class GatewayApp:
         self.app = app
         self.state = app.state
         self.gw = gw
-        self.routes = {"/v1/completions": ("completions", "/v1/completions"), "/v1/chat/completions": ("chat", "/v1/chat/completions")}
+        self.routes = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
-            route = self.routes.get(path)
-            if route is not None or path == "/v1/embeddings":
+            kind = self.routes.get(path)
+            if kind is not None:
                 started = False
 
                 async def tracking_send(message) -> None:
@@ -490,11 +333,7 @@ class GatewayApp:
                     await send(message)
 
                 try:
-                    request = Request(scope, receive)
-                    if route is not None:
-                        response = await generate(self.gw, request, route[0], route[1])
-                    else:
-                        response = await embeddings(self.gw, request)
+                    response = await proxy_request(self.gw, Request(scope, receive), kind, path)
                     await response(scope, receive, tracking_send)
                 except Exception:
                     log.exception("unhandled error")

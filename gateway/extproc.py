@@ -54,7 +54,6 @@ import ipaddress
 import logging
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -68,13 +67,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from scorers.base import PHASE_ANY, EndpointState, RequestContext
+from scorers.base import EndpointState
 
-from .app import Gateway, require_client_key, unknown_model
+from .app import Gateway
 from .config import GatewayConfig
 from .errors import GatewayError, bad_request
 from .forward import Attempt, AuthRejected, auth_error
-from .routing import validate_body
+from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, new_request_id
 
 log = logging.getLogger("kvgate.extproc")
 
@@ -85,7 +84,7 @@ SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 #: largest body chunk we stream back (Envoy recommends <= 64 KiB per message; GIE uses 62 000)
 CHUNK_BYTES = 62_000
-_KINDS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+_KINDS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
 _Mode = processing_mode_pb2.ProcessingMode
 FULL_DUPLEX = _Mode.FULL_DUPLEX_STREAMED
 BUFFERED = _Mode.BUFFERED
@@ -160,9 +159,7 @@ class _Stream:
     routed: bool = False
     endpoints: list[str] = field(default_factory=list)
     attempt: Attempt | None = None
-    ctx: RequestContext | None = None
-    profile: str = "default"
-    admitted: bool = False
+    req: ProxyRequest | None = None  # once the body is in: the request as the front door took it
     status: int = 0
     closed: bool = False  # an immediate response was sent: Envoy ignores anything further
     #: the picked replica's API key, set as the upstream authorization (None: header removed)
@@ -277,19 +274,21 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
 
     def _finish(self, st: _Stream, ok: bool) -> None:
         """Close the request's accounts once: in-flight counters, scheduler hooks, admission."""
-        if st.attempt is not None and st.ctx is not None:
+        req = st.req
+        if req is None:
+            return
+        if st.attempt is not None:
             att = st.attempt
             st.attempt = None
-            self.gw.forwarder.end(st.ctx, att, st.profile, ok=ok)
-            self.gw.metrics.requests.labels(st.ctx.lora or st.ctx.model, att.endpoint.id, "extproc", str(st.status) if st.status else "closed").inc()
-        if st.admitted:
-            st.admitted = False
-            self.gw.admission.release()
+            self.gw.forwarder.end(req.ctx, att, req.profile, ok=ok)
+            self.gw.metrics.requests.labels(req.ctx.lora or req.ctx.model, att.endpoint.id, "extproc", str(st.status) if st.status else "closed").inc()
+        req.release()
 
     def _observe_served(self, st: _Stream) -> None:
         """The data plane says which endpoint served the request: move the count there."""
         served = st.metadata.get(LB_NAMESPACE, {}).get(SERVED_KEY)
-        if not isinstance(served, str) or st.attempt is None or st.ctx is None or not st.endpoints:
+        req = st.req
+        if not isinstance(served, str) or st.attempt is None or req is None or not st.endpoints:
             return
         served = served.split(",")[0].strip()
         if served == st.endpoints[0]:
@@ -298,8 +297,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         ep = self.gw.fleet.get(rid) if rid is not None else None
         if ep is None or ep.id == st.attempt.endpoint.id:
             return
-        self.gw.forwarder.end(st.ctx, st.attempt, st.profile, ok=False)
-        st.attempt = self.gw.forwarder.begin(st.ctx, ep, st.profile)
+        self.gw.forwarder.end(req.ctx, st.attempt, req.profile, ok=False)
+        st.attempt = self.gw.forwarder.begin(req.ctx, ep, req.profile)
         st.replica = ep.id
 
     # -- decisions --------------------------------------------------------------------------------
@@ -381,47 +380,24 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         return out
 
     async def _schedule(self, st: _Stream, raw: bytes) -> tuple[list[str], str | None, str, int]:
+        """The gateway's own front door and routing, for one hop; the pick is counted in flight."""
         gw = self.gw
-        require_client_key(gw.cfg.auth.api_keys, st.headers.get("authorization", ""))
         path = st.headers.get(":path", "").split("?")[0]
-        kind = _KINDS.get(path)
-        if kind is None:
+        req = ProxyRequest(_KINDS.get(path, ""), path, st.headers.get("x-request-id") or new_request_id(), st.headers, raw=raw)
+        gw.front.authenticate(req)
+        if not req.kind:
             raise GatewayError(404, f"no route {st.headers.get(':method', 'POST')} {path}", "not_found")
-        if not raw:
-            raise bad_request("request body is empty; expected JSON")
-        try:
-            body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise bad_request(f"request body is not valid JSON: {exc}") from None
-        if kind == "embeddings":
-            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-                raise bad_request("'model' is required and must be a string", "model")
-            if "input" not in body:
-                raise bad_request("'input' is required", "input")
-        else:
-            validate_body(kind, body)
-        info = gw.fleet.resolve_model(body["model"])
-        if info is None:
-            raise unknown_model(gw, body["model"])
+        gw.front.check(req)
         subset = _subset_hint(st.metadata)
-        waited = await gw.admission.acquire()
-        st.admitted = True
-        gw.metrics.queue_wait.observe(waited)
-        request_id = st.headers.get("x-request-id") or f"kvg-{uuid.uuid4().hex}"
-        assert gw.router is not None
-        if kind == "embeddings":
-            ctx = RequestContext(request_id=request_id, model=info.base, lora=info.lora, headers=st.headers)
-        else:
-            ctx = await gw.router.build_context(request_id, kind, body, info, st.headers)
-        st.profile = gw.scheduler.profile_for(st.headers)
-        ranked = await self._restrict(gw.router.decide(ctx, PHASE_ANY, st.profile), subset)
+        st.req = req
+        await gw.front.admit(req)
+        plan = await gw.router.plan(req, pd=False)
+        ranked = await self._restrict(plan.ranked, subset)
         chosen: EndpointState = ranked[0][0]
-        st.ctx = ctx
-        st.attempt = gw.forwarder.begin(ctx, chosen, st.profile)
-        hit = ctx.prefix.get(chosen.id)
+        st.attempt = gw.forwarder.begin(req.ctx, chosen, req.profile)
+        hit = req.ctx.prefix.get(chosen.id)
         blocks = hit.blocks if hit else 0
-        gw.metrics.prompt_blocks.inc(len(ctx.block_keys))
-        gw.metrics.prefix_hit_blocks.inc(blocks)
+        gw.metrics.count_prefix(len(req.ctx.block_keys), blocks)
         endpoints, key = self._with_key(ranked)
         return endpoints, key, chosen.id, blocks
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -28,59 +28,32 @@ from scorers.base import EndpointState, RequestContext
 from scorers.scheduler import Scheduler
 
 from .config import GatewayConfig
-from .endpoints import Fleet
 from .errors import GatewayError, sse_error_event
+from .fleet import Fleet
 from .metrics import GatewayMetrics
-from .proxy import UpstreamBroken, UpstreamConnectError, UpstreamResponse, UpstreamTimeout, forward_headers, open_upstream, relay_headers
+from .proxy import UpstreamBroken, UpstreamConnectError, UpstreamResponse, UpstreamTimeout, make_session, open_upstream, relay_headers
+from .request import DisconnectWatch, ProxyRequest
 
 log = logging.getLogger("kvgate.forward")
-req_log = logging.getLogger("kvgate.request")
 
 #: upstream statuses worth another replica on a one-hop request (the replica, not the
 #: request, is at fault); the P/D decode hop adds 500 (it could not use the KV handle)
 RETRY_STATUSES = frozenset({502, 503, 504})
 
 
-class DisconnectWatch:
-    """Cancels the request's task when the client goes away, at any stage.
+@dataclass(frozen=True, slots=True)
+class HopPolicy:
+    """How one kind of hop treats its replicas: what to call them, when to give up on one."""
 
-    Started once the request body is read; from then on the only ASGI message left is
-    ``http.disconnect``. The cancellation lands in whatever the request awaits (the index,
-    a replica's answer, the next streamed chunk), whose cleanup closes the upstream
-    connection — which is how a replica learns to abort. ``absorb()`` tells our own
-    cancellation apart from a server shutdown.
-    """
-
-    __slots__ = ("_owner", "_task", "fired", "finishing")
-
-    def __init__(self, receive: Receive) -> None:
-        self.fired = False
-        self.finishing = False  # the response is complete: uvicorn's receive() returns at once
-        self._owner = asyncio.current_task()
-        self._task = asyncio.get_running_loop().create_task(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not self.finishing and self._owner is not None:
-            self.fired = True
-            self._owner.cancel()
-
-    def stop(self) -> None:
-        self.finishing = True
-        self._task.cancel()
-
-    def absorb(self) -> bool:
-        """Inside ``except CancelledError``: True (cancellation undone) if it was ours."""
-        if self.fired and self._owner is not None:
-            self.fired = False
-            self._owner.uncancel()
-            return True
-        return False
+    name: str = "replica"  # in logs and in the 503 when every candidate failed
+    stream: bool | None = None  # None: as the client asked
+    first_byte_timeout_s: float | None = None  # None: limits.first_byte_timeout_s
+    prefill_tokens: int | None = None  # prefill work charged to the replica; None: its uncached tokens
+    retry_statuses: frozenset[int] = RETRY_STATUSES  # answers that send the request to the next replica
+    timeout_is_failure: bool = False  # a first-byte timeout moves on to the next replica (else 504)
 
 
-class ClientGone(Exception):
-    """The client disconnected; there is nobody to answer."""
+ONE_HOP = HopPolicy()
 
 
 @dataclass(slots=True)
@@ -140,45 +113,6 @@ def auth_error(failures: list[AttemptFailed]) -> GatewayError | None:
     )
 
 
-@dataclass(slots=True)
-class Trace:
-    """What the per-request debug log line says (built only when debug logging is on)."""
-
-    request_id: str
-    kind: str
-    model: str
-    stream: bool
-    profile: str
-    prompt_tokens: int
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    replicas: list[str] = field(default_factory=list)
-    prefix_blocks: int = 0
-    path: str = "one_hop"
-    retries: int = 0
-
-    def emit(self, status: int, ok: bool, ttft_s: float | None, e2e_s: float) -> None:
-        req_log.debug(
-            "request",
-            extra={
-                "request_id": self.request_id,
-                "kind": self.kind,
-                "model": self.model,
-                "stream": self.stream,
-                "profile": self.profile,
-                "pd_path": self.path,
-                "replica": ",".join(self.replicas),
-                "prefix_blocks": self.prefix_blocks,
-                "prompt_tokens": self.prompt_tokens,
-                "scores": self.scores,
-                "retries": self.retries,
-                "status": status,
-                "ok": ok,
-                "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 3),
-                "e2e_ms": round(e2e_s * 1000, 3),
-            },
-        )
-
-
 def _raw_headers(headers: Mapping[str, str], media_type: str | None = None) -> list[tuple[bytes, bytes]]:
     out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     if media_type and "content-type" not in headers:
@@ -233,14 +167,30 @@ class RelayResponse:
 
 
 class Forwarder:
-    """Sends requests to replicas and relays responses; shared by one-hop and P/D paths."""
+    """Sends requests to replicas and relays responses; every hop of every path goes through it."""
 
     def __init__(self, cfg: GatewayConfig, fleet: Fleet, scheduler: Scheduler, metrics: GatewayMetrics) -> None:
         self.cfg = cfg
         self.fleet = fleet
         self.scheduler = scheduler
-        self.session: aiohttp.ClientSession | None = None  # set on start (needs the running loop)
         self.metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The keep-alive pool to the replicas, opened by ``start`` (it needs the running loop)."""
+        if self._session is None:
+            raise RuntimeError("the forwarder is not started")
+        return self._session
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = make_session(self.cfg.limits)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     # -- accounting ---------------------------------------------------------------------------
 
@@ -268,39 +218,75 @@ class Forwarder:
 
     # -- sending ------------------------------------------------------------------------------
 
-    async def attempt(
+    async def send(
         self,
-        ctx: RequestContext,
-        ep: EndpointState,
-        path: str,
-        body: bytes,
-        fwd_headers: Mapping[str, str],
-        profile: str,
+        req: ProxyRequest,
+        ranked: list[EndpointState],
+        hop: HopPolicy = ONE_HOP,
         *,
-        stream: bool,
-        first_byte_timeout_s: float | None = None,
-        prefill_tokens: int | None = None,
-        retry_statuses: Iterable[int] = RETRY_STATUSES,
-        can_retry: bool = True,
+        body: bytes | Callable[[EndpointState], Awaitable[bytes]] | None = None,
+        accept: Callable[[Upstream], str | None] | None = None,
+        on_failure: Callable[[EndpointState, AttemptFailed, bool], None] | None = None,
     ) -> Upstream:
+        """Dispatch to the ranked replicas in turn until one produces its first byte.
+
+        ``body`` is the client's own by default, or fixed bytes, or made per replica (a P/D
+        decode hop builds it from the current KV handle). ``accept`` may turn an answer into a
+        failure (returning why); ``on_failure(replica, failure, timed_out)`` hears each one.
+        Raises GatewayError 503 when every candidate failed (502 when each refused the
+        gateway's key), 504 on a first-byte timeout unless the hop moves on after one.
+        """
+        candidates = ranked[: 1 + self.cfg.limits.max_retries]
+        errors: list[str] = []
+        failures: list[AttemptFailed] = []
+        for i, ep in enumerate(candidates):
+            data = req.raw if body is None else body if isinstance(body, bytes) else await body(ep)
+            timed_out = False
+            try:
+                up = await self.attempt(req, ep, data, hop, can_retry=i + 1 < len(candidates))
+                reason = accept(up) if accept is not None else None
+                if reason is None:
+                    return up
+                self.end(req.ctx, up.att, req.profile, ok=False)
+                await up.resp.aclose()
+                failure = AttemptFailed(ep.id, reason, accepted=True)
+            except AttemptFailed as exc:
+                failure = exc
+                self.metrics.retries.labels(ep.id).inc()
+                if req.trace is not None:
+                    req.trace.retries += 1
+                log.info("%s %s failed before the first byte of %s: %s", hop.name, ep.id, req.request_id, exc)
+            except GatewayError as exc:
+                if not (hop.timeout_is_failure and exc.code == "upstream_timeout"):
+                    raise
+                failure, timed_out = AttemptFailed(ep.id, exc.message, accepted=True), True
+            failures.append(failure)
+            errors.append(str(failure))
+            if on_failure is not None:
+                on_failure(ep, failure, timed_out)
+        raise auth_error(failures) or GatewayError(503, f"no {hop.name} could take the request: " + "; ".join(errors or ["no candidates"]), "upstream_unavailable")
+
+    async def attempt(self, req: ProxyRequest, ep: EndpointState, body: bytes, hop: HopPolicy = ONE_HOP, *, can_retry: bool = True) -> Upstream:
         """One dispatch to one replica, held until its first byte.
 
         Raises ``AttemptFailed`` when the replica failed before that (the attempt is closed
         and, for connection-level failures, counted against its circuit), ``GatewayError``
-        504 on a first-byte timeout. ``retry_statuses`` turn an answer into a failure when
-        ``can_retry`` (there is another replica to try).
+        504 on a first-byte timeout. The hop's ``retry_statuses`` turn an answer into a
+        failure when ``can_retry`` (there is another replica to try).
         """
-        timeout = first_byte_timeout_s or self.cfg.limits.first_byte_timeout_s
+        timeout = hop.first_byte_timeout_s or self.cfg.limits.first_byte_timeout_s
+        stream = req.stream if hop.stream is None else hop.stream
+        headers: Mapping[str, str] = req.upstream_headers
         auth = self.fleet.upstream_auth(ep.id)
         if auth:
-            fwd_headers = {**fwd_headers, **auth}
-        att = self.begin(ctx, ep, profile, prefill_tokens=prefill_tokens)
+            headers = {**headers, **auth}
+        ctx = req.ctx
+        att = self.begin(ctx, ep, req.profile, prefill_tokens=hop.prefill_tokens)
         resp: UpstreamResponse | None = None
         kept = False
         try:
-            assert self.session is not None
             try:
-                resp = await open_upstream(self.session, "POST", ep.url + path, content=body, headers=fwd_headers, first_byte_timeout_s=timeout)
+                resp = await open_upstream(self.session, "POST", ep.url + req.path, content=body, headers=headers, first_byte_timeout_s=timeout)
             except UpstreamConnectError as exc:
                 self.fleet.record_failure(ep.id)
                 raise AttemptFailed(ep.id, str(exc), accepted=exc.accepted) from None
@@ -308,9 +294,9 @@ class Forwarder:
                 raise GatewayError(504, f"replica {ep.id} did not answer within {timeout:g}s", "upstream_timeout") from None
             status = resp.status_code
             if status == 401:  # not the client's fault, not an outage: never relayed, never a circuit failure
-                self.fleet.auth_rejected_by(ep.id, f"POST {path}")
+                self.fleet.auth_rejected_by(ep.id, f"POST {req.path}")
                 raise AuthRejected(ep.id)
-            if can_retry and status in retry_statuses:
+            if can_retry and status in hop.retry_statuses:
                 raise AttemptFailed(ep.id, f"HTTP {status}", accepted=True)
             try:
                 if stream and status == 200 and resp.is_sse:
@@ -334,78 +320,29 @@ class Forwarder:
             if not kept:
                 if resp is not None:
                     await resp.aclose()
-                self.end(ctx, att, profile, ok=False)
-
-    async def send(
-        self,
-        ctx: RequestContext,
-        ranked: list[EndpointState],
-        path: str,
-        body: bytes,
-        headers: Mapping[str, str],
-        profile: str,
-        *,
-        stream: bool,
-        first_byte_timeout_s: float | None = None,
-        prefill_tokens: int | None = None,
-        trace: Trace | None = None,
-    ) -> Upstream:
-        """Dispatch to the ranked replicas in turn until one produces its first byte.
-
-        ``prefill_tokens`` overrides the prefill work charged to the replica (0 for a decode
-        hop that pulls the prompt's KV instead of computing it). Raises GatewayError 503
-        when every candidate failed (502 when each refused the gateway's key), 504 on a timeout.
-        """
-        fwd = forward_headers(headers, ctx.request_id)
-        candidates = ranked[: 1 + self.cfg.limits.max_retries]
-        errors: list[str] = []
-        failures: list[AttemptFailed] = []
-        for i, ep in enumerate(candidates):
-            try:
-                return await self.attempt(
-                    ctx, ep, path, body, fwd, profile, stream=stream, first_byte_timeout_s=first_byte_timeout_s, prefill_tokens=prefill_tokens, can_retry=i + 1 < len(candidates)
-                )
-            except AttemptFailed as exc:
-                failures.append(exc)
-                errors.append(str(exc))
-                self.metrics.retries.labels(ep.id).inc()
-                if trace is not None:
-                    trace.retries += 1
-                log.info("replica %s failed before the first byte of %s: %s", ep.id, ctx.request_id, exc)
-        raise auth_error(failures) or GatewayError(503, "no replica could take the request: " + "; ".join(errors or ["no candidates"]), "upstream_unavailable")
+                self.end(ctx, att, req.profile, ok=False)
 
     # -- relaying -----------------------------------------------------------------------------
 
-    def relay(
-        self,
-        ctx: RequestContext,
-        up: Upstream,
-        profile: str,
-        *,
-        decision: str,
-        extra_headers: Mapping[str, str],
-        on_done: Callable[[], None],
-        t_request: float,
-        watch: DisconnectWatch | None,
-        trace: Trace | None = None,
-    ) -> Response | RelayResponse:
+    def relay(self, req: ProxyRequest, up: Upstream, *, decision: str, extra_headers: Mapping[str, str]) -> Response | RelayResponse:
         """Turn the replica's answer into the client's response, closing every account once."""
         headers = relay_headers(up.resp.headers)
         headers.update(extra_headers)
         att = up.att
         ep = att.endpoint
         status = up.status
-        ttft = (att.first_byte_at or time.perf_counter()) - t_request
+        ctx = req.ctx
+        ttft = (att.first_byte_at or time.perf_counter()) - req.t0
         self.metrics.ttft.labels(ep.id, decision).observe(ttft)
 
         def finish(ok: bool) -> None:
-            self.end(ctx, att, profile, ok)
-            e2e = time.perf_counter() - t_request
+            self.end(ctx, att, req.profile, ok)
+            e2e = time.perf_counter() - req.t0
             self.metrics.requests.labels(ctx.lora or ctx.model, ep.id, decision, str(status)).inc()
             self.metrics.e2e.labels(ep.id, decision).observe(e2e)
-            on_done()
-            if trace is not None:
-                trace.emit(status, ok, ttft, e2e)
+            req.release()
+            if req.trace is not None:
+                req.trace.emit(status, ok, ttft, e2e)
 
         if not up.streaming:
             finish(status < 500)
@@ -414,7 +351,7 @@ class Forwarder:
         def broken(exc: Exception) -> bytes:
             self.metrics.midstream_failures.labels(ep.id).inc()
             self.fleet.record_failure(ep.id)
-            log.warning("stream from %s broke for %s: %s", ep.id, ctx.request_id, exc)
+            log.warning("stream from %s broke for %s: %s", ep.id, req.request_id, exc)
             return sse_error_event(f"the replica serving this request failed mid-stream ({type(exc).__name__}); the answer is incomplete", "upstream_stream_broken")
 
-        return RelayResponse(up.first, up.resp, status=status, headers=headers, watch=watch, on_broken=broken, on_close=finish)
+        return RelayResponse(up.first, up.resp, status=status, headers=headers, watch=req.watch, on_broken=broken, on_close=finish)

@@ -62,6 +62,11 @@ class GatewayMetrics:
         self.sched_schedule = self.sched.labels("schedule")
         self.index_blocks = Gauge("kvgate_index_blocks", "Block keys held by the index (-1: the index did not answer)", registry=r)
 
+    def count_prefix(self, prompt_blocks: int, hit_blocks: int) -> None:
+        """A routed request's prompt blocks and how many of them its replica held (the hit ratio)."""
+        self.prompt_blocks.inc(prompt_blocks)
+        self.prefix_hit_blocks.inc(hit_blocks)
+
     def add_live(self, read: Callable[[], Iterable]) -> None:
         """Register a callback yielding metric families at scrape time."""
         self.registry.register(_LiveCollector(read))

@@ -11,7 +11,6 @@ buffering SSE. httpx stays for the cold paths (health probes, scrapes, /tokenize
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -117,7 +116,7 @@ class UpstreamResponse:
                 chunk = await self._resp.content.readany()
                 if chunk or self._resp.content.at_eof():
                     return chunk
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout("no first chunk in time") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(type(exc).__name__) from exc
@@ -125,7 +124,7 @@ class UpstreamResponse:
     async def aread(self) -> bytes:
         try:
             return await self._resp.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout("replica stopped answering") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(type(exc).__name__) from exc
@@ -136,7 +135,7 @@ class UpstreamResponse:
             async for chunk in self._resp.content.iter_any():
                 if chunk:
                     yield chunk
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout("replica stopped streaming") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamBroken(type(exc).__name__) from exc
@@ -187,7 +186,7 @@ async def open_upstream(
         resp = await session.request(method, url, data=content, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=session.timeout.connect, sock_read=first_byte_timeout_s))
     except aiohttp.ConnectionTimeoutError as exc:  # could not even connect: retry elsewhere
         raise UpstreamConnectError(f"connect timeout: {exc}", accepted=False) from exc
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UpstreamTimeout(f"no answer within {first_byte_timeout_s:g}s") from None
     except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS: never reached it
         raise UpstreamConnectError(f"{type(exc).__name__}: {exc}", accepted=False) from exc

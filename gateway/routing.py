@@ -1,8 +1,14 @@
-"""From an OpenAI request body to a routing decision, all local on the hot path.
+"""From an admitted request to a plan: which replicas, in which order, for one hop or two.
 
-tokenize (as vLLM would) → kvgate block keys → index lookup → scheduler. Every stage degrades
-instead of failing the request: no tokenizer ⇒ ask a replica's /tokenize; that fails ⇒ route
-on load alone; the index (Redis) is slow or down ⇒ ``index_ok=False`` and load decides.
+tokenize (as vLLM would) → kvgate block keys → index lookup → scheduler, all local on the hot
+path. Every stage degrades instead of failing the request: no tokenizer ⇒ ask a replica's
+/tokenize; that fails ⇒ route on load alone; the index (Redis) is slow or down ⇒
+``index_ok=False`` and load decides.
+
+The prefill→decode choice is a routing decision too, made here once: P/D applies when it is
+on and a prefill-role replica serves the model; then if the best decode replica leaves fewer
+than ``pd.threshold`` tokens uncached one hop there is cheaper than moving KV, else the plan
+names the prefill replicas as well. ``gateway.hops`` carries the plan out.
 """
 
 from __future__ import annotations
@@ -11,33 +17,28 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from starlette.responses import Response
 
 from kvindex.hashing import block_keys
 from kvindex.index import KVIndex, PrefixMatch
 from kvindex.tokenize import CachingTokenizer, ChatTemplateError, load_tokenizer, remote_tokenize
-from scorers.base import PHASE_ANY, EndpointState, RequestContext
+from scorers.base import PHASE_ANY, PHASE_DECODE, PHASE_PREFILL, ROLE_PREFILL, EndpointState, RequestContext
 from scorers.scheduler import Scheduler
 
 from .config import GatewayConfig
-from .endpoints import Fleet, ModelInfo
 from .errors import GatewayError, bad_request
+from .fleet import Fleet
+from .forward import RelayResponse
+from .hops import Hops, Plan
 from .metrics import GatewayMetrics
+from .request import COMPLETIONS, EMBEDDINGS, ProxyRequest, Trace, req_log
 
 log = logging.getLogger("kvgate.routing")
 
 SESSION_HEADERS = ("x-session-id", "x-kvgate-session")
-
-
-@dataclass(slots=True)
-class Prompt:
-    """The tokens a replica will see for this request (or None when unknown)."""
-
-    tokens: list[int] | None
-    max_tokens: int
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int:
@@ -48,47 +49,63 @@ def _max_tokens(body: Mapping[str, Any]) -> int:
     return 16 if "messages" not in body else 256
 
 
-def validate_body(kind: str, body: Any) -> None:
-    """The checks an OpenAI server makes before doing any work (400 with the offending param)."""
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required and must be a string", "model")
-    if kind == "chat":
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise bad_request("'messages' must be a non-empty list", "messages")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise bad_request(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
-    elif kind == "completions":
-        p = body.get("prompt")
-        ok = isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(x, (str, int)) or isinstance(x, list) for x in p))
-        if not ok:
-            raise bad_request("'prompt' must be a string, a list of strings, or a list of token ids", "prompt")
-    for key in ("max_tokens", "max_completion_tokens"):
-        v = body.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise bad_request(f"'{key}' must be a positive integer", key)
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise bad_request("'stream' must be a boolean", "stream")
-    n = body.get("n")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise bad_request("'n' must be a positive integer", "n")
+def _session(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
+    for h in SESSION_HEADERS:
+        if h in headers:
+            return headers[h]
+    user = body.get("user")
+    return user if isinstance(user, str) else None
 
 
 class Router:
-    """Owns tokenizers, the index handle and the scheduler; builds contexts and decisions."""
+    """Owns tokenizers, the index handle and the scheduler; turns a request into a plan."""
 
-    def __init__(self, cfg: GatewayConfig, fleet: Fleet, index: KVIndex | None, scheduler: Scheduler, client: httpx.AsyncClient, metrics: GatewayMetrics) -> None:
+    def __init__(self, cfg: GatewayConfig, fleet: Fleet, index: KVIndex, scheduler: Scheduler, client: httpx.AsyncClient, metrics: GatewayMetrics, hops: Hops) -> None:
         self.cfg = cfg
         self.fleet = fleet
         self.index = index
         self.scheduler = scheduler
         self.client = client
         self.metrics = metrics
+        self.hops = hops
         self._tokenizers: dict[str, CachingTokenizer | None] = {}
+
+    async def route(self, req: ProxyRequest) -> Response | RelayResponse:
+        """Plan the request, then hand it to the hops that carry the plan out."""
+        return await self.hops.serve(req, await self.plan(req))
+
+    async def plan(self, req: ProxyRequest, *, pd: bool = True) -> Plan:
+        """Context (tokens, block keys, index lookup), profile, and the ranked replicas.
+
+        ``pd=False`` plans a single hop whatever the configuration (the ext-proc picker,
+        which cannot make two upstream calls). Raises 503 when no replica can serve it.
+        """
+        if req.kind != EMBEDDINGS:
+            req.ctx = await self.build_context(req)
+        req.profile = self.scheduler.profile_for(req.headers)
+        if req_log.isEnabledFor(logging.DEBUG):
+            req.trace = Trace(req.request_id, req.kind, req.model, req.stream, req.profile, req.ctx.prompt_tokens)
+        ctx = req.ctx
+        if not (pd and self.pd_applies(ctx)):
+            return Plan(self.decide(req, PHASE_ANY))
+        ranked = self.decide(req, PHASE_DECODE)
+        if ctx.uncached_tokens(ranked[0].id) < self.cfg.pd.threshold:
+            return Plan(ranked, pd=True)
+        try:
+            return Plan(ranked, pd=True, prefill=self.decide(req, PHASE_PREFILL))
+        except GatewayError as exc:  # no prefill replica: the hops fall back (or fail) as configured
+            return Plan(ranked, pd=True, prefill=[], prefill_error=exc.message)
+
+    def pd_applies(self, ctx: RequestContext) -> bool:
+        """P/D is on and a prefill-role replica serves the model.
+
+        Healthy or not: when every prefill replica is down the request still gets a two-hop
+        plan with no prefill candidates, so ``pd.on_prefill_failure`` decides (one hop,
+        counted as a fallback, or 503).
+        """
+        if not self.cfg.pd.enabled or ctx.prompt_tokens == 0:
+            return False
+        return any(s.role == ROLE_PREFILL and s.serves(ctx.model, ctx.lora) for s in self.fleet.all())
 
     # -- tokenization ----------------------------------------------------------------------------
 
@@ -98,9 +115,10 @@ class Router:
             self._tokenizers[base_model] = CachingTokenizer(load_tokenizer(spec)) if spec else None
         return self._tokenizers[base_model]
 
-    async def tokens_for(self, kind: str, body: Mapping[str, Any], info: ModelInfo) -> list[int] | None:
-        tok = self.tokenizer_for(info.base)
-        if kind == "completions":
+    async def tokens_for(self, req: ProxyRequest) -> list[int] | None:
+        body = req.body
+        tok = self.tokenizer_for(req.ctx.model)
+        if req.kind == COMPLETIONS:
             prompt = body["prompt"]
             if isinstance(prompt, list):
                 first = prompt[0]
@@ -112,7 +130,7 @@ class Router:
             add_special = body.get("add_special_tokens", True)
             if tok is not None:
                 return tok.encode(prompt, add_special_tokens=bool(add_special))
-            return await self._remote_tokens(info, prompt=prompt)
+            return await self._remote_tokens(req, prompt=prompt)
         kwargs: dict[str, Any] = {
             "add_generation_prompt": bool(body.get("add_generation_prompt", True)),
             "continue_final_message": bool(body.get("continue_final_message", False)),
@@ -128,7 +146,7 @@ class Router:
             except ChatTemplateError as exc:
                 raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
         return await self._remote_tokens(
-            info,
+            req,
             messages=body["messages"],
             add_generation_prompt=kwargs["add_generation_prompt"],
             continue_final_message=kwargs["continue_final_message"],
@@ -136,12 +154,13 @@ class Router:
             chat_template_kwargs=extra if isinstance(extra, dict) else None,
         )
 
-    async def _remote_tokens(self, info: ModelInfo, **kw: Any) -> list[int] | None:
+    async def _remote_tokens(self, req: ProxyRequest, **kw: Any) -> list[int] | None:
         """No local tokenizer: ask one healthy replica's /tokenize; None if that fails too."""
+        base = req.ctx.model
         for state in self.fleet.all():
-            if state.healthy and info.base in state.models:
+            if state.healthy and base in state.models:
                 try:
-                    return await remote_tokenize(self.client, state.url, info.id, api_key=self.fleet.api_key(state.id), **kw)
+                    return await remote_tokenize(self.client, state.url, req.model, api_key=self.fleet.api_key(state.id), **kw)
                 except httpx.HTTPStatusError as exc:
                     if exc.response.status_code == 401:
                         self.fleet.auth_rejected_by(state.id, "POST /tokenize")
@@ -153,12 +172,11 @@ class Router:
     # -- context + decision ------------------------------------------------------------------------
 
     def block_size(self, base_model: str) -> int:
-        seen = self.index.block_size(base_model) if self.index is not None else None
-        return seen or self.cfg.model_config(base_model).block_size
+        return self.index.block_size(base_model) or self.cfg.model_config(base_model).block_size
 
     async def lookup(self, keys: list[int], base_model: str) -> tuple[dict[str, PrefixMatch], bool]:
-        if self.index is None or not keys:
-            return {}, self.index is not None
+        if not keys:
+            return {}, True
         try:
             found = await asyncio.wait_for(self.index.lookup(keys, model=base_model), self.cfg.index.lookup_timeout_ms / 1000)
             return dict(found), True
@@ -167,50 +185,42 @@ class Router:
             log.debug("index lookup failed: %s", exc)
             return {}, False
 
-    async def build_context(self, request_id: str, kind: str, body: Mapping[str, Any], info: ModelInfo, headers: Mapping[str, str]) -> RequestContext:
+    async def build_context(self, req: ProxyRequest) -> RequestContext:
         t0 = time.perf_counter()
-        tokens = await self.tokens_for(kind, body, info)
-        bs = self.block_size(info.base)
+        body = req.body
+        base, lora = req.ctx.model, req.ctx.lora
+        tokens = await self.tokens_for(req)
+        bs = self.block_size(base)
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
-        keys = block_keys(tokens, bs, model=info.base, lora=info.lora, salt=salt) if tokens else []
+        keys = block_keys(tokens, bs, model=base, lora=lora, salt=salt) if tokens else []
         t1 = time.perf_counter()
-        prefix, index_ok = await self.lookup(keys, info.base)
+        prefix, index_ok = await self.lookup(keys, base)
         self.metrics.sched_tokenize.observe(t1 - t0)
         self.metrics.sched_index.observe(time.perf_counter() - t1)
-        session = None
-        for h in SESSION_HEADERS:
-            if h in headers:
-                session = headers[h]
-                break
-        if session is None and isinstance(body.get("user"), str):
-            session = body["user"]
         return RequestContext(
-            request_id=request_id,
-            model=info.base,
-            lora=info.lora,
+            request_id=req.request_id,
+            model=base,
+            lora=lora,
             prompt_tokens=len(tokens) if tokens else 0,
             max_tokens=_max_tokens(body),
             block_size=bs,
             block_keys=keys,
             prefix=prefix,
-            session_id=session,
+            session_id=_session(body, req.headers),
             phase=PHASE_ANY,
-            headers=headers,
+            headers=req.headers,
             index_ok=index_ok,
         )
 
-    def decide(self, ctx: RequestContext, phase: str = PHASE_ANY, profile: str | None = None, trace=None) -> list[EndpointState]:
-        """Ranked endpoints for one hop; raises 503 when nothing can serve it.
-
-        ``trace`` (a ``forward.Trace``, only when debug logging is on) collects the scores
-        for the request's one log line.
-        """
+    def decide(self, req: ProxyRequest, phase: str = PHASE_ANY) -> list[EndpointState]:
+        """Ranked endpoints for one hop; raises 503 when nothing can serve it."""
+        ctx = req.ctx
         ctx.phase = phase
         t0 = time.perf_counter()
-        decision = self.scheduler.schedule(ctx, self.fleet.all(), profile)
+        decision = self.scheduler.schedule(ctx, self.fleet.all(), req.profile)
         self.metrics.sched_schedule.observe(time.perf_counter() - t0)
-        if trace is not None:
-            trace.scores[phase] = {k: round(v, 4) for k, v in decision.scores.items()}
+        if req.trace is not None:
+            req.trace.scores[phase] = {k: round(v, 4) for k, v in decision.scores.items()}
         if not decision.ranked:
             raise GatewayError(503, f"no healthy replica can serve model '{ctx.lora or ctx.model}' ({phase} phase)", "no_healthy_replica")
         return decision.ranked

@@ -8,9 +8,9 @@ import pytest
 
 from gateway.admission import Admission
 from gateway.config import ConfigError, load_config, parse_config
-from gateway.endpoints import Circuit, parse_vllm_metrics
+from gateway.fleet import Circuit, parse_vllm_metrics
 from gateway.errors import GatewayError
-from gateway.pd import decode_body, prefill_body
+from gateway.hops import decode_body, prefill_body
 
 
 def test_defaults_everywhere():
@@ -142,7 +142,7 @@ def test_pd_bodies_follow_vllm_protocol():
 def test_inflight_accounting_releases_prefill_tokens_once():
     import httpx
 
-    from gateway.endpoints import Fleet
+    from gateway.fleet import Fleet
     from gateway.forward import Forwarder
     from gateway.metrics import GatewayMetrics
     from scorers.base import RequestContext

@@ -1,0 +1,161 @@
+"""The front door: what every request passes before it is routed.
+
+Client auth, the body read within its size limit, JSON decoding, the checks an OpenAI server
+makes before doing any work, model resolution and admission — in that order, and in one place
+for every way in: the HTTP gateway (``FrontDoor.serve``) and the Envoy ext-proc picker
+(``FrontDoor.check`` + ``FrontDoor.admit``, which routes but does not proxy).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
+
+from .admission import Admission
+from .config import GatewayConfig
+from .errors import GatewayError, bad_request
+from .fleet import Fleet
+from .metrics import GatewayMetrics
+from .request import CHAT, COMPLETIONS, EMBEDDINGS, DisconnectWatch, ProxyRequest
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+    from .forward import RelayResponse
+    from .routing import Router
+
+
+def _bearer(authorization: str) -> str | None:
+    return authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+
+
+def key_matches(authorization: str, allowed: list[str]) -> bool:
+    """The bearer token of ``authorization`` is one of ``allowed`` (constant-time compare)."""
+    given = _bearer(authorization)
+    return given is not None and any(hmac.compare_digest(given, k) for k in allowed)
+
+
+def require_client_key(keys: list[str], authorization: str) -> None:
+    """401 unless ``authorization`` carries one of the client keys (none configured: open)."""
+    if keys and not key_matches(authorization, keys):
+        raise GatewayError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_api_key")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise GatewayError(400, "client disconnected while sending the body", "client_disconnected") from None
+    return b"".join(chunks)
+
+
+def decode_json(raw: bytes) -> Any:
+    if not raw:
+        raise bad_request("request body is empty; expected JSON")
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+
+
+def validate_body(kind: str, body: Any) -> None:
+    """The checks an OpenAI server makes before doing any work (400 with the offending param)."""
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    model = body.get("model")
+    if kind == EMBEDDINGS:
+        if not isinstance(model, str):
+            raise bad_request("'model' is required and must be a string", "model")
+        if "input" not in body:
+            raise bad_request("'input' is required", "input")
+        return
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required and must be a string", "model")
+    if kind == CHAT:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise bad_request("'messages' must be a non-empty list", "messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise bad_request(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+    elif kind == COMPLETIONS:
+        p = body.get("prompt")
+        ok = isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(x, (str, int, list)) for x in p))
+        if not ok:
+            raise bad_request("'prompt' must be a string, a list of strings, or a list of token ids", "prompt")
+    for key in ("max_tokens", "max_completion_tokens"):
+        v = body.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise bad_request(f"'{key}' must be a positive integer", key)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise bad_request("'stream' must be a boolean", "stream")
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise bad_request("'n' must be a positive integer", "n")
+
+
+def unknown_model(fleet: Fleet, name: str) -> GatewayError:
+    """404 for a model no replica serves; says so when replicas refused to list their models."""
+    message = f"The model `{name}` does not exist."
+    refused = sorted(rid for rid in fleet.auth_rejected if not fleet.states[rid].models)
+    if refused:
+        message += f" (replica {', '.join(refused)} rejected the gateway's credentials on /v1/models, so its models are unknown)"
+    return GatewayError(404, message, "model_not_found", "model")
+
+
+class FrontDoor:
+    """Auth → body → validation → model → admission, then hands the request to routing."""
+
+    def __init__(self, cfg: GatewayConfig, fleet: Fleet, admission: Admission, metrics: GatewayMetrics, router: Router) -> None:
+        self.cfg = cfg
+        self.fleet = fleet
+        self.admission = admission
+        self.metrics = metrics
+        self.router = router
+
+    async def serve(self, req: ProxyRequest, request: Request) -> Response | RelayResponse:
+        """The HTTP gateway's whole request: admitted here, then routed and proxied."""
+        self.authenticate(req)
+        req.raw = await read_body(request, self.cfg.limits.max_body_bytes)
+        self.check(req)
+        await self.admit(req, request.receive)
+        return await self.router.route(req)
+
+    def authenticate(self, req: ProxyRequest) -> None:
+        require_client_key(self.cfg.auth.api_keys, req.headers.get("authorization", ""))
+
+    def check(self, req: ProxyRequest) -> None:
+        """Decode and validate ``req.raw``; resolve the model (404 if nobody serves it)."""
+        body = decode_json(req.raw)
+        validate_body(req.kind, body)
+        info = self.fleet.resolve_model(body["model"])
+        if info is None:
+            raise unknown_model(self.fleet, body["model"])
+        req.body = body
+        req.model = body["model"]
+        req.stream = req.kind != EMBEDDINGS and body.get("stream") is True
+        req.ctx.model = info.base
+        req.ctx.lora = info.lora
+
+    async def admit(self, req: ProxyRequest, receive: Receive | None = None) -> None:
+        """Wait for an admission slot (429 when the queue is full), watching for the client
+        leaving meanwhile when there is a connection to watch."""
+        if receive is not None:
+            req.watch = DisconnectWatch(receive)
+        waited = await self.admission.acquire()
+        req.admission = self.admission
+        self.metrics.queue_wait.observe(waited)

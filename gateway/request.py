@@ -1,0 +1,161 @@
+"""One proxied request, carried unchanged from intake to its last byte.
+
+Every stage takes this one object instead of a dozen loose arguments: intake fills the body,
+the model and the admission slot; routing the context, the profile and the trace; the hops
+and the forwarder read it and close it. What travels with it (the disconnect watch, the
+debug trace) is defined here too, so no stage reaches back into another for its types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import Receive
+
+from scorers.base import RequestContext
+
+from .proxy import forward_headers
+
+if TYPE_CHECKING:
+    from .admission import Admission
+
+req_log = logging.getLogger("kvgate.request")
+
+COMPLETIONS = "completions"
+CHAT = "chat"
+EMBEDDINGS = "embeddings"
+
+
+def new_request_id() -> str:
+    return f"kvg-{uuid.uuid4().hex}"
+
+
+class DisconnectWatch:
+    """Cancels the request's task when the client goes away, at any stage.
+
+    Started once the request body is read; from then on the only ASGI message left is
+    ``http.disconnect``. The cancellation lands in whatever the request awaits (admission,
+    the index, a replica's answer, the next streamed chunk), whose cleanup closes the upstream
+    connection — which is how a replica learns to abort. ``absorb()`` tells our own
+    cancellation apart from a server shutdown.
+    """
+
+    __slots__ = ("_owner", "_task", "finishing", "fired")
+
+    def __init__(self, receive: Receive) -> None:
+        self.fired = False
+        self.finishing = False  # the response is complete: uvicorn's receive() returns at once
+        self._owner = asyncio.current_task()
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.finishing and self._owner is not None:
+            self.fired = True
+            self._owner.cancel()
+
+    def stop(self) -> None:
+        self.finishing = True
+        self._task.cancel()
+
+    def absorb(self) -> bool:
+        """Inside ``except CancelledError``: True (cancellation undone) if it was ours."""
+        if self.fired and self._owner is not None:
+            self.fired = False
+            self._owner.uncancel()
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class Trace:
+    """What the per-request debug log line says (built only when debug logging is on)."""
+
+    request_id: str
+    kind: str
+    model: str
+    stream: bool
+    profile: str
+    prompt_tokens: int
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    replicas: list[str] = field(default_factory=list)
+    prefix_blocks: int = 0
+    path: str = "one_hop"
+    retries: int = 0
+
+    def emit(self, status: int, ok: bool, ttft_s: float | None, e2e_s: float) -> None:
+        req_log.debug(
+            "request",
+            extra={
+                "request_id": self.request_id,
+                "kind": self.kind,
+                "model": self.model,
+                "stream": self.stream,
+                "profile": self.profile,
+                "pd_path": self.path,
+                "replica": ",".join(self.replicas),
+                "prefix_blocks": self.prefix_blocks,
+                "prompt_tokens": self.prompt_tokens,
+                "scores": self.scores,
+                "retries": self.retries,
+                "status": status,
+                "ok": ok,
+                "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 3),
+                "e2e_ms": round(e2e_s * 1000, 3),
+            },
+        )
+
+
+@dataclass(slots=True, eq=False)
+class ProxyRequest:
+    """A client request on its way to a replica.
+
+    Built by the HTTP handler (or the ext-proc stream) from what the transport knows; the
+    stages fill in the rest in order: intake (``raw``, ``body``, ``model``, ``stream``,
+    ``watch``, the admission slot), routing (``ctx``, ``profile``, ``trace``).
+    """
+
+    kind: str  # COMPLETIONS | CHAT | EMBEDDINGS
+    path: str  # the replica path it goes to (/v1/completions, ...)
+    request_id: str
+    headers: Mapping[str, str]  # the client's, as received
+    t0: float = field(default_factory=time.perf_counter)
+    raw: bytes = b""
+    body: dict[str, Any] = field(default_factory=dict)
+    model: str = ""  # the name the client asked for (base model or LoRA adapter)
+    stream: bool = False
+    ctx: RequestContext = field(init=False)
+    profile: str = "default"
+    watch: DisconnectWatch | None = None
+    trace: Trace | None = None
+    admission: Admission | None = None  # set while the request holds an admission slot
+    _upstream_headers: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        self.ctx = RequestContext(request_id=self.request_id, model="", headers=self.headers)
+
+    @property
+    def upstream_headers(self) -> dict[str, str]:
+        """The client's headers as every hop forwards them (computed once)."""
+        if self._upstream_headers is None:
+            self._upstream_headers = forward_headers(self.headers, self.request_id)
+        return self._upstream_headers
+
+    def release(self) -> None:
+        """Give the admission slot back (once; later calls do nothing)."""
+        admission, self.admission = self.admission, None
+        if admission is not None:
+            admission.release()
+
+    def close(self) -> None:
+        """Everything the request holds, given back: the slot and the disconnect watch."""
+        if self.watch is not None:
+            self.watch.stop()
+        self.release()
