@@ -24,8 +24,9 @@ import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
-from kvindex.events import BlockStored, EventBatch
+from kvindex.events import BlockHash, BlockStored, EventBatch, KVEvent
 from kvindex.hashing import block_keys, chain_keys
 from kvindex.index import KVIndex
 from kvindex.memory_index import MemoryIndex
@@ -46,7 +47,7 @@ REPLICAS = 10
 def make_batches(n_blocks: int, seed: int) -> list[EventBatch]:
     """Prompt-starting BlockStored events of 64 blocks each, 16 events per batch."""
     rng = random.Random(seed)
-    events = [
+    events: list[KVEvent] = [
         BlockStored(
             block_hashes=[rng.getrandbits(64) for _ in range(BLOCKS_PER_EVENT)],
             parent_block_hash=None,
@@ -66,7 +67,7 @@ def make_batches(n_blocks: int, seed: int) -> list[EventBatch]:
 def chained_events(tokens: Sequence[int], depth: int, seed: int) -> list[EventBatch]:
     """One replica caching the first ``depth`` blocks of ``tokens``, 64 blocks per event."""
     rng = random.Random(seed)
-    hashes = [rng.getrandbits(64) for _ in range(depth)]
+    hashes: list[BlockHash] = [rng.getrandbits(64) for _ in range(depth)]
     out = []
     for a in range(0, depth, BLOCKS_PER_EVENT):
         b = min(depth, a + BLOCKS_PER_EVENT)
@@ -90,7 +91,7 @@ def chained_events(tokens: Sequence[int], depth: int, seed: int) -> list[EventBa
 
 async def ingest_rate(idx: KVIndex, batches: Sequence[EventBatch]) -> float:
     """Stored blocks per second applying ``batches`` round-robin over the replicas."""
-    n = sum(len(ev.block_hashes) for b in batches for ev in b.events)
+    n = sum(len(ev.block_hashes) for b in batches for ev in b.events if isinstance(ev, BlockStored))
     t0 = time.perf_counter()
     for i, b in enumerate(batches):
         await idx.apply(f"r{i % REPLICAS}", b, model=MODEL)
@@ -125,9 +126,9 @@ async def lookup_table(idx: KVIndex, keys: list[int], rounds: int) -> list[str]:
         q = keys[:n]
         calls = rounds if n == 64 else rounds // 4
         before = await _evalsha_calls(idx)
-        p50, p99 = await latency_us(lambda: idx.lookup(q, model=MODEL), calls)
+        p50, p99 = await latency_us(partial(idx.lookup, q, model=MODEL), calls)
         after = await _evalsha_calls(idx)
-        trips = "" if before is None else f"   {(after - before) / (calls + min(50, calls)):.2f} EVALSHA per lookup"
+        trips = "" if before is None or after is None else f"   {(after - before) / (calls + min(50, calls)):.2f} EVALSHA per lookup"
         lines.append(f"{n:>4}-block lookup  p50 {p50:8.1f} µs   p99 {p99:8.1f} µs{trips}")
     return lines
 
@@ -136,7 +137,7 @@ async def _evalsha_calls(idx: KVIndex) -> int | None:
     """Server-side count of EVALSHA calls (INFO commandstats), None for the memory backend."""
     if not isinstance(idx, RedisIndex):
         return None
-    stats = await idx._redis.info("commandstats")  # noqa: SLF001 - the benchmark owns this index
+    stats = await idx._redis.info("commandstats")  # the benchmark owns this index
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
@@ -249,11 +250,11 @@ async def run(redis_url: str | None, n_blocks: int) -> None:
 
 def chain_keys_rate() -> str:
     sample = make_batches(20 * EVENTS_PER_BATCH * BLOCKS_PER_EVENT, seed=2)
-    n = sum(len(ev.block_hashes) for b in sample for ev in b.events)
+    events = [ev for b in sample for ev in b.events if isinstance(ev, BlockStored)]
+    n = sum(len(ev.block_hashes) for ev in events)
     t0 = time.perf_counter()
-    for b in sample:
-        for ev in b.events:
-            chain_keys(1, ev.token_ids, BS)
+    for ev in events:
+        chain_keys(1, ev.token_ids, BS)
     return (f"chain_keys over events ({BLOCKS_PER_EVENT} blocks each, part of every ingest below): "
             f"{n / (time.perf_counter() - t0) / 1e6:.2f} M blocks/s")
 
@@ -286,7 +287,7 @@ async def redis_section(url: str, n_blocks: int, prompt: list[int], background: 
     ns = f"bench{random.randrange(1 << 30)}"
     idx = RedisIndex(url, namespace=ns)
     try:
-        floor = await latency_us(lambda: idx._redis.ping(), 1000)  # noqa: SLF001
+        floor = await latency_us(lambda: idx._redis.ping(), 1000)
         print(f"round-trip floor (PING through redis-py asyncio): p50 {floor[0]:.1f} µs")
         rbatches = make_batches(min(n_blocks, 65_536), seed=4)
         rate = await ingest_rate(idx, rbatches)
@@ -308,7 +309,7 @@ async def redis_section(url: str, n_blocks: int, prompt: list[int], background: 
 
 async def _cleanup(idx: RedisIndex, ns: str) -> None:
     """Delete a benchmark namespace (matters only with --redis-url pointing at a live Redis)."""
-    client = idx._redis  # noqa: SLF001 - the benchmark owns this index
+    client = idx._redis  # the benchmark owns this index
     chunk: list[bytes] = []
     async for key in client.scan_iter(match=f"{ns}:*", count=10_000):
         chunk.append(key)

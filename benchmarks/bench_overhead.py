@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.compare:
         label, _, root = item.partition("=")
         compare[label] = Path(root)
-    rows = []
+    # mode, gateway, direct p50, gateway p50, added p50, added p99 (ms), direct and gateway req/s (c=32 only)
+    rows: list[tuple[str, str, float, float, float, float, float | None, float | None]] = []
     with tempfile.TemporaryDirectory() as tmp:
         procs, direct, gateways = start_stack(Path(tmp), compare)
         try:
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 c1 = concurrency_1(targets, n, stream)
                 d50, d99 = statistics.median(c1["direct"]), pct(c1["direct"], 99)
                 for name in gateways:
-                    g = c1[name]
-                    rows.append((f"c=1 {mode}", name, d50 * 1e3, statistics.median(g) * 1e3, (statistics.median(g) - d50) * 1e3, (pct(g, 99) - d99) * 1e3, None, None))
+                    lat = c1[name]
+                    rows.append((f"c=1 {mode}", name, d50 * 1e3, statistics.median(lat) * 1e3, (statistics.median(lat) - d50) * 1e3, (pct(lat, 99) - d99) * 1e3, None, None))
                 nd, rps_d = asyncio.run(_concurrent(direct, n * 5, 32, stream))
                 for name, url in gateways.items():
                     ng, rps_g = asyncio.run(_concurrent(url, n * 5, 32, stream))

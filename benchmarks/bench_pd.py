@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -172,7 +173,7 @@ def median_rows(rows: list[Row]) -> list[Row]:
     out = []
     for key in dict.fromkeys((r.workload, r.setup) for r in rows):
         group = [r for r in rows if (r.workload, r.setup) == key]
-        vals = {}
+        vals: dict[str, Any] = {}  # Row's fields, of mixed types
         for f, v in asdict(group[0]).items():
             if isinstance(v, float):
                 xs = [getattr(r, f) for r in group if getattr(r, f) == getattr(r, f)]  # nan-free

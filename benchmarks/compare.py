@@ -83,7 +83,7 @@ class GatewayProcess:
         }
         if extra and "scheduling" in extra:
             cfg["scheduling"] = {**extra["scheduling"], "default_profile": policy}
-        for attempt in range(self.ATTEMPTS):
+        for _attempt in range(self.ATTEMPTS):
             self.port = free_port()
             path = tmp / f"gw-{policy}.yaml"
             path.write_text(json.dumps({**cfg, "listen": {"host": "127.0.0.1", "port": self.port}}))

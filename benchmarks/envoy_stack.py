@@ -124,7 +124,7 @@ class Envoy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.listen_port}"
 
-    def start(self) -> "Envoy":
+    def start(self) -> Envoy:
         with open(self.log, "wb") as log:
             argv = [self.binary, "-c", str(self.path), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
             self.proc = subprocess.Popen(_die_with_parent() + argv, stdout=log, stderr=subprocess.STDOUT)

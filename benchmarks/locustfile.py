@@ -32,15 +32,15 @@ class OpenAIUser(HttpUser):
         s = self.rng.choice(_WORKLOAD.sessions)
         history = [{"role": "system", "content": s.system}]
         for q in s.questions:
-            msgs = history + [{"role": "user", "content": q}]
+            msgs = [*history, {"role": "user", "content": q}]
             answer = self._chat(msgs, s.max_tokens)
             if s.grow:
-                history = msgs + [{"role": "assistant", "content": answer or "ok"}]
+                history = [*msgs, {"role": "assistant", "content": answer or "ok"}]
 
     def _chat(self, messages: list[dict], max_tokens: int) -> str:
         body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
-        first = last = None
+        last: float | None = None  # time of the previous content chunk
         text: list[str] = []
         with self.client.post("/v1/chat/completions", json=body, stream=True, catch_response=True, name="chat (headers)") as resp:
             if resp.status_code != 200:
@@ -53,8 +53,7 @@ class OpenAIUser(HttpUser):
                 choices = chunk.get("choices") or []
                 if choices and choices[0].get("delta", {}).get("content"):
                     now = time.perf_counter()
-                    if first is None:
-                        first = now
+                    if last is None:
                         self._event("TTFT", (now - t0) * 1000)
                     else:
                         self._event("ITL", (now - last) * 1000)

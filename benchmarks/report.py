@@ -111,7 +111,7 @@ def write_results(out_dir: Path, name: str, summaries: list[Summary], runs: dict
     md.write_text(f"# kvgate routing benchmark ({name})\n\n{meta.get('description', '')}\n\n" + markdown(summaries))
     js = out_dir / f"{name}.json"
     js.write_text(json.dumps({"meta": meta, "summaries": [asdict(s) for s in summaries], "sweep": sweep or []}, indent=2))
-    return [md, js] + plot(out_dir, name, summaries, runs, sweep)
+    return [md, js, *plot(out_dir, name, summaries, runs, sweep)]
 
 
 def plot(out_dir: Path, name: str, summaries: list[Summary], runs: dict[tuple[str, str], RunResult], sweep: list[dict] | None) -> list[Path]:

@@ -175,13 +175,13 @@ async def run_workload(
             idx = rr % len(clients)
             rr += 1
             headers = {"x-bench-replica": f"direct-{idx}"} if len(clients) > 1 else {}
-            msgs = history + [{"role": "user", "content": q}]
+            msgs = [*history, {"role": "user", "content": q}]
             sample, answer = await _one(clients[idx], msgs, s.max_tokens, headers)
             result.samples.append(sample)
             if on_done:
                 on_done()
             if s.grow:
-                history = msgs + [{"role": "assistant", "content": answer or "ok"}]
+                history = [*msgs, {"role": "assistant", "content": answer or "ok"}]
 
     t0 = time.perf_counter()
     if rate is not None:
