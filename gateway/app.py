@@ -189,54 +189,56 @@ async def proxy_request(gw: Gateway, request: Request, kind: str, path: str) -> 
             req.close()
 
 
-def build_app(cfg: GatewayConfig) -> GatewayApp:
-    gw = Gateway(cfg)
+class Routes:
+    """The HTTP endpoints of one gateway (bound methods, so Starlette calls them per request)."""
 
-    async def completions(request: Request) -> Response | RelayResponse:
-        return await proxy_request(gw, request, COMPLETIONS, "/v1/completions")
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
 
-    async def chat(request: Request) -> Response | RelayResponse:
-        return await proxy_request(gw, request, CHAT, "/v1/chat/completions")
+    async def completions(self, request: Request) -> Response | RelayResponse:
+        return await proxy_request(self.gw, request, COMPLETIONS, "/v1/completions")
 
-    async def embed(request: Request) -> Response | RelayResponse:
-        return await proxy_request(gw, request, EMBEDDINGS, "/v1/embeddings")
+    async def chat(self, request: Request) -> Response | RelayResponse:
+        return await proxy_request(self.gw, request, CHAT, "/v1/chat/completions")
 
-    async def models(request: Request) -> Response:
+    async def embeddings(self, request: Request) -> Response | RelayResponse:
+        return await proxy_request(self.gw, request, EMBEDDINGS, "/v1/embeddings")
+
+    async def models(self, request: Request) -> Response:
+        gw = self.gw
         try:
             check_client_auth(gw, request)
         except GatewayError as exc:
             return error_response(exc)
         created = int(gw.started_at)
-        data = []
-        for info in sorted(gw.fleet.models().values(), key=lambda m: m.id):
-            if not any(gw.fleet.states[r].healthy for r in info.replicas if r in gw.fleet.states):
-                continue
-            data.append(
-                {
-                    "id": info.id,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "kvgate",
-                    "root": info.base,
-                    "parent": info.base if info.lora else None,
-                    "max_model_len": info.max_model_len,
-                }
-            )
+        data = [
+            {
+                "id": info.id,
+                "object": "model",
+                "created": created,
+                "owned_by": "kvgate",
+                "root": info.base,
+                "parent": info.base if info.lora else None,
+                "max_model_len": info.max_model_len,
+            }
+            for info in sorted(gw.fleet.models().values(), key=lambda m: m.id)
+            if any(gw.fleet.states[r].healthy for r in info.replicas if r in gw.fleet.states)
+        ]
         return JSONResponse({"object": "list", "data": data})
 
-    async def health(request: Request) -> Response:
+    async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def ready(request: Request) -> Response:
-        healthy = [s.id for s in gw.fleet.all() if s.healthy]
-        status = 200 if healthy else 503
-        return JSONResponse({"ready": bool(healthy), "healthy_replicas": healthy}, status_code=status)
+    async def ready(self, request: Request) -> Response:
+        healthy = [s.id for s in self.gw.fleet.all() if s.healthy]
+        return JSONResponse({"ready": bool(healthy), "healthy_replicas": healthy}, status_code=200 if healthy else 503)
 
-    async def metrics(request: Request) -> Response:
-        gw.metrics.index_blocks.set(await gw.index_blocks())
-        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self, request: Request) -> Response:
+        self.gw.metrics.index_blocks.set(await self.gw.index_blocks())
+        return Response(self.gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def admin_state(request: Request) -> Response:
+    async def admin_state(self, request: Request) -> Response:
+        gw = self.gw
         try:
             check_admin_auth(gw, request)
         except GatewayError as exc:
@@ -268,15 +270,22 @@ def build_app(cfg: GatewayConfig) -> GatewayApp:
             }
         )
 
-    async def not_found(request: Request, exc: Exception) -> Response:
+    # -- errors Starlette raises itself (no route, wrong method, a bug) ------------------------
+
+    async def not_found(self, request: Request, exc: Exception) -> Response:
         return error_response(GatewayError(404, f"no route {request.method} {request.url.path}", "not_found"))
 
-    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    async def method_not_allowed(self, request: Request, exc: Exception) -> Response:
         return error_response(GatewayError(405, f"method {request.method} not allowed on {request.url.path}", "method_not_allowed"))
 
-    async def server_error(request: Request, exc: Exception) -> Response:
+    async def server_error(self, request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
         return error_response(GatewayError(500, "internal gateway error", "internal_error"))
+
+
+def build_app(cfg: GatewayConfig) -> GatewayApp:
+    gw = Gateway(cfg)
+    r = Routes(gw)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -287,20 +296,17 @@ def build_app(cfg: GatewayConfig) -> GatewayApp:
             await gw.stop()
 
     routes = [
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/embeddings", embed, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/admin/state", admin_state, methods=["GET"]),
+        Route("/v1/completions", r.completions, methods=["POST"]),
+        Route("/v1/chat/completions", r.chat, methods=["POST"]),
+        Route("/v1/embeddings", r.embeddings, methods=["POST"]),
+        Route("/v1/models", r.models, methods=["GET"]),
+        Route("/health", r.health, methods=["GET"]),
+        Route("/ready", r.ready, methods=["GET"]),
+        Route("/metrics", r.metrics, methods=["GET"]),
+        Route("/admin/state", r.admin_state, methods=["GET"]),
     ]
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error, Exception: server_error},
-    )
+    handlers = {404: r.not_found, 405: r.method_not_allowed, 500: r.server_error, Exception: r.server_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.gateway = gw
     return GatewayApp(app, gw)
 
