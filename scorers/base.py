@@ -109,7 +109,8 @@ class Plugin:
 
     #: the ``type`` string used in the YAML config; set by each concrete plugin
     type_name: ClassVar[str] = ""
-    #: the parameter struct; plugins with parameters define a nested ``Params(PluginParams)``
+    #: the parameter struct; plugins with parameters define a nested ``Params(PluginParams, frozen=True)``
+    #: (``frozen=True`` repeated so type checkers see it; the rest of the config is inherited)
     Params: ClassVar[type[PluginParams]] = NoParams
 
     params: PluginParams
