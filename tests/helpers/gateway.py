@@ -14,7 +14,7 @@ import uvloop
 from gateway.app import build_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.server import uvicorn_config
-from tests.helpers.net import free_port
+from tests.helpers.net import bound_socket
 
 MODEL = "kvgate/demo-8b"
 
@@ -35,7 +35,7 @@ def fleet_config(handles, *, roles: list[str] | None = None, **overrides: Any) -
             }
         )
     data: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "listen": {"host": "127.0.0.1", "port": 0},  # GatewayThread binds port 0 and reports the port
         "replicas": replicas,
         "models": {MODEL: {"tokenizer": "demo"}},
         "debug_headers": True,
@@ -60,14 +60,17 @@ class GatewayThread:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.app = build_app(cfg)
-        self.server = uvicorn.Server(uvicorn_config(self.app, cfg.listen.host, cfg.listen.port, loop="none"))
+        # bound here (port 0 = the kernel's choice, reported back) and handed to uvicorn
+        self.sock = bound_socket(cfg.listen.host, cfg.listen.port)
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn_config(self.app, cfg.listen.host, self.port, loop="none"))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.cfg.listen.host}:{self.cfg.listen.port}"
+        return f"http://{self.cfg.listen.host}:{self.port}"
 
     @property
     def gateway(self):
@@ -76,7 +79,7 @@ class GatewayThread:
     def _run(self) -> None:
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve())
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
 
     def start(self) -> "GatewayThread":
         self.thread.start()
@@ -146,7 +149,8 @@ class RecordingProxy:
         from starlette.routing import Route
 
         self.target = target.rstrip("/")
-        self.port = free_port()
+        self.sock = bound_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
         self.exchanges: list[dict[str, Any]] = []
 
         async def forward(request: Request):
@@ -184,7 +188,7 @@ class RecordingProxy:
 
         app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="off", loop="none"))
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
 
     @property
     def url(self) -> str:

@@ -1,8 +1,22 @@
-"""Loopback ports for servers that cannot report the port they bound."""
+"""Loopback ports and sockets for the test servers.
+
+A server that can take a socket binds port 0 and reports the port the kernel gave it
+(``bound_socket``): nothing can take the port between choosing and binding it. ``free_port`` is
+only for what cannot (redis-server, Envoy's config file) or for an address that must stay dead.
+"""
 
 from __future__ import annotations
 
 import socket
+
+
+def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening-ready TCP socket bound to ``host:port`` (0: any free port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def free_port() -> int:
