@@ -164,8 +164,7 @@ class MemoryIndex(KVIndex):
                 continue
             n += 1
             old = blocks.get(k)
-            v = None if old is None else old.get(replica)
-            if v is None:  # the block key was evicted from the index: nothing left to clear
+            if old is None or (v := old.get(replica)) is None:  # the block key was evicted from the index: nothing left to clear
                 del hashes[h]
                 continue
             v &= keep
@@ -173,7 +172,7 @@ class MemoryIndex(KVIndex):
                 del hashes[h]
             if old is not last_old:  # copy-on-write, once per distinct shared value
                 last_old = old
-                last_new = old.copy()  # type: ignore[union-attr]
+                last_new = old.copy()
                 if v & 7:
                     last_new[replica] = v
                 else:

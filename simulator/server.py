@@ -26,7 +26,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
@@ -623,7 +623,7 @@ class SimServer:
             "system_fingerprint": None, "usage": self._usage(reqs, True), "kv_transfer_params": kvp, "ec_transfer_params": None, "metrics": None,
         }
 
-    async def _stream(self, kind: str, reqs: list[EngineRequest], resp_id: str, model: str, include_usage: bool, continuous: bool, body: dict) -> AsyncIterator[bytes]:
+    async def _stream(self, kind: str, reqs: list[EngineRequest], resp_id: str, model: str, include_usage: bool, continuous: bool, body: dict) -> AsyncGenerator[bytes, None]:
         created = int(time.time())
         chat = kind == "chat"
         obj = b'"chat.completion.chunk"' if chat else b'"text_completion"'
@@ -861,8 +861,9 @@ class _AbortingStream(StreamingResponse):
     streaming request still queued or prefilling is aborted at once, as in vLLM.
     """
 
-    def __init__(self, content, engine: Engine, reqs: list[EngineRequest], **kwargs) -> None:
+    def __init__(self, content: AsyncGenerator[bytes, None], engine: Engine, reqs: list[EngineRequest], **kwargs) -> None:
         super().__init__(content, **kwargs)
+        self._content = content  # also body_iterator (Starlette keeps async iterables as they are), typed as closable
         self._engine = engine
         self._reqs = reqs
 
@@ -879,7 +880,7 @@ class _AbortingStream(StreamingResponse):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await listening
             with contextlib.suppress(Exception):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._content.aclose()
             for r in self._reqs:
                 if r.finish_reason is None:
                     self._engine.abort(r)
