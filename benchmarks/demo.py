@@ -199,11 +199,8 @@ def render_table(result: DemoResult, title: str, summary: str | None = None) -> 
 def demo_configs(pd: bool, time_scale: float):
     from simulator.fleet import SimConfig
 
-    common = dict(model=DEMO_MODEL, tokenizer="demo", num_blocks=512, time_scale=time_scale)
-    if pd:
-        roles = ["prefill", "prefill", "decode", "decode"]
-        return [SimConfig(role=r, seed=i, **common) for i, r in enumerate(roles)]
-    return [SimConfig(seed=i, **common) for i in range(4)]
+    roles = ["prefill", "prefill", "decode", "decode"] if pd else ["both"] * 4
+    return [SimConfig(model=DEMO_MODEL, tokenizer="demo", num_blocks=512, time_scale=time_scale, role=r, seed=i) for i, r in enumerate(roles)]
 
 
 def gateway_config(handles, port: int, pd: bool):
@@ -230,10 +227,9 @@ def gateway_config(handles, port: int, pd: bool):
 async def _serve_and_run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from simulator.fleet import SimFleet
-
     from gateway.app import build_app
     from gateway.server import uvicorn_config
+    from simulator.fleet import SimFleet
 
     fleet = SimFleet(demo_configs(args.pd, args.time_scale))
     handles = fleet.start()

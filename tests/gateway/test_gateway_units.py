@@ -8,8 +8,8 @@ import pytest
 
 from gateway.admission import Admission
 from gateway.config import ConfigError, load_config, parse_config
-from gateway.fleet import Circuit, parse_vllm_metrics
 from gateway.errors import GatewayError
+from gateway.fleet import Circuit, parse_vllm_metrics
 from gateway.hops import decode_body, prefill_body
 
 

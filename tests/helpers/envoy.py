@@ -40,7 +40,7 @@ class ExtProcThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: ExtProcServer | None = None
 
-    def start(self) -> "ExtProcThread":
+    def start(self) -> ExtProcThread:
         self.thread.start()
 
         async def boot() -> ExtProcServer:

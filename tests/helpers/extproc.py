@@ -53,7 +53,7 @@ class Conversation:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    async def __aenter__(self) -> "Conversation":
+    async def __aenter__(self) -> Conversation:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.inbox: asyncio.Queue = asyncio.Queue()

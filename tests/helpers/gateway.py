@@ -81,7 +81,7 @@ class GatewayThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
 
-    def start(self) -> "GatewayThread":
+    def start(self) -> GatewayThread:
         self.thread.start()
         deadline = time.monotonic() + 15
         while not self.server.started:
@@ -99,7 +99,7 @@ class GatewayThread:
         self.server.should_exit = True
         self.thread.join(timeout=15)
 
-    def __enter__(self) -> "GatewayThread":
+    def __enter__(self) -> GatewayThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -197,7 +197,7 @@ class RecordingProxy:
     def posts(self, path_suffix: str = "completions") -> list[dict[str, Any]]:
         return [e for e in self.exchanges if e["method"] == "POST" and e["path"].endswith(path_suffix)]
 
-    def start(self) -> "RecordingProxy":
+    def start(self) -> RecordingProxy:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:

@@ -20,6 +20,7 @@ import redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from kvindex.event_rules import event_salt
 from kvindex.events import (
     AllBlocksCleared,
     BlockStored,
@@ -27,7 +28,6 @@ from kvindex.events import (
     decode_batch,
     encode_batch,
 )
-from kvindex.event_rules import event_salt
 from kvindex.hashing import block_keys
 from kvindex.index import ApplyStats, KVIndex, PrefixMatch
 from kvindex.memory_index import MemoryIndex

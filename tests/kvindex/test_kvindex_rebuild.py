@@ -138,10 +138,10 @@ async def test_restart_between_two_calls_is_noticed_by_the_periodic_check(ctx, r
             a = Prompt(make_tokens(5, 3))
             await pub.publish(payload(a.stored()))
             await poll(lambda: _eq(found(idx, a.keys), {"r0": PrefixMatch(5, "GPU")}), "events applied")
-            sub._tasks["__loss_watch__"].cancel()  # noqa: SLF001 - paused while Redis restarts
+            sub._tasks["__loss_watch__"].cancel()
             await asyncio.sleep(0)
             redis_server.restart()  # blocking: nothing of ours runs meanwhile
-            sub._tasks["__loss_watch__"] = asyncio.create_task(sub._watch_index())  # noqa: SLF001
+            sub._tasks["__loss_watch__"] = asyncio.create_task(sub._watch_index())
             await poll(lambda: _true(sub.stats.replica("r0").rebuilds == 1), "rebuild done")
             assert sub.stats.replica("r0").index_errors == 0  # no call ever saw Redis down
             assert await found(idx, a.keys) == {"r0": PrefixMatch(5, "GPU")}
@@ -290,7 +290,7 @@ async def test_memory_backend_never_rebuilds(ctx) -> None:
         await connect(pub, idx)
         await asyncio.sleep(0.1)  # ten loss checks
         assert sub.stats.index_losses == 0 and sub.stats.replica("r0").rebuilds == 0
-        assert not sub._tasks["__loss_watch__"].done()  # noqa: SLF001
+        assert not sub._tasks["__loss_watch__"].done()
     finally:
         await asyncio.wait_for(sub.stop(), 2)
         await pub.close()

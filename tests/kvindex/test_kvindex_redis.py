@@ -42,7 +42,7 @@ def counted(idx: RedisIndex) -> Counter[str]:
     """Make ``idx``'s pool open counting connections; returns the shared counter."""
     writes: Counter[str] = Counter()
     cls = type("Counting", (CountingConnection,), {"writes": writes})
-    idx._redis.connection_pool.connection_class = cls  # noqa: SLF001 - before any connection exists
+    idx._redis.connection_pool.connection_class = cls
     return writes
 
 
@@ -169,13 +169,13 @@ async def test_data_lost_reported_once_to_every_process(redis_server: RedisServe
         # the loss is known without another round trip
         redis_server.restart()
         await apply(a, "r1", p.stored())
-        assert a._lost  # noqa: SLF001
+        assert a._lost
         assert await a.data_lost() is True and await a.data_lost() is False
         assert await b.data_lost() is True
         # the engine-hash cache is forgotten per replica, on request (the rebuild does it)
-        assert "r1" in a._maps  # noqa: SLF001
+        assert "r1" in a._maps
         a.forget_local("r1")
-        assert "r1" not in a._maps  # noqa: SLF001
+        assert "r1" not in a._maps
     finally:
         admin.close()
         await a.close()

@@ -263,7 +263,7 @@ async def test_index_outage_is_survived_and_distrusts_the_replica(ctx, redis_url
         await pub.publish(prompt_batch(after))
         await until(lambda: _eq(matched(index, after, "r0"), 1))
         assert await matched(index, before, "r0") == 0  # untrusted once Redis was back
-        assert not sub._untrust_pending  # noqa: SLF001
+        assert not sub._untrust_pending
     finally:
         admin.close()
         await asyncio.wait_for(sub.stop(), 2)
