@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NIXL_STAMP := $(VENV)/.nixl
 ENVOY_DIR := .envoy
 
-.PHONY: demo demo-pd test install deps-test nixl envoy system-deps bench bench-quick clean
+.PHONY: demo demo-pd test lint format install deps-test nixl envoy system-deps bench bench-quick clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,8 +45,18 @@ system-deps:
 
 deps-test: install nixl envoy system-deps
 
+# the gates: ruff (lint + format) over the code and tests, mypy over the packages (pyproject.toml)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 # strict: whatever deps-test installs must be present, nothing is skipped for want of it
-test: deps-test
+test: deps-test lint
 	KVGATE_TEST_STRICT=1 $(BIN)/python -m pytest -q tests
 
 demo: install

@@ -71,11 +71,37 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         sim_port, gw_port, ep_port = free_port(), free_port(), free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "sim", "--port", str(sim_port), "--time-scale", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "sim", "--port", str(sim_port), "--time-scale", "0"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         cfg = tmpd / "gw.yaml"
-        cfg.write_text(json.dumps({"listen": {"port": gw_port}, "replicas": [{"id": "r0", "url": f"http://127.0.0.1:{sim_port}", "models": [MODEL]}], "models": {MODEL: {"tokenizer": "demo"}}}))
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "extproc", "--config", str(cfg), "--port", str(ep_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "listen": {"port": gw_port},
+                    "replicas": [{"id": "r0", "url": f"http://127.0.0.1:{sim_port}", "models": [MODEL]}],
+                    "models": {MODEL: {"tokenizer": "demo"}},
+                }
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "extproc", "--config", str(cfg), "--port", str(ep_port)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         try:
             _wait_http(f"http://127.0.0.1:{sim_port}/health")
             _wait_http(f"http://127.0.0.1:{gw_port}/ready")

@@ -169,10 +169,7 @@ def block_keys_rate() -> str:
     for _ in range(n):
         block_keys(tokens, BS, model=MODEL)
     per_call = (time.perf_counter() - t0) / n
-    return (
-        f"block_keys, 8192-token prompt (512 blocks of {BS}): {per_call * 1e6:.0f} µs per call, "
-        f"{8192 / per_call / 1e6:.1f} M tokens/s"
-    )
+    return f"block_keys, 8192-token prompt (512 blocks of {BS}): {per_call * 1e6:.0f} µs per call, {8192 / per_call / 1e6:.1f} M tokens/s"
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,8 +193,23 @@ def temporary_redis() -> Iterator[str | None]:
     port = _free_port()
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "",
-             "--appendonly", "no", "--maxmemory", "1gb", "--maxmemory-policy", "volatile-lru"],
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                workdir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory",
+                "1gb",
+                "--maxmemory-policy",
+                "volatile-lru",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -234,8 +246,7 @@ async def run(redis_url: str | None, n_blocks: int) -> None:
     rng = random.Random(3)
     prompt = [rng.randrange(150_000) for _ in range(512 * BS)]
     background = make_batches(20_000, seed=5)
-    print(f"kvgate index benchmark  ({BLOCKS_PER_EVENT} blocks/event, {EVENTS_PER_BATCH} events/batch, "
-          f"block size {BS}, {REPLICAS} replicas)")
+    print(f"kvgate index benchmark  ({BLOCKS_PER_EVENT} blocks/event, {EVENTS_PER_BATCH} events/batch, block size {BS}, {REPLICAS} replicas)")
     print(block_keys_rate())
     print(chain_keys_rate())
     print("\n== memory ==")
@@ -255,8 +266,7 @@ def chain_keys_rate() -> str:
     t0 = time.perf_counter()
     for ev in events:
         chain_keys(1, ev.token_ids, BS)
-    return (f"chain_keys over events ({BLOCKS_PER_EVENT} blocks each, part of every ingest below): "
-            f"{n / (time.perf_counter() - t0) / 1e6:.2f} M blocks/s")
+    return f"chain_keys over events ({BLOCKS_PER_EVENT} blocks each, part of every ingest below): {n / (time.perf_counter() - t0) / 1e6:.2f} M blocks/s"
 
 
 async def memory_section(n_blocks: int, prompt: list[int], background: list[EventBatch]) -> None:
@@ -267,13 +277,10 @@ async def memory_section(n_blocks: int, prompt: list[int], background: list[Even
     await ingest_rate(bounded, make_batches(n_blocks // 2, seed=9))  # fill to the bound
     steady = [await ingest_rate(bounded, batches) for _ in range(3)]  # every store now evicts
     total = len(batches) * EVENTS_PER_BATCH * BLOCKS_PER_EVENT
-    print(f"ingest, empty index growing ({total} blocks): first run {cold[0] / 1e6:.2f}, "
-          f"best of 3 {max(cold) / 1e6:.2f} M stored blocks/s")
-    print(f"ingest, at its bound, LRU evicting: median {statistics.median(steady) / 1e6:.2f}, "
-          f"best of 3 {max(steady) / 1e6:.2f} M stored blocks/s")
+    print(f"ingest, empty index growing ({total} blocks): first run {cold[0] / 1e6:.2f}, best of 3 {max(cold) / 1e6:.2f} M stored blocks/s")
+    print(f"ingest, at its bound, LRU evicting: median {statistics.median(steady) / 1e6:.2f}, best of 3 {max(steady) / 1e6:.2f} M stored blocks/s")
     per_block = await bytes_per_block(32_768)
-    print(f"footprint: {per_block:.0f} B per block (one replica each) -> "
-          f"{per_block * 2_000_000 / 2**20:.0f} MiB at the default bound of 2M blocks")
+    print(f"footprint: {per_block:.0f} B per block (one replica each) -> {per_block * 2_000_000 / 2**20:.0f} MiB at the default bound of 2M blocks")
     keys = block_keys(prompt, BS, model=MODEL)
     for title, depths in SCENARIOS.items():
         mem = MemoryIndex()
@@ -291,8 +298,7 @@ async def redis_section(url: str, n_blocks: int, prompt: list[int], background: 
         print(f"round-trip floor (PING through redis-py asyncio): p50 {floor[0]:.1f} µs")
         rbatches = make_batches(min(n_blocks, 65_536), seed=4)
         rate = await ingest_rate(idx, rbatches)
-        print(f"ingest ({len(rbatches)} batches of {EVENTS_PER_BATCH * BLOCKS_PER_EVENT} blocks, one EVALSHA each): "
-              f"{rate / 1e3:6.0f} k stored blocks/s")
+        print(f"ingest ({len(rbatches)} batches of {EVENTS_PER_BATCH * BLOCKS_PER_EVENT} blocks, one EVALSHA each): {rate / 1e3:6.0f} k stored blocks/s")
     finally:
         await _cleanup(idx, ns)
     keys = block_keys(prompt, BS, model=MODEL)

@@ -65,7 +65,9 @@ def _start_gateway(root: Path, sim_port: int, tmp: Path, label: str) -> tuple[su
         )
     )
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(root)}
-    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return gw, f"http://127.0.0.1:{gw_port}"
 
 
@@ -171,11 +173,33 @@ def main(argv: list[str] | None = None) -> int:
                 d50, d99 = statistics.median(c1["direct"]), pct(c1["direct"], 99)
                 for name in gateways:
                     lat = c1[name]
-                    rows.append((f"c=1 {mode}", name, d50 * 1e3, statistics.median(lat) * 1e3, (statistics.median(lat) - d50) * 1e3, (pct(lat, 99) - d99) * 1e3, None, None))
+                    rows.append(
+                        (
+                            f"c=1 {mode}",
+                            name,
+                            d50 * 1e3,
+                            statistics.median(lat) * 1e3,
+                            (statistics.median(lat) - d50) * 1e3,
+                            (pct(lat, 99) - d99) * 1e3,
+                            None,
+                            None,
+                        )
+                    )
                 nd, rps_d = asyncio.run(_concurrent(direct, n * 5, 32, stream))
                 for name, url in gateways.items():
                     ng, rps_g = asyncio.run(_concurrent(url, n * 5, 32, stream))
-                    rows.append((f"c=32 {mode}", name, statistics.median(nd) * 1e3, statistics.median(ng) * 1e3, (statistics.median(ng) - statistics.median(nd)) * 1e3, (pct(ng, 99) - pct(nd, 99)) * 1e3, rps_d, rps_g))
+                    rows.append(
+                        (
+                            f"c=32 {mode}",
+                            name,
+                            statistics.median(nd) * 1e3,
+                            statistics.median(ng) * 1e3,
+                            (statistics.median(ng) - statistics.median(nd)) * 1e3,
+                            (pct(ng, 99) - pct(nd, 99)) * 1e3,
+                            rps_d,
+                            rps_g,
+                        )
+                    )
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)

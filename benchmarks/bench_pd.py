@@ -91,10 +91,23 @@ def workloads(docs: int, doc_concurrency: int, long_requests: int, long_rate: fl
     long = WORKLOADS["no-reuse"](num_requests=long_requests, prompt_len=2300, output_len=256, seed=12)
     warm = max(1, int(2 * long_rate))  # the first two seconds of arrivals find idle replicas
     return [
-        WorkloadSpec("doc-qa", f"doc-qa: {doc.requests} requests, ~1500-word documents (~2.3k tokens) asked 2 questions each, 64 output tokens, closed loop at {doc_concurrency} sessions", doc, doc_concurrency, 0),
+        WorkloadSpec(
+            "doc-qa",
+            f"doc-qa: {doc.requests} requests, ~1500-word documents (~2.3k tokens) asked 2 questions each, 64 output tokens, closed loop at {doc_concurrency} sessions",
+            doc,
+            doc_concurrency,
+            0,
+        ),
         # open loop: Poisson arrivals, as independent users send them (a closed loop of identical
         # requests synchronises: sessions that start together finish together and arrive together)
-        WorkloadSpec("long-unique", f"long-unique: {long.requests} requests, unique ~3.5k-token prompts, 256 output tokens, Poisson arrivals at {long_rate:g}/s (first {warm} requests are warm-up)", long, None, warm, long_rate),
+        WorkloadSpec(
+            "long-unique",
+            f"long-unique: {long.requests} requests, unique ~3.5k-token prompts, 256 output tokens, Poisson arrivals at {long_rate:g}/s (first {warm} requests are warm-up)",
+            long,
+            None,
+            warm,
+            long_rate,
+        ),
     ]
 
 
@@ -264,7 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "pd.md").write_text(text)
-        meta = {"description": desc, "wall_s": round(wall, 1), "command": "python -m benchmarks.bench_pd " + " ".join(argv if argv is not None else sys.argv[1:]), "loadavg_start": load0, "loadavg_end": load1, "repeats": repeats, "workloads": {s.key: s.title for s in specs}}
+        meta = {
+            "description": desc,
+            "wall_s": round(wall, 1),
+            "command": "python -m benchmarks.bench_pd " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "loadavg_start": load0,
+            "loadavg_end": load1,
+            "repeats": repeats,
+            "workloads": {s.key: s.title for s in specs},
+        }
         (args.out / "pd.json").write_text(json.dumps({"meta": meta, "summaries": [asdict(r) for r in med], "runs": [asdict(r) for r in rows]}, indent=2))
     return 0
 

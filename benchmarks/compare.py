@@ -33,7 +33,18 @@ from .envoy_stack import free_port
 from .report import Summary, summarize, write_results
 from .workloads import MODEL, WORKLOADS, RunResult, Workload, run_workload
 
-ALL_POLICIES = ["direct", "round-robin", "random", "least-loaded", "approx-prefix", "precise-prefix", "precise-prefix+load", "estimated-ttft", "llm-d", "default"]
+ALL_POLICIES = [
+    "direct",
+    "round-robin",
+    "random",
+    "least-loaded",
+    "approx-prefix",
+    "precise-prefix",
+    "precise-prefix+load",
+    "estimated-ttft",
+    "llm-d",
+    "default",
+]
 QUICK_POLICIES = ["direct", "round-robin", "precise-prefix", "default"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,7 +105,9 @@ class GatewayProcess:
 
     def _start(self, config: Path) -> bool:
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -153,7 +166,11 @@ def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, r
         else:
             gw = GatewayProcess(fleet.handles, policy, tmp, extra=setup.extra)
             urls = [gw.url]
-        return asyncio.run(run_workload(workload, urls, concurrency=None if rate else setup.concurrency, rate=rate, on_done=on_done, warmup=warmup_requests(workload, setup, rate)))
+        return asyncio.run(
+            run_workload(
+                workload, urls, concurrency=None if rate else setup.concurrency, rate=rate, on_done=on_done, warmup=warmup_requests(workload, setup, rate)
+            )
+        )
     finally:
         if gw is not None:
             gw.stop()
@@ -201,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep: list[dict] = []
     t0 = time.perf_counter()
     console = Console()
-    with tempfile.TemporaryDirectory() as tmp, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress,
+    ):
         task = progress.add_task("benchmark", total=total)
         for wl in wls:
             for policy in policies:

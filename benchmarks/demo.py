@@ -146,7 +146,12 @@ def routing_summary(metrics_text: str) -> str:
                 retries += smp.value
             elif smp.name == "kvgate_pd_fallbacks_total":
                 fallbacks += smp.value
-    names = {"prefix_hit": "to a replica holding the prefix", "cold": "cold (no replica held it)", "two_hop": "two hops (prefill → decode)", "fallback": "one hop after a failed prefill"}
+    names = {
+        "prefix_hit": "to a replica holding the prefix",
+        "cold": "cold (no replica held it)",
+        "two_hop": "two hops (prefill → decode)",
+        "fallback": "one hop after a failed prefill",
+    }
     parts = [f"{int(v)} {names.get(k, k)}" for k, v in sorted(decisions.items(), key=lambda kv: -kv[1]) if v]
     line = "gateway routing decisions: " + (", ".join(parts) or "none")
     if paths.get("two_hop"):
@@ -167,7 +172,9 @@ def render_table(result: DemoResult, title: str, summary: str | None = None) -> 
         by_replica[hops[-1]].append(s)
         if len(hops) == 2:
             prefill_hops[hops[0]] += 1
-    table = Table(title=title, caption="hit ratio: cached prompt tokens / prompt tokens, as the replicas report them; warm: routed where the index saw the prefix")
+    table = Table(
+        title=title, caption="hit ratio: cached prompt tokens / prompt tokens, as the replicas report them; warm: routed where the index saw the prefix"
+    )
     for col in ("replica", "requests", "prefill hops", "hit ratio", "TTFT p50 ms", "warm"):
         table.add_column(col, justify="right" if col != "replica" else "left", no_wrap=True)
     for rid in sorted(set(by_replica) | set(prefill_hops)):
@@ -254,8 +261,7 @@ async def _serve_and_run(args: argparse.Namespace) -> int:
         print(f"OpenAI base URL: {base_url}")
         if args.once:
             return 0 if result.samples and not result.errors else 1
-        print("Stack running; point an OpenAI client at the URL above (model "
-              f"'{DEMO_MODEL}', any api_key). Ctrl-C to stop.")
+        print(f"Stack running; point an OpenAI client at the URL above (model '{DEMO_MODEL}', any api_key). Ctrl-C to stop.")
         from gateway.server import shutdown_event
 
         await shutdown_event().wait()

@@ -44,8 +44,15 @@ def render(*, listen: tuple[str, int], extproc: tuple[str, int], admin: tuple[st
     except ValueError:
         cluster_type = "STRICT_DNS"
     values = {
-        "LISTEN_ADDRESS": listen[0], "LISTEN_PORT": listen[1], "EXTPROC_HOST": extproc[0], "EXTPROC_PORT": extproc[1],
-        "ADMIN_ADDRESS": admin[0], "ADMIN_PORT": admin[1], "EXTPROC_CLUSTER_TYPE": cluster_type, "MODE_NAME": mode, **MODES[mode],
+        "LISTEN_ADDRESS": listen[0],
+        "LISTEN_PORT": listen[1],
+        "EXTPROC_HOST": extproc[0],
+        "EXTPROC_PORT": extproc[1],
+        "ADMIN_ADDRESS": admin[0],
+        "ADMIN_PORT": admin[1],
+        "EXTPROC_CLUSTER_TYPE": cluster_type,
+        "MODE_NAME": mode,
+        **MODES[mode],
     }
     head = f"# Rendered from deploy/envoy/envoy.template.yaml (mode {mode}); edit the template and re-render.\n"
     return head + string.Template(TEMPLATE.read_text()).substitute(values)

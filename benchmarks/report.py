@@ -105,7 +105,9 @@ def markdown(summaries: list[Summary], baseline: str = "round-robin") -> str:
     return "\n".join(out)
 
 
-def write_results(out_dir: Path, name: str, summaries: list[Summary], runs: dict[tuple[str, str], RunResult], sweep: list[dict] | None, meta: dict) -> list[Path]:
+def write_results(
+    out_dir: Path, name: str, summaries: list[Summary], runs: dict[tuple[str, str], RunResult], sweep: list[dict] | None, meta: dict
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{name}.md"
     md.write_text(f"# kvgate routing benchmark ({name})\n\n{meta.get('description', '')}\n\n" + markdown(summaries))

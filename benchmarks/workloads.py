@@ -58,7 +58,9 @@ class Workload:
         return sum(len(s.questions) for s in self.sessions)
 
 
-def shared_prefix(num_groups: int = 16, num_prompts_per_group: int = 20, system_prompt_len: int = 1200, question_len: int = 60, output_len: int = 32, seed: int = 1) -> Workload:
+def shared_prefix(
+    num_groups: int = 16, num_prompts_per_group: int = 20, system_prompt_len: int = 1200, question_len: int = 60, output_len: int = 32, seed: int = 1
+) -> Workload:
     rng = random.Random(seed)
     systems = [f"[group {g}] " + _words(rng, system_prompt_len) for g in range(num_groups)]
     sessions = [Session(systems[g], [_words(rng, question_len)], output_len) for g in range(num_groups) for _ in range(num_prompts_per_group)]
@@ -66,10 +68,15 @@ def shared_prefix(num_groups: int = 16, num_prompts_per_group: int = 20, system_
     return Workload("shared-prefix", sessions)
 
 
-def multi_turn(num_sessions: int = 40, turns: int = 8, num_systems: int = 4, system_prompt_len: int = 150, question_len: int = 80, output_len: int = 48, seed: int = 2) -> Workload:
+def multi_turn(
+    num_sessions: int = 40, turns: int = 8, num_systems: int = 4, system_prompt_len: int = 150, question_len: int = 80, output_len: int = 48, seed: int = 2
+) -> Workload:
     rng = random.Random(seed)
     systems = [f"[assistant {s}] " + _words(rng, system_prompt_len) for s in range(num_systems)]
-    sessions = [Session(systems[i % num_systems] + f" [session {i}]", [_words(rng, question_len) for _ in range(turns)], output_len, grow=True) for i in range(num_sessions)]
+    sessions = [
+        Session(systems[i % num_systems] + f" [session {i}]", [_words(rng, question_len) for _ in range(turns)], output_len, grow=True)
+        for i in range(num_sessions)
+    ]
     rng.shuffle(sessions)
     return Workload("multi-turn", sessions)
 
@@ -142,7 +149,16 @@ async def _one(client, messages: list[dict], max_tokens: int, headers: dict[str,
         return Sample(0.0, [], time.perf_counter() - t0, 0, 0, 0, replica, error=type(exc).__name__, start=t0), ""
     details = getattr(usage, "prompt_tokens_details", None) if usage else None
     cached = (getattr(details, "cached_tokens", 0) or 0) if details else 0
-    s = Sample(first if first is not None else time.perf_counter() - t0, gaps, time.perf_counter() - t0, usage.completion_tokens if usage else len(text), usage.prompt_tokens if usage else 0, cached, replica, start=t0)
+    s = Sample(
+        first if first is not None else time.perf_counter() - t0,
+        gaps,
+        time.perf_counter() - t0,
+        usage.completion_tokens if usage else len(text),
+        usage.prompt_tokens if usage else 0,
+        cached,
+        replica,
+        start=t0,
+    )
     return s, "".join(text)
 
 

@@ -102,8 +102,15 @@ class Gateway:
     def _live_metrics(self):
         states = self.fleet.all()
         yield gauge("kvgate_replica_healthy", "1 if the replica's circuit is closed", ["replica"], (([s.id], float(s.healthy)) for s in states))
-        yield gauge("kvgate_replica_inflight_requests", "Gateway-counted requests in flight per replica", ["replica"], (([s.id], s.inflight_requests) for s in states))
-        yield gauge("kvgate_replica_inflight_prefill_tokens", "Uncached prompt tokens dispatched, not yet past first byte", ["replica"], (([s.id], s.inflight_prefill_tokens) for s in states))
+        yield gauge(
+            "kvgate_replica_inflight_requests", "Gateway-counted requests in flight per replica", ["replica"], (([s.id], s.inflight_requests) for s in states)
+        )
+        yield gauge(
+            "kvgate_replica_inflight_prefill_tokens",
+            "Uncached prompt tokens dispatched, not yet past first byte",
+            ["replica"],
+            (([s.id], s.inflight_prefill_tokens) for s in states),
+        )
         yield gauge("kvgate_replica_waiting", "Scraped vllm:num_requests_waiting", ["replica"], (([s.id], s.waiting) for s in states))
         yield gauge("kvgate_replica_running", "Scraped vllm:num_requests_running", ["replica"], (([s.id], s.running) for s in states))
         yield gauge("kvgate_replica_kv_usage", "Scraped vllm:kv_cache_usage_perc", ["replica"], (([s.id], s.kv_usage) for s in states))
@@ -111,7 +118,12 @@ class Gateway:
         yield gauge("kvgate_inflight_requests", "Requests admitted and not yet answered", [], [([], self.admission.inflight)])
         prompt = self.metrics.prompt_blocks._value.get()
         hit = self.metrics.prefix_hit_blocks._value.get()
-        yield gauge("kvgate_prefix_hit_ratio", "Prompt blocks the chosen replica held (index) over all prompt blocks routed, since start", [], [([], hit / prompt if prompt else 0.0)])
+        yield gauge(
+            "kvgate_prefix_hit_ratio",
+            "Prompt blocks the chosen replica held (index) over all prompt blocks routed, since start",
+            [],
+            [([], hit / prompt if prompt else 0.0)],
+        )
         sub = self.subscriber
         if sub is not None:
             st = sub.stats
@@ -128,7 +140,9 @@ class Gateway:
                 ("kvgate_index_batches_unrecoverable", "batches_unrecoverable", "At a rebuild: batches older than the replica's replay buffer"),
             ):
                 yield counter(name, doc, ["replica"], (([rid], float(getattr(s, attr, 0))) for rid, s in per.items()))
-            yield counter("kvgate_index_losses", "Times the index reported its whole contents lost (e.g. Redis restarted empty)", [], [([], float(st.index_losses))])
+            yield counter(
+                "kvgate_index_losses", "Times the index reported its whole contents lost (e.g. Redis restarted empty)", [], [([], float(st.index_losses))]
+            )
 
     async def index_blocks(self) -> int:
         try:

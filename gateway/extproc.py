@@ -223,7 +223,9 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             # BUFFERED / BUFFERED_PARTIAL send the body in one message, end_of_stream or not
             # (it is false when trailers follow); STREAMED cannot move the request any more.
             if st.request_mode == _Mode.STREAMED:
-                _warn_once("request_body_mode STREAMED: the headers are gone before the body arrives, so the pick cannot apply; use BUFFERED or FULL_DUPLEX_STREAMED")
+                _warn_once(
+                    "request_body_mode STREAMED: the headers are gone before the body arrives, so the pick cannot apply; use BUFFERED or FULL_DUPLEX_STREAMED"
+                )
             return await self._route_buffered(st)
         if which == "request_trailers":
             if st.request_mode == FULL_DUPLEX and not st.routed:
@@ -374,7 +376,10 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         raw = bytes(st.body)
         out = [_route_response("request_headers", st.endpoints, content_length=len(raw), api_key=st.upstream_key)]
         if raw or not trailers:
-            out += [_streamed("request_body", raw[i : i + CHUNK_BYTES], not trailers and i + CHUNK_BYTES >= len(raw)) for i in range(0, max(len(raw), 1), CHUNK_BYTES)]
+            out += [
+                _streamed("request_body", raw[i : i + CHUNK_BYTES], not trailers and i + CHUNK_BYTES >= len(raw))
+                for i in range(0, max(len(raw), 1), CHUNK_BYTES)
+            ]
         if trailers:
             out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
         return out
@@ -436,13 +441,27 @@ def _route_response(phase: str, endpoints: list[str], content_length: int | None
     Also the upstream ``authorization``: the replica's key, or none at all — the client's own
     bearer token (the gateway's key) must never reach a replica."""
     value = ",".join(endpoints)
-    headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=value.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]
+    headers = [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=value.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        )
+    ]
     if content_length:
         # FULL_DUPLEX_STREAMED makes Envoy drop content-length; we send the body back unchanged
-        headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-length", raw_value=str(content_length).encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+        headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="content-length", raw_value=str(content_length).encode()),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        )
     remove: list[str] = []
     if api_key:
-        headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="authorization", raw_value=f"Bearer {api_key}".encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+        headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="authorization", raw_value=f"Bearer {api_key}".encode()),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        )
     else:
         remove.append("authorization")
     common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers, remove_headers=remove), clear_route_cache=True)
@@ -454,7 +473,9 @@ def _route_response(phase: str, endpoints: list[str], content_length: int | None
 
 
 def _streamed(phase: str, body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
-    resp = pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end_of_stream))))
+    resp = pb.BodyResponse(
+        response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)))
+    )
     return pb.ProcessingResponse(**{phase: resp})
 
 

@@ -129,7 +129,17 @@ class RelayResponse:
     always runs, exactly once, whatever happens.
     """
 
-    def __init__(self, first: bytes | None, upstream: UpstreamResponse, *, status: int, headers: Mapping[str, str], watch: DisconnectWatch | None, on_broken: Callable[[Exception], bytes], on_close: Callable[[bool], None]) -> None:
+    def __init__(
+        self,
+        first: bytes | None,
+        upstream: UpstreamResponse,
+        *,
+        status: int,
+        headers: Mapping[str, str],
+        watch: DisconnectWatch | None,
+        on_broken: Callable[[Exception], bytes],
+        on_close: Callable[[bool], None],
+    ) -> None:
         self.first = first
         self.upstream = upstream
         self.status_code = status
@@ -264,7 +274,9 @@ class Forwarder:
             errors.append(str(failure))
             if on_failure is not None:
                 on_failure(ep, failure, timed_out)
-        raise auth_error(failures) or GatewayError(503, f"no {hop.name} could take the request: " + "; ".join(errors or ["no candidates"]), "upstream_unavailable")
+        raise auth_error(failures) or GatewayError(
+            503, f"no {hop.name} could take the request: " + "; ".join(errors or ["no candidates"]), "upstream_unavailable"
+        )
 
     async def attempt(self, req: ProxyRequest, ep: EndpointState, body: bytes, hop: HopPolicy = ONE_HOP, *, can_retry: bool = True) -> Upstream:
         """One dispatch to one replica, held until its first byte.
@@ -352,6 +364,8 @@ class Forwarder:
             self.metrics.midstream_failures.labels(ep.id).inc()
             self.fleet.record_failure(ep.id)
             log.warning("stream from %s broke for %s: %s", ep.id, req.request_id, exc)
-            return sse_error_event(f"the replica serving this request failed mid-stream ({type(exc).__name__}); the answer is incomplete", "upstream_stream_broken")
+            return sse_error_event(
+                f"the replica serving this request failed mid-stream ({type(exc).__name__}); the answer is incomplete", "upstream_stream_broken"
+            )
 
         return RelayResponse(up.first, up.resp, status=status, headers=headers, watch=req.watch, on_broken=broken, on_close=finish)

@@ -135,7 +135,9 @@ class Hops:
         self.cfg = cfg
         self.forwarder = forwarder
         self.metrics = metrics
-        self.prefill_hop = HopPolicy("prefill replica", stream=False, first_byte_timeout_s=cfg.pd.prefill_timeout_s, retry_statuses=frozenset(), timeout_is_failure=True)
+        self.prefill_hop = HopPolicy(
+            "prefill replica", stream=False, first_byte_timeout_s=cfg.pd.prefill_timeout_s, retry_statuses=frozenset(), timeout_is_failure=True
+        )
         self.decode_hop = HopPolicy("decode replica", first_byte_timeout_s=cfg.pd.decode_timeout_s, prefill_tokens=0, retry_statuses=DECODE_RETRY_STATUSES)
 
     async def serve(self, req: ProxyRequest, plan: Plan) -> Response | RelayResponse:

@@ -63,7 +63,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", "-c", required=True, help="gateway YAML (replicas with kv_events and models)")
     p.add_argument("--index", help="redis://host:port/db (overrides index.backend)")
     p.add_argument("--stats-every", type=float, default=30.0, help="seconds between stats log lines")
-    p.add_argument("--loss-check-every", type=float, default=None, help="seconds between checks that Redis still holds the index (one small round trip; default: index.loss_check_s)")
+    p.add_argument(
+        "--loss-check-every",
+        type=float,
+        default=None,
+        help="seconds between checks that Redis still holds the index (one small round trip; default: index.loss_check_s)",
+    )
     args = p.parse_args(argv)
     if args.loss_check_every is not None and args.loss_check_every <= 0:
         p.error("--loss-check-every must be positive")

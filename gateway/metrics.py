@@ -34,7 +34,9 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter("kvgate_requests", "Requests answered, by replica and status", ["model", "replica", "route", "status"], registry=r)
         self.errors = Counter("kvgate_errors", "Requests answered with a gateway-generated error", ["code"], registry=r)
-        self.ttft = Histogram("kvgate_ttft_seconds", "Time to first byte of the response body seen by the gateway", ["replica", "decision"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "kvgate_ttft_seconds", "Time to first byte of the response body seen by the gateway", ["replica", "decision"], buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.e2e = Histogram("kvgate_e2e_seconds", "Request latency through the gateway", ["replica", "decision"], buckets=_LATENCY_BUCKETS, registry=r)
         self.sched = Histogram(
             "kvgate_scheduler_seconds",
@@ -52,7 +54,9 @@ class GatewayMetrics:
         self.queue_wait = Histogram("kvgate_admission_wait_seconds", "Time spent waiting for admission", buckets=_LATENCY_BUCKETS, registry=r)
         self.pd_requests = Counter("kvgate_pd_requests", "Requests by serving path", ["path"], registry=r)
         self.pd_fallbacks = Counter("kvgate_pd_fallbacks", "Two-hop requests that fell back", ["reason"], registry=r)
-        self.pd_hop = Histogram("kvgate_pd_hop_seconds", "Latency of each P/D hop (prefill: full hop; decode: to first byte)", ["hop"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.pd_hop = Histogram(
+            "kvgate_pd_hop_seconds", "Latency of each P/D hop (prefill: full hop; decode: to first byte)", ["hop"], buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.pd_prefill_share = Histogram(
             "kvgate_pd_prefill_ttft_share", "Share of the client's TTFT spent in the prefill hop", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0), registry=r
         )

@@ -183,7 +183,13 @@ async def open_upstream(
     no headers within ``first_byte_timeout_s`` raises ``UpstreamTimeout``.
     """
     try:
-        resp = await session.request(method, url, data=content, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=session.timeout.connect, sock_read=first_byte_timeout_s))
+        resp = await session.request(
+            method,
+            url,
+            data=content,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=session.timeout.connect, sock_read=first_byte_timeout_s),
+        )
     except aiohttp.ConnectionTimeoutError as exc:  # could not even connect: retry elsewhere
         raise UpstreamConnectError(f"connect timeout: {exc}", accepted=False) from exc
     except TimeoutError:
@@ -193,4 +199,3 @@ async def open_upstream(
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError, OSError) as exc:
         raise UpstreamConnectError(f"{type(exc).__name__}: {exc}", accepted=True) from exc
     return UpstreamResponse(resp)
-

@@ -60,7 +60,9 @@ def _session(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
 class Router:
     """Owns tokenizers, the index handle and the scheduler; turns a request into a plan."""
 
-    def __init__(self, cfg: GatewayConfig, fleet: Fleet, index: KVIndex, scheduler: Scheduler, client: httpx.AsyncClient, metrics: GatewayMetrics, hops: Hops) -> None:
+    def __init__(
+        self, cfg: GatewayConfig, fleet: Fleet, index: KVIndex, scheduler: Scheduler, client: httpx.AsyncClient, metrics: GatewayMetrics, hops: Hops
+    ) -> None:
         self.cfg = cfg
         self.fleet = fleet
         self.index = index

@@ -70,7 +70,17 @@ def uvicorn_config(app, host: str, port: int, *, loop: str = "uvloop"):
 
     # proxy_headers off: nothing here reads the client address, and it is one more ASGI layer
     return uvicorn.Config(
-        app, host=host, port=port, loop=loop, http="httptools", log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5, proxy_headers=False, server_header=False
+        app,
+        host=host,
+        port=port,
+        loop=loop,
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        proxy_headers=False,
+        server_header=False,
     )
 
 

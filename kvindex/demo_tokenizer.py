@@ -58,7 +58,7 @@ def _corpus(seed: int = 1234, lines: int = 6000) -> list[str]:
         if i % 5 == 0:
             words.append(str(rng.randint(0, 99999)))
         if i % 7 == 0:
-            words.append(rng.choice(["def f(x):", "return x + 1", "{\"key\": [1, 2]}", "a_b = c.d()", "#", "->", "..."]))
+            words.append(rng.choice(["def f(x):", "return x + 1", '{"key": [1, 2]}', "a_b = c.d()", "#", "->", "..."]))
         out.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ",", ":"]))
     return out
 

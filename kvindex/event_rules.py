@@ -80,9 +80,7 @@ def needs_known_first(ev: BlockStored) -> bool:
     return ev.parent_block_hash is None and not ev.extra_keys and bool(ev.block_hashes)
 
 
-def stored_keys(
-    ev: BlockStored, parent_key: int | None, model: str, known_first: int | None = None
-) -> list[int] | None:
+def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first: int | None = None) -> list[int] | None:
     """Our chained keys for a BlockStored event, or None if it cannot be keyed.
 
     ``parent_key`` is the resolved key of ``ev.parent_block_hash`` (ignored when the event

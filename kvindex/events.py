@@ -161,9 +161,7 @@ def _from_legacy(ev: _LegacyEventT) -> KVEvent:
 
 def _to_legacy(ev: KVEvent) -> _LegacyEventT:
     if isinstance(ev, BlockStored):
-        return _LegacyBlockStored(
-            ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size, ev.lora_id, ev.medium, ev.lora_name
-        )
+        return _LegacyBlockStored(ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size, ev.lora_id, ev.medium, ev.lora_name)
     if isinstance(ev, BlockRemoved):
         return _LegacyBlockRemoved(ev.block_hashes, ev.medium)
     return _LegacyAllBlocksCleared()
@@ -239,7 +237,5 @@ def decode_batch(payload: bytes) -> EventBatch:
 def encode_batch(batch: EventBatch, legacy: bool = False) -> bytes:
     """Encode ``batch`` as vLLM 0.33 would (or, with ``legacy``, in the older array form)."""
     if legacy:
-        return _ENCODER.encode(
-            _LegacyBatch(ts=batch.ts, events=[_to_legacy(e) for e in batch.events], data_parallel_rank=batch.data_parallel_rank)
-        )
+        return _ENCODER.encode(_LegacyBatch(ts=batch.ts, events=[_to_legacy(e) for e in batch.events], data_parallel_rank=batch.data_parallel_rank))
     return _ENCODER.encode(batch)

@@ -363,8 +363,7 @@ class RedisIndex(KVIndex):
             yield
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
             raise RedisIndexUnavailable(
-                f"Redis index at {_redacted(self.url)} unavailable ({what}): {exc or type(exc).__name__}; "
-                "routing falls back to load-only until it answers"
+                f"Redis index at {_redacted(self.url)} unavailable ({what}): {exc or type(exc).__name__}; routing falls back to load-only until it answers"
             ) from exc
 
     # ---------------------------------------------------------------- key names
@@ -600,9 +599,7 @@ class RedisIndex(KVIndex):
         await self._redis.aclose()
 
 
-def plan_segment(
-    events: Sequence[Any], start: int, local: dict[BlockHash, int]
-) -> tuple[int, list[BlockHash]]:
+def plan_segment(events: Sequence[Any], start: int, local: dict[BlockHash, int]) -> tuple[int, list[BlockHash]]:
     """Where the next script run must end, and the parent hashes to fetch from Redis first.
 
     A parent resolves locally (our cache, or a block stored earlier in the run) or must be

@@ -415,7 +415,10 @@ class EventSubscriber:
             "KV index %s: re-applied %d batches from the replay buffers of %d replicas in %.2f s; "
             "%d older batches were no longer buffered (their blocks stay unknown until stored again)%s",
             "rebuild retried" if retry else "lost its contents (Redis restarted empty?)",
-            replayed, len(rids) - len(failed), time.monotonic() - t0, lost,
+            replayed,
+            len(rids) - len(failed),
+            time.monotonic() - t0,
+            lost,
             f"; not rebuilt: {', '.join(failed)}" if failed else "",
         )
 

@@ -70,9 +70,7 @@ class _GenerationTag(jinja2.ext.Extension):
 
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -143,7 +141,9 @@ class Tokenizer:
         _check_messages(messages)
         variables = {**self._special, **template_kwargs}
         try:
-            text = _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt and not continue_final_message, tools=tools, **variables)
+            text = _compile(template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt and not continue_final_message, tools=tools, **variables
+            )
         except ChatTemplateError:
             raise
         except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as exc:

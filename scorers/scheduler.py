@@ -42,7 +42,11 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "scorers": [{"type": "precise-prefix", "weight": 3}, {"type": "queue", "weight": 2}, {"type": "kv-usage", "weight": 2}],
         "picker": {"type": "max"},
     },
-    "approx-prefix": {"filters": _BASE_FILTERS, "scorers": [{"type": "approx-prefix", "weight": 3}, {"type": "inflight", "weight": 2}], "picker": {"type": "max"}},
+    "approx-prefix": {
+        "filters": _BASE_FILTERS,
+        "scorers": [{"type": "approx-prefix", "weight": 3}, {"type": "inflight", "weight": 2}],
+        "picker": {"type": "max"},
+    },
     "estimated-ttft": {"filters": _BASE_FILTERS, "scorers": [{"type": "estimated-ttft", "weight": 1}], "picker": {"type": "max"}},
     "llm-d": {
         "filters": [*_BASE_FILTERS, {"type": "prefix-affinity", "params": {"threshold": 0.8}}],

@@ -47,22 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-module", action="append", default=[], help="a LoRA adapter name served on top (repeatable)")
     p.add_argument("--kv-block-bytes", type=int, default=d.kv_block_bytes, help="bytes moved per block in P/D transfers")
     p.add_argument(
-        "--lease-s", type=float, default=float(os.environ.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT", d.lease_s)),
+        "--lease-s",
+        type=float,
+        default=float(os.environ.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT", d.lease_s)),
         help="how long prefilled blocks wait for the decode replica (default: $VLLM_NIXL_ABORT_REQUEST_TIMEOUT, else 30)",
     )
-    p.add_argument("--side-channel-host", default=os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", ""), help="host advertised as remote_host (default: $VLLM_NIXL_SIDE_CHANNEL_HOST, else --host)")
     p.add_argument(
-        "--side-channel-port", type=int, default=int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "0")),
+        "--side-channel-host",
+        default=os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", ""),
+        help="host advertised as remote_host (default: $VLLM_NIXL_SIDE_CHANNEL_HOST, else --host)",
+    )
+    p.add_argument(
+        "--side-channel-port",
+        type=int,
+        default=int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "0")),
         help="KV side-channel port, +1 per extra replica (default: $VLLM_NIXL_SIDE_CHANNEL_PORT, else a free port)",
     )
     p.add_argument("--engine-id", default="", help="NIXL engine id (default derived from the port)")
     p.add_argument(
-        "--kv-transfer", choices=["auto", "nixl", "tcp"], default="auto",
+        "--kv-transfer",
+        choices=["auto", "nixl", "tcp"],
+        default="auto",
         help="KV transfer backend: auto = NIXL for prefill/decode roles, TCP for both; NIXL falls back to TCP when not installed",
     )
     p.add_argument("--no-nixl", action="store_true", help="same as --kv-transfer tcp")
     p.add_argument(
-        "--api-key", nargs="+", default=None, metavar="KEY",
+        "--api-key",
+        nargs="+",
+        default=None,
+        metavar="KEY",
         help="require 'Authorization: Bearer KEY' on /v1/* (several keys: any is accepted; default: $VLLM_API_KEY, as vllm serve)",
     )
     return p
@@ -76,16 +89,34 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     for i in range(args.replicas):
         out.append(
             SimConfig(
-                model=args.model, host=args.host, port=args.port + i, role=args.role, block_size=args.block_size, num_blocks=args.num_blocks,
-                hash_algo=args.hash_algo, hash_seed=args.hash_seed, tokenizer=args.tokenizer,
-                kv_events=bool(args.kv_events_endpoint), kv_events_port=ev_port + 2 * i if ev_port else 0,
-                replay_port=(rp_port + 2 * i) if rp_port else 0, kv_events_topic=args.kv_events_topic, legacy_events=args.legacy_events,
-                time_scale=args.time_scale, seed=args.seed + i, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, prefill_tokens_per_s=args.prefill_tokens_per_s,
-                decode_step_ms=args.decode_step_ms, decode_ms_per_1k_kv_tokens=args.decode_ms_per_1k_kv_tokens,
-                lora_modules=list(args.lora_module), kv_block_bytes=args.kv_block_bytes, lease_s=args.lease_s,
+                model=args.model,
+                host=args.host,
+                port=args.port + i,
+                role=args.role,
+                block_size=args.block_size,
+                num_blocks=args.num_blocks,
+                hash_algo=args.hash_algo,
+                hash_seed=args.hash_seed,
+                tokenizer=args.tokenizer,
+                kv_events=bool(args.kv_events_endpoint),
+                kv_events_port=ev_port + 2 * i if ev_port else 0,
+                replay_port=(rp_port + 2 * i) if rp_port else 0,
+                kv_events_topic=args.kv_events_topic,
+                legacy_events=args.legacy_events,
+                time_scale=args.time_scale,
+                seed=args.seed + i,
+                max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                prefill_tokens_per_s=args.prefill_tokens_per_s,
+                decode_step_ms=args.decode_step_ms,
+                decode_ms_per_1k_kv_tokens=args.decode_ms_per_1k_kv_tokens,
+                lora_modules=list(args.lora_module),
+                kv_block_bytes=args.kv_block_bytes,
+                lease_s=args.lease_s,
                 engine_id=f"{args.engine_id}-{i}" if args.engine_id and args.replicas > 1 else args.engine_id,
-                side_channel_host=args.side_channel_host, side_channel_port=args.side_channel_port + i if args.side_channel_port else 0,
+                side_channel_host=args.side_channel_host,
+                side_channel_port=args.side_channel_port + i if args.side_channel_port else 0,
                 kv_transfer="tcp" if args.no_nixl else args.kv_transfer,
                 api_key=list(keys) or None,
             )

@@ -24,7 +24,9 @@ END_SEQ = b"\xff" * 8
 
 
 class EventPublisher:
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: str | None, topic: str = "", *, legacy: bool = False, buffer: int = 10_000) -> None:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: str | None, topic: str = "", *, legacy: bool = False, buffer: int = 10_000
+    ) -> None:
         self.topic = topic.encode()
         self.legacy = legacy
         self.pub = ctx.socket(zmq.PUB)

@@ -61,13 +61,44 @@ def _resolve_ports(cfg: SimConfig) -> SimConfig:
 def cli_args(cfg: SimConfig) -> list[str]:
     """The ``kvgate sim`` arguments that reproduce ``cfg`` (used by process mode)."""
     args = [
-        "--host", cfg.host, "--port", str(cfg.port), "--model", cfg.model, "--role", cfg.role,
-        "--block-size", str(cfg.block_size), "--num-blocks", str(cfg.num_blocks), "--hash-algo", cfg.hash_algo,
-        "--tokenizer", cfg.tokenizer, "--seed", str(cfg.seed), "--time-scale", str(cfg.time_scale),
-        "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", str(cfg.max_num_seqs),
-        "--max-num-batched-tokens", str(cfg.max_num_batched_tokens), "--prefill-tokens-per-s", str(cfg.prefill_tokens_per_s),
-        "--decode-step-ms", str(cfg.decode_step_ms), "--decode-ms-per-1k-kv-tokens", str(cfg.decode_ms_per_1k_kv_tokens),
-        "--kv-block-bytes", str(cfg.kv_block_bytes), "--lease-s", str(cfg.lease_s), "--engine-id", cfg.engine_id,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--model",
+        cfg.model,
+        "--role",
+        cfg.role,
+        "--block-size",
+        str(cfg.block_size),
+        "--num-blocks",
+        str(cfg.num_blocks),
+        "--hash-algo",
+        cfg.hash_algo,
+        "--tokenizer",
+        cfg.tokenizer,
+        "--seed",
+        str(cfg.seed),
+        "--time-scale",
+        str(cfg.time_scale),
+        "--max-model-len",
+        str(cfg.max_model_len),
+        "--max-num-seqs",
+        str(cfg.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(cfg.max_num_batched_tokens),
+        "--prefill-tokens-per-s",
+        str(cfg.prefill_tokens_per_s),
+        "--decode-step-ms",
+        str(cfg.decode_step_ms),
+        "--decode-ms-per-1k-kv-tokens",
+        str(cfg.decode_ms_per_1k_kv_tokens),
+        "--kv-block-bytes",
+        str(cfg.kv_block_bytes),
+        "--lease-s",
+        str(cfg.lease_s),
+        "--engine-id",
+        cfg.engine_id,
     ]
     if cfg.hash_seed is not None:
         args += ["--hash-seed", cfg.hash_seed]
@@ -160,11 +191,15 @@ class SimFleet:
         if self.mode == "process":
             env = {**os.environ}
             env.pop("VLLM_API_KEY", None)  # the replica's keys are cfg.api_key's, passed as --api-key
-            self._procs[i] = subprocess.Popen([sys.executable, "-m", "simulator.cli", *cli_args(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._procs[i] = subprocess.Popen(
+                [sys.executable, "-m", "simulator.cli", *cli_args(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             return
         assert self._runner is not None
         sim = SimServer(dataclasses.replace(cfg))
-        server = uvicorn.Server(uvicorn.Config(sim.build_app(), host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on", loop="asyncio"))
+        server = uvicorn.Server(
+            uvicorn.Config(sim.build_app(), host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on", loop="asyncio")
+        )
         self._sims[i] = sim
         self._servers[i] = server
         self._tasks[i] = asyncio.run_coroutine_threadsafe(server.serve(), self._runner.loop)

@@ -74,7 +74,9 @@ async def _recv(reader: asyncio.StreamReader) -> Any:
 class KVTransfer:
     """One per simulated replica: a registered host-memory KV buffer plus a side channel."""
 
-    def __init__(self, engine_id: str, num_blocks: int, block_bytes: int, *, host: str = "127.0.0.1", side_channel_port: int = 0, prefer_nixl: bool = True) -> None:
+    def __init__(
+        self, engine_id: str, num_blocks: int, block_bytes: int, *, host: str = "127.0.0.1", side_channel_port: int = 0, prefer_nixl: bool = True
+    ) -> None:
         self.engine_id = engine_id
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
@@ -270,7 +272,9 @@ class KVTransfer:
             raise KVTransferError(f"side channel {host}:{port}: {reply.get('error') if isinstance(reply, dict) else reply}")
         return reply
 
-    async def pull(self, *, remote_host: str, remote_port: int, remote_engine_id: str, remote_request_id: str, remote_block_ids: list[int], local_block_ids: list[int]) -> int:
+    async def pull(
+        self, *, remote_host: str, remote_port: int, remote_engine_id: str, remote_request_id: str, remote_block_ids: list[int], local_block_ids: list[int]
+    ) -> int:
         """READ the remote blocks into the local ones, then tell the remote it may free them."""
         if len(remote_block_ids) != len(local_block_ids):
             raise KVTransferError("remote and local block lists differ in length")
@@ -364,12 +368,26 @@ async def _bench(blocks: int = 256, block_kib: int = 2048, repeats: int = 3) -> 
         src.has_pending = lambda: True  # a prefill replica with a lease out drives its side's progress
         src.wake()
         ids = list(range(blocks))
-        await dst.pull(remote_host="127.0.0.1", remote_port=src.side_channel_port, remote_engine_id="bench-src", remote_request_id="warm", remote_block_ids=ids[:1], local_block_ids=ids[:1])
+        await dst.pull(
+            remote_host="127.0.0.1",
+            remote_port=src.side_channel_port,
+            remote_engine_id="bench-src",
+            remote_request_id="warm",
+            remote_block_ids=ids[:1],
+            local_block_ids=ids[:1],
+        )
         best = float("inf")
         for k in range(repeats):
             dst.buffer[:] = 0
             t0 = time.perf_counter()
-            await dst.pull(remote_host="127.0.0.1", remote_port=src.side_channel_port, remote_engine_id="bench-src", remote_request_id=f"r{k}", remote_block_ids=ids, local_block_ids=ids)
+            await dst.pull(
+                remote_host="127.0.0.1",
+                remote_port=src.side_channel_port,
+                remote_engine_id="bench-src",
+                remote_request_id=f"r{k}",
+                remote_block_ids=ids,
+                local_block_ids=ids,
+            )
             best = min(best, time.perf_counter() - t0)
             assert bytes(dst.buffer[-4096:]) == bytes(src.buffer[-4096:]) and bytes(dst.buffer[:4096]) == bytes(src.buffer[:4096])
         print(f"{dst.last_backend}: {blocks} blocks x {block_kib} KiB = {total / 2**20:.0f} MiB in {best * 1000:.1f} ms = {total / 2**20 / best:.0f} MiB/s")

@@ -38,11 +38,21 @@ class SimMetrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r)
         self.success = Counter("vllm:request_success", "Count of successfully processed requests.", [*labels, "finished_reason"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels, buckets=TTFT_BUCKETS, registry=r)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", labels, buckets=REQUEST_LATENCY_BUCKETS, registry=r)
-        self.nixl_time = Histogram("vllm:nixl_xfer_time_seconds", "Histogram of transfer duration for NIXL KV Cache transfers.", labels, buckets=_NIXL_TIME_BUCKETS, registry=r)
-        self.nixl_post = Histogram("vllm:nixl_post_time_seconds", "Histogram of transfer post time for NIXL KV Cache transfers.", labels, buckets=_NIXL_TIME_BUCKETS, registry=r)
-        self.nixl_bytes = Histogram("vllm:nixl_bytes_transferred", "Histogram of bytes transferred per NIXL KV Cache transfers.", labels, buckets=_NIXL_BYTES_BUCKETS, registry=r)
-        self.nixl_desc = Histogram("vllm:nixl_num_descriptors", "Histogram of number of descriptors per NIXL KV Cache transfers.", labels, buckets=_NIXL_DESC_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", labels, buckets=REQUEST_LATENCY_BUCKETS, registry=r
+        )
+        self.nixl_time = Histogram(
+            "vllm:nixl_xfer_time_seconds", "Histogram of transfer duration for NIXL KV Cache transfers.", labels, buckets=_NIXL_TIME_BUCKETS, registry=r
+        )
+        self.nixl_post = Histogram(
+            "vllm:nixl_post_time_seconds", "Histogram of transfer post time for NIXL KV Cache transfers.", labels, buckets=_NIXL_TIME_BUCKETS, registry=r
+        )
+        self.nixl_bytes = Histogram(
+            "vllm:nixl_bytes_transferred", "Histogram of bytes transferred per NIXL KV Cache transfers.", labels, buckets=_NIXL_BYTES_BUCKETS, registry=r
+        )
+        self.nixl_desc = Histogram(
+            "vllm:nixl_num_descriptors", "Histogram of number of descriptors per NIXL KV Cache transfers.", labels, buckets=_NIXL_DESC_BUCKETS, registry=r
+        )
         self.nixl_failed = Counter("vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache transfers.", labels, registry=r)
         self.nixl_failed_notifs = Counter("vllm:nixl_num_failed_notifications", "Number of failed NIXL KV Cache notifications.", labels, registry=r)
         self.nixl_expired = Counter("vllm:nixl_num_kv_expired_reqs", "Number of requests that had their KV expire.", labels, registry=r)
@@ -50,8 +60,22 @@ class SimMetrics:
         self.kv_verify_failed = Counter("kvgate_sim:kv_verify_failures", "Pulled KV blocks that failed checksum verification.", labels, registry=r)
         for reason in FINISH_REASONS:
             self.success.labels(*self.lv, reason)
-        for m in (self.running, self.waiting, self.kv_usage, self.queries, self.hits, self.preemptions, self.prompt_tokens, self.generation_tokens,
-                  self.ttft, self.e2e, self.nixl_failed, self.nixl_failed_notifs, self.nixl_expired, self.kv_verify_failed):
+        for m in (
+            self.running,
+            self.waiting,
+            self.kv_usage,
+            self.queries,
+            self.hits,
+            self.preemptions,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.ttft,
+            self.e2e,
+            self.nixl_failed,
+            self.nixl_failed_notifs,
+            self.nixl_expired,
+            self.kv_verify_failed,
+        ):
             m.labels(*self.lv)
         self.max_lora = str(max(1, len(lora_modules))) if lora_modules else None
         self.lora_info = (

@@ -151,7 +151,6 @@ def _own_address() -> str:
         return "127.0.0.1"
 
 
-
 def _json_object(raw: bytes) -> dict:
     """A request body as FastAPI validates it for vLLM: JSON, and an object (else a 400 with
     pydantic's error list)."""
@@ -160,7 +159,10 @@ def _json_object(raw: bytes) -> dict:
     except msgspec.DecodeError as exc:
         raise invalid([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error", "input": {}, "ctx": {"error": str(exc)}}], "body.0") from None
     if not isinstance(body, dict):
-        raise invalid([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from", "input": body}], "body")
+        raise invalid(
+            [{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary or object to extract fields from", "input": body}],
+            "body",
+        )
     return body
 
 
@@ -169,6 +171,7 @@ def uses_nixl(cfg: SimConfig) -> bool:
     if not cfg.prefer_nixl or cfg.kv_transfer == "tcp":
         return False
     return cfg.kv_transfer == "nixl" or cfg.role != "both"
+
 
 class SimServer:
     """One simulated vLLM replica: engine, events, KV transfer, HTTP app."""
@@ -212,7 +215,11 @@ class SimServer:
         self.engine.on_first_token.append(lambda r, ttft: self.metrics.observe_ttft(ttft))
         if cfg.role in ("prefill", "decode", "both"):
             self.transfer = KVTransfer(
-                self.engine_id, cfg.num_blocks, cfg.kv_block_bytes, host=cfg.host, side_channel_port=cfg.side_channel_port,
+                self.engine_id,
+                cfg.num_blocks,
+                cfg.kv_block_bytes,
+                host=cfg.host,
+                side_channel_port=cfg.side_channel_port,
                 prefer_nixl=uses_nixl(cfg),
             )
             await self.transfer.start()
@@ -277,7 +284,9 @@ class SimServer:
             return
         with contextlib.suppress(RuntimeError):
             task = asyncio.get_running_loop().create_task(
-                self.transfer.notify_release(str(p.get("remote_host")), int(p.get("remote_port") or 0), str(p.get("remote_engine_id")), str(p.get("remote_request_id")))
+                self.transfer.notify_release(
+                    str(p.get("remote_host")), int(p.get("remote_port") or 0), str(p.get("remote_engine_id")), str(p.get("remote_request_id"))
+                )
             )
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
@@ -304,8 +313,12 @@ class SimServer:
             if local_ids:
                 # vLLM reads only the blocks that missed the local prefix cache (the tail)
                 await self.transfer.pull(
-                    remote_host=host, remote_port=port, remote_engine_id=eid, remote_request_id=rid,
-                    remote_block_ids=remote_ids[hit:n], local_block_ids=local_ids,
+                    remote_host=host,
+                    remote_port=port,
+                    remote_engine_id=eid,
+                    remote_request_id=rid,
+                    remote_block_ids=remote_ids[hit:n],
+                    local_block_ids=local_ids,
                 )
             else:
                 await self.transfer.notify_release(host, port, eid, rid)  # full local hit: just free the prefill's blocks
@@ -346,7 +359,16 @@ class SimServer:
             v = _opt_int(body, name)
             if v is not None and not _INT64[0] <= v <= _INT64[1]:
                 raise field_error(name, "less_than_equal", f"Input should be less than or equal to {_INT64[1]}", v)
-        for name in ("stream", "echo", "ignore_eos", "add_special_tokens", "skip_special_tokens", "include_stop_str_in_output", "add_generation_prompt", "continue_final_message"):
+        for name in (
+            "stream",
+            "echo",
+            "ignore_eos",
+            "add_special_tokens",
+            "skip_special_tokens",
+            "include_stop_str_in_output",
+            "add_generation_prompt",
+            "continue_final_message",
+        ):
             _opt_bool(body, name)
         for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
             _opt_number(body, name)
@@ -601,7 +623,15 @@ class SimServer:
             r = reqs[0]
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": r.text, "refusal": None, "annotations": None, "audio": None, "function_call": None, "reasoning": None},
+                "message": {
+                    "role": "assistant",
+                    "content": r.text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "reasoning": None,
+                },
                 "logprobs": None,
                 "finish_reason": r.finish_reason,
                 "stop_reason": r.stop_reason,
@@ -609,21 +639,52 @@ class SimServer:
                 "routed_experts": None,
             }
             return {
-                "id": resp_id, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
-                "service_tier": None, "system_fingerprint": None, "usage": self._usage(reqs, True), "prompt_logprobs": None,
-                "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": kvp, "ec_transfer_params": None, "metrics": None,
+                "id": resp_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": self._usage(reqs, True),
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "prompt_text": None,
+                "kv_transfer_params": kvp,
+                "ec_transfer_params": None,
+                "metrics": None,
             }
         choices = [
-            {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason, "token_ids": None,
-             "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
+            {
+                "index": i,
+                "text": r.text,
+                "logprobs": None,
+                "finish_reason": r.finish_reason,
+                "stop_reason": r.stop_reason,
+                "token_ids": None,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "routed_experts": None,
+            }
             for i, r in enumerate(reqs)
         ]
         return {
-            "id": resp_id, "object": "text_completion", "created": created, "model": model, "choices": choices, "service_tier": None,
-            "system_fingerprint": None, "usage": self._usage(reqs, True), "kv_transfer_params": kvp, "ec_transfer_params": None, "metrics": None,
+            "id": resp_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": self._usage(reqs, True),
+            "kv_transfer_params": kvp,
+            "ec_transfer_params": None,
+            "metrics": None,
         }
 
-    async def _stream(self, kind: str, reqs: list[EngineRequest], resp_id: str, model: str, include_usage: bool, continuous: bool, body: dict) -> AsyncGenerator[bytes, None]:
+    async def _stream(
+        self, kind: str, reqs: list[EngineRequest], resp_id: str, model: str, include_usage: bool, continuous: bool, body: dict
+    ) -> AsyncGenerator[bytes, None]:
         created = int(time.time())
         chat = kind == "chat"
         obj = b'"chat.completion.chunk"' if chat else b'"text_completion"'
@@ -659,12 +720,25 @@ class SimServer:
                         else:
                             d = b'{"content":' + _json(delta) + b"}" if delta else b"{}"
                             choice = (
-                                b'[{"index":0,"delta":' + d + b',"logprobs":null,"finish_reason":' + _json(finish) + b',"stop_reason":' + _json(r.stop_reason) + b',"token_ids":null}]'
+                                b'[{"index":0,"delta":'
+                                + d
+                                + b',"logprobs":null,"finish_reason":'
+                                + _json(finish)
+                                + b',"stop_reason":'
+                                + _json(r.stop_reason)
+                                + b',"token_ids":null}]'
                             )
                     else:
                         choice = (
-                            b'[{"index":' + str(i).encode() + b',"text":' + _json(delta) + b',"logprobs":null,"finish_reason":' + _json(finish)
-                            + b',"stop_reason":' + (_json(r.stop_reason) if finish else b"null") + b',"prompt_token_ids":null,"token_ids":null}]'
+                            b'[{"index":'
+                            + str(i).encode()
+                            + b',"text":'
+                            + _json(delta)
+                            + b',"logprobs":null,"finish_reason":'
+                            + _json(finish)
+                            + b',"stop_reason":'
+                            + (_json(r.stop_reason) if finish else b"null")
+                            + b',"prompt_token_ids":null,"token_ids":null}]'
                         )
                     yield head + choice + (usage_of(r, n_out) if continuous else b"") + b"}\n\n"
         finally:
@@ -686,11 +760,29 @@ class SimServer:
         async def models(request: Request) -> Response:
             def card(mid: str, root: str, parent: str | None, max_len: int | None) -> dict:
                 perm = {
-                    "id": f"modelperm-{hashlib.md5(mid.encode()).hexdigest()}", "object": "model_permission", "created": self.created,
-                    "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False,
-                    "allow_view": True, "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False,
+                    "id": f"modelperm-{hashlib.md5(mid.encode()).hexdigest()}",
+                    "object": "model_permission",
+                    "created": self.created,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
                 }
-                return {"id": mid, "object": "model", "created": self.created, "owned_by": "vllm", "root": root, "parent": parent, "max_model_len": max_len, "permission": [perm]}
+                return {
+                    "id": mid,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "vllm",
+                    "root": root,
+                    "parent": parent,
+                    "max_model_len": max_len,
+                    "permission": [perm],
+                }
 
             data = [card(self.cfg.model, self.cfg.model, None, self.cfg.max_model_len)]
             data += [card(m, f"/adapters/{m}", self.cfg.model, None) for m in self.cfg.lora_modules]
@@ -714,7 +806,16 @@ class SimServer:
                 total += len(ids)
                 raw = hashlib.shake_256(repr(ids).encode()).digest(self.cfg.embedding_dim)
                 data.append({"object": "embedding", "index": i, "embedding": [b / 255.0 - 0.5 for b in raw]})
-            return JSONResponse({"id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": self.cfg.model, "data": data, "usage": {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0, "prompt_tokens_details": None}})
+            return JSONResponse(
+                {
+                    "id": f"embd-{uuid.uuid4().hex}",
+                    "object": "list",
+                    "created": int(time.time()),
+                    "model": self.cfg.model,
+                    "data": data,
+                    "usage": {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0, "prompt_tokens_details": None},
+                }
+            )
 
         async def tokenize(request: Request) -> Response:
             try:
@@ -809,7 +910,9 @@ class SimServer:
         ]
         keys = self.cfg.api_keys()
         middleware = [Middleware(ApiKeyMiddleware, tokens=keys)] if keys else []
-        return Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error})
+        return Starlette(
+            routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error}
+        )
 
 
 #: URL prefixes that need the key when the replica has one (vLLM's --api-key / VLLM_API_KEY).

@@ -35,13 +35,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError("KVGATE_TEST_STRICT: missing " + "; ".join(missing))
 
 
-
-
 @pytest.fixture
 def port() -> int:
     return free_port()
-
-
 
 
 @pytest.fixture(scope="session")

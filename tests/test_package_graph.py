@@ -47,9 +47,7 @@ def test_no_module_imports_a_package_above_it(package: str) -> None:
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_importing_every_module_loads_nothing_above(package: str) -> None:
-    modules = sorted(
-        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in (ROOT / package).rglob("*.py")
-    )
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in (ROOT / package).rglob("*.py"))
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

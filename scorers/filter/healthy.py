@@ -12,4 +12,3 @@ class HealthyFilter(Filter):
 
     def filter(self, ctx: RequestContext, endpoints: list[EndpointState]) -> list[EndpointState]:
         return [e for e in endpoints if e.healthy]
-

@@ -15,4 +15,3 @@ class MaxPicker(SeededPicker):
         keyed = [(round(s, 9), self.rng.random(), e) for e, s in scored]
         keyed.sort(key=lambda t: (-t[0], t[1]))
         return [e for _, _, e in keyed]
-

@@ -15,4 +15,3 @@ class RandomPicker(SeededPicker):
         eps = [e for e, _ in scored]
         self.rng.shuffle(eps)
         return eps
-

@@ -12,4 +12,3 @@ class KVUsageScorer(Scorer):
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
         return {e.id: max(0.0, min(1.0, 1.0 - e.kv_usage)) for e in endpoints}
-

@@ -13,4 +13,3 @@ class LeastLoadedScorer(Scorer):
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
         return relative_inverse({e.id: e.inflight_requests + e.waiting for e in endpoints})
-

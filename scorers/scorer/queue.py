@@ -13,4 +13,3 @@ class QueueScorer(Scorer):
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
         return relative_inverse({e.id: e.waiting + 0.01 * e.running for e in endpoints})
-

@@ -13,4 +13,3 @@ class TokenLoadScorer(Scorer):
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
         return relative_inverse({e.id: float(e.inflight_prefill_tokens + ctx.uncached_tokens(e.id)) for e in endpoints})
-

@@ -25,7 +25,10 @@ def test_workloads_are_seeded_and_bounded():
 
 
 def test_report_math():
-    samples = [Sample(ttft=t, itl=[0.01, 0.02], e2e=t + 0.1, output_tokens=10, prompt_tokens=100, cached_tokens=c, replica=r) for t, c, r in [(0.1, 0, "r0"), (0.2, 50, "r0"), (0.3, 100, "r1"), (0.4, 50, "r0")]]
+    samples = [
+        Sample(ttft=t, itl=[0.01, 0.02], e2e=t + 0.1, output_tokens=10, prompt_tokens=100, cached_tokens=c, replica=r)
+        for t, c, r in [(0.1, 0, "r0"), (0.2, 50, "r0"), (0.3, 100, "r1"), (0.4, 50, "r0")]
+    ]
     samples.append(Sample(0, [], 1, 0, 0, 0, "r1", error="APIError"))
     s = summarize("w", "p", RunResult(samples, wall_s=2.0))
     assert s.requests == 5 and s.errors == 1
@@ -79,8 +82,29 @@ def test_locust_user_reports_ttft_through_the_gateway(tmp_path):
         with GatewayThread(fleet_config(fleet.handles)) as g:
             env = {**os.environ, "KVGATE_WORKLOAD": "multi-turn"}
             out = subprocess.run(
-                [sys.executable, "-m", "locust", "-f", "benchmarks/locustfile.py", "--headless", "-u", "3", "-r", "3", "-t", "4s", "--host", g.url, "--csv", str(tmp_path / "run"), "--only-summary"],
-                capture_output=True, text=True, timeout=90, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "locust",
+                    "-f",
+                    "benchmarks/locustfile.py",
+                    "--headless",
+                    "-u",
+                    "3",
+                    "-r",
+                    "3",
+                    "-t",
+                    "4s",
+                    "--host",
+                    g.url,
+                    "--csv",
+                    str(tmp_path / "run"),
+                    "--only-summary",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=90,
+                env=env,
             )
         assert out.returncode == 0, out.stderr[-2000:]
         rows = {r["Name"]: r for r in csv.DictReader((tmp_path / "run_stats.csv").open())}

@@ -31,7 +31,15 @@ from gateway.config import parse_config
 DEPLOY = ROOT / "deploy"
 #: vLLM flags and env vars used in deploy/, each checked against vLLM's source (vllm/engine/
 #: arg_utils.py, vllm/config/cache.py, vllm/config/kv_events.py, vllm/envs.py)
-VLLM_FLAGS = {"--port", "--enable-prefix-caching", "--prefix-caching-hash-algo", "--block-size", "--kv-events-config", "--kv-transfer-config", "--served-model-name"}
+VLLM_FLAGS = {
+    "--port",
+    "--enable-prefix-caching",
+    "--prefix-caching-hash-algo",
+    "--block-size",
+    "--kv-events-config",
+    "--kv-transfer-config",
+    "--served-model-name",
+}
 VLLM_HASH_ALGOS = {"sha256", "sha256_cbor", "xxhash", "xxhash_cbor"}
 KV_EVENTS_FIELDS = {"enable_kv_cache_events", "publisher", "endpoint", "replay_endpoint", "buffer_steps", "hwm", "max_queue_size", "topic"}
 
@@ -277,4 +285,3 @@ def test_k8s_manifests_are_consistent():
     picker = by_kind["Deployment"][ext["address"]]["spec"]["template"]["spec"]["containers"][0]
     assert ext["address"] in by_kind["Service"] and str(ext["port_value"]) == _flag(picker["args"], "--port")
     assert K8S_MANIFEST.exists()
-

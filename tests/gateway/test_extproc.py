@@ -127,9 +127,11 @@ def test_openai_requests_reach_the_picked_replica_with_prefix_affinity(stack, mo
     wait_for(lambda: _idle(ep), message="warm-up accounted")
     homes = {}
     for g, system in enumerate(systems):
+
         def indexed(g=g, system=system) -> bool:
             homes[g], _ = ask(system, f"probe {time.monotonic_ns()}")
             return ep.service.decisions[-1].prefix_blocks > 0
+
         wait_for(indexed, timeout=10, message="the prefix's KV events indexed")
     assert len(set(homes.values())) >= 2, f"different prefixes all went to one replica: {homes}"
     for g, system in enumerate(systems):
@@ -349,11 +351,15 @@ def test_extproc_command_serves_envoy(tmp_path):
     fleet = SimFleet([SimConfig(model=MODEL, time_scale=0.02)])
     fleet.start()
     cfg = tmp_path / "gw.yaml"
-    cfg.write_text(msgspec.json.encode({"replicas": [{"id": "r0", "url": fleet.handles[0].url, "models": [MODEL]}], "models": {MODEL: {"tokenizer": "demo"}}}).decode())
+    cfg.write_text(
+        msgspec.json.encode({"replicas": [{"id": "r0", "url": fleet.handles[0].url, "models": [MODEL]}], "models": {MODEL: {"tokenizer": "demo"}}}).decode()
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "extproc", "--config", str(cfg), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "extproc", "--config", str(cfg), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     envoy = None
     try:
         envoy = extproc_envoy(tmp_path, port, "buffered").start()
@@ -402,7 +408,13 @@ def test_picker_sets_the_replica_key_and_removes_the_clients_grpc(tmp_path):
     )
 
     M = processing_mode_pb2.ProcessingMode
-    fleet = SimFleet([SimConfig(model=MODEL, time_scale=0.0, api_key=REPLICA_KEY), SimConfig(model=MODEL, time_scale=0.0), SimConfig(model=MODEL, time_scale=0.0, api_key=REPLICA_KEY)])
+    fleet = SimFleet(
+        [
+            SimConfig(model=MODEL, time_scale=0.0, api_key=REPLICA_KEY),
+            SimConfig(model=MODEL, time_scale=0.0),
+            SimConfig(model=MODEL, time_scale=0.0, api_key=REPLICA_KEY),
+        ]
+    )
     fleet.start()
     cfg = fleet_config(fleet.handles, auth={"api_keys": [CLIENT_KEY]})
     cfg.replicas[0].api_key = cfg.replicas[2].api_key = REPLICA_KEY

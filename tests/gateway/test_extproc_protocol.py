@@ -47,18 +47,6 @@ def _addr(fleet, i: int) -> str:
     return f"127.0.0.1:{fleet.handles[i].config.port}"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _mutation(resp: pb.ProcessingResponse) -> tuple[dict[str, str], str, bool]:
     """(headers set, envoy.lb value, clear_route_cache) of a routing answer."""
     common = getattr(resp, resp.WhichOneof("response")).response

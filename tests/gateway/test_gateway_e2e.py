@@ -26,10 +26,7 @@ from tests.helpers.gateway import (
     wait_for,
 )
 
-GROUP_PROMPTS = [
-    f"System: you are assistant number {g}. " + " ".join(f"rule{g}-{i} applies to topic {g * 7 + i};" for i in range(60))
-    for g in range(6)
-]
+GROUP_PROMPTS = [f"System: you are assistant number {g}. " + " ".join(f"rule{g}-{i} applies to topic {g * 7 + i};" for i in range(60)) for g in range(6)]
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +94,11 @@ def test_prefix_affinity_via_kv_events_with_load_spread(gw):
         first_replica[g] = headers["x-kvgate-replica"]
     # the replicas' KV events must reach the index: wait until a lookup sees every group
     for g, system in enumerate(GROUP_PROMPTS):
+
         def warm(g=g, system=system) -> bool:
             headers, _ = _chat_raw(c, system, f"probe {time.monotonic()}")
             return int(headers["x-kvgate-prefix-blocks"]) > 0
+
         wait_for(warm, timeout=10, message=f"group {g} blocks in the index")
 
     landed = collections.Counter()
@@ -124,7 +123,13 @@ def test_models_health_ready_metrics(gw):
     ready = httpx.get(f"{gw.url}/ready")
     assert ready.status_code == 200 and len(ready.json()["healthy_replicas"]) == 3
     text = get_metrics(gw.url)
-    for name in ("kvgate_requests_total", "kvgate_ttft_seconds_bucket", "kvgate_e2e_seconds_bucket", "kvgate_scheduler_seconds_bucket", "kvgate_replica_healthy"):
+    for name in (
+        "kvgate_requests_total",
+        "kvgate_ttft_seconds_bucket",
+        "kvgate_e2e_seconds_bucket",
+        "kvgate_scheduler_seconds_bucket",
+        "kvgate_replica_healthy",
+    ):
         assert name in text, name
 
 
@@ -207,7 +212,13 @@ def test_413_401_429_503(fleet):
         done = threading.Event()
 
         def hold() -> None:
-            with httpx.stream("POST", f"{g.url}/v1/completions", json={"model": MODEL, "prompt": "long", "max_tokens": 400, "stream": True}, headers={"Authorization": "Bearer k1"}, timeout=30) as resp:
+            with httpx.stream(
+                "POST",
+                f"{g.url}/v1/completions",
+                json={"model": MODEL, "prompt": "long", "max_tokens": 400, "stream": True},
+                headers={"Authorization": "Bearer k1"},
+                timeout=30,
+            ) as resp:
                 for _ in resp.iter_bytes():
                     started.set()
                     if done.is_set():

@@ -36,7 +36,9 @@ def _block(url: str, max_tokens: int, stop: threading.Event) -> threading.Thread
 
     def run() -> None:
         try:
-            with httpx.stream("POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "blocker", "max_tokens": max_tokens, "stream": True}, timeout=30) as r:
+            with httpx.stream(
+                "POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "blocker", "max_tokens": max_tokens, "stream": True}, timeout=30
+            ) as r:
                 for _ in r.iter_bytes():
                     if stop.is_set():
                         return
@@ -122,7 +124,9 @@ def test_client_disconnect_mid_stream_aborts_the_replica_request():
             assert time.monotonic() - t0 < 3
             generated = replica_metric(url, "vllm:generation_tokens_total")
             assert generated < 1000, generated  # stopped early, did not run to 3000
-            wait_for(lambda: g.gateway.admission.inflight == 0 and g.gateway.fleet.get("r0").inflight_requests == 0, timeout=3, message="gateway accounts closed")
+            wait_for(
+                lambda: g.gateway.admission.inflight == 0 and g.gateway.fleet.get("r0").inflight_requests == 0, timeout=3, message="gateway accounts closed"
+            )
     finally:
         fleet.stop()
 
@@ -136,7 +140,11 @@ def test_client_disconnect_while_waiting_closes_the_upstream_request():
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{g.url}/v1/completions", json={"model": MODEL, "prompt": "slow", "max_tokens": 1000}, timeout=0.5)
             # 1000 tokens take ~7 s on the replica; the gateway's accounts close right away
-            wait_for(lambda: g.gateway.admission.inflight == 0 and g.gateway.fleet.get("r0").inflight_requests == 0, timeout=2, message="gateway released the request")
+            wait_for(
+                lambda: g.gateway.admission.inflight == 0 and g.gateway.fleet.get("r0").inflight_requests == 0,
+                timeout=2,
+                message="gateway released the request",
+            )
             assert metric_value(get_metrics(g.url), "kvgate_errors_total", {"code": "client_disconnected"}) == 1
     finally:
         fleet.stop()

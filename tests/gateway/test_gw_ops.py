@@ -185,7 +185,18 @@ def test_every_named_metric_is_exported(gw):
     ]:
         assert metric_value(text, name, labels) > 0, (name, labels)
     # present even at zero
-    for name in ("kvgate_kv_batches_lost_total", "kvgate_index_rebuilds_total", "kvgate_index_losses_total", "kvgate_kv_index_apply_errors_total", "kvgate_retries_total", "kvgate_midstream_failures_total", "kvgate_admission_rejected_total", "kvgate_replica_healthy", "kvgate_inflight_requests", "kvgate_replica_inflight_requests"):
+    for name in (
+        "kvgate_kv_batches_lost_total",
+        "kvgate_index_rebuilds_total",
+        "kvgate_index_losses_total",
+        "kvgate_kv_index_apply_errors_total",
+        "kvgate_retries_total",
+        "kvgate_midstream_failures_total",
+        "kvgate_admission_rejected_total",
+        "kvgate_replica_healthy",
+        "kvgate_inflight_requests",
+        "kvgate_replica_inflight_requests",
+    ):
         assert re.search(rf"^{name}\b", text, re.M) or f"# TYPE {name.removesuffix('_total')}" in text, name
     # per replica and per routing decision
     assert re.search(r'kvgate_ttft_seconds_bucket\{decision="\w+",le="[^"]+",replica="r\d"\}', text)
@@ -205,7 +216,9 @@ def _serve(tmp_path: Path, fleet, log_level: str) -> tuple[subprocess.Popen, str
     }
     path = tmp_path / f"gw-{log_level}.yaml"
     path.write_text(json.dumps(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -285,7 +298,11 @@ def test_demo_stays_up_for_an_openai_client_until_ctrl_c():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "demo", "--port", str(port), "--sessions", "2", "--turns", "1", "--time-scale", "0.05"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         url = None

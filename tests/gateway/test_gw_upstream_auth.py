@@ -109,7 +109,9 @@ def test_openai_sdk_through_replicas_with_keys(fleet, monkeypatch):
     """Completions and chat, streamed and not, on two replicas with different keys; models discovered."""
     monkeypatch.setenv("KVGATE_TEST_KEY_B", KEY_B)
     h = fleet.handles
-    cfg = keyed_config([(h[0].url, "both", {"api_key": KEY_A}), (h[1].url, "both", {"api_key_env": "KVGATE_TEST_KEY_B"})], discover=True, auth={"admin_key": "admin"})
+    cfg = keyed_config(
+        [(h[0].url, "both", {"api_key": KEY_A}), (h[1].url, "both", {"api_key_env": "KVGATE_TEST_KEY_B"})], discover=True, auth={"admin_key": "admin"}
+    )
     with GatewayThread(cfg) as g:
         wait_for(lambda: all(s.healthy and MODEL in s.models for s in g.gateway.fleet.all()), message="models discovered through /v1/models")
         models = _client(g).models.list()
@@ -122,7 +124,11 @@ def test_openai_sdk_through_replicas_with_keys(fleet, monkeypatch):
             served.add(raw.headers["x-kvgate-replica"])
             chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=2)
             assert chat.choices[0].message.content
-        chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "stream"}], max_tokens=4, stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "stream"}], max_tokens=4, stream=True, stream_options={"include_usage": True}
+            )
+        )
         assert chunks[-1].usage.completion_tokens == 4
         chunks = list(c.completions.create(model=MODEL, prompt="stream me", max_tokens=4, stream=True))
         assert "".join(ch.choices[0].text for ch in chunks)
@@ -146,7 +152,9 @@ def test_pd_two_hops_with_keys(fleet):
         resp = raw.parse()
         assert resp.usage.completion_tokens == 5
         assert resp.usage.prompt_tokens_details.cached_tokens >= resp.usage.prompt_tokens - 16  # decode pulled the KV
-        with c.completions.with_streaming_response.create(model=MODEL, prompt=doc("pd-auth-stream"), max_tokens=6, stream=True, stream_options={"include_usage": True}) as r:
+        with c.completions.with_streaming_response.create(
+            model=MODEL, prompt=doc("pd-auth-stream"), max_tokens=6, stream=True, stream_options={"include_usage": True}
+        ) as r:
             assert r.headers["x-kvgate-replica"] == "r0,r1"
             chunks = list(r.parse())
         assert chunks[-1].usage.completion_tokens == 6
@@ -163,7 +171,11 @@ def test_client_key_never_reaches_a_replica(fleet):
     h = fleet.handles
     keyed, open_ = RecordingProxy(h[0].url).start(), RecordingProxy(h[4].url).start()
     try:
-        cfg = keyed_config([(keyed.url, "both", {"api_key": KEY_A}), (open_.url, "both", {})], auth={"api_keys": [CLIENT_KEY], "admin_key": "admin"}, scheduling={"default_profile": "round-robin"})
+        cfg = keyed_config(
+            [(keyed.url, "both", {"api_key": KEY_A}), (open_.url, "both", {})],
+            auth={"api_keys": [CLIENT_KEY], "admin_key": "admin"},
+            scheduling={"default_profile": "round-robin"},
+        )
         with GatewayThread(cfg) as g:
             c = _client(g, CLIENT_KEY)
             for i in range(4):  # three calls a round over two replicas (round-robin): each sees each kind
@@ -250,7 +262,11 @@ def test_no_key_configured_for_a_keyed_replica(fleet):
 
 def test_a_refusing_replica_is_retried_on_one_that_accepts(fleet):
     h = fleet.handles
-    cfg = keyed_config([(h[0].url, "both", {"api_key": "wrong"}), (h[1].url, "both", {"api_key": KEY_B})], auth={"admin_key": "admin"}, scheduling={"default_profile": "round-robin"})
+    cfg = keyed_config(
+        [(h[0].url, "both", {"api_key": "wrong"}), (h[1].url, "both", {"api_key": KEY_B})],
+        auth={"admin_key": "admin"},
+        scheduling={"default_profile": "round-robin"},
+    )
     with GatewayThread(cfg) as g:
         c = _client(g)
         for i in range(4):
@@ -267,7 +283,9 @@ def test_pd_prefill_refusing_the_key_falls_back_to_one_hop(fleet):
         raw = _client(g).chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": doc("pd-refused")}], max_tokens=3)
         assert raw.headers["x-kvgate-replica"] == "r1" and raw.parse().usage.completion_tokens == 3
         assert metric_value(get_metrics(g.url), "kvgate_pd_fallbacks_total", {"reason": "prefill_failed"}) == 1
-    cfg = keyed_config([(h[2].url, "prefill", {"api_key": "wrong"}), (h[3].url, "decode", {"api_key": KEY_B})], pd={"threshold": 128, "on_prefill_failure": "error"})
+    cfg = keyed_config(
+        [(h[2].url, "prefill", {"api_key": "wrong"}), (h[3].url, "decode", {"api_key": KEY_B})], pd={"threshold": 128, "on_prefill_failure": "error"}
+    )
     with GatewayThread(cfg) as g:
         r = httpx.post(f"{g.url}/v1/completions", json={"model": MODEL, "prompt": doc("pd-refused-2"), "max_tokens": 2})
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_auth_failed"

@@ -28,6 +28,8 @@ from tests.helpers.gateway import (
 def doc(tag: str) -> str:
     """A long prompt whose very first block is unique to ``tag`` (no prefix shared across tests)."""
     return f"Document {tag}: " + " ".join(f"clause {i} says the tenant {tag} shall keep item {i * 3} in good order;" for i in range(80))
+
+
 ROLES = ["prefill", "prefill", "decode", "decode"]
 
 
@@ -73,7 +75,9 @@ def test_long_prompt_takes_two_hops_and_decode_reports_cached(gw):
 
 def test_two_hop_streaming_completions(gw):
     c = _client(gw)
-    with c.completions.with_streaming_response.create(model=MODEL, prompt=doc("stream"), max_tokens=8, stream=True, stream_options={"include_usage": True}) as r:
+    with c.completions.with_streaming_response.create(
+        model=MODEL, prompt=doc("stream"), max_tokens=8, stream=True, stream_options={"include_usage": True}
+    ) as r:
         assert len(_replicas(r.headers)) == 2
         chunks = list(r.parse())
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
@@ -154,7 +158,9 @@ def test_client_disconnect_cancels_decode():
     try:
         cfg = fleet_config(slow.handles, pd={"threshold": 128})
         with GatewayThread(cfg) as g:
-            with httpx.stream("POST", f"{g.url}/v1/completions", json={"model": MODEL, "prompt": doc("cancel"), "max_tokens": 3000, "stream": True}, timeout=30) as r:
+            with httpx.stream(
+                "POST", f"{g.url}/v1/completions", json={"model": MODEL, "prompt": doc("cancel"), "max_tokens": 3000, "stream": True}, timeout=30
+            ) as r:
                 assert len(r.headers["x-kvgate-replica"].split(",")) == 2
                 n = 0
                 for _ in r.iter_bytes():
@@ -162,7 +168,11 @@ def test_client_disconnect_cancels_decode():
                     if n == 3:
                         break
             decoders = [h.url for h in slow.handles[2:]]
-            wait_for(lambda: sum(replica_metric(u, "vllm:num_requests_running") for u in decoders) == 0, timeout=3, message="decode request aborted after client disconnect")
+            wait_for(
+                lambda: sum(replica_metric(u, "vllm:num_requests_running") for u in decoders) == 0,
+                timeout=3,
+                message="decode request aborted after client disconnect",
+            )
             assert sum(replica_metric(u, "vllm:generation_tokens_total") for u in decoders) < 1000
             wait_for(lambda: g.gateway.admission.inflight == 0, timeout=3, message="slot back")
     finally:
@@ -230,7 +240,14 @@ def test_hop_bodies_follow_vllm_protocol_exactly(recorded, kind):
     expected1.update(
         stream=False,
         max_tokens=1,
-        kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None, "remote_host": None, "remote_port": None},
+        kv_transfer_params={
+            "do_remote_decode": True,
+            "do_remote_prefill": False,
+            "remote_engine_id": None,
+            "remote_block_ids": None,
+            "remote_host": None,
+            "remote_port": None,
+        },
     )
     if "max_completion_tokens" in sent:
         expected1["max_completion_tokens"] = 1
@@ -262,7 +279,9 @@ def test_two_hops_for_the_other_kind_stream_combinations(gw, kind, stream):
     c = _client(gw)
     tag = f"combo-{kind}-{stream}"
     if kind == "chat":
-        with c.chat.completions.with_streaming_response.create(model=MODEL, messages=[{"role": "user", "content": doc(tag)}], max_tokens=6, stream=True, stream_options={"include_usage": True}) as r:
+        with c.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=[{"role": "user", "content": doc(tag)}], max_tokens=6, stream=True, stream_options={"include_usage": True}
+        ) as r:
             assert len(_replicas(r.headers)) == 2
             chunks = list(r.parse())
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)

@@ -21,7 +21,9 @@ M = processing_mode_pb2.ProcessingMode
 def headers_msg(path="/v1/completions", *, eos=False, request_mode=M.BUFFERED, response_mode=M.NONE, request_id="t-1", extra=()) -> pb.ProcessingRequest:
     hs = [(":path", path), (":method", "GET" if eos else "POST"), ("x-request-id", request_id), *extra]
     return pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in hs]), end_of_stream=eos),
+        request_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in hs]), end_of_stream=eos
+        ),
         protocol_config=pb.ProtocolConfiguration(request_body_mode=request_mode, response_body_mode=response_mode),
     )
 
@@ -33,7 +35,11 @@ def body_msg(data: bytes, eos: bool, response=False, metadata: dict | None = Non
 
 
 def response_headers_msg(status: int, *, eos=False, metadata: dict | None = None) -> pb.ProcessingRequest:
-    req = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=str(status).encode())]), end_of_stream=eos))
+    req = pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=str(status).encode())]), end_of_stream=eos
+        )
+    )
     set_metadata(req, metadata)
     return req
 

@@ -159,7 +159,12 @@ class RecordingProxy:
                 parsed: Any = json.loads(raw) if raw else None
             except ValueError:
                 parsed = raw
-            rec: dict[str, Any] = {"method": request.method, "path": request.url.path, "headers": {k.lower(): v for k, v in request.headers.items()}, "body": parsed}
+            rec: dict[str, Any] = {
+                "method": request.method,
+                "path": request.url.path,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "body": parsed,
+            }
             self.exchanges.append(rec)
             headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
             client = httpx.AsyncClient(timeout=60)

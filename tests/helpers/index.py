@@ -54,9 +54,7 @@ class Prompt:
         vals = ([self.lora] if self.lora else []) + ([self.salt] if self.salt and i == 0 else [])
         return vals or None
 
-    def stored(
-        self, a: int = 0, b: int | None = None, medium: str = "GPU", tagged: bool = False, extra: bool | None = None
-    ) -> BlockStored:
+    def stored(self, a: int = 0, b: int | None = None, medium: str = "GPU", tagged: bool = False, extra: bool | None = None) -> BlockStored:
         """BlockStored for blocks [a, b) (parent = block a-1's hash), as the GPU or CPU pool
         sends it: only the GPU pool sets extra keys and group_idx (``extra`` overrides)."""
         b = len(self.hashes) if b is None else b
@@ -67,9 +65,7 @@ class Prompt:
         if with_extra:
             if tagged:
                 extra_keys = [
-                    ([["lora", self.lora, "p"]] if self.lora else [])
-                    + ([["cache_salt", self.salt]] if self.salt and i == 0 else [])
-                    or None
+                    ([["lora", self.lora, "p"]] if self.lora else []) + ([["cache_salt", self.salt]] if self.salt and i == 0 else []) or None
                     for i in range(a, b)
                 ]
             else:

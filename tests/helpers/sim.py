@@ -92,7 +92,14 @@ def replay(endpoint: str, start: int, timeout_ms: int = 2000) -> list[list[bytes
     return out
 
 
-PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None, "remote_host": None, "remote_port": None}
+PREFILL_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
 
 
 def pd_prompt(tag: str) -> str:
@@ -102,7 +109,9 @@ def pd_prompt(tag: str) -> str:
 def two_hop(pre, dec, prompt: str, rid: str | None = None, **extra) -> tuple[dict, dict, dict]:
     headers = {"X-Request-Id": rid or uuid.uuid4().hex}
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 5, **extra}
-    r1 = httpx.post(f"{pre.url}/v1/completions", json={**body, "max_tokens": 1, "stream": False, "kv_transfer_params": PREFILL_PARAMS}, headers=headers, timeout=30)
+    r1 = httpx.post(
+        f"{pre.url}/v1/completions", json={**body, "max_tokens": 1, "stream": False, "kv_transfer_params": PREFILL_PARAMS}, headers=headers, timeout=30
+    )
     assert r1.status_code == 200, r1.text
     kv = r1.json()["kv_transfer_params"]
     r2 = httpx.post(f"{dec.url}/v1/completions", json={**body, "kv_transfer_params": kv}, headers=headers, timeout=30)

@@ -31,7 +31,19 @@ def _s(text: str) -> bytes:
 def test_one_block_stored_batch_is_byte_exact():
     batch = EventBatch(
         ts=1.5,
-        events=[BlockStored(block_hashes=[5], parent_block_hash=None, token_ids=[1, 2, 3, 4], block_size=4, lora_id=None, medium="GPU", lora_name=None, extra_keys=[None], group_idx=0)],
+        events=[
+            BlockStored(
+                block_hashes=[5],
+                parent_block_hash=None,
+                token_ids=[1, 2, 3, 4],
+                block_size=4,
+                lora_id=None,
+                medium="GPU",
+                lora_name=None,
+                extra_keys=[None],
+                group_idx=0,
+            )
+        ],
         data_parallel_rank=0,
     )
     expected = b"".join(
@@ -75,7 +87,9 @@ def test_round_trips_all_fields_and_forms():
         session_id="s",
         lookahead_token_ids=[1],
     )
-    raw_hashes = BlockStored(block_hashes=[b"\x01" * 32], parent_block_hash=b"\x02" * 32, token_ids=[1] * 16, block_size=16, lora_id=None, medium=None, lora_name=None)
+    raw_hashes = BlockStored(
+        block_hashes=[b"\x01" * 32], parent_block_hash=b"\x02" * 32, token_ids=[1] * 16, block_size=16, lora_id=None, medium=None, lora_name=None
+    )
     batch = EventBatch(ts=2.0, events=[full, raw_hashes, BlockRemoved(block_hashes=[7], medium="CPU", group_idx=0), AllBlocksCleared()])
     assert decode_batch(encode_batch(batch)) == batch
     legacy = decode_batch(encode_batch(batch, legacy=True))
@@ -92,7 +106,26 @@ def test_other_vllm_versions_decode():
     assert b.events[0].block_hashes == [1, 2] and b.events[0].medium is None
     assert isinstance(b.events[1], BlockRemoved) and b.data_parallel_rank is None
     # map form with a key this version does not know, and an unknown event type
-    newer = enc([1.0, [{"type": "BlockStored", "block_hashes": [9], "parent_block_hash": None, "token_ids": [1] * 16, "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": None, "future_field": {"x": 1}}, {"type": "BlockTransferred", "block_hashes": [9]}], 3])
+    newer = enc(
+        [
+            1.0,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [9],
+                    "parent_block_hash": None,
+                    "token_ids": [1] * 16,
+                    "block_size": 16,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": None,
+                    "future_field": {"x": 1},
+                },
+                {"type": "BlockTransferred", "block_hashes": [9]},
+            ],
+            3,
+        ]
+    )
     dec = EventDecoder()
     b = dec.decode(newer)
     assert len(b.events) == 1 and b.events[0].block_hashes == [9] and b.data_parallel_rank == 3

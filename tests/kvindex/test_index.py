@@ -41,14 +41,6 @@ from tests.helpers.redis import RedisServer
 # ------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------------------------------
 # Backends
 # ------------------------------------------------------------------------------------------
@@ -60,8 +52,6 @@ async def index(request: pytest.FixtureRequest) -> AsyncIterator[KVIndex]:
     idx: KVIndex = MemoryIndex() if request.param == "memory" else RedisIndex(request.getfixturevalue("redis_url"))
     yield idx
     await idx.close()
-
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,8 +264,7 @@ def test_event_salt_forms() -> None:
     assert event_salt(ev([["my-lora", ["img0", 3], "s4", b"\x01" * 32]], lora="my-lora")) == "s4"
     assert event_salt(ev([["my-lora", ["img0", 3]]], lora="my-lora")) is None
     # typed extra keys (vLLM builds publishing ExtraKey structs)
-    typed = [[{"type": "lora", "name": "my-lora"}, {"type": "mm", "modality": "image", "hash": "h", "block_offset": 0},
-              {"type": "cache_salt", "salt": "s5"}]]
+    typed = [[{"type": "lora", "name": "my-lora"}, {"type": "mm", "modality": "image", "hash": "h", "block_offset": 0}, {"type": "cache_salt", "salt": "s5"}]]
     assert event_salt(ev(typed, lora="my-lora")) == "s5"
     assert event_salt(ev([[{"type": "lora", "name": "my-lora"}]], lora="my-lora")) is None
 
@@ -730,9 +719,7 @@ def event_loop_for_property() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def test_property_lookup_equals_brute_force(
-    kind: str, request: pytest.FixtureRequest, event_loop_for_property: asyncio.AbstractEventLoop
-) -> None:
+def test_property_lookup_equals_brute_force(kind: str, request: pytest.FixtureRequest, event_loop_for_property: asyncio.AbstractEventLoop) -> None:
     prompts = property_prompts()
     url = request.getfixturevalue("redis_url") if kind == "redis" else ""
     namespaces = itertools.count()
@@ -745,17 +732,20 @@ def test_property_lookup_equals_brute_force(
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
     @given(ops=st.lists(op_strategy(len(prompts)), min_size=1, max_size=20))
-    @example(ops=[  # stale entries behind a re-stored block 0 stay invisible
-        ("batch", "r0", [("store", 0, (0, 6), "GPU")]), ("untrust", "r0"),
-        ("batch", "r0", [("store", 0, (0, 2), "CPU")]),
-    ])
-    @example(ops=[  # in one batch: a parent leaves its last tier, then its child arrives
-        ("batch", "r0", [("store", 0, (0, 3), "GPU"), ("store", 0, (0, 2), "CPU")]),
-        ("batch", "r0", [("remove", 0, (1, 2), "GPU"), ("store", 0, (2, 4), "GPU"),
-                         ("remove", 0, (1, 2), "CPU"), ("store", 1, (2, 4), "GPU")]),
-        ("batch", "r0", [("clear",), ("store", 0, (0, 2), "GPU"), ("remove", 0, (1, 2), "GPU"),
-                         ("store", 0, (2, 3), "GPU")]),
-    ])
+    @example(
+        ops=[  # stale entries behind a re-stored block 0 stay invisible
+            ("batch", "r0", [("store", 0, (0, 6), "GPU")]),
+            ("untrust", "r0"),
+            ("batch", "r0", [("store", 0, (0, 2), "CPU")]),
+        ]
+    )
+    @example(
+        ops=[  # in one batch: a parent leaves its last tier, then its child arrives
+            ("batch", "r0", [("store", 0, (0, 3), "GPU"), ("store", 0, (0, 2), "CPU")]),
+            ("batch", "r0", [("remove", 0, (1, 2), "GPU"), ("store", 0, (2, 4), "GPU"), ("remove", 0, (1, 2), "CPU"), ("store", 1, (2, 4), "GPU")]),
+            ("batch", "r0", [("clear",), ("store", 0, (0, 2), "GPU"), ("remove", 0, (1, 2), "GPU"), ("store", 0, (2, 3), "GPU")]),
+        ]
+    )
     def check(ops: list[tuple]) -> None:
         idx: KVIndex = MemoryIndex() if kind == "memory" else RedisIndex(url, namespace=f"prop{next(namespaces)}")
 

@@ -119,8 +119,16 @@ class RefLegacyCleared(RefLegacyEvent, tag="AllBlocksCleared"):
     pass
 
 
-STORED_OPTIONAL = ("extra_keys", "group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window",
-                   "locality", "ownership", "session_id", "lookahead_token_ids")
+STORED_OPTIONAL = (
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
+    "locality",
+    "ownership",
+    "session_id",
+    "lookahead_token_ids",
+)
 REMOVED_OPTIONAL = ("group_idx", "locality", "ownership")
 
 # ------------------------------------------------------------------------------------------
@@ -183,9 +191,7 @@ event_fields = st.one_of(
     st.tuples(st.just("removed"), removed_fields()),
     st.tuples(st.just("cleared"), st.just({})),
 )
-batch_fields = st.tuples(
-    st.floats(allow_nan=False, allow_infinity=False), st.lists(event_fields, max_size=5), maybe(st.integers(0, 7))
-)
+batch_fields = st.tuples(st.floats(allow_nan=False, allow_infinity=False), st.lists(event_fields, max_size=5), maybe(st.integers(0, 7)))
 
 
 def ours(kind: str, f: dict[str, Any]) -> Any:
@@ -277,9 +283,19 @@ def test_block_stored_map_header_is_always_map16() -> None:
 def test_vllm_typed_extra_keys_and_future_fields_decode() -> None:
     """A vLLM build publishing typed extra keys ({"type": "cache_salt", ...}) and an
     ``event_version`` field: unknown keys are ignored, the typed entries kept as maps."""
-    ev = {"type": "BlockStored", "block_hashes": [5], "parent_block_hash": None, "token_ids": [1, 2], "block_size": 2,
-          "lora_id": None, "medium": "GPU", "lora_name": "sql", "event_version": 1,
-          "extra_keys": [[{"type": "lora", "name": "sql"}, {"type": "cache_salt", "salt": "t"}]], "group_idx": 0}
+    ev = {
+        "type": "BlockStored",
+        "block_hashes": [5],
+        "parent_block_hash": None,
+        "token_ids": [1, 2],
+        "block_size": 2,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": "sql",
+        "event_version": 1,
+        "extra_keys": [[{"type": "lora", "name": "sql"}, {"type": "cache_salt", "salt": "t"}]],
+        "group_idx": 0,
+    }
     b = decode_batch(ENC.encode([1.0, [ev], 0]))
     assert b.events[0].extra_keys == [[{"type": "lora", "name": "sql"}, {"type": "cache_salt", "salt": "t"}]]
     assert b.events[0].lora_name == "sql" and b.events[0].group_idx == 0

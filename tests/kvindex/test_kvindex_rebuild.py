@@ -214,8 +214,6 @@ async def test_buffer_without_seq_0_rebuilds_what_it_has(ctx, redis_server: Redi
         await pub.close()
 
 
-
-
 async def test_rebuild_fills_the_holes_of_a_lossy_replay(ctx, redis_server: RedisServer, redis_url: str) -> None:
     """Replies dropped by the replica's ROUTER (and its end marker) do not cost the rebuild
     anything: the fetch stops waiting once replies stop, and asks again from the first hole."""

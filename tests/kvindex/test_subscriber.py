@@ -21,8 +21,6 @@ MODEL = "m"
 BS = 16
 
 
-
-
 def prompt_batch(tokens: list[int], parent_tokens: list[int] | None = None) -> bytes:
     """A BlockStored batch for ``tokens`` (continuing ``parent_tokens`` if given), vLLM hashes."""
     full = (parent_tokens or []) + tokens
@@ -183,7 +181,9 @@ async def test_garbage_is_counted_and_skipped(ctx):
 async def test_bound_mode_and_several_replicas(ctx):
     port = free_port()
     index = MemoryIndex()
-    sub = EventSubscriber(index, [ReplicaSource("a", MODEL), ReplicaSource("b", MODEL)], bind=f"tcp://127.0.0.1:{port}", topic_map={"topic-a": "a", "topic-b": "b"}, ctx=ctx)
+    sub = EventSubscriber(
+        index, [ReplicaSource("a", MODEL), ReplicaSource("b", MODEL)], bind=f"tcp://127.0.0.1:{port}", topic_map={"topic-a": "a", "topic-b": "b"}, ctx=ctx
+    )
     await sub.start()
     pubs = []
     try:

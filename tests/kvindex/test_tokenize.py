@@ -56,7 +56,9 @@ def test_chat_template_renders_chatml(tok):
 
 
 def test_list_content_text_parts(tok):
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "there"}]}]
+    msgs = [
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "there"}]}
+    ]
     assert "Hello there" in tok.apply_chat_template(msgs)
 
 
@@ -111,10 +113,7 @@ def test_load_errors(tmp_path):
 def test_chat_template_helpers_match_transformers(tok):
     """transformers' rendering rules: its tojson (no HTML escaping, indent/sort_keys honoured),
     {% generation %} blocks rendered as their body, trim_blocks/lstrip_blocks."""
-    tpl = (
-        "{% for m in messages %}\n  {% generation %}[{{ m.content }}]{% endgeneration %}\n{% endfor %}"
-        "{{ {'b': '<&>', 'a': 'é'} | tojson(sort_keys=True) }}"
-    )
+    tpl = "{% for m in messages %}\n  {% generation %}[{{ m.content }}]{% endgeneration %}\n{% endfor %}{{ {'b': '<&>', 'a': 'é'} | tojson(sort_keys=True) }}"
     out = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], chat_template=tpl)
     assert out == '[x][y]{"a": "é", "b": "<&>"}'
 
@@ -142,8 +141,14 @@ def test_remote_tokenize_speaks_vllm_json(tok):
                 b = await remote_tokenize(client, f"http://127.0.0.1:{port}", "m", messages=[{"role": "user", "content": "hi"}])
                 tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
                 await remote_tokenize(
-                    client, f"http://127.0.0.1:{port}", "m", messages=[{"role": "assistant", "content": "so"}],
-                    add_generation_prompt=False, continue_final_message=True, tools=tools, chat_template_kwargs={"enable_thinking": False},
+                    client,
+                    f"http://127.0.0.1:{port}",
+                    "m",
+                    messages=[{"role": "assistant", "content": "so"}],
+                    add_generation_prompt=False,
+                    continue_final_message=True,
+                    tools=tools,
+                    chat_template_kwargs={"enable_thinking": False},
                 )
                 return a, b
 

@@ -43,9 +43,20 @@ def test_routed_prefix_memory_rejects_non_positive_bounds(ttl_s, max_keys):
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["remember", "remember", "forget", "tick", "match", "match"]), st.lists(st.integers(0, 3), min_size=1, max_size=5), st.sampled_from(["e0", "e1", "e2"])), max_size=40))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["remember", "remember", "forget", "tick", "match", "match"]),
+            st.lists(st.integers(0, 3), min_size=1, max_size=5),
+            st.sampled_from(["e0", "e1", "e2"]),
+        ),
+        max_size=40,
+    )
+)
 @example([("remember", [1, 2], "e0"), ("remember", [1, 2, 3], "e1"), ("match", [1, 2, 3], "e0")])  # e0 drops out, e1 goes on
-@example([("remember", [1, 2], "e0"), ("tick", [0] * 4, "e0"), ("remember", [1], "e0"), ("tick", [0] * 2, "e0"), ("match", [1, 2], "e0")])  # block 2 expired, block 1 refreshed
+@example(
+    [("remember", [1, 2], "e0"), ("tick", [0] * 4, "e0"), ("remember", [1], "e0"), ("tick", [0] * 2, "e0"), ("match", [1, 2], "e0")]
+)  # block 2 expired, block 1 refreshed
 def test_routed_prefix_memory_match_equals_brute_force(ops):
     now = [0.0]
     m = RoutedPrefixMemory(ttl_s=3.0, max_keys=10_000, clock=lambda: now[0])

@@ -15,7 +15,9 @@ def test_param_defaults():
     p = build(Picker, "weighted-random")
     assert isinstance(p, WeightedRandomPicker)
     assert p.params == WeightedRandomPicker.Params(temperature=0.1, seed=None)
-    assert build(Picker, {"type": "weighted-random", "params": {"temperature": 0.05, "seed": 3}}).params == WeightedRandomPicker.Params(temperature=0.05, seed=3)
+    assert build(Picker, {"type": "weighted-random", "params": {"temperature": 0.05, "seed": 3}}).params == WeightedRandomPicker.Params(
+        temperature=0.05, seed=3
+    )
 
 
 def test_unknown_params_rejected():

@@ -32,24 +32,6 @@ def test_filters_health_role_model_and_lora():
     assert s.schedule(ctx(phase="decode", lora="nope"), fleet).ranked == []
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 @pytest.mark.parametrize(
     "cfg,fragment",
     [
@@ -57,9 +39,18 @@ def test_filters_health_role_model_and_lora():
         ({"profiles": {"p": {"scorers": [{"type": "inflight", "weight": -1}]}}}, "weight"),
         ({"profiles": {"p": {"scorers": [{"type": "inflight", "params": {"bogus": 1}}]}}}, "unknown parameters ['bogus']"),
         ({"profiles": {"p": {"scorers": [{"type": "inflight", "bogus": 1}]}}}, "scheduling.profiles.p.scorers[0]: inflight: unknown parameters ['bogus']"),
-        ({"profiles": {"p": {"scorers": [{"type": "inflight", "token_weight": 2}]}}}, "scheduling.profiles.p.scorers[0]: inflight: parameter 'token_weight': expected `float` <= 1.0, got 2"),
-        ({"profiles": {"p": {"scorers": [{"type": "inflight", "params": {"token_weight": 0.1}, "token_weight": 0.2}]}}}, "parameters ['token_weight'] given both in 'params' and beside 'type'"),
-        ({"profiles": {"p": {"scorers": [{"type": "inflight", "params": {"name": "x"}}]}}}, "scheduling.profiles.p.scorers[0]: 'name' goes beside 'type', not in 'params'"),
+        (
+            {"profiles": {"p": {"scorers": [{"type": "inflight", "token_weight": 2}]}}},
+            "scheduling.profiles.p.scorers[0]: inflight: parameter 'token_weight': expected `float` <= 1.0, got 2",
+        ),
+        (
+            {"profiles": {"p": {"scorers": [{"type": "inflight", "params": {"token_weight": 0.1}, "token_weight": 0.2}]}}},
+            "parameters ['token_weight'] given both in 'params' and beside 'type'",
+        ),
+        (
+            {"profiles": {"p": {"scorers": [{"type": "inflight", "params": {"name": "x"}}]}}},
+            "scheduling.profiles.p.scorers[0]: 'name' goes beside 'type', not in 'params'",
+        ),
         ({"profiles": {"p": {"scorers": [{"type": "inflight", "params": {1: 2}}]}}}, "inflight: parameter names must be strings, got [1]"),
         ({"profiles": {"p": {"scorers": [{"type": "inflight", "weight": True}]}}}, "scheduling.profiles.p.scorers[0]: weight must be a number >= 0, got True"),
         ({"profiles": {"p": {"scorers": [{"weight": 1}]}}}, "scheduling.profiles.p.scorers[0]: expected a mapping with a 'type'"),
@@ -67,8 +58,14 @@ def test_filters_health_role_model_and_lora():
         ({"profiles": {"p": {"filters": None}}}, "scheduling.profiles.p.filters: expected a list, got None"),
         ({"profiles": {"p": {"filters": [{"type": "healthy", "weight": 2}]}}}, "scheduling.profiles.p.filters[0]: only scorers take a 'weight'"),
         ({"profiles": {"p": {"picker": {"type": "max", "name": ""}}}}, "scheduling.profiles.p.picker: max: name must be a non-empty string, got ''"),
-        ({"profiles": {"p": {"picker": {"type": "round-robin", "name": "healthy"}}}}, "scheduling.profiles.p.picker: name 'healthy' is already used by scheduling.profiles.p.filters[0]"),
-        ({"profiles": {"p": {"picker": {"type": "inflight"}}}}, "scheduling.profiles.p.picker: unknown picker 'inflight'; known: max, random, round-robin, weighted-random"),
+        (
+            {"profiles": {"p": {"picker": {"type": "round-robin", "name": "healthy"}}}},
+            "scheduling.profiles.p.picker: name 'healthy' is already used by scheduling.profiles.p.filters[0]",
+        ),
+        (
+            {"profiles": {"p": {"picker": {"type": "inflight"}}}},
+            "scheduling.profiles.p.picker: unknown picker 'inflight'; known: max, random, round-robin, weighted-random",
+        ),
         ({"profiles": {"p": {"picker": {"type": "weighted-random", "params": {"temperature": 0}}}}}, "temperature"),
         ({"profiles": {"p": {"filters": [{"type": "precise-prefix"}]}}}, "unknown filter"),
         ({"default_profile": "missing"}, "unknown profile"),
@@ -166,8 +163,6 @@ def test_default_beats_round_robin_on_hits_with_load_spread():
         assert hit_pp > hit_rr
 
 
-
-
 def test_two_scorers_of_one_type_keep_separate_breakdowns():
     s = Scheduler.from_config(
         {
@@ -188,5 +183,8 @@ def test_two_scorers_of_one_type_keep_separate_breakdowns():
     assert d.breakdown == {"precise-prefix": {"e0": 0.5, "e1": 0.4}, "pp-cpu-light": {"e0": pytest.approx(0.1), "e1": 0.4}}
     assert d.scores == {"e0": pytest.approx(0.3), "e1": pytest.approx(0.4)}
     assert d.chosen is not None and d.chosen.id == "e1"
-    with pytest.raises(ValueError, match=r"scheduling\.profiles\.p\.scorers\[1\]: name 'precise-prefix' is already used by scheduling\.profiles\.p\.scorers\[0\]; give one of them a distinct 'name'"):
+    with pytest.raises(
+        ValueError,
+        match=r"scheduling\.profiles\.p\.scorers\[1\]: name 'precise-prefix' is already used by scheduling\.profiles\.p\.scorers\[0\]; give one of them a distinct 'name'",
+    ):
         Scheduler.from_config({"profiles": {"p": {"scorers": [{"type": "precise-prefix"}, {"type": "precise-prefix", "cpu_weight": 0.1}]}}})

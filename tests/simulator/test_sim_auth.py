@@ -99,7 +99,9 @@ def test_cli_flag_env_default_and_process_mode(monkeypatch):
     assert "--api-key" not in cli_args(SimConfig())
     # process mode: a real `python -m simulator.cli --api-key k` (and no VLLM_API_KEY leaking in)
     monkeypatch.setenv("VLLM_API_KEY", "leaked")
-    f = SimFleet([SimConfig(model=MODEL, time_scale=0.0, api_key="proc-key", kv_events=False), SimConfig(model=MODEL, time_scale=0.0, kv_events=False)], mode="process")
+    f = SimFleet(
+        [SimConfig(model=MODEL, time_scale=0.0, api_key="proc-key", kv_events=False), SimConfig(model=MODEL, time_scale=0.0, kv_events=False)], mode="process"
+    )
     f.start()
     try:
         keyed, open_ = (h.url for h in f.handles)

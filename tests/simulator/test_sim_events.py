@@ -220,8 +220,23 @@ def test_cli_runs_several_replicas_with_their_own_ports():
     port = _free_run(6)
     ev = port + 2  # events ev, ev+2; replay ev+1, ev+3
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator.cli", "--port", str(port), "--replicas", "2", "--time-scale", "0", "--kv-events-endpoint", f"tcp://*:{ev}", "--replay-endpoint", f"tcp://*:{ev + 1}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "simulator.cli",
+            "--port",
+            str(port),
+            "--replicas",
+            "2",
+            "--time-scale",
+            "0",
+            "--kv-events-endpoint",
+            f"tcp://*:{ev}",
+            "--replay-endpoint",
+            f"tcp://*:{ev + 1}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         for p in (port, port + 1):

@@ -28,14 +28,15 @@ NIXL = importlib.util.find_spec("nixl") is not None
 KV_BYTES = 4096
 
 
-
-
-
-
 @pytest.fixture(scope="module", params=[True, False], ids=["nixl", "tcp"])
 def pd(request):
     prefer = request.param
-    f = SimFleet([SimConfig(model=MODEL, role="prefill", time_scale=0.02, prefer_nixl=prefer), SimConfig(model=MODEL, role="decode", time_scale=0.02, prefer_nixl=prefer)])
+    f = SimFleet(
+        [
+            SimConfig(model=MODEL, role="prefill", time_scale=0.02, prefer_nixl=prefer),
+            SimConfig(model=MODEL, role="decode", time_scale=0.02, prefer_nixl=prefer),
+        ]
+    )
     f.start()
     yield prefer, f.handles[0], f.handles[1]
     f.stop()
@@ -50,7 +51,16 @@ def test_two_hop_moves_kv_and_decode_reports_prompt_cached(pd):
     n_blocks = -(-n_tokens // 16)
     # the prefill hop: one token, the NixlConnector's params
     assert first["usage"]["completion_tokens"] == 1 and first["choices"][0]["finish_reason"] == "length"
-    assert list(kv) == ["do_remote_prefill", "do_remote_decode", "remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host", "remote_port", "tp_size"]
+    assert list(kv) == [
+        "do_remote_prefill",
+        "do_remote_decode",
+        "remote_block_ids",
+        "remote_engine_id",
+        "remote_request_id",
+        "remote_host",
+        "remote_port",
+        "tp_size",
+    ]
     assert kv["do_remote_prefill"] is True and kv["do_remote_decode"] is False and kv["remote_engine_id"] == pre.engine_id
     assert isinstance(kv["remote_block_ids"], list) and len(kv["remote_block_ids"]) == 1 and len(kv["remote_block_ids"][0]) == n_blocks
     assert kv["remote_request_id"].startswith(first["id"] + "-0-") and kv["remote_host"] == "127.0.0.1" and kv["tp_size"] == 1
@@ -109,14 +119,19 @@ def test_lease_expires_when_nobody_pulls():
     f.start()
     try:
         pre = f.handles[0]
-        r = httpx.post(f"{pre.url}/v1/completions", json={"model": MODEL, "prompt": pd_prompt("lease"), "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS}).json()
+        r = httpx.post(
+            f"{pre.url}/v1/completions", json={"model": MODEL, "prompt": pd_prompt("lease"), "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS}
+        ).json()
         assert r["kv_transfer_params"]["remote_block_ids"][0]
         assert metric(pre.url, "vllm:kv_cache_usage_perc") > 0
         wait_for(lambda: metric(pre.url, "vllm:kv_cache_usage_perc") == 0.0, timeout=3, message="lease expiry frees the blocks")
         assert metric(pre.url, "vllm:nixl_num_kv_expired_reqs_total") == 1
         # a stop before the length cap frees at once and returns no params (vLLM: not FINISHED_LENGTH_CAPPED)
         word = httpx.post(f"{pre.url}/v1/completions", json={"model": MODEL, "prompt": "stop probe", "max_tokens": 1}).json()["choices"][0]["text"]
-        stopped = httpx.post(f"{pre.url}/v1/completions", json={"model": MODEL, "prompt": "stop probe", "stop": [word.strip()], "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS}).json()
+        stopped = httpx.post(
+            f"{pre.url}/v1/completions",
+            json={"model": MODEL, "prompt": "stop probe", "stop": [word.strip()], "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS},
+        ).json()
         assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["kv_transfer_params"] is None
         assert metric(pre.url, "vllm:kv_cache_usage_perc") == 0.0
     finally:
@@ -126,11 +141,13 @@ def test_lease_expires_when_nobody_pulls():
 def test_checksums_are_verified():
     """A decode replica whose block hashes disagree (another PYTHONHASHSEED) rejects the pulled
     bytes and recomputes the prompt itself — the answer is still right, nothing is cached from P."""
-    f = SimFleet([
-        SimConfig(model=MODEL, role="prefill", time_scale=0.0, hash_seed="seed-a"),
-        SimConfig(model=MODEL, role="decode", time_scale=0.0, hash_seed="seed-b"),
-        SimConfig(model=MODEL, role="decode", time_scale=0.0, hash_seed="seed-a"),
-    ])
+    f = SimFleet(
+        [
+            SimConfig(model=MODEL, role="prefill", time_scale=0.0, hash_seed="seed-a"),
+            SimConfig(model=MODEL, role="decode", time_scale=0.0, hash_seed="seed-b"),
+            SimConfig(model=MODEL, role="decode", time_scale=0.0, hash_seed="seed-a"),
+        ]
+    )
     f.start()
     try:
         pre, bad, good = f.handles
@@ -154,12 +171,22 @@ def test_unreachable_prefill_and_aborted_decode():
     try:
         pre, dec = f.handles
         prompt = pd_prompt("unreachable")
-        bogus = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[0, 1, 2]], "remote_engine_id": "nobody",
-                 "remote_request_id": "r", "remote_host": "127.0.0.1", "remote_port": 9, "tp_size": 1}
+        bogus = {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": [[0, 1, 2]],
+            "remote_engine_id": "nobody",
+            "remote_request_id": "r",
+            "remote_host": "127.0.0.1",
+            "remote_port": 9,
+            "tp_size": 1,
+        }
         out = httpx.post(f"{dec.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "kv_transfer_params": bogus}, timeout=30).json()
         assert out["choices"][0]["text"] and out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         # occupy the decode replica, then queue a P/D request behind it and give up on it
-        kv = httpx.post(f"{pre.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS}).json()["kv_transfer_params"]
+        kv = httpx.post(f"{pre.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS}).json()[
+            "kv_transfer_params"
+        ]
         assert metric(pre.url, "vllm:kv_cache_usage_perc") > 0
         import asyncio
 
@@ -167,7 +194,9 @@ def test_unreachable_prefill_and_aborted_decode():
             async with httpx.AsyncClient() as c:
                 busy = asyncio.create_task(c.post(f"{dec.url}/v1/completions", json={"model": MODEL, "prompt": "busy", "max_tokens": 500}, timeout=30))
                 await asyncio.sleep(0.2)
-                queued = asyncio.create_task(c.post(f"{dec.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 5, "kv_transfer_params": kv}, timeout=30))
+                queued = asyncio.create_task(
+                    c.post(f"{dec.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 5, "kv_transfer_params": kv}, timeout=30)
+                )
                 await asyncio.sleep(0.3)
                 queued.cancel()
                 await asyncio.gather(queued, return_exceptions=True)
@@ -192,7 +221,12 @@ def test_side_channel_and_lease_follow_vllm_env_vars(monkeypatch):
     cfgs = configs_from_args(build_parser().parse_args(["--replicas", "2", "--role", "prefill"]))
     assert [(c.side_channel_host, c.side_channel_port, c.lease_s) for c in cfgs] == [("localhost", 5600, 480.0), ("localhost", 5601, 480.0)]
     port = free_port()
-    f = SimFleet([SimConfig(model=MODEL, role="prefill", time_scale=0.0, side_channel_host="localhost", side_channel_port=port), SimConfig(model=MODEL, role="decode", time_scale=0.0)])
+    f = SimFleet(
+        [
+            SimConfig(model=MODEL, role="prefill", time_scale=0.0, side_channel_host="localhost", side_channel_port=port),
+            SimConfig(model=MODEL, role="decode", time_scale=0.0),
+        ]
+    )
     f.start()
     try:
         _, kv, out = two_hop(*f.handles, pd_prompt("env"))

@@ -64,13 +64,27 @@ def test_pull_completes_without_a_lease_on_the_serving_side():
             src.has_pending = lambda: True  # first pull: a lease is out (handshake + READ)
             src.wake()
             t = time.perf_counter()
-            await dst.pull(remote_host="127.0.0.1", remote_port=src.side_channel_port, remote_engine_id="late-src", remote_request_id="a", remote_block_ids=[1, 2], local_block_ids=[1, 2])
+            await dst.pull(
+                remote_host="127.0.0.1",
+                remote_port=src.side_channel_port,
+                remote_engine_id="late-src",
+                remote_request_id="a",
+                remote_block_ids=[1, 2],
+                local_block_ids=[1, 2],
+            )
             leased = time.perf_counter() - t
             src.has_pending = lambda: False
             await asyncio.sleep(0.25)  # the poller has gone idle
             src.buffer[:] = 9
             t = time.perf_counter()
-            await dst.pull(remote_host="127.0.0.1", remote_port=src.side_channel_port, remote_engine_id="late-src", remote_request_id="b", remote_block_ids=list(range(32)), local_block_ids=list(range(32)))
+            await dst.pull(
+                remote_host="127.0.0.1",
+                remote_port=src.side_channel_port,
+                remote_engine_id="late-src",
+                remote_request_id="b",
+                remote_block_ids=list(range(32)),
+                local_block_ids=list(range(32)),
+            )
             late = time.perf_counter() - t
             assert bytes(dst.buffer[: 32 * 4096]) == b"\x09" * (32 * 4096)
             return leased, late

@@ -62,7 +62,9 @@ def test_openai_sdk_sync_async_stream(fleet):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5 and r.usage.prompt_tokens_details.cached_tokens == 0
     chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
-    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.completion_tokens == 3 and chunks[-1].choices == []
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
@@ -90,7 +92,9 @@ def test_openai_sdk_sync_async_stream(fleet):
 
 def test_completion_stream_wire_format(fleet):
     h = fleet.handles[0]
-    r = httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": "wire format", "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}})
+    r = httpx.post(
+        f"{h.url}/v1/completions", json={"model": MODEL, "prompt": "wire format", "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(e) for e in sse_events(r)]
     tokens, usage = events[:-1], events[-1]
@@ -106,12 +110,34 @@ def test_completion_stream_wire_format(fleet):
     assert usage["usage"]["completion_tokens"] == 4 and usage["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     assert len({e["id"] for e in events}) == 1 and len({e["created"] for e in events}) == 1
     # no stream_options: no usage chunk; stream_options {}: usage (vLLM's StreamOptions.include_usage defaults to True)
-    plain = [json.loads(e) for e in sse_events(httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": "wire format", "max_tokens": 2, "stream": True}))]
+    plain = [
+        json.loads(e)
+        for e in sse_events(httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": "wire format", "max_tokens": 2, "stream": True}))
+    ]
     assert all(e["choices"] for e in plain) and "usage" not in plain[-1]
-    empty = [json.loads(e) for e in sse_events(httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": "wire format", "max_tokens": 2, "stream": True, "stream_options": {}}))]
+    empty = [
+        json.loads(e)
+        for e in sse_events(
+            httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": "wire format", "max_tokens": 2, "stream": True, "stream_options": {}})
+        )
+    ]
     assert empty[-1]["choices"] == [] and empty[-1]["usage"]["completion_tokens"] == 2
     # continuous usage stats: every chunk carries the running usage
-    cont = [json.loads(e) for e in sse_events(httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": "wire format", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}))]
+    cont = [
+        json.loads(e)
+        for e in sse_events(
+            httpx.post(
+                f"{h.url}/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "wire format",
+                    "max_tokens": 3,
+                    "stream": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                },
+            )
+        )
+    ]
     assert [e["usage"]["completion_tokens"] for e in cont[:-1]] == [1, 2, 3]
 
 
@@ -125,9 +151,19 @@ def test_chat_stream_wire_format(fleet):
     assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
     assert len(tokens) == 3
     for ch in tokens[:-1]:
-        assert ch["choices"][0] == {"index": 0, "delta": {"content": ch["choices"][0]["delta"]["content"]}, "logprobs": None, "finish_reason": None, "token_ids": None}
+        assert ch["choices"][0] == {
+            "index": 0,
+            "delta": {"content": ch["choices"][0]["delta"]["content"]},
+            "logprobs": None,
+            "finish_reason": None,
+            "token_ids": None,
+        }
     last = tokens[-1]["choices"][0]
-    assert last["finish_reason"] == "length" and last["delta"]["content"] and list(last) == ["index", "delta", "logprobs", "finish_reason", "stop_reason", "token_ids"]
+    assert (
+        last["finish_reason"] == "length"
+        and last["delta"]["content"]
+        and list(last) == ["index", "delta", "logprobs", "finish_reason", "stop_reason", "token_ids"]
+    )
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3 and "prompt_tokens_details" in usage["usage"]
 
 
@@ -137,10 +173,34 @@ def test_non_stream_bodies_like_vllm(fleet):
     assert comp.headers["x-request-id"] == "abc-123"
     b = comp.json()
     assert b["id"] == "cmpl-abc-123" and b["object"] == "text_completion"
-    assert list(b) == ["id", "object", "created", "model", "choices", "service_tier", "system_fingerprint", "usage", "kv_transfer_params", "ec_transfer_params", "metrics"]
-    assert list(b["choices"][0]) == ["index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids", "routed_experts"]
+    assert list(b) == [
+        "id",
+        "object",
+        "created",
+        "model",
+        "choices",
+        "service_tier",
+        "system_fingerprint",
+        "usage",
+        "kv_transfer_params",
+        "ec_transfer_params",
+        "metrics",
+    ]
+    assert list(b["choices"][0]) == [
+        "index",
+        "text",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+        "token_ids",
+        "prompt_logprobs",
+        "prompt_token_ids",
+        "routed_experts",
+    ]
     assert b["kv_transfer_params"] is None and b["usage"]["total_tokens"] == b["usage"]["prompt_tokens"] + 3
-    chat = httpx.post(f"{h.url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "bodies"}], "max_tokens": 3, "request_id": "rid-9"}).json()
+    chat = httpx.post(
+        f"{h.url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "bodies"}], "max_tokens": 3, "request_id": "rid-9"}
+    ).json()
     assert chat["id"] == "chatcmpl-rid-9" and chat["object"] == "chat.completion"
     msg = chat["choices"][0]["message"]
     assert msg["role"] == "assistant" and "tool_calls" not in msg and "reasoning" in msg  # vLLM drops an empty tool_calls
@@ -180,7 +240,9 @@ def test_token_id_and_list_prompts(fleet):
     # several prompts in one request: one choice each, usage summed (vLLM batches them)
     many = httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": ["first prompt", "second prompt here"], "max_tokens": 2}).json()
     assert [ch["index"] for ch in many["choices"]] == [0, 1]
-    singles = [httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 2}).json() for p in ("first prompt", "second prompt here")]
+    singles = [
+        httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 2}).json() for p in ("first prompt", "second prompt here")
+    ]
     assert [ch["text"] for ch in many["choices"]] == [s["choices"][0]["text"] for s in singles]
     assert many["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles) and many["usage"]["completion_tokens"] == 4
     ids_many = httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": [ids[:5], ids[:7]], "max_tokens": 1, "stream": True}).text
@@ -195,7 +257,10 @@ def test_chat_template_tokens(fleet):
     assert tok["tokens"] == local and tok["count"] == len(local) and tok["max_model_len"] == 8192 and tok["token_strs"] is None
     usage = httpx.post(f"{h.url}/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 1}).json()["usage"]
     assert usage["prompt_tokens"] == len(local)
-    cont = httpx.post(f"{h.url}/tokenize", json={"model": MODEL, "messages": msgs + [{"role": "assistant", "content": "A cache"}], "add_generation_prompt": False, "continue_final_message": True}).json()
+    cont = httpx.post(
+        f"{h.url}/tokenize",
+        json={"model": MODEL, "messages": msgs + [{"role": "assistant", "content": "A cache"}], "add_generation_prompt": False, "continue_final_message": True},
+    ).json()
     assert load_tokenizer("demo").decode(cont["tokens"], skip_special_tokens=False).endswith("A cache")
     strs = httpx.post(f"{h.url}/tokenize", json={"model": MODEL, "prompt": "hello world", "return_token_strs": True}).json()
     assert len(strs["token_strs"]) == strs["count"]
@@ -259,7 +324,9 @@ def test_overload_queues():
 
         async def go():
             async with httpx.AsyncClient(timeout=30) as client:
-                tasks = [asyncio.create_task(client.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": f"q{i}", "max_tokens": 300})) for i in range(6)]
+                tasks = [
+                    asyncio.create_task(client.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": f"q{i}", "max_tokens": 300})) for i in range(6)
+                ]
                 seen = []
                 for _ in range(40):  # bounded poll while the batch is full
                     await asyncio.sleep(0.05)
@@ -313,14 +380,20 @@ def test_client_disconnect_non_stream_and_queued_abort(slow):
         async with httpx.AsyncClient() as client:
             running = asyncio.create_task(client.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "long one", "max_tokens": 2000}, timeout=10))
             await asyncio.sleep(0.2)
-            queued = asyncio.create_task(client.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 5, "stream": True}, timeout=10))
+            queued = asyncio.create_task(
+                client.post(
+                    f"{url}/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 5, "stream": True},
+                    timeout=10,
+                )
+            )
             for _ in range(100):  # bounded: until the second request is seen queued
                 await asyncio.sleep(0.05)
                 text = (await client.get(f"{url}/metrics")).text
-                if "vllm:num_requests_waiting{engine=\"0\",model_name=\"kvgate/demo-8b\"} 1.0" in text:
+                if 'vllm:num_requests_waiting{engine="0",model_name="kvgate/demo-8b"} 1.0' in text:
                     break
-            assert "vllm:num_requests_waiting{engine=\"0\",model_name=\"kvgate/demo-8b\"} 1.0" in text
-            assert "vllm:num_requests_running{engine=\"0\",model_name=\"kvgate/demo-8b\"} 1.0" in text
+            assert 'vllm:num_requests_waiting{engine="0",model_name="kvgate/demo-8b"} 1.0' in text
+            assert 'vllm:num_requests_running{engine="0",model_name="kvgate/demo-8b"} 1.0' in text
             for t in (running, queued):
                 t.cancel()
             await asyncio.gather(running, queued, return_exceptions=True)
@@ -334,7 +407,7 @@ def test_half_sent_body_and_garbage_do_not_hang(slow):
     url = slow.url
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":')
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(b"\x00\x01garbage\r\n\r\n")
         s.recv(100)  # answered (400) or closed; never hangs
@@ -424,9 +497,18 @@ def test_metrics_parse_with_vllm_names_labels_buckets(fleet):
     h, lh = fleet.handles[0], fleet.handles[2]
     httpx.post(f"{h.url}/v1/completions", json={"model": MODEL, "prompt": "metrics", "max_tokens": 2}).raise_for_status()
     m = metrics(h.url)
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total",
-                 "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
-                 "vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_count"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_count",
+    ):
         assert name in m, name
         assert all(s.labels.get("model_name") == MODEL and s.labels.get("engine") == "0" for s in m[name]), name
     assert [s.labels["le"] for s in m["vllm:time_to_first_token_seconds_bucket"]] == [str(b) for b in VLLM_TTFT_BUCKETS] + ["+Inf"]
