@@ -6,12 +6,13 @@ at run time (importing every module of a package loads none of the packages abov
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.imports import import_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,24 +25,15 @@ FORBIDDEN = {
 }
 
 
-def imported_top_levels(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            out.add(node.module.split(".")[0])
-    return out
-
-
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_no_module_imports_a_package_above_it(package: str) -> None:
-    bad = {
-        f"{p.relative_to(ROOT)} imports {', '.join(sorted(hit))}"
-        for p in (ROOT / package).rglob("*.py")
-        if (hit := imported_top_levels(p) & FORBIDDEN[package])
-    }
+    files = sorted((ROOT / package).rglob("*.py"))
+    bad = set()
+    for path, records in zip(files, import_records([p.read_text() for p in files]), strict=True):
+        # absolute imports only: a relative one stays inside the package
+        hit = {(r.name if r.module is None else r.module).split(".")[0] for r in records if r.level == 0} & FORBIDDEN[package]
+        if hit:
+            bad.add(f"{path.relative_to(ROOT)} imports {', '.join(sorted(hit))}")
     assert not bad, sorted(bad)
 
 

@@ -416,7 +416,8 @@ def test_picker_sets_the_replica_key_and_removes_the_clients_grpc(tmp_path):
         ]
     )
     fleet.start()
-    cfg = fleet_config(fleet.handles, auth={"api_keys": [CLIENT_KEY]})
+    # no periodic probe: its next success would clear the 401 flag this test checks
+    cfg = fleet_config(fleet.handles, auth={"api_keys": [CLIENT_KEY]}, health={"interval_s": 3600.0})
     cfg.replicas[0].api_key = cfg.replicas[2].api_key = REPLICA_KEY
     ep = ExtProcThread(cfg, fallbacks=2).start()
     addr = [f"127.0.0.1:{h.config.port}" for h in fleet.handles]

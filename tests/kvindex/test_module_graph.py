@@ -7,9 +7,10 @@ edge. An import moved into a function to dodge a cycle therefore still counts as
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Mapping
 from pathlib import Path
+
+from tests.helpers.imports import ImportRecord, import_records
 
 PACKAGE = "kvindex"
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,33 +36,36 @@ def _resolve(target: str, known: set[str]) -> str | None:
 
 def imports_of(module: str, source: str, known: set[str], *, is_package: bool = False) -> set[str]:
     """The modules of ``known`` that ``module``'s source imports anywhere (lazy imports included)."""
+    return resolve_imports(module, import_records([source])[0], known, is_package=is_package)
+
+
+def resolve_imports(module: str, records: list[ImportRecord], known: set[str], *, is_package: bool = False) -> set[str]:
     here = module if is_package else module.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        targets: list[str] = []
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
+    for r in records:
+        if r.module is None and r.level == 0:  # import a.b.c
+            target = r.name
+        else:
+            if r.level:
                 base = here
-                for _ in range(node.level - 1):
+                for _ in range(r.level - 1):
                     base = base.rpartition(".")[0]
-                mod = f"{base}.{node.module}" if node.module else base
+                mod = f"{base}.{r.module}" if r.module else base
             else:
-                mod = node.module or ""
+                mod = r.module or ""
             # ``from pkg import name``: name may be a submodule or an attribute of pkg
-            targets = [f"{mod}.{a.name}" for a in node.names]
-        for t in targets:
-            hit = _resolve(t, known)
-            if hit is not None and hit != module:
-                out.add(hit)
+            target = f"{mod}.{r.name}"
+        hit = _resolve(target, known)
+        if hit is not None and hit != module:
+            out.add(hit)
     return out
 
 
 def import_graph(root: Path, package: str) -> dict[str, set[str]]:
     files = module_names(root, package)
     known = set(files)
-    return {m: imports_of(m, p.read_text(), known, is_package=p.name == "__init__.py") for m, p in files.items()}
+    records = import_records([p.read_text() for p in files.values()])
+    return {m: resolve_imports(m, recs, known, is_package=p.name == "__init__.py") for (m, p), recs in zip(files.items(), records, strict=True)}
 
 
 def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
