@@ -8,7 +8,14 @@ what happened on the wire:
   replica's replay ROUTER for everything from the first missing seq (DEALER sends
   ``[b"", start_seq]``; replies ``[b"", topic, seq, payload]`` or the older ``[b"", seq,
   payload]``, ended by seq ``ff``×8); if the replay cannot cover the gap, the replica's
-  current entries are marked untrusted (the index hides them) and ingestion resumes;
+  current entries are marked untrusted (the index hides them) and ingestion resumes. The repair
+  costs what the replay sends back (at most the replica's buffer: vLLM's ``buffer_steps``,
+  10 000 by default), never the width of the gap, which is only subtracted: a jump of 3M seqs
+  or of 2^63 is handled as fast as one of 3. ``batches_lost`` adds the width of an unrepaired
+  gap, except that a jump wider than ``MAX_GAP`` (2^32: no publisher sends four billion
+  batches between two that reach us; such jumps come from a corrupted or foreign counter)
+  adds 1 and counts in ``seq_jumps``; the index is treated the same way either way (older
+  entries untrusted, fresh events count);
 * a seq back at 0 (or below what we had, or the last seq again with other bytes): the replica
   restarted with an empty cache: forget its blocks, replay what its new run published before
   this batch, then apply;
@@ -85,6 +92,7 @@ class ReplicaStats:
     rebuilds: int = 0  # times this replica's entries were re-applied after the index lost its data
     rebuild_failures: int = 0  # rebuilds whose replay could not be fetched (nothing re-applied)
     batches_unrecoverable: int = 0  # at a rebuild: batches of the replica's run older than its buffer
+    seq_jumps: int = 0  # gaps wider than EventSubscriber.MAX_GAP (counted 1 in batches_lost)
     last_seq: int | None = None
     last_event_time: float | None = None
 
@@ -137,6 +145,9 @@ class EventSubscriber:
         self._index_failing = False  # an index call failed since the last good loss check
         self._index_failed = asyncio.Event()  # wakes the loss check early
         self._rebuild_pending: set[str] = set()  # replicas whose rebuild the index interrupted
+        # per replica, the seq its current run counts from: 0, or where an absurd jump landed
+        # (so a rebuild counts the batches it cannot replay from there, not from 0)
+        self._run_base: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -176,6 +187,7 @@ class EventSubscriber:
         self.sources.pop(replica, None)
         self._expected.pop(replica, None)
         self._last_digest.pop(replica, None)
+        self._run_base.pop(replica, None)
         if forget:
             self._untrust_pending.discard(replica)
             # if the index is down this only logs: a removed replica is out of the fleet (no
@@ -253,6 +265,7 @@ class EventSubscriber:
                 st.restarts_detected += 1
                 log.info("replica %s restarted (seq %d after %d): forgetting its blocks", rid, seq, expected - 1)
                 self._untrust_pending.discard(rid)
+                self._run_base.pop(rid, None)
                 if not await self._index_call(st, self.index.drop_replica(rid)):
                     self._untrust_pending.add(rid)  # at least hide what it had, once we can
                 if seq > 0 and src.replay_endpoint:
@@ -319,8 +332,22 @@ class EventSubscriber:
 
     # -- replay ---------------------------------------------------------------------------------
 
+    #: a gap wider than this is not a number of batches anyone published (2^32: 50 days at
+    #: 1000 batches/s, vLLM's replay buffer holds 10 000): a corrupted or foreign counter. It
+    #: counts 1 in ``batches_lost`` and 1 in ``seq_jumps`` instead of its width (2.8e19 was
+    #: seen); the index is handled as for any gap the replay cannot fill
+    MAX_GAP = 2**32
+
     async def _repair_gap(self, src: ReplicaSource, start: int, upto: int, first_contact: bool = False) -> None:
-        """Fetch batches ``start .. upto-1`` from the replica's replay socket and apply them."""
+        """Fetch batches ``start .. upto-1`` from the replica's replay socket and apply them.
+
+        Whatever the gap's width, the work is bounded by what the replay sends: it is asked
+        from ``start`` and answers with what it buffers from there (vLLM: the last
+        ``buffer_steps`` batches), and every test below looks at the seqs that came back, never
+        walks the gap. If they cover it, they are applied in order; if not, nothing of the
+        gap is applied and the replica's entries are untrusted (what is missing may have
+        removed some), so the index never shows a block the replica may have dropped.
+        """
         rid = src.replica
         st = self.stats.replica(rid)
         got: dict[int, bytes] = {}
@@ -330,10 +357,13 @@ class EventSubscriber:
                 got = await self._fetch_buffer(src.replay_endpoint, upto, start=start)
             except (TimeoutError, zmq.ZMQError) as exc:
                 log.info("replay from %s failed: %s", rid, exc)
-        wanted = range(start, upto)
-        covered = all(s in got for s in wanted)
-        if covered:
-            for s in wanted:
+        gap = upto - start
+        absurd = gap > self.MAX_GAP
+        if absurd:
+            st.seq_jumps += 1
+            self._run_base[rid] = upto  # the run's earlier batches are not counted again at a rebuild
+        if gap <= len(got) and all(s in got for s in range(start, upto)):
+            for s in range(start, upto):
                 await self._apply(src, s, got[s])
                 st.batches_replayed += 1
             return
@@ -347,8 +377,18 @@ class EventSubscriber:
                 await self._apply(src, s, got[s])
                 st.batches_replayed += 1
             return
-        st.batches_lost += upto - start
-        log.warning("replica %s: %d KV-event batches lost (seq %d..%d); its entries are untrusted until fresh events", rid, upto - start, start, upto - 1)
+        if absurd:
+            st.batches_lost += 1
+            log.warning(
+                "replica %s: KV-event seq jumped from %d to %d (counted as 1 lost batch, not %d); its entries are untrusted until fresh events",
+                rid,
+                start - 1,
+                upto,
+                gap,
+            )
+        else:
+            st.batches_lost += gap
+            log.warning("replica %s: %d KV-event batches lost (seq %d..%d); its entries are untrusted until fresh events", rid, gap, start, upto - 1)
         self._untrust_pending.add(rid)
         await self._flush_untrust(rid, st)
 
@@ -449,7 +489,7 @@ class EventSubscriber:
             for s in range(start, expected):
                 await self._apply(src, s, got[s])
                 st.batches_replayed += 1
-            st.batches_unrecoverable += start
+            st.batches_unrecoverable += max(0, start - self._run_base.get(rid, 0))
             if not ok:
                 st.rebuild_failures += 1
                 return False
@@ -468,18 +508,18 @@ class EventSubscriber:
         without its end marker. The first ~1000 replies from the requested seq always arrive,
         so holes are filled by asking again from the lowest one, until none is left below
         ``upto``, a round fills none (gone from the buffer meanwhile), or ``REPLAY_ROUNDS``.
+
+        Every step works on the seqs received (sorted), never on the range ``start .. upto``:
+        the cost is what the replay sends, however far apart ``start`` and ``upto`` are.
         """
         got = await self._replay(endpoint, start, partial=True)
         for _ in range(self.REPLAY_ROUNDS):
-            have = [s for s in got if start <= s < upto]
-            if not have:
+            hole = _first_hole(got, start, upto)
+            if hole is None:
                 break
-            holes = [s for s in range(min(have), upto) if s not in got]
-            if not holes:
-                break
-            more = await self._replay(endpoint, holes[0], partial=True)
-            if not any(s in more for s in holes):
-                break
+            more = await self._replay(endpoint, hole, partial=True)
+            if not any(hole <= s < upto and s not in got for s in more):
+                break  # filled none: gone from the buffer meanwhile, or never published
             got.update(more)
         return got
 
@@ -529,3 +569,18 @@ class EventSubscriber:
                     out[int.from_bytes(seq_b, "big")] = payload
         finally:
             sock.close(0)
+
+
+def _first_hole(got: dict[int, bytes], start: int, upto: int) -> int | None:
+    """The lowest seq missing from ``got`` between the lowest one it holds in ``start ..
+    upto-1`` and ``upto`` (None: no hole, or nothing held there). O(n log n) in the seqs
+    held, whatever the width of the range."""
+    have = sorted(s for s in got if start <= s < upto)
+    if not have:
+        return None
+    want = have[0]
+    for s in have:
+        if s != want:
+            return want
+        want += 1
+    return want if want < upto else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import time
 
 import msgspec
 import pytest
@@ -15,6 +17,7 @@ from kvindex.hashing import block_keys, event_hash, vllm_block_hashes
 from kvindex.memory_index import MemoryIndex
 from kvindex.subscriber import EventSubscriber, ReplicaSource
 from tests.helpers.events import Publisher
+from tests.helpers.memory import rss_guard
 from tests.helpers.net import free_port
 
 MODEL = "m"
@@ -338,3 +341,49 @@ async def test_restart_seen_first_at_the_old_last_seq(ctx):
         assert st.restarts_detected == 1 and st.batches_lost == 0
         assert await matched(index, old, "r0") == 0
         assert all([await matched(index, toks, "r0") == 1 for toks in fresh])
+
+
+@pytest.mark.parametrize(
+    ("jump_to", "lost"),
+    [
+        # a gap the publisher's counter says is 3M batches: counted as such, repaired at the cost
+        # of what the replay buffer holds (not of the gap)
+        (lambda seq: seq + 3_000_000, lambda gap: gap),
+        # no publisher sends 2^63 batches: a corrupted counter, counted once (and in seq_jumps)
+        (lambda seq: 2**63 - 1, lambda gap: 1),
+    ],
+    ids=["3M", "2^63-1"],
+)
+async def test_seq_jump_costs_what_the_replay_holds_not_the_jump(ctx, jump_to, lost):
+    """A seq jump forward, with the replay buffer holding the batch right after the last one
+    applied (so the replay covers part of the gap): the repair asks the replay for what it has,
+    finds the rest gone, distrusts the replica's older entries and goes on at once. Memory and
+    time do not grow with the jump (it was +196 MB for 3M, and 2^63 never finished), and the
+    loss count stays readable."""
+    async with wired(ctx, sub_kw={"replay_timeout_s": 0.5}) as (pub, index, sub):
+        warm = await warm_up(pub, sub, index, "r0")
+        st = sub.stats.replica("r0")
+        await until(lambda: _true(sub._expected.get("r0") == pub.seq))
+        first_missing = pub.seq
+        await pub.publish(prompt_batch(list(range(3000, 3016))), drop=True)  # buffered, never delivered
+        gc.collect()
+        jumped, after = list(range(3100, 3116)), list(range(3200, 3216))
+        with rss_guard(64 * 2**20) as rss:
+            t0 = time.monotonic()
+            pub.seq = jump_to(pub.seq)
+            jump_seq = await pub.publish(prompt_batch(jumped))
+            await pub.publish(prompt_batch(after))
+            await until(lambda: _eq(matched(index, after, "r0"), 1), timeout=10)
+            elapsed = time.monotonic() - t0
+        assert rss.tripped == 0 and rss.growth < 8 * 2**20, f"RSS grew by {rss.growth / 2**20:.1f} MiB"
+        assert elapsed < 2.0, f"the next batch took {elapsed:.2f} s"
+        assert await matched(index, jumped, "r0") == 1
+        assert await matched(index, warm, "r0") == 0  # from before the gap: hidden
+        assert st.batches_lost == lost(jump_seq - first_missing)
+        assert st.seq_jumps == (1 if lost(2) == 1 else 0)
+        assert st.batches_applied >= 2 and st.decode_errors == 0
+        # as after an empty Redis restart: the buffer's tail from the jump on is re-applied, and
+        # what it cannot replay is counted from where the run's count is sane
+        await sub.rebuild_index()
+        assert await matched(index, after, "r0") == 1 and st.rebuilds == 1
+        assert st.batches_unrecoverable == (jump_seq if lost(2) == 2 else 0)
