@@ -37,7 +37,10 @@ class Admission:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # (the client leaving) that arrives as the slot does
+            async with asyncio.timeout(self.queue_timeout_s):
+                await asyncio.shield(fut)
         except TimeoutError:
             if fut.done() and not fut.cancelled():
                 return time.monotonic() - start  # the slot arrived just as we timed out: keep it

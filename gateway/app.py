@@ -35,7 +35,7 @@ from .hops import Hops
 from .intake import FrontDoor, key_matches, require_client_key
 from .metrics import GatewayMetrics, counter, gauge
 from .proxy import make_client
-from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, new_request_id, req_log
+from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, req_log, request_id_from
 from .routing import Router
 
 log = logging.getLogger("kvgate.app")
@@ -184,7 +184,7 @@ async def proxy_request(gw: Gateway, request: Request, kind: str, path: str) -> 
     Whatever happens, the request gives back what it holds (admission slot, disconnect
     watch) exactly once: here, or — for a streamed answer — when the stream ends.
     """
-    req = ProxyRequest(kind, path, request.headers.get("x-request-id") or new_request_id(), request.headers)
+    req = ProxyRequest(kind, path, request_id_from(request.headers), request.headers)
     handed_over = False  # a streaming response now owns the slot and the watch
     try:
         resp = await gw.front.serve(req, request)

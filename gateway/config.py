@@ -124,6 +124,12 @@ class LimitsConfig(_Base):
     #: idle upstream connections are closed after this; keep it below the replicas' own
     #: keep-alive timeout (uvicorn/vLLM: 5 s) so the gateway never reuses one being closed
     upstream_keepalive_s: float = 4.0
+    #: a client connection must send its request headers within this (slowloris); 408 and closed
+    header_timeout_s: float = 10.0
+    #: and then its whole body within this; 408
+    body_timeout_s: float = 30.0
+    #: client connections open at once; a new one past this gets a 503 and is closed
+    max_connections: int = 4096
 
 
 class PDConfig(_Base):
@@ -166,6 +172,9 @@ class GatewayConfig(_Base):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     #: the `scheduling:` section, validated by scorers.scheduler.Scheduler.from_config
     scheduling: dict[str, Any] = {}
+    #: client request headers passed to replicas besides content-type, accept, traceparent and
+    #: tracestate (names, case-insensitive); everything else stays at the gateway
+    forward_headers: list[str] = []
     #: add x-kvgate-replica / x-kvgate-prefix-blocks to responses
     debug_headers: bool = False
     log_level: str = "warning"
@@ -188,7 +197,18 @@ def parse_config(data: Any) -> GatewayConfig:
     return cfg
 
 
+#: headers the gateway owns or that are per hop: never forwarded from a client
+_NOT_FORWARDABLE = frozenset({"authorization", "x-request-id", "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection", "cookie"})
+
+
 def _check(cfg: GatewayConfig) -> None:
+    cfg.forward_headers = [h.strip().lower() for h in cfg.forward_headers]
+    owned = sorted(set(cfg.forward_headers) & _NOT_FORWARDABLE)
+    if owned:
+        raise ConfigError(f"config error at $.forward_headers: {owned} cannot be forwarded from clients (the gateway owns them, or they are per hop)")
+    for name in ("header_timeout_s", "body_timeout_s", "max_connections"):
+        if getattr(cfg.limits, name) <= 0:
+            raise ConfigError(f"config error at $.limits.{name}: must be > 0")
     ids = [r.id for r in cfg.replicas]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

@@ -40,6 +40,49 @@ class GatewayError(Exception):
         return error_body(self.status, self.message, self.code, self.param)
 
 
+#: ``code`` for a replica's error whose own code is its HTTP status (vLLM's ``ErrorInfo.code``)
+_CODES = {
+    400: "invalid_request",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "body_too_large",
+    422: "invalid_request",
+    429: "rate_limited",
+    500: "upstream_error",
+    501: "not_implemented",
+    502: "upstream_error",
+    503: "upstream_unavailable",
+    504: "upstream_timeout",
+}
+
+
+def normalize_error(status: int, content: bytes) -> bytes | None:
+    """A replica's JSON error body in the gateway's one shape, or None to relay it unchanged.
+
+    vLLM answers ``{"error": {"message", "type": "BadRequestError", "param", "code": 400}}``
+    (older releases the same fields at the top level with ``"object": "error"``) while the
+    gateway's own errors follow OpenAI (``type: invalid_request_error``, a string ``code``).
+    Clients switch on ``type`` and ``code``, so every error leaves the gateway in one shape;
+    the replica's message and param are kept.
+    """
+    try:
+        data = msgspec.json.decode(content)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    err = data.get("error") if isinstance(data.get("error"), dict) else data if data.get("object") == "error" else None
+    if err is None or not isinstance(err.get("message"), str):
+        return None
+    code = err.get("code")
+    if not isinstance(code, str) or not code:
+        code = _CODES.get(status, f"upstream_{status}")
+    param = err.get("param") if isinstance(err.get("param"), str) else None
+    return msgspec.json.encode(error_body(status, err["message"], code, param))
+
+
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
 

@@ -73,7 +73,7 @@ from .app import Gateway
 from .config import GatewayConfig
 from .errors import GatewayError, bad_request
 from .forward import Attempt, AuthRejected, auth_error
-from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, new_request_id
+from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, request_id_from
 
 log = logging.getLogger("kvgate.extproc")
 
@@ -388,7 +388,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         """The gateway's own front door and routing, for one hop; the pick is counted in flight."""
         gw = self.gw
         path = st.headers.get(":path", "").split("?")[0]
-        req = ProxyRequest(_KINDS.get(path, ""), path, st.headers.get("x-request-id") or new_request_id(), st.headers, raw=raw)
+        req = ProxyRequest(_KINDS.get(path, ""), path, request_id_from(st.headers), st.headers, raw=raw)
         gw.front.authenticate(req)
         if not req.kind:
             raise GatewayError(404, f"no route {st.headers.get(':method', 'POST')} {path}", "not_found")

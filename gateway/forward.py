@@ -28,10 +28,20 @@ from scorers.base import EndpointState, RequestContext
 from scorers.scheduler import Scheduler
 
 from .config import GatewayConfig
-from .errors import GatewayError, sse_error_event
+from .errors import GatewayError, normalize_error, sse_error_event
 from .fleet import Fleet
 from .metrics import GatewayMetrics
-from .proxy import UpstreamBroken, UpstreamConnectError, UpstreamResponse, UpstreamTimeout, make_session, open_upstream, relay_headers
+from .proxy import (
+    FORWARDED_REQUEST_HEADERS,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    forward_headers,
+    make_session,
+    open_upstream,
+    relay_headers,
+)
 from .request import DisconnectWatch, ProxyRequest
 
 log = logging.getLogger("kvgate.forward")
@@ -184,6 +194,7 @@ class Forwarder:
         self.fleet = fleet
         self.scheduler = scheduler
         self.metrics = metrics
+        self.forwarded = FORWARDED_REQUEST_HEADERS | frozenset(cfg.forward_headers)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -286,8 +297,11 @@ class Forwarder:
         504 on a first-byte timeout. The hop's ``retry_statuses`` turn an answer into a
         failure when ``can_retry`` (there is another replica to try).
         """
+        req.check_client()
         timeout = hop.first_byte_timeout_s or self.cfg.limits.first_byte_timeout_s
         stream = req.stream if hop.stream is None else hop.stream
+        if req.upstream_headers is None:
+            req.upstream_headers = forward_headers(req.headers, req.request_id, self.forwarded)
         headers: Mapping[str, str] = req.upstream_headers
         auth = self.fleet.upstream_auth(ep.id)
         if auth:
@@ -358,7 +372,10 @@ class Forwarder:
 
         if not up.streaming:
             finish(status < 500)
-            return Response(up.content, status_code=status, headers=headers)
+            content = up.content
+            if status >= 400 and content:
+                content = normalize_error(status, content) or content
+            return Response(content, status_code=status, headers=headers)
 
         def broken(exc: Exception) -> bytes:
             self.metrics.midstream_failures.labels(ep.id).inc()

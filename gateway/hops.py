@@ -31,7 +31,7 @@ from starlette.responses import Response
 from scorers.base import PHASE_DECODE, PHASE_PREFILL, EndpointState
 
 from .config import GatewayConfig
-from .errors import GatewayError
+from .errors import GatewayError, normalize_error
 from .forward import AttemptFailed, Forwarder, HopPolicy, RelayResponse, Upstream
 from .metrics import GatewayMetrics
 from .request import EMBEDDINGS, ProxyRequest
@@ -220,7 +220,9 @@ class Hops:
         self.metrics.pd_hop.labels("prefill").observe(elapsed)
         self.forwarder.end(req.ctx, up.att, req.profile, ok=True)  # hop 1 is over: the replica did its part
         if up.status >= 400:
-            raise PrefillRejected(Response(up.content, status_code=up.status, media_type="application/json", headers={"x-request-id": req.request_id}))
+            content = up.content or b""
+            content = normalize_error(up.status, content) or content
+            raise PrefillRejected(Response(content, status_code=up.status, media_type="application/json", headers={"x-request-id": req.request_id}))
         hit = req.ctx.prefix.get(up.att.endpoint.id)
         return Handle(handles[id(up)], up.att.endpoint.id, hit.blocks if hit else 0, elapsed, time.monotonic())
 

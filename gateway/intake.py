@@ -8,6 +8,7 @@ for every way in: the HTTP gateway (``FrontDoor.serve``) and the Envoy ext-proc 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import TYPE_CHECKING, Any
 
@@ -45,31 +46,63 @@ def require_client_key(keys: list[str], authorization: str) -> None:
         raise GatewayError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_api_key")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed ``limit``."""
+#: fields of a request body only the gateway may set: a client's ``kv_transfer_params`` would
+#: make a replica reserve KV blocks and hand back its side channel, or connect where the client
+#: says; hop 2 carries exactly what hop 1 returned
+INTERNAL_FIELDS = ("kv_transfer_params",)
+#: deepest JSON nesting accepted (tool schemas nest a few tens of levels); deeper bodies would
+#: exhaust the recursion limit further down (copies, templates, re-encoding)
+MAX_JSON_DEPTH = 64
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit``, and with 408
+    unless it all arrives within ``timeout_s`` (a client trickling it in holds a connection)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
+                chunks.append(chunk)
     except ClientDisconnect:
         raise GatewayError(400, "client disconnected while sending the body", "client_disconnected") from None
+    except TimeoutError:
+        raise GatewayError(408, f"request body not received within {timeout_s:g}s", "body_timeout") from None
     return b"".join(chunks)
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def decode_json(raw: bytes) -> Any:
     if not raw:
         raise bad_request("request body is empty; expected JSON")
     try:
-        return msgspec.json.decode(raw)
+        value = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        value = None  # nested deeper than the decoder goes: certainly too deep
+    else:
+        # fewer brackets than the limit cannot nest deeper than it: skip the walk (token lists)
+        if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH or not isinstance(value, (dict, list)) or not _depth_exceeds(value, MAX_JSON_DEPTH):
+            return value
+    raise bad_request(f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
 
 
 def validate_body(kind: str, body: Any) -> None:
@@ -130,7 +163,7 @@ class FrontDoor:
     async def serve(self, req: ProxyRequest, request: Request) -> Response | RelayResponse:
         """The HTTP gateway's whole request: admitted here, then routed and proxied."""
         self.authenticate(req)
-        req.raw = await read_body(request, self.cfg.limits.max_body_bytes)
+        req.raw = await read_body(request, self.cfg.limits.max_body_bytes, self.cfg.limits.body_timeout_s)
         self.check(req)
         await self.admit(req, request.receive)
         return await self.router.route(req)
@@ -145,6 +178,10 @@ class FrontDoor:
         info = self.fleet.resolve_model(body["model"])
         if info is None:
             raise unknown_model(self.fleet, body["model"])
+        if any(f in body for f in INTERNAL_FIELDS):
+            for f in INTERNAL_FIELDS:
+                body.pop(f, None)
+            req.raw = msgspec.json.encode(body)
         req.body = body
         req.model = body["model"]
         req.stream = req.kind != EMBEDDINGS and body.get("stream") is True
@@ -159,3 +196,4 @@ class FrontDoor:
         waited = await self.admission.acquire()
         req.admission = self.admission
         self.metrics.queue_wait.observe(waited)
+        req.check_client()

@@ -18,24 +18,13 @@ import httpx
 
 from .config import LimitsConfig
 
-#: request headers never forwarded upstream (hop-by-hop, or recomputed by the client)
-_DROP_REQUEST = frozenset(
-    {
-        "host",
-        "content-length",
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-connection",
-        "authorization",
-        "accept-encoding",
-        "x-kvgate-profile",
-    }
-)
+#: request headers a replica gets from the client: what vLLM reads (content type, W3C trace
+#: context) and nothing else — cookies, other services' keys and proxy headers stay here; the
+#: gateway itself sets x-request-id and the replica's authorization. ``forward_headers`` in the
+#: config adds names.
+FORWARDED_REQUEST_HEADERS = frozenset({"content-type", "accept", "traceparent", "tracestate"})
+#: a forwarded or relayed header value longer than this is dropped, not cut (a cut value lies)
+MAX_HEADER_VALUE = 4096
 #: response headers never relayed to the client
 _DROP_RESPONSE = frozenset({"content-length", "connection", "keep-alive", "transfer-encoding", "server", "date", "content-encoding"})
 
@@ -149,9 +138,14 @@ class UpstreamResponse:
             self._resp.close()
 
 
-def forward_headers(incoming: Mapping[str, str], request_id: str) -> dict[str, str]:
-    """Client headers worth passing on, plus the shared X-Request-Id."""
-    out = {k: v for k, v in incoming.items() if k.lower() not in _DROP_REQUEST}
+def forward_headers(incoming: Mapping[str, str], request_id: str, allowed: frozenset[str] = FORWARDED_REQUEST_HEADERS) -> dict[str, str]:
+    """The client headers a replica may see (``allowed`` names, values within the cap), plus the
+    shared X-Request-Id."""
+    out = {}
+    for k, v in incoming.items():
+        lk = k.lower()
+        if lk in allowed and len(v) <= MAX_HEADER_VALUE:
+            out[lk] = v
     out["x-request-id"] = request_id
     out.setdefault("content-type", "application/json")
     return out
@@ -162,7 +156,7 @@ def relay_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in upstream.items():
         lk = k.lower()
-        if lk not in _DROP_RESPONSE:
+        if lk not in _DROP_RESPONSE and len(v) <= MAX_HEADER_VALUE:
             out[lk] = v
     return out
 

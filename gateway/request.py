@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -19,8 +20,6 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive
 
 from scorers.base import RequestContext
-
-from .proxy import forward_headers
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -32,8 +31,21 @@ CHAT = "chat"
 EMBEDDINGS = "embeddings"
 
 
+#: a client's X-Request-Id is kept only if it looks like an id: it is forwarded to every hop,
+#: echoed by replicas, logged and used as vLLM's request id, so an unbounded or odd one would
+#: travel everywhere (an 8 KB id made replicas' echoed headers fail to parse)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,128}")
+
+
 def new_request_id() -> str:
     return f"kvg-{uuid.uuid4().hex}"
+
+
+def request_id_from(headers: Mapping[str, str]) -> str:
+    """The client's X-Request-Id when it is a sane id (≤ 128 URL/base64-safe characters), else a
+    fresh one — as Envoy does with an external id it does not trust."""
+    given = headers.get("x-request-id")
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else new_request_id()
 
 
 class DisconnectWatch:
@@ -136,17 +148,20 @@ class ProxyRequest:
     watch: DisconnectWatch | None = None
     trace: Trace | None = None
     admission: Admission | None = None  # set while the request holds an admission slot
-    _upstream_headers: dict[str, str] | None = None
+    upstream_headers: dict[str, str] | None = None  # what every hop forwards (the forwarder fills it once)
 
     def __post_init__(self) -> None:
         self.ctx = RequestContext(request_id=self.request_id, model="", headers=self.headers)
 
-    @property
-    def upstream_headers(self) -> dict[str, str]:
-        """The client's headers as every hop forwards them (computed once)."""
-        if self._upstream_headers is None:
-            self._upstream_headers = forward_headers(self.headers, self.request_id)
-        return self._upstream_headers
+    def check_client(self) -> None:
+        """Raise CancelledError if the client has left.
+
+        The disconnect watch cancels the request's task, but Python 3.11's ``asyncio.wait_for``
+        can swallow a cancellation that arrives as its awaitable completes; checked before each
+        costly step (admission done, each dispatch), a lost one still stops the request.
+        """
+        if self.watch is not None and self.watch.fired:
+            raise asyncio.CancelledError
 
     def release(self) -> None:
         """Give the admission slot back (once; later calls do nothing)."""

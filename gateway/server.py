@@ -11,7 +11,8 @@ import signal
 import sys
 from typing import Any
 
-from .config import ConfigError, GatewayConfig, load_config
+from .config import ConfigError, GatewayConfig, LimitsConfig, load_config
+from .connections import GuardedHttpToolsProtocol
 
 _STD_ATTRS = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -59,8 +60,11 @@ def load_for_command(path: str | None) -> GatewayConfig | None:
     return cfg
 
 
-def uvicorn_config(app, host: str, port: int, *, loop: str = "uvloop"):
+def uvicorn_config(app, host: str, port: int, *, loop: str = "uvloop", limits: LimitsConfig | None = None):
     """The one uvicorn setup for the gateway (serve, demo, tests): httptools, no access log.
+
+    Client connections go through ``gateway.connections`` (header deadline, connection cap,
+    JSON protocol errors) with the ``limits`` section's values.
 
     Every accepted socket has TCP_NODELAY (asyncio and uvloop both set it on TCP
     transports; tests/gateway/test_gw_ops.py checks it on live connections), so a streamed
@@ -68,13 +72,14 @@ def uvicorn_config(app, host: str, port: int, *, loop: str = "uvloop"):
     """
     import uvicorn
 
+    limits = limits or LimitsConfig()
     # proxy_headers off: nothing here reads the client address, and it is one more ASGI layer
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop=loop,
-        http="httptools",
+        http=GuardedHttpToolsProtocol.configured(limits.header_timeout_s, limits.max_connections),
         log_level="warning",
         access_log=False,
         lifespan="on",
@@ -126,5 +131,5 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:  # scheduling section rejected by the scheduler
         print(f"kvgate: config error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.Server(uvicorn_config(app, cfg.listen.host, cfg.listen.port)).run()
+    uvicorn.Server(uvicorn_config(app, cfg.listen.host, cfg.listen.port, limits=cfg.limits)).run()
     return 0

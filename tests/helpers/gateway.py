@@ -63,7 +63,7 @@ class GatewayThread:
         # bound here (port 0 = the kernel's choice, reported back) and handed to uvicorn
         self.sock = bound_socket(cfg.listen.host, cfg.listen.port)
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn_config(self.app, cfg.listen.host, self.port, loop="none"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, cfg.listen.host, self.port, loop="none", limits=cfg.limits))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
