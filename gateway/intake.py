@@ -105,6 +105,25 @@ def decode_json(raw: bytes) -> Any:
     raise bad_request(f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
 
 
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+def _is_prompt(value: Any) -> bool:
+    """vLLM's prompt (and embeddings input) schema: str | list[str] | list[int] | list[list[int]],
+    nothing empty."""
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list) or not value:
+        return False
+    first = value[0]
+    if isinstance(first, str):
+        return all(isinstance(x, str) for x in value)
+    if type(first) is int:
+        return _is_token_ids(value)
+    return all(_is_token_ids(x) for x in value)
+
+
 def validate_body(kind: str, body: Any) -> None:
     """The checks an OpenAI server makes before doing any work (400 with the offending param)."""
     if not isinstance(body, dict):
@@ -115,6 +134,8 @@ def validate_body(kind: str, body: Any) -> None:
             raise bad_request("'model' is required and must be a string", "model")
         if "input" not in body:
             raise bad_request("'input' is required", "input")
+        if not _is_prompt(body["input"]):
+            raise bad_request("'input' must be a string, a list of strings, a list of token ids, or a list of lists of token ids", "input")
         return
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a string", "model")
@@ -125,11 +146,8 @@ def validate_body(kind: str, body: Any) -> None:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise bad_request(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
-    elif kind == COMPLETIONS:
-        p = body.get("prompt")
-        ok = isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(x, (str, int, list)) for x in p))
-        if not ok:
-            raise bad_request("'prompt' must be a string, a list of strings, or a list of token ids", "prompt")
+    elif kind == COMPLETIONS and not _is_prompt(body.get("prompt")):
+        raise bad_request("'prompt' must be a string, a list of strings, a list of token ids, or a list of lists of token ids", "prompt")
     for key in ("max_tokens", "max_completion_tokens"):
         v = body.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
