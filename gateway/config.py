@@ -198,7 +198,23 @@ def parse_config(data: Any) -> GatewayConfig:
 
 
 #: headers the gateway owns or that are per hop: never forwarded from a client
-_NOT_FORWARDABLE = frozenset({"authorization", "x-request-id", "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection", "cookie"})
+_NOT_FORWARDABLE = frozenset(
+    {
+        "authorization",
+        "x-request-id",
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "cookie",
+    }
+)
 
 
 def _check(cfg: GatewayConfig) -> None:
