@@ -20,6 +20,7 @@ HELP: dict[str, str] = {
     "sim": "run simulated vLLM replica(s)",
     "indexer": "consume KV events into a shared Redis index",
     "extproc": "Envoy ext_proc endpoint picker (gRPC)",
+    "sidecar": "prefill→decode proxy in the decode pod (behind Envoy + picker)",
     "bench": "compare routing policies on a simulated fleet",
 }
 

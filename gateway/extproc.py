@@ -41,9 +41,13 @@ stream (end of the HTTP exchange, client gone, upstream reset). A 5xx answer cou
 failure for the scheduler. If the data plane reports that another endpoint served the request
 (metadata ``envoy.lb`` / ``x-gateway-destination-endpoint-served``), the count moves there.
 
-Prefill→decode disaggregation is not offered through ext-proc: it needs two upstream calls,
-which only our own HTTP gateway makes. The server also answers the standard gRPC health
-check (``grpc.health.v1.Health/Check``) for Envoy's and Kubernetes' gRPC probes.
+Prefill→decode: with prefill-role replicas configured, a request is planned as in the gateway
+(same threshold; no prefill hop when the decode replica already holds the prefix) and a
+two-hop one gets ``x-prefiller-host-port: <ip:port>`` of the prefill endpoint (llm-d's
+header): the decode pod's sidecar (``kvgate sidecar``, or llm-d's) runs both hops. Every
+other answer removes that header, so a client cannot choose a prefill endpoint. The server
+also answers the standard gRPC health check (``grpc.health.v1.Health/Check``) for Envoy's
+and Kubernetes' gRPC probes.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ SERVED_KEY = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+#: llm-d's header naming the prefill endpoint for the decode pod's sidecar (``gateway.sidecar``)
+PREFILL_HEADER = "x-prefiller-host-port"
 #: largest body chunk we stream back (Envoy recommends <= 64 KiB per message; GIE uses 62 000)
 CHUNK_BYTES = 62_000
 _KINDS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
@@ -159,6 +165,8 @@ class _Stream:
     routed: bool = False
     endpoints: list[str] = field(default_factory=list)
     attempt: Attempt | None = None
+    prefill_attempt: Attempt | None = None  # P/D: the prefill endpoint the sidecar calls, counted until the first byte
+    prefill: str | None = None  # its address, sent in x-prefiller-host-port
     req: ProxyRequest | None = None  # once the body is in: the request as the front door took it
     status: int = 0
     closed: bool = False  # an immediate response was sent: Envoy ignores anything further
@@ -273,12 +281,19 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
     def _first_byte(self, st: _Stream) -> None:
         if st.attempt is not None:
             self.gw.forwarder.first_byte(st.attempt)
+        self._end_prefill(st, ok=True)  # the decode pod answers only after hop 1 is done
+
+    def _end_prefill(self, st: _Stream, ok: bool) -> None:
+        if st.prefill_attempt is not None and st.req is not None:
+            att, st.prefill_attempt = st.prefill_attempt, None
+            self.gw.forwarder.end(st.req.ctx, att, st.req.profile, ok=ok)
 
     def _finish(self, st: _Stream, ok: bool) -> None:
         """Close the request's accounts once: in-flight counters, scheduler hooks, admission."""
         req = st.req
         if req is None:
             return
+        self._end_prefill(st, ok=ok)
         if st.attempt is not None:
             att = st.attempt
             st.attempt = None
@@ -367,14 +382,14 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         err = await self._decide(st)
         if err is not None:
             return [self._error(st, err)]
-        return [_route_response("request_body", st.endpoints, api_key=st.upstream_key)]
+        return [_route_response("request_body", st.endpoints, api_key=st.upstream_key, prefill=st.prefill)]
 
     async def _route_full_duplex(self, st: _Stream, trailers: bool) -> list[pb.ProcessingResponse]:
         err = await self._decide(st)
         if err is not None:
             return [self._error(st, err)]
         raw = bytes(st.body)
-        out = [_route_response("request_headers", st.endpoints, content_length=len(raw), api_key=st.upstream_key)]
+        out = [_route_response("request_headers", st.endpoints, content_length=len(raw), api_key=st.upstream_key, prefill=st.prefill)]
         if raw or not trailers:
             out += [
                 _streamed("request_body", raw[i : i + CHUNK_BYTES], not trailers and i + CHUNK_BYTES >= len(raw))
@@ -396,12 +411,25 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         subset = _subset_hint(st.metadata)
         st.req = req
         await gw.front.admit(req)
-        plan = await gw.router.plan(req, pd=False)
+        plan = await gw.router.plan(req)
         ranked = await self._restrict(plan.ranked, subset)
         chosen: EndpointState = ranked[0][0]
-        st.attempt = gw.forwarder.begin(req.ctx, chosen, req.profile)
         hit = req.ctx.prefix.get(chosen.id)
         blocks = hit.blocks if hit else 0
+        if plan.prefill:
+            # two hops, run by the decode pod's sidecar: it calls this prefill endpoint first,
+            # then its own vLLM, which pulls the KV instead of computing the prompt
+            pre = plan.prefill[0]
+            st.prefill = await self.addresses.of(pre)
+            st.prefill_attempt = gw.forwarder.begin(req.ctx, pre, req.profile)
+            st.attempt = gw.forwarder.begin(req.ctx, chosen, req.profile, prefill_tokens=0)
+            pre_hit = req.ctx.prefix.get(pre.id)
+            blocks = pre_hit.blocks if pre_hit else 0
+            gw.metrics.pd_requests.labels("two_hop").inc()
+        else:
+            st.attempt = gw.forwarder.begin(req.ctx, chosen, req.profile)
+            if plan.pd:
+                gw.metrics.pd_requests.labels("one_hop").inc()
         gw.metrics.count_prefix(len(req.ctx.block_keys), blocks)
         endpoints, key = self._with_key(ranked)
         return endpoints, key, chosen.id, blocks
@@ -435,11 +463,13 @@ def _subset_hint(metadata: dict[str, dict]) -> set[str] | None:
     return subset
 
 
-def _route_response(phase: str, endpoints: list[str], content_length: int | None = None, api_key: str | None = None) -> pb.ProcessingResponse:
+def _route_response(phase: str, endpoints: list[str], content_length: int | None = None, api_key: str | None = None, prefill: str | None = None) -> pb.ProcessingResponse:
     """The picked endpoint(s): same comma-separated value in the header and in ``envoy.lb``.
 
     Also the upstream ``authorization``: the replica's key, or none at all — the client's own
-    bearer token (the gateway's key) must never reach a replica."""
+    bearer token (the gateway's key) must never reach a replica. And ``x-prefiller-host-port``
+    for a two-hop request (the decode pod's sidecar reads it), removed otherwise so a client
+    cannot pick a prefill endpoint itself."""
     value = ",".join(endpoints)
     headers = [
         base_pb2.HeaderValueOption(
@@ -455,6 +485,10 @@ def _route_response(phase: str, endpoints: list[str], content_length: int | None
             )
         )
     remove: list[str] = []
+    if prefill:
+        headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=PREFILL_HEADER, raw_value=prefill.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+    else:
+        remove.append(PREFILL_HEADER)
     if api_key:
         headers.append(
             base_pb2.HeaderValueOption(

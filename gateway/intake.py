@@ -180,11 +180,15 @@ class FrontDoor:
 
     async def serve(self, req: ProxyRequest, request: Request) -> Response | RelayResponse:
         """The HTTP gateway's whole request: admitted here, then routed and proxied."""
+        await self.accept(req, request)
+        return await self.router.route(req)
+
+    async def accept(self, req: ProxyRequest, request: Request) -> None:
+        """Everything up to routing, for an HTTP request: key, body, checks, model, admission."""
         self.authenticate(req)
         req.raw = await read_body(request, self.cfg.limits.max_body_bytes, self.cfg.limits.body_timeout_s)
         self.check(req)
         await self.admit(req, request.receive)
-        return await self.router.route(req)
 
     def authenticate(self, req: ProxyRequest) -> None:
         require_client_key(self.cfg.auth.api_keys, req.headers.get("authorization", ""))

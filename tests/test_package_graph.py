@@ -59,5 +59,5 @@ def test_the_cli_finds_every_command_without_importing_them() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     names, loaded = out.stdout.splitlines()
-    assert names == str(sorted(["bench", "demo", "extproc", "indexer", "serve", "sim"]))
+    assert names == str(sorted(["bench", "demo", "extproc", "indexer", "serve", "sidecar", "sim"]))
     assert loaded == "[]"

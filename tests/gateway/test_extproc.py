@@ -388,7 +388,8 @@ def _auth_mutation(resp) -> tuple[str | None, list[str], list[str]]:
     mutation = common.header_mutation
     auth = next((h.header.raw_value.decode() for h in mutation.set_headers if h.header.key == "authorization"), None)
     dest = next(h.header.raw_value.decode() for h in mutation.set_headers if h.header.key == "x-gateway-destination-endpoint")
-    return auth, list(mutation.remove_headers), dest.split(",")
+    # every answer also removes x-prefiller-host-port (no P/D here): not part of the key rules
+    return auth, [h for h in mutation.remove_headers if h != "x-prefiller-host-port"], dest.split(",")
 
 
 def test_picker_sets_the_replica_key_and_removes_the_clients_grpc(tmp_path):
