@@ -180,8 +180,35 @@ def test_compose_simulated_stack_is_consistent():
     listen = envoy_cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
     assert services["envoy"]["ports"] == [f"{listen}:{listen}"]
     assert services["envoy"]["volumes"][0].split(":")[0] == "./envoy/envoy.compose.yaml"
-    for svc in ("indexer", "gateway", "extproc"):
+    for svc in ("indexer", "gateway"):
         assert services[svc]["volumes"] == ["./gateway.compose.yaml:/etc/kvgate/gateway.yaml:ro"]
+    assert services["extproc"]["volumes"] == ["./extproc.compose.yaml:/etc/kvgate/gateway.yaml:ro"]
+
+
+def test_compose_envoy_profile_runs_pd_through_the_decode_pods_sidecar():
+    """The picker's replicas: the prefill replica on its own port, the decode pod at its sidecar,
+    which shares the decode replica's network namespace and may call exactly that prefill."""
+    services = _compose("docker-compose.yaml")["services"]
+    cfg = parse_config(_load(DEPLOY / "extproc.compose.yaml"))
+    prefill = [r for r in cfg.replicas if r.role == "prefill"]
+    decode = [r for r in cfg.replicas if r.role == "decode"]
+    assert prefill and decode and cfg.pd.enabled
+    sidecars = {name: svc for name, svc in services.items() if svc.get("command", [None])[0] == "sidecar"}
+    for r in prefill:
+        host, port = urlparse(r.url).hostname, urlparse(r.url).port
+        assert _flag(services[host]["command"], "--role") == "prefill" and str(port) == _flag(services[host]["command"], "--port")
+    for r in decode:
+        host, port = urlparse(r.url).hostname, urlparse(r.url).port
+        [(name, side)] = [(n, sc) for n, sc in sidecars.items() if sc.get("network_mode") == f"service:{host}"]
+        args = side["command"]
+        assert str(port) == _flag(args, "--port"), f"{r.id} must be reached through its sidecar"
+        assert _flag(services[host]["command"], "--role") == "decode"
+        assert urlparse(_flag(args, "--vllm")).hostname == "127.0.0.1" and str(urlparse(_flag(args, "--vllm")).port) == _flag(
+            services[host]["command"], "--port"
+        )
+        assert _flag(args, "--prefill") in {f"{urlparse(p.url).hostname}:{urlparse(p.url).port}" for p in prefill}
+        assert urlparse(r.kv_events).hostname == host and _port(r.kv_events) == _port(_flag(services[host]["command"], "--kv-events-endpoint"))
+        assert "envoy" in side["profiles"]
 
 
 def test_compose_vllm_override_is_consistent():
@@ -279,6 +306,21 @@ def test_k8s_manifests_are_consistent():
         kv = json.loads(_flag(c["args"], "--kv-events-config"))
         assert _port(r.kv_events) == _port(kv["endpoint"]) and _port(r.replay) == _port(kv["replay_endpoint"])
         assert r.role == sts["spec"]["template"]["metadata"]["labels"]["kvgate.role"]
+    # the picker's config: the gateway's, except that decode pods are reached through their sidecar
+    ext_cfg = parse_config(yaml.safe_load(by_kind["ConfigMap"]["kvgate-extproc-config"]["data"]["gateway.yaml"]))
+    picker_volumes = by_kind["Deployment"]["kvgate-extproc"]["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "config", "configMap": {"name": "kvgate-extproc-config"}} in picker_volumes
+    assert [r.id for r in ext_cfg.replicas] == [r.id for r in cfg.replicas]
+    decode_pod = by_kind["StatefulSet"]["vllm-decode"]["spec"]["template"]["spec"]
+    vllm_c, side_c = decode_pod["containers"][0], next(c for c in decode_pod["containers"] if c["name"] == "sidecar")
+    check_kvgate_args(side_c["args"])
+    assert urlparse(_flag(side_c["args"], "--vllm")).port == int(_flag(vllm_c["args"], "--port"))
+    for ours, theirs in zip(cfg.replicas, ext_cfg.replicas, strict=True):
+        if ours.role == "decode":
+            assert str(urlparse(theirs.url).port) == _flag(side_c["args"], "--port")
+            assert urlparse(theirs.url).hostname == urlparse(ours.url).hostname and theirs.kv_events == ours.kv_events
+        else:
+            assert theirs.url == ours.url
     # Envoy finds the picker Service on the picker's port
     envoy_cfg = yaml.safe_load(k8s_rendering())
     ext = envoy_cfg["static_resources"]["clusters"][1]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
