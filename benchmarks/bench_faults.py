@@ -12,6 +12,7 @@ replica-kill       SIGKILL the replica with the most streams in flight, restart 
 replica-stop       SIGSTOP the busiest replica for the hold, then SIGCONT
 replica-restart    SIGTERM the busiest replica (graceful), start it again at once on its ports
 redis-kill         SIGKILL redis-server, restart it empty after the hold (the index is rebuilt)
+redis-stop         SIGSTOP redis-server for the hold (a hung Redis: connections open, no answers)
 indexer-kill       SIGKILL ``kvgate indexer``, restart it after the hold
 junk-events        a fake publisher (an extra replica in the indexer's config, on a model the
                    load never asks for) sends malformed frames and msgpack for the hold, and its
@@ -67,8 +68,8 @@ MODEL = "kvgate/demo-8b"
 JUNK_MODEL = "kvgate/junk"
 CLIENT_KEY = "bench-client-key"
 ROOT = Path(__file__).resolve().parents[1]
-FAULTS = ["replica-kill", "replica-stop", "replica-restart", "redis-kill", "indexer-kill", "junk-events"]
-REDIS_FAULTS = {"redis-kill", "indexer-kill"}
+FAULTS = ["replica-kill", "replica-stop", "replica-restart", "redis-kill", "redis-stop", "indexer-kill", "junk-events"]
+REDIS_FAULTS = {"redis-kill", "redis-stop", "indexer-kill"}
 #: a prefix-hit signal is "back" at this share of the window's baseline
 RECOVERED_SHARE = 0.8
 #: hit shares are computed over buckets of this width (seconds), each needing a few requests
@@ -145,6 +146,15 @@ class Proc:
                 self.popen.kill()
                 self.popen.wait()
         return self.popen.returncode
+
+    def log_summary(self) -> dict[str, int]:
+        """Error and warning lines (JSON logs) and tracebacks in this process's log so far."""
+        text = self.tail(50_000_000)
+        return {
+            "errors": text.count('"level": "error"') + text.count('"level": "critical"'),
+            "warnings": text.count('"level": "warning"'),
+            "tracebacks": text.count("Traceback (most recent call last)"),
+        }
 
     def tail(self, chars: int = 3000) -> str:
         try:
@@ -696,6 +706,7 @@ class Row:
     lost: int
     index_hits_back_s: float | None
     cache_hits_back_s: float | None
+    slowest_ok_s: float | None
     baseline_index_hit: float | None
     baseline_cache_hit: float | None
     victim: str | None
@@ -733,6 +744,7 @@ def summarize(w: Window, records: list[Record], pre_s: float) -> Row:
         lost=len(lost),
         index_hits_back_s=idx_back,
         cache_hits_back_s=cache_back,
+        slowest_ok_s=round(max(oks), 2) if (oks := [r.t1 - r.t0 for r in mine if r.outcome == "ok" and r.t1 is not None]) else None,
         baseline_index_hit=base_idx,
         baseline_cache_hit=base_cache,
         victim=w.victim,
@@ -809,13 +821,17 @@ class Stack:
     def replica(self, rid: str) -> Replica:
         return next(r for r in self.replicas if r.rid == rid)
 
-    def stop(self) -> dict[str, int | None]:
+    def stop(self) -> tuple[dict[str, int | None], dict[str, dict[str, int]]]:
+        """Stop everything; exit codes and log summaries by process."""
         codes: dict[str, int | None] = {}
+        logs: dict[str, dict[str, int]] = {}
         for p in [self.gateway, self.indexer, *self.replicas, self.redis]:
             if p is not None:
                 codes[p.name] = p.stop()
+                if p is not self.redis:
+                    logs[p.name] = p.log_summary()
         self.junk.close()
-        return codes
+        return codes, logs
 
 
 def busiest(records: list[Record], rids: list[str]) -> tuple[str, int]:
@@ -872,6 +888,13 @@ def inject(name: str, stack: Stack, load: Load, w: Window, hold_s: float) -> Non
         w.recover_at = time.monotonic()
         stack.redis.start_ready()
         w.notes.append(f"Redis ({keys} keys) SIGKILLed, restarted empty after {hold_s:g} s")
+    elif name.startswith("redis-stop"):
+        assert stack.redis is not None
+        stack.redis.signal(signal.SIGSTOP)
+        time.sleep(hold_s)
+        stack.redis.signal(signal.SIGCONT)
+        w.recover_at = time.monotonic()
+        w.notes.append(f"Redis stopped {hold_s:g} s")
     elif name.startswith("indexer-kill"):
         assert stack.indexer is not None
         stack.indexer.kill()
@@ -939,16 +962,18 @@ def after_load(stack: Stack) -> dict[str, Any]:
 def run(faults: list[str], t: Timing, *, logdir: Path, use_redis: bool, seed: int, console) -> dict[str, Any]:
     stack = Stack(logdir, use_redis=use_redis, time_scale=1.0, num_blocks=2048)
     skipped: list[str] = []
+    reason = ""
     if stack.redis is None:
         skipped = [f for f in faults if f in REDIS_FAULTS]
         faults = [f for f in faults if f not in REDIS_FAULTS]
+        reason = ("redis-server is not installed" if use_redis else "--no-redis") + " (the gateway runs its memory index and ingests KV events itself)"
         if skipped:
-            reason = "redis-server is not installed" if use_redis else "--no-redis"
-            console.print(f"[yellow]skipping {', '.join(skipped)}: {reason} (the gateway runs its memory index and ingests events itself)[/]")
+            console.print(f"[yellow]skipping {', '.join(skipped)}: {reason}[/]")
     t_begin = time.monotonic()
     windows: list[Window] = []
     load: Load | None = None
     exit_codes: dict[str, int | None] = {}
+    logs: dict[str, dict[str, int]] = {}
     after: dict[str, Any] = {}
     try:
         stack.start()
@@ -974,7 +999,7 @@ def run(faults: list[str], t: Timing, *, logdir: Path, use_redis: bool, seed: in
     finally:
         if load is not None:
             load.stop()
-        exit_codes = stack.stop()
+        exit_codes, logs = stack.stop()
     records = load.snapshot() if load is not None else []
     rows = [summarize(w, records, t.pre_s) for w in windows]
     for w, row in zip(windows, rows, strict=True):
@@ -983,8 +1008,10 @@ def run(faults: list[str], t: Timing, *, logdir: Path, use_redis: bool, seed: in
         "rows": [asdict(r) for r in rows],
         "windows": [{**asdict(w), "start": w.start - t_begin, "end": w.end - t_begin} for w in windows],
         "skipped": skipped,
+        "skip_reason": reason,
         "after_load": after,
         "exit_codes": exit_codes,
+        "logs": logs,
         "wall_s": round(time.monotonic() - t_begin, 1),
         "redis": stack.redis is not None,
     }
@@ -998,21 +1025,7 @@ def print_table(result: dict[str, Any], console) -> None:
     from rich.table import Table
 
     table = Table(title="faults under load", show_lines=False)
-    cols = [
-        "fault",
-        "sent",
-        "ok",
-        "4xx",
-        "5xx",
-        "SSE err",
-        "conn err",
-        "truncated",
-        "hung",
-        "cut on killed (SSE err)",
-        "lost",
-        "index hits back s",
-        "cache hits back s",
-    ]
+    cols = ["fault", "sent", "ok", "4xx", "5xx", "SSE err", "conn err", "trunc.", "hung", "cut (SSE)", "lost", "idx back s", "cache back s", "slowest s"]
     for c in cols:
         table.add_column(c, justify="left" if c == "fault" else "right")
     for r in result["rows"]:
@@ -1030,6 +1043,7 @@ def print_table(result: dict[str, Any], console) -> None:
             ("[red]" if r["lost"] else "") + str(r["lost"]),
             _fmt_s(r["index_hits_back_s"]),
             _fmt_s(r["cache_hits_back_s"]),
+            _fmt_s(r["slowest_ok_s"]),
         )
     console.print(table)
     for r in result["rows"]:
@@ -1043,9 +1057,19 @@ def print_table(result: dict[str, Any], console) -> None:
             f"after the load: gateway in flight {a.get('gateway_inflight')}, per-replica in flight (sum) {a.get('gateway_replica_inflight')}, "
             f"replicas running or waiting {a.get('replicas_running_or_waiting')}"
         )
-    for name in result["skipped"]:
-        console.print(f"[yellow]skipped {name}: no redis-server[/]")
-    console.print(f"exit codes at the end: {result['exit_codes']}; wall {result['wall_s']} s")
+    if result["skipped"]:
+        console.print(f"[yellow]skipped {', '.join(result['skipped'])}: {result['skip_reason']}[/]")
+    console.print(
+        "cut (SSE): streams the killed replica was answering (of them, ended by an SSE error event); lost: every other failure; "
+        "idx/cache back: seconds from the fault until the share of requests with a prefix hit (index / replica cache) stays at "
+        f"{RECOVERED_SHARE:.0%} of the baseline (0: never below); slowest: the slowest request served OK"
+    )
+    console.print(f"exit codes at the end (-15: SIGTERM re-raised by uvicorn after its graceful shutdown): {result['exit_codes']}")
+    console.print(f"log lines (error / warning / traceback): {_log_line(result['logs'])}; wall {result['wall_s']} s")
+
+
+def _log_line(logs: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{name} {c['errors']}/{c['warnings']}/{c['tracebacks']}" for name, c in logs.items())
 
 
 def main(argv: list[str] | None = None) -> int:

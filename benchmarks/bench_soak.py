@@ -5,14 +5,15 @@ the index churns), ``kvgate serve`` (memory index fed by the replicas' KV events
 on) and a closed-loop load on its own thread: completions and chat, streamed and not, over
 shared-prefix prompts with a unique question each (so tokenizer caches, the index and the
 replicas' caches all fill to their bounds and then turn over), some clients that leave
-mid-stream, and some bad requests (invalid JSON, missing or unknown model, wrong or missing
+mid-stream or give up after a few milliseconds (queued, being routed, waiting for the first
+byte), and some bad requests (invalid JSON, missing or unknown model, wrong or missing
 key, out-of-range values, a prompt over the context length, unknown routes) that must get a
 4xx. Every few seconds the gateway process's RSS (``VmRSS`` in /proc/<pid>/status) and open
 fds (/proc/<pid>/fd) are sampled.
 
 The report gives RSS and fds at the end of the warm-up (the first fifth of the run) and at the
 end, their maxima, and the least-squares slope after warm-up (MB and fds per minute): flat is
-the point. Then the requests: served, left mid-stream on purpose, bad requests answered 4xx as
+the point. Then the requests: served, left on purpose (mid-stream or early), bad requests answered 4xx as
 they should be (anything else is listed), and failed or hung good requests; and, once the load
 has stopped, what the gateway and the replicas still count in flight (0 expected).
 
@@ -43,6 +44,7 @@ from .bench_faults import (
     Gateway,
     Load,
     Record,
+    _log_line,
     free_port,
     gateway_config,
     make_replicas,
@@ -57,11 +59,12 @@ from .bench_faults import (
 
 #: the share of each request kind in the mix
 MIX = {
-    "completions-stream": 0.30,
-    "completions": 0.18,
+    "completions-stream": 0.28,
+    "completions": 0.17,
     "chat-stream": 0.22,
     "chat": 0.15,
-    "disconnect": 0.08,  # a stream the client leaves after 2 chunks
+    "disconnect": 0.06,  # a stream the client leaves after 2 chunks
+    "cancel": 0.05,  # a client that gives up after 1-50 ms: while queued, routed, waiting for the first byte
     "bad": 0.07,
 }
 
@@ -114,8 +117,8 @@ class SoakLoad(Load):
 
     async def _good(self, client: httpx.AsyncClient, rng: random.Random, kind: str) -> None:
         disconnect = kind == "disconnect"
-        chat = kind.startswith("chat") or (disconnect and rng.random() < 0.5)
-        stream = kind.endswith("stream") or disconnect
+        chat = kind.startswith("chat") or (kind in ("disconnect", "cancel") and rng.random() < 0.5)
+        stream = kind.endswith("stream") or disconnect or (kind == "cancel" and rng.random() < 0.5)
         system = rng.choice(self.systems)
         question = words(rng, rng.randint(8, 40))
         body: dict[str, Any]
@@ -128,11 +131,15 @@ class SoakLoad(Load):
             body |= {"stream": True, "stream_options": {"include_usage": True}}
         rec = Record(time.monotonic(), "chat" if chat else "completions", stream)
         self.records.append(rec)
+        patience = rng.uniform(0.001, 0.05) if kind == "cancel" else self.deadline_s
         try:
-            async with asyncio.timeout(self.deadline_s):
+            async with asyncio.timeout(patience):
                 await self.send(client, rec, body, read_chunks=2 if disconnect else None)
         except TimeoutError:
-            rec.outcome, rec.error = "hung", f"no complete answer within {self.deadline_s:g} s"
+            if kind == "cancel":
+                rec.outcome = "disconnected"
+            else:
+                rec.outcome, rec.error = "hung", f"no complete answer within {self.deadline_s:g} s"
         rec.t1 = time.monotonic()
 
     async def _bad(self, client: httpx.AsyncClient, rng: random.Random) -> None:
@@ -261,7 +268,7 @@ def count_requests(load: SoakLoad) -> dict[str, Any]:
     return {
         "sent": len(recs) + len(load.bad_results),
         "served_ok": by.get("ok", 0),
-        "left_mid_stream": by.get("disconnected", 0),
+        "left_by_client": by.get("disconnected", 0),
         "failed": sum(failed.values()),
         "failed_by_outcome": failed,
         "failed_examples": examples,
@@ -322,6 +329,7 @@ def run(duration_s: float, *, sessions: int, sample_every: float, warmup_s: floa
         if sampler is not None:
             sampler.stop()
         after["exit_codes"] = {p.name: p.stop() for p in [gateway, *replicas]}
+        after["logs"] = {p.name: p.log_summary() for p in [gateway, *replicas]}
     assert load is not None and sampler is not None
     samples = sampler.samples
     res = SoakResult(duration_s=duration_s, warmup_s=warmup_s, samples=[asdict(s) for s in samples])
@@ -356,7 +364,7 @@ def print_report(res: SoakResult, console) -> None:
     console.print(t)
     q = res.requests
     console.print(
-        f"requests: {q['sent']} sent ({q['per_s']}/s), {q['served_ok']} served OK, {q['left_mid_stream']} left mid-stream by the client, "
+        f"requests: {q['sent']} sent ({q['per_s']}/s), {q['served_ok']} served OK, {q['left_by_client']} left by the client (mid-stream or early), "
         f"{q['failed']} good requests failed or hung {q['failed_by_outcome'] or ''}; "
         f"bad requests: {q['bad_requests']}, {q['bad_requests_4xx']} answered 4xx"
     )
@@ -367,8 +375,9 @@ def print_report(res: SoakResult, console) -> None:
     console.print(
         f"after the load: gateway in flight {a.get('gateway_inflight')}, per-replica in flight (sum) {a.get('gateway_replica_inflight')}, "
         f"admission waiting {a.get('admission_waiting')}, replicas running or waiting {a.get('replicas_running_or_waiting')}; "
-        f"5xx answers counted by the gateway {a.get('gateway_5xx_answers')}; exit codes {a.get('exit_codes')}"
+        f"5xx answers counted by the gateway {a.get('gateway_5xx_answers')}"
     )
+    console.print(f"exit codes {a.get('exit_codes')}; log lines (error / warning / traceback): {_log_line(a.get('logs') or {})}")
 
 
 def main(argv: list[str] | None = None) -> int:
