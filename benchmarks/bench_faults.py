@@ -1082,6 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold", type=float, help="seconds a fault lasts (quick 1.5, full 5)")
     ap.add_argument("--rounds", type=int, help="times through the fault list (quick 1, full 2)")
     ap.add_argument("--deadline", type=float, help="a request without a complete answer by then is hung (quick 20 s, full 30 s)")
+    ap.add_argument("--settle-max", type=float, help="longest wait after a fault for prefix hits and health to come back (quick 8 s, full 30 s)")
     ap.add_argument("--no-redis", action="store_true", help="memory index only, as if redis-server were missing")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--logs", type=Path, help="keep the processes' logs and configs here (default: a temp dir, removed)")
@@ -1098,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
         pre_s=base.pre_s,
         hold_s=args.hold if args.hold is not None else base.hold_s,
         stable_s=base.stable_s,
-        max_post_s=base.max_post_s,
+        max_post_s=args.settle_max if args.settle_max is not None else base.max_post_s,
         deadline_s=args.deadline or base.deadline_s,
         rounds=args.rounds or base.rounds,
     )
