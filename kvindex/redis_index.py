@@ -78,6 +78,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .event_rules import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
 from .index import ApplyStats, IndexUnavailableError, KVIndex, PrefixMatch, medium_tier
+from .outage import StateLog
 
 _APPLY_LUA = """
 -- KEYS[1] epochs hash, KEYS[2] this replica's engine-hash map, KEYS[3] block-size hash,
@@ -354,17 +355,26 @@ class RedisIndex(KVIndex):
         self._refresh_queue: dict[str, None] = {}  # block keys to re-arm (an ordered set)
         self._refreshed: dict[int, float] = {}  # our key -> when we last queued its re-arm
         self._decode = msgspec.msgpack.Decoder(dict[str, int]).decode
+        #: says, once per change (and every 30 s while down), that Redis went away or came back,
+        #: whoever noticed: a lookup (a gateway with ``ingest: false`` too), a write, the
+        #: subscriber's loss check (``kvgate indexer`` with idle replicas too), ``ping``.
+        #: Callers that see a failure the index cannot (a lookup abandoned at its deadline)
+        #: may report it here as well: a state already known adds no line.
+        self.outage = StateLog(log, f"Redis index at {_redacted(url)}")
 
     @contextlib.contextmanager
     def _reachable(self, what: str) -> Iterator[None]:
         """Turn "Redis is not there" errors into ``RedisIndexUnavailable`` with a clear message
-        (other Redis errors, e.g. a script error, pass unchanged)."""
+        (other Redis errors, e.g. a script error, pass unchanged), and tell ``outage``."""
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
-            raise RedisIndexUnavailable(
+            err = RedisIndexUnavailable(
                 f"Redis index at {_redacted(self.url)} unavailable ({what}): {exc or type(exc).__name__}; routing falls back to load-only until it answers"
-            ) from exc
+            )
+            self.outage.down(f"{exc or type(exc).__name__} ({what}); routing falls back to load-only until it answers")
+            raise err from exc
+        self.outage.up()
 
     # ---------------------------------------------------------------- key names
 
@@ -589,8 +599,10 @@ class RedisIndex(KVIndex):
                 pipe.ping()
                 pipe.hgetall(self._sizes_key)
                 _, sizes = await pipe.execute()
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            self.outage.down(f"{exc or type(exc).__name__} (ping)")
             return False
+        self.outage.up()
         for model, size in sizes.items():
             self._note_block_size(model.decode(), int(size))
         return True

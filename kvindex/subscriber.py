@@ -25,7 +25,11 @@ what happened on the wire:
   since what was skipped may have removed some of them;
 * the index failing (Redis down): the batch is counted lost (``index_errors``), the replica is
   marked untrusted as soon as the index answers again, and ingestion goes on: nothing here
-  ever ends the receiving task.
+  ever ends the receiving task. Nothing is logged per batch: the index logs one line when it
+  becomes unreachable and one when it is back (``RedisIndex.outage``), and this subscriber one
+  line, once it answers, with the batches it could not apply. Other per-batch trouble (an
+  undecodable batch, a gap, an index that rejects a write) is logged at most once per replica
+  and kind every 30 s, with the count of lines held back.
 
 The index itself can lose everything (Redis restarted empty): the replicas never announce again
 the blocks they already hold, so a watch task asks ``index.data_lost()`` every ``loss_check_s``,
@@ -33,7 +37,9 @@ at once when an index call fails and then every 0.1 s until it answers (the firs
 an outage is checked, not one a period later), and on a loss rebuilds: per replica, under its
 lock (live batches wait), the backend's local engine-hash map is forgotten and the replay buffer
 is fetched from seq 0 (the buffer answers from the oldest seq it still holds) and applied in
-order, up to the last batch already applied; batches older than the buffer are counted
+order, up to the last batch already applied, as one index call per ``APPLY_CHUNK_EVENTS``
+events (one per batch made a 10 000-batch buffer take ~5 s on Redis; a gap's replay is
+applied the same way); batches older than the buffer are counted
 ``batches_unrecoverable``. Lookups keep working meanwhile and
 just find less. Several subscribers sharing one Redis may rebuild at once, uncoordinated: every
 one re-applies the same batches in the same order, and per block and tier the last write wins
@@ -57,8 +63,9 @@ import xxhash
 import zmq
 import zmq.asyncio
 
-from .events import BlockRemoved, BlockStored, EventBatch, EventDecodeError, EventDecoder
-from .index import KVIndex
+from .events import BlockRemoved, BlockStored, EventBatch, EventDecodeError, EventDecoder, KVEvent
+from .index import IndexUnavailableError, KVIndex
+from .outage import RateLimited
 
 log = logging.getLogger("kvgate.subscriber")
 
@@ -148,6 +155,11 @@ class EventSubscriber:
         # per replica, the seq its current run counts from: 0, or where an absurd jump landed
         # (so a rebuild counts the batches it cannot replay from there, not from 0)
         self._run_base: dict[str, int] = {}
+        # per-batch trouble (a misbehaving replica, an index that rejects writes) is logged at
+        # most once per replica and kind every 30 s; an unreachable index is logged by the index
+        # itself (RedisIndex.outage: one line per change) and summed up here when it is back
+        self._say = RateLimited(log)
+        self._outage_lost: dict[str, int] = {}  # replica -> batches not applied while the index failed
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -192,7 +204,7 @@ class EventSubscriber:
             self._untrust_pending.discard(replica)
             # if the index is down this only logs: a removed replica is out of the fleet (no
             # request goes there) and its Redis entries expire with their TTL
-            await self._index_call(self.stats.replica(replica), self.index.drop_replica(replica))
+            await self._index_call(replica, self.index.drop_replica(replica))
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -221,7 +233,7 @@ class EventSubscriber:
             raise
         except Exception:  # the receive loop must outlive any bad message
             self.stats.replica(src.replica).decode_errors += 1
-            log.exception("replica %s: KV-event message not applied", src.replica)
+            self._say.log_at(logging.ERROR, (src.replica, "unexpected"), "replica %s: KV-event message not applied", src.replica, exc_info=True)
 
     async def _run_bound(self) -> None:
         sock = self._sub_socket()
@@ -266,7 +278,7 @@ class EventSubscriber:
                 log.info("replica %s restarted (seq %d after %d): forgetting its blocks", rid, seq, expected - 1)
                 self._untrust_pending.discard(rid)
                 self._run_base.pop(rid, None)
-                if not await self._index_call(st, self.index.drop_replica(rid)):
+                if not await self._index_call(rid, self.index.drop_replica(rid)):
                     self._untrust_pending.add(rid)  # at least hide what it had, once we can
                 if seq > 0 and src.replay_endpoint:
                     # batches 0 .. seq-1 of the new run went by unseen: fetch what is left
@@ -281,9 +293,43 @@ class EventSubscriber:
         await self._apply(src, seq, payload)
 
     async def _apply(self, src: ReplicaSource, seq: int, payload: bytes) -> None:
+        await self._apply_run(src, [(seq, payload)])
+
+    #: consecutive batches of a replay are applied as one index call per this many events
+    #: (events apply in order within a batch, so the result is the same): a rebuild of 10 000
+    #: buffered batches is a few round trips to Redis, not 10 000 (which took ~5 s a replica)
+    APPLY_CHUNK_EVENTS = 2048
+
+    async def _apply_run(self, src: ReplicaSource, items: list[tuple[int, bytes]]) -> None:
+        """Apply consecutive batches ``(seq, payload)`` in order, in as few index calls as
+        ``APPLY_CHUNK_EVENTS`` allows. A batch that does not decode, or has malformed events,
+        first sends what came before it, then distrusts the replica as a single batch would."""
         rid = src.replica
         st = self.stats.replica(rid)
-        self._last_digest[rid] = xxhash.xxh3_64_intdigest(payload)
+        events: list[KVEvent] = []
+        seqs: list[int] = []
+        for seq, payload in items:
+            self._last_digest[rid] = xxhash.xxh3_64_intdigest(payload)
+            batch = self._decode(rid, st, seq, payload)
+            if batch is None or rid in self._untrust_pending:
+                # what came before is applied before the untrust; this batch's events after it
+                await self._send(src, events, seqs)
+                events, seqs = [], []
+                if batch is None:
+                    self._expected[rid] = seq + 1
+                await self._flush_untrust(rid, st)
+                if batch is None:
+                    continue
+            events.extend(batch.events)
+            seqs.append(seq)
+            if len(events) >= self.APPLY_CHUNK_EVENTS:
+                await self._send(src, events, seqs)
+                events, seqs = [], []
+        await self._send(src, events, seqs)
+
+    def _decode(self, rid: str, st: ReplicaStats, seq: int, payload: bytes) -> EventBatch | None:
+        """The batch (malformed events skipped and counted, the replica then marked for
+        distrust), or None if nothing of it decodes (counted, replica marked)."""
         dec = self._decoder
         before, bad_before = dec.unknown_events, dec.bad_events
         try:
@@ -291,40 +337,58 @@ class EventSubscriber:
         except EventDecodeError as exc:
             # nothing of it is known, removals included: what the replica had may be stale
             st.decode_errors += 1
-            log.warning("replica %s batch %d undecodable (%s); its entries are untrusted", rid, seq, exc)
-            self._expected[rid] = seq + 1
+            self._say.warning((rid, "undecodable"), "replica %s batch %d undecodable (%s); its entries are untrusted", rid, seq, exc)
             self._untrust_pending.add(rid)
-            await self._flush_untrust(rid, st)
-            return
+            return None
         st.unknown_events += dec.unknown_events - before
         if dec.bad_events != bad_before:  # malformed events skipped, the rest applied
             st.decode_errors += dec.bad_events - bad_before
-            log.warning("replica %s batch %d: %d malformed events skipped; its entries are untrusted", rid, seq, dec.bad_events - bad_before)
+            self._say.warning(
+                (rid, "malformed"), "replica %s batch %d: %d malformed events skipped; its entries are untrusted", rid, seq, dec.bad_events - bad_before
+            )
             self._untrust_pending.add(rid)
+        return batch
+
+    async def _send(self, src: ReplicaSource, events: list[KVEvent], seqs: list[int]) -> None:
+        """One index call for the events of batches ``seqs`` (consecutive, decoded), counted."""
+        if not seqs:
+            return
+        rid = src.replica
+        st = self.stats.replica(rid)
         await self._flush_untrust(rid, st)
+        batch = EventBatch(ts=time.time(), events=events, data_parallel_rank=None)
         try:
             applied = await self.index.apply(rid, batch, model=src.model)
         except Exception as exc:  # Redis down, script error: count, distrust, go on
             self._note_index_failure()
-            st.index_errors += 1
-            st.batches_lost += 1
+            st.index_errors += len(seqs)
+            st.batches_lost += len(seqs)
+            self._outage_lost[rid] = self._outage_lost.get(rid, 0) + len(seqs)
             self._untrust_pending.add(rid)
-            log.warning("replica %s batch %d not applied (index error: %s); its entries are untrusted", rid, seq, exc)
-            self._expected[rid] = seq + 1
+            self._index_trouble(exc, rid, "replica %s: KV-event batches %d..%d not applied (index error: %s); its entries are untrusted", seqs[0], seqs[-1])
+            self._expected[rid] = seqs[-1] + 1
             return
-        self._count(st, batch, applied)
-        st.last_seq = seq
+        self._count(st, len(seqs), batch, applied)
+        st.last_seq = seqs[-1]
         st.last_event_time = time.time()
-        self._expected[rid] = seq + 1
+        self._expected[rid] = seqs[-1] + 1
+
+    def _index_trouble(self, exc: Exception, rid: str, msg: str, *args: object) -> None:
+        """An index call failed: unreachable → debug (the index logs its own outage, once);
+        anything else → a warning, at most one per replica every 30 s."""
+        if isinstance(exc, IndexUnavailableError):
+            log.debug(msg, rid, *args, exc)
+        else:
+            self._say.warning((rid, "index"), msg, rid, *args, exc)
 
     async def _flush_untrust(self, rid: str, st: ReplicaStats) -> None:
         """Carry out a pending ``mark_untrusted`` (kept pending while the index is down)."""
-        if rid in self._untrust_pending and await self._index_call(st, self.index.mark_untrusted(rid)):
+        if rid in self._untrust_pending and await self._index_call(rid, self.index.mark_untrusted(rid)):
             self._untrust_pending.discard(rid)
 
     @staticmethod
-    def _count(st: ReplicaStats, batch: EventBatch, applied) -> None:
-        st.batches_applied += 1
+    def _count(st: ReplicaStats, batches: int, batch: EventBatch, applied) -> None:
+        st.batches_applied += batches
         st.events_applied += len(batch.events)
         st.blocks_stored += getattr(applied, "stored", sum(len(e.block_hashes) for e in batch.events if isinstance(e, BlockStored)))
         st.blocks_removed += getattr(applied, "removed", sum(len(e.block_hashes) for e in batch.events if isinstance(e, BlockRemoved)))
@@ -363,9 +427,8 @@ class EventSubscriber:
             st.seq_jumps += 1
             self._run_base[rid] = upto  # the run's earlier batches are not counted again at a rebuild
         if gap <= len(got) and all(s in got for s in range(start, upto)):
-            for s in range(start, upto):
-                await self._apply(src, s, got[s])
-                st.batches_replayed += 1
+            await self._apply_run(src, [(s, got[s]) for s in range(start, upto)])
+            st.batches_replayed += gap
             return
         if first_contact:
             # joined late and the buffer no longer reaches seq 0: apply the contiguous tail it
@@ -373,13 +436,13 @@ class EventSubscriber:
             tail_start = upto
             while tail_start - 1 in got:
                 tail_start -= 1
-            for s in range(tail_start, upto):
-                await self._apply(src, s, got[s])
-                st.batches_replayed += 1
+            await self._apply_run(src, [(s, got[s]) for s in range(tail_start, upto)])
+            st.batches_replayed += upto - tail_start
             return
         if absurd:
             st.batches_lost += 1
-            log.warning(
+            self._say.warning(
+                (rid, "lost"),
                 "replica %s: KV-event seq jumped from %d to %d (counted as 1 lost batch, not %d); its entries are untrusted until fresh events",
                 rid,
                 start - 1,
@@ -388,19 +451,22 @@ class EventSubscriber:
             )
         else:
             st.batches_lost += gap
-            log.warning("replica %s: %d KV-event batches lost (seq %d..%d); its entries are untrusted until fresh events", rid, gap, start, upto - 1)
+            self._say.warning(
+                (rid, "lost"), "replica %s: %d KV-event batches lost (seq %d..%d); its entries are untrusted until fresh events", rid, gap, start, upto - 1
+            )
         self._untrust_pending.add(rid)
         await self._flush_untrust(rid, st)
 
-    async def _index_call(self, st: ReplicaStats, call) -> bool:
-        """Await an index operation; False (counted in ``index_errors``) if the index failed."""
+    async def _index_call(self, rid: str, call) -> bool:
+        """Await an index operation for ``rid``; False (counted in its ``index_errors``) if the
+        index failed."""
         try:
             await call
             return True
         except Exception as exc:
             self._note_index_failure()
-            st.index_errors += 1
-            log.warning("index unavailable: %s", exc)
+            self.stats.replica(rid).index_errors += 1
+            self._index_trouble(exc, rid, "replica %s: KV index call failed: %s")
             return False
 
     # -- the index lost its data: rebuild ---------------------------------------------------------
@@ -424,6 +490,8 @@ class EventSubscriber:
                 log.debug("index loss check failed: %s", exc)
             else:
                 self._index_failing = False
+                if self._outage_lost:
+                    self._sum_up_outage(lost)
                 try:
                     if lost:
                         await self.rebuild_index()
@@ -436,6 +504,17 @@ class EventSubscriber:
             delay = min(self.loss_check_s, 0.1) if self._index_failing else self.loss_check_s
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._index_failed.wait(), delay)
+
+    def _sum_up_outage(self, lost: bool) -> None:
+        """The index answers again: one line for what its failure cost (the failures were
+        logged at debug level; the index logs its own down/up lines)."""
+        counts, self._outage_lost = self._outage_lost, {}
+        log.warning(
+            "KV index back: %d KV-event batches were not applied while it failed (%s); %s",
+            sum(counts.values()),
+            ", ".join(f"{r}: {n}" for r, n in sorted(counts.items())),
+            "rebuilding from the replay buffers" if lost else "those replicas' older entries stay hidden until stored again",
+        )
 
     async def rebuild_index(self, replicas: list[str] | None = None, *, retry: bool = False) -> None:
         """Re-apply every replica's replay buffer to an index that lost its contents."""
@@ -486,9 +565,8 @@ class EventSubscriber:
                 start -= 1
             self.index.forget_local(rid)
             errors = st.index_errors
-            for s in range(start, expected):
-                await self._apply(src, s, got[s])
-                st.batches_replayed += 1
+            await self._apply_run(src, [(s, got[s]) for s in range(start, expected)])
+            st.batches_replayed += expected - start
             st.batches_unrecoverable += max(0, start - self._run_base.get(rid, 0))
             if not ok:
                 st.rebuild_failures += 1
@@ -545,28 +623,28 @@ class EventSubscriber:
                 left = deadline - time.monotonic()
                 if partial and out:
                     left = min(left, self.REPLAY_IDLE_S)
-                if left <= 0:
+                if left <= 0 or not await sock.poll(max(1, int(left * 1000))):
                     if partial:
                         return out
                     raise TimeoutError("replay did not finish")
-                try:
-                    frames = await asyncio.wait_for(sock.recv_multipart(), left)
-                except TimeoutError:
-                    if partial:
+                # drain what is queued without a wake-up per message (a buffer is thousands)
+                while True:
+                    try:
+                        frames = await sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if frames and frames[0] == b"":
+                        frames = frames[1:]
+                    if len(frames) == 3:  # topic, seq, payload (vLLM 0.33)
+                        seq_b, payload = frames[1], frames[2]
+                    elif len(frames) == 2:  # seq, payload (older)
+                        seq_b, payload = frames[0], frames[1]
+                    else:
+                        continue
+                    if seq_b == END_SEQ:
                         return out
-                    raise
-                if frames and frames[0] == b"":
-                    frames = frames[1:]
-                if len(frames) == 3:  # topic, seq, payload (vLLM 0.33)
-                    seq_b, payload = frames[1], frames[2]
-                elif len(frames) == 2:  # seq, payload (older)
-                    seq_b, payload = frames[0], frames[1]
-                else:
-                    continue
-                if seq_b == END_SEQ:
-                    return out
-                if len(seq_b) == 8:
-                    out[int.from_bytes(seq_b, "big")] = payload
+                    if len(seq_b) == 8:
+                        out[int.from_bytes(seq_b, "big")] = payload
         finally:
             sock.close(0)
 
