@@ -12,14 +12,17 @@ replica-kill       SIGKILL the replica with the most streams in flight, restart 
 replica-stop       SIGSTOP the busiest replica for the hold, then SIGCONT
 replica-restart    SIGTERM the busiest replica (graceful), start it again at once on its ports
 redis-kill         SIGKILL redis-server, restart it empty after the hold (the index is rebuilt)
-redis-stop         SIGSTOP redis-server for the hold (a hung Redis: connections open, no answers)
 indexer-kill       SIGKILL ``kvgate indexer``, restart it after the hold
 junk-events        a fake publisher (an extra replica in the indexer's config, on a model the
                    load never asks for) sends malformed frames and msgpack for the hold, and its
                    replay endpoint answers junk
+redis-stop         SIGSTOP redis-server for the hold (a hung Redis: connections open, no answers)
 =================  ===========================================================================
 
-Each fault owns a window: a few seconds before it (the baseline), the fault, and the time until
+If the stack does not get over a fault by itself within ``--settle-max`` seconds (prefix hits
+not back, a replica still unhealthy), the bench restarts the indexer (a fresh one replays
+every replica's buffer) so the next fault starts from a sound index; that repair gets its own
+row. Each fault owns a window: a few seconds before it (the baseline), the fault, and the time until
 prefix hits are back and every replica is healthy in the gateway again. Every request started
 in the window counts in its row: sent, served OK, failed by kind (HTTP 4xx / 5xx, a stream that
 ended with an SSE error event, a connection error, a 200 stream that ended without ``[DONE]``
@@ -68,7 +71,7 @@ MODEL = "kvgate/demo-8b"
 JUNK_MODEL = "kvgate/junk"
 CLIENT_KEY = "bench-client-key"
 ROOT = Path(__file__).resolve().parents[1]
-FAULTS = ["replica-kill", "replica-stop", "replica-restart", "redis-kill", "redis-stop", "indexer-kill", "junk-events"]
+FAULTS = ["replica-kill", "replica-stop", "replica-restart", "redis-kill", "indexer-kill", "junk-events", "redis-stop"]
 REDIS_FAULTS = {"redis-kill", "redis-stop", "indexer-kill"}
 #: a prefix-hit signal is "back" at this share of the window's baseline
 RECOVERED_SHARE = 0.8
@@ -664,6 +667,11 @@ def hits_back_after(records: list[Record], t_fault: float, t_end: float, baselin
     return (last_bad + 1) * BUCKET_S
 
 
+def share_at_end(records: list[Record], t_end: float, span: float, signal_name: str) -> float | None:
+    """The hit share of the requests started in the last ``span`` seconds before ``t_end``."""
+    return hit_share([r for r in records if t_end - span <= r.t0 < t_end], signal_name)
+
+
 def recovered_now(records: list[Record], t_fault: float, now: float, baseline: float | None, stable_s: float) -> bool:
     """Online: the index hit share of the last ``stable_s`` seconds of requests (whose headers
     are in) is back at the threshold."""
@@ -686,6 +694,7 @@ class Window:
     end: float = 0.0
     victim: str | None = None
     victim_streams: int = 0  # streams with their first chunk on the victim at the fault
+    baseline_span: tuple[float, float] | None = None  # default: the pre_s seconds before the fault
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -709,6 +718,10 @@ class Row:
     slowest_ok_s: float | None
     baseline_index_hit: float | None
     baseline_cache_hit: float | None
+    end_index_hit: float | None  # over the window's last seconds
+    end_cache_hit: float | None
+    index_still_down: bool  # the index hit share was still under the threshold when the window ended
+    cache_still_down: bool
     victim: str | None
     hold_s: float | None
     notes: str
@@ -716,7 +729,7 @@ class Row:
     lost_examples: list[dict[str, Any]]
 
 
-def summarize(w: Window, records: list[Record], pre_s: float) -> Row:
+def summarize(w: Window, records: list[Record], pre_s: float, end_span: float = 2.0) -> Row:
     mine = [r for r in records if w.start <= r.t0 < w.end]
     count = {k: sum(1 for r in mine if r.outcome == k) for k in ("ok", "http_4xx", "http_5xx", "sse_error", "conn_error", "truncated", "hung")}
     cut: list[Record] = []
@@ -731,10 +744,16 @@ def summarize(w: Window, records: list[Record], pre_s: float) -> Row:
     base_idx = base_cache = None
     idx_back = cache_back = None
     if w.fault_at is not None:
-        pre = [r for r in mine if w.fault_at - pre_s <= r.t0 < w.fault_at]
+        lo, hi = w.baseline_span or (w.fault_at - pre_s, w.fault_at)
+        pre = [r for r in records if lo <= r.t0 < hi]
         base_idx, base_cache = hit_share(pre, "index"), hit_share(pre, "cache")
         idx_back = hits_back_after(mine, w.fault_at, w.end, base_idx, "index")
         cache_back = hits_back_after(mine, w.fault_at, w.end, base_cache, "cache")
+    end_idx, end_cache = share_at_end(mine, w.end, end_span, "index"), share_at_end(mine, w.end, end_span, "cache")
+
+    def down(base: float | None, end: float | None) -> bool:
+        return base is not None and base >= 0.2 and end is not None and end < RECOVERED_SHARE * base
+
     return Row(
         fault=w.name,
         sent=len(mine),
@@ -747,6 +766,10 @@ def summarize(w: Window, records: list[Record], pre_s: float) -> Row:
         slowest_ok_s=round(max(oks), 2) if (oks := [r.t1 - r.t0 for r in mine if r.outcome == "ok" and r.t1 is not None]) else None,
         baseline_index_hit=base_idx,
         baseline_cache_hit=base_cache,
+        end_index_hit=end_idx,
+        end_cache_hit=end_cache,
+        index_still_down=w.fault_at is not None and down(base_idx, end_idx),
+        cache_still_down=w.fault_at is not None and down(base_cache, end_cache),
         victim=w.victim,
         hold_s=round(w.recover_at - w.fault_at, 2) if w.recover_at and w.fault_at else None,
         notes="; ".join(w.notes),
@@ -923,11 +946,11 @@ def inject(name: str, stack: Stack, load: Load, w: Window, hold_s: float) -> Non
             w.extra[metric] = metric_sum(m1, metric) - metric_sum(m0, metric)
 
 
-def settle(stack: Stack, load: Load, w: Window, t: Timing) -> None:
+def settle(stack: Stack, load: Load, w: Window, t: Timing) -> bool:
     """Wait for prefix hits to be back and every replica healthy in the gateway (bounded)."""
     assert w.fault_at is not None
-    pre = [r for r in load.snapshot() if w.fault_at - t.pre_s <= r.t0 < w.fault_at]
-    baseline = hit_share(pre, "index")
+    lo, hi = w.baseline_span or (w.fault_at - t.pre_s, w.fault_at)
+    baseline = hit_share([r for r in load.snapshot() if lo <= r.t0 < hi], "index")
     start = w.recover_at or w.fault_at
     deadline = start + t.max_post_s
     time.sleep(t.stable_s)
@@ -936,9 +959,23 @@ def settle(stack: Stack, load: Load, w: Window, t: Timing) -> None:
         with contextlib.suppress(Exception):
             healthy = stack.gateway.all_healthy(stack.rids)
         if healthy and recovered_now(load.snapshot(), w.fault_at, time.monotonic(), baseline, t.stable_s):
-            return
+            return True
         time.sleep(0.25)
     w.notes.append(f"not settled {t.max_post_s:g} s after recovery")
+    return False
+
+
+def repair(stack: Stack, load: Load, w: Window, t: Timing) -> bool:
+    """After a fault the stack did not get over by itself: restart the indexer (a fresh one
+    replays every replica's buffer from seq 0), so the next fault starts from a sound index."""
+    if stack.indexer is None:
+        return False
+    w.fault_at = time.monotonic()
+    stack.indexer.stop()
+    stack.indexer.start()
+    w.recover_at = time.monotonic()
+    w.notes.append("the bench restarted the indexer so that the next fault starts from a sound index")
+    return True
 
 
 def after_load(stack: Stack) -> dict[str, Any]:
@@ -992,7 +1029,13 @@ def run(faults: list[str], t: Timing, *, logdir: Path, use_redis: bool, seed: in
                 console.print(f"[bold]{label}[/] ...")
                 time.sleep(t.pre_s)
                 inject(name, stack, load, w, t.hold_s)
-                settle(stack, load, w, t)
+                if not settle(stack, load, w, t):
+                    w.end = time.monotonic()
+                    fixed = Window(f"(repair after {label})", w.end, baseline_span=(w.fault_at - t.pre_s, w.fault_at) if w.fault_at else None)
+                    if repair(stack, load, fixed, t):
+                        windows.append(fixed)
+                        settle(stack, load, fixed, t)
+                        w = fixed
         w.end = time.monotonic()
         load.stop()
         after = after_load(stack)
@@ -1001,7 +1044,7 @@ def run(faults: list[str], t: Timing, *, logdir: Path, use_redis: bool, seed: in
             load.stop()
         exit_codes, logs = stack.stop()
     records = load.snapshot() if load is not None else []
-    rows = [summarize(w, records, t.pre_s) for w in windows]
+    rows = [summarize(w, records, t.pre_s, t.stable_s) for w in windows]
     for w, row in zip(windows, rows, strict=True):
         row.notes = "; ".join(w.notes)
     return {
@@ -1019,6 +1062,10 @@ def run(faults: list[str], t: Timing, *, logdir: Path, use_redis: bool, seed: in
 
 def _fmt_s(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
+
+
+def _fmt_back(v: float | None, still_down: bool) -> str:
+    return f"[red]never (>{v:.0f})[/]" if still_down and v is not None else _fmt_s(v)
 
 
 def print_table(result: dict[str, Any], console) -> None:
@@ -1041,14 +1088,18 @@ def print_table(result: dict[str, Any], console) -> None:
             str(r["hung"]),
             f"{r['cut_on_killed']} ({r['cut_with_sse_error']})",
             ("[red]" if r["lost"] else "") + str(r["lost"]),
-            _fmt_s(r["index_hits_back_s"]),
-            _fmt_s(r["cache_hits_back_s"]),
+            _fmt_back(r["index_hits_back_s"], r["index_still_down"]),
+            _fmt_back(r["cache_hits_back_s"], r["cache_still_down"]),
             _fmt_s(r["slowest_ok_s"]),
         )
     console.print(table)
     for r in result["rows"]:
-        if r["notes"]:
-            console.print(f"  {r['fault']}: {r['notes']}")
+        notes = r["notes"]
+        if r["index_still_down"] or r["cache_still_down"]:
+            shares = f"prefix-hit share index {_pct(r['baseline_index_hit'])} → {_pct(r['end_index_hit'])}, cache {_pct(r['baseline_cache_hit'])} → {_pct(r['end_cache_hit'])} (before → at the end)"
+            notes = f"{notes}; {shares}" if notes else shares
+        if notes:
+            console.print(f"  {r['fault']}: {notes}")
         for ex in r["lost_examples"]:
             console.print(f"  [red]{r['fault']} lost:[/] {ex}")
     a = result["after_load"]
@@ -1066,6 +1117,10 @@ def print_table(result: dict[str, Any], console) -> None:
     )
     console.print(f"exit codes at the end (-15: SIGTERM re-raised by uvicorn after its graceful shutdown): {result['exit_codes']}")
     console.print(f"log lines (error / warning / traceback): {_log_line(result['logs'])}; wall {result['wall_s']} s")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
 
 
 def _log_line(logs: dict[str, dict[str, int]]) -> str:
