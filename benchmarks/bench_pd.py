@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,13 +41,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.fleet import SimConfig, SimFleet
 
-from .compare import GatewayProcess
+from .compare import GatewayProcess, free_port
 from .report import percentile, summarize
 from .workloads import MODEL, WORKLOADS, RunResult, Workload, run_workload
 
+PD_ROLES = ["prefill", "prefill", "decode", "decode"]
 SETUPS = [
     ("aggregated", "aggregated (4 × both)", ["both"] * 4),
-    ("disaggregated", "disaggregated (2 prefill + 2 decode)", ["prefill", "prefill", "decode", "decode"]),
+    ("disaggregated", "disaggregated (2 prefill + 2 decode)", PD_ROLES),
+    ("envoy-sidecar", "disaggregated via Envoy + picker + sidecars", PD_ROLES),
 ]
 STALL_MS = 50.0  # an inter-token gap this long is a decode stalled behind someone's prefill
 
@@ -163,22 +168,151 @@ def _hop_delta(before: dict[str, float], after: dict[str, float]) -> tuple[float
     return means[0], means[1]
 
 
-def run_setup(roles: list[str], specs: list[WorkloadSpec], setup: str, repeat: int, tmp: Path, time_scale: float) -> list[Row]:
+def run_setup(key: str, roles: list[str], specs: list[WorkloadSpec], setup: str, repeat: int, tmp: Path, time_scale: float) -> list[Row]:
     fleet = SimFleet([SimConfig(model=MODEL, role=r, seed=i, time_scale=time_scale, num_blocks=2048) for i, r in enumerate(roles)], mode="process")
     fleet.start()
-    gw = None
     rows = []
     try:
-        gw = GatewayProcess(fleet.handles, "default", tmp, extra={"pd": {"enabled": True, "threshold": 512}})
-        for spec in specs:
-            before = _hop_totals(gw.url)
-            result = asyncio.run(run_workload(spec.workload, [gw.url], concurrency=spec.concurrency, rate=spec.rate, warmup=spec.warmup, seed=7))
-            rows.append(_row(spec, setup, repeat, result, _hop_delta(before, _hop_totals(gw.url))))
+        with EnvoyPD(fleet.handles, tmp) if key == "envoy-sidecar" else _Gateway(fleet.handles, tmp) as front:
+            for spec in specs:
+                before = front.hop_totals()
+                result = asyncio.run(run_workload(spec.workload, [front.url], concurrency=spec.concurrency, rate=spec.rate, warmup=spec.warmup, seed=7))
+                row = _row(spec, setup, repeat, result, _hop_delta(before, front.hop_totals()))
+                if isinstance(front, EnvoyPD):  # no debug headers through Envoy: the sidecars' own counts
+                    row.two_hop_share = front.two_hop_share(before)
+                rows.append(row)
     finally:
-        if gw is not None:
-            gw.stop()
         fleet.stop()
     return rows
+
+
+class _Gateway:
+    """``kvgate serve`` doing P/D itself."""
+
+    def __init__(self, handles, tmp: Path) -> None:
+        self.gw = GatewayProcess(handles, "default", tmp, extra={"pd": {"enabled": True, "threshold": 512}})
+        self.url = self.gw.url
+
+    def hop_totals(self) -> dict[str, float]:
+        return _hop_totals(self.gw.url)
+
+    def __enter__(self) -> _Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gw.stop()
+
+
+class EnvoyPD:
+    """llm-d's layout: Envoy → ``kvgate extproc`` (plans P/D, names the prefill endpoint) →
+    the decode pod's ``kvgate sidecar`` (runs both hops) → prefill replica, then its own replica.
+    Same fleet, same threshold as the gateway setup; everything a process on loopback."""
+
+    def __init__(self, handles, tmp: Path) -> None:
+        from .envoy_stack import extproc_envoy, find_envoy
+
+        binary = find_envoy()
+        if binary is None:
+            raise RuntimeError("envoy is not installed (make envoy)")
+        self.procs: list[subprocess.Popen] = []
+        prefills = [h for h in handles if h.config.role == "prefill"]
+        self.sidecars: dict[int, str] = {}
+        try:
+            for i, h in enumerate(handles):
+                if h.config.role == "decode":
+                    args = ["sidecar", "--vllm", h.url, "--host", "127.0.0.1"]
+                    for p in prefills:
+                        args += ["--prefill", f"127.0.0.1:{p.config.port}"]
+                    self.sidecars[i] = self._start(args, tmp / f"sidecar-{i}.log", "/sidecar/health")
+            replicas = []
+            for i, h in enumerate(handles):
+                url = self.sidecars.get(i, h.url)
+                replicas.append({"id": f"r{i}", "url": url, "role": h.config.role, "models": [MODEL], "kv_events": h.events_endpoint, "replay": h.replay_endpoint})
+            cfg = {"replicas": replicas, "models": {MODEL: {"tokenizer": "demo"}}, "pd": {"enabled": True, "threshold": 512}, "scrape": {"interval_s": 0.5}, "health": {"interval_s": 1.0}}
+            path = tmp / "extproc.yaml"
+            path.write_text(json.dumps(cfg))
+            grpc_port = free_port()
+            self.procs.append(_spawn(["extproc", "--config", str(path), "--port", str(grpc_port)], tmp / "extproc.log"))
+            _wait_port(grpc_port)
+            self.envoy = extproc_envoy(tmp, grpc_port, binary, "buffered").start()
+            self.url = self.envoy.url
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.2)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start(self, args: list[str], log: Path, health: str) -> str:
+        for _attempt in range(3):  # the sidecar cannot report a port it picked: retry a taken one
+            port = free_port()
+            proc = _spawn([*args, "--port", str(port)], log)
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + health, timeout=0.5).status_code == 200:
+                        self.procs.append(proc)
+                        return url
+                time.sleep(0.1)
+            proc.kill()
+        raise RuntimeError(f"{args[0]} did not start: {log.read_text(errors='replace')[-1500:]}")
+
+    def hop_totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for url in self.sidecars.values():
+            for k, v in _hop_totals(url + "/sidecar").items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def two_hop_share(self, before: dict[str, float]) -> float:
+        after = self.hop_totals()
+        two = after.get("decode_count", 0.0) - before.get("decode_count", 0.0)
+        total = 0.0
+        for url in self.sidecars.values():
+            total += _metric_sum(url + "/sidecar/metrics", "kvgate_requests_total")
+        done = total - getattr(self, "_requests_before", 0.0)
+        self._requests_before = total
+        return two / done if done else float("nan")
+
+    def __enter__(self) -> EnvoyPD:
+        self._requests_before = sum(_metric_sum(u + "/sidecar/metrics", "kvgate_requests_total") for u in self.sidecars.values())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if getattr(self, "envoy", None) is not None:
+            self.envoy.stop()
+        for proc in self.procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _metric_sum(url: str, name: str) -> float:
+    try:
+        text = httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return 0.0
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
 def median_rows(rows: list[Row]) -> list[Row]:
@@ -245,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="fresh fleets per setup (default 3, quick 1)")
     ap.add_argument("--time-scale", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=None, help="write pd.md and pd.json into this folder")
+    ap.add_argument("--setups", default=",".join(k for k, _, _ in SETUPS), help="comma-separated: " + ", ".join(k for k, _, _ in SETUPS))
     args = ap.parse_args(argv)
+    args.setups = set(args.setups.split(","))
     repeats = args.repeats or (1 if args.quick else 3)
     specs = workloads(args.docs or (12 if args.quick else 36), args.concurrency, args.long_requests or (24 if args.quick else 48), args.long_rate)
     load0 = _loadavg()
@@ -254,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(repeats):
             order = SETUPS if rep % 2 == 0 else SETUPS[::-1]  # interleaved: neither setup always runs first
-            for _, name, roles in order:
-                rows.extend(run_setup(roles, specs, name, rep, Path(tmp), args.time_scale))
+            for key, name, roles in order:
+                if key in args.setups:
+                    rows.extend(run_setup(key, roles, specs, name, rep, Path(tmp), args.time_scale))
     wall = time.perf_counter() - t0
     load1 = _loadavg()
     setup_order = [name for _, name, _ in SETUPS]
