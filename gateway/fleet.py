@@ -112,6 +112,7 @@ class Fleet:
         self.states: dict[str, EndpointState] = {}
         self.circuits: dict[str, Circuit] = {}
         self.discovered: dict[str, dict[str, ModelInfo]] = {}
+        self._models: dict[str, ModelInfo] | None = None  # models() cache, dropped when lists change
         #: per replica, the header that carries its API key ({} without one); never logged
         self._auth: dict[str, Mapping[str, str]] = {}
         self._keys: dict[str, str | None] = {}
@@ -125,6 +126,7 @@ class Fleet:
     # -- membership ---------------------------------------------------------------------------
 
     def add(self, r: ReplicaConfig) -> None:
+        self._models = None
         self.configs[r.id] = r
         self.states[r.id] = EndpointState(
             id=r.id,
@@ -172,7 +174,15 @@ class Fleet:
     # -- models -------------------------------------------------------------------------------
 
     def models(self) -> dict[str, ModelInfo]:
-        """Every model id a client may request: configured base models, discovered models and LoRAs."""
+        """Every model id a client may request: configured base models, discovered models and LoRAs.
+
+        Built when the replicas' model lists change, not per request (``resolve_model`` is on
+        every request's path; rebuilding this map there cost a few µs per replica each time)."""
+        if self._models is None:
+            self._models = self._build_models()
+        return self._models
+
+    def _build_models(self) -> dict[str, ModelInfo]:
         out: dict[str, ModelInfo] = {}
         for rid, state in self.states.items():
             for m in state.models:
@@ -197,12 +207,15 @@ class Fleet:
             base = parent if isinstance(parent, str) and parent and parent != mid else mid
             lora = mid if base != mid else None
             found[mid] = ModelInfo(id=mid, base=base, lora=lora, max_model_len=item.get("max_model_len"))
-        self.discovered[rid] = found
         state = self.states[rid]
         configured = set(self.configs[rid].models)
-        bases = {m.base for m in found.values()} | configured
-        state.models = frozenset(bases)
-        state.loras = frozenset(m.lora for m in found.values() if m.lora)
+        bases = frozenset({m.base for m in found.values()} | configured)
+        loras = frozenset(m.lora for m in found.values() if m.lora)
+        if found != self.discovered.get(rid) or bases != state.models or loras != state.loras:
+            self._models = None
+        self.discovered[rid] = found
+        state.models = bases
+        state.loras = loras
 
     # -- health -------------------------------------------------------------------------------
 

@@ -359,13 +359,14 @@ class Forwarder:
         status = up.status
         ctx = req.ctx
         ttft = (att.first_byte_at or time.perf_counter()) - req.t0
-        self.metrics.ttft.labels(ep.id, decision).observe(ttft)
+        metrics = self.metrics
+        metrics.child(metrics.ttft, ep.id, decision).observe(ttft)
 
         def finish(ok: bool) -> None:
             self.end(ctx, att, req.profile, ok)
             e2e = time.perf_counter() - req.t0
-            self.metrics.requests.labels(ctx.lora or ctx.model, ep.id, decision, str(status)).inc()
-            self.metrics.e2e.labels(ep.id, decision).observe(e2e)
+            metrics.child(metrics.requests, ctx.lora or ctx.model, ep.id, decision, str(status)).inc()
+            metrics.child(metrics.e2e, ep.id, decision).observe(e2e)
             req.release()
             if req.trace is not None:
                 req.trace.emit(status, ok, ttft, e2e)

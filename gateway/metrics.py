@@ -7,6 +7,7 @@ from the live objects (a custom collector), so the hot path only touches a few c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -31,6 +32,7 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter("kvgate_requests", "Requests answered, by replica and status", ["model", "replica", "route", "status"], registry=r)
         self.errors = Counter("kvgate_errors", "Requests answered with a gateway-generated error", ["code"], registry=r)
@@ -65,6 +67,15 @@ class GatewayMetrics:
         self.sched_index = self.sched.labels("index")
         self.sched_schedule = self.sched.labels("schedule")
         self.index_blocks = Gauge("kvgate_index_blocks", "Block keys held by the index (-1: the index did not answer)", registry=r)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, resolved once per label set: prometheus_client's
+        ``labels()`` validates and locks on every call, and the relay calls it per request."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def count_prefix(self, prompt_blocks: int, hit_blocks: int) -> None:
         """A routed request's prompt blocks and how many of them its replica held (the hit ratio)."""
