@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -218,14 +219,11 @@ class Routes:
     async def embeddings(self, request: Request) -> Response | RelayResponse:
         return await proxy_request(self.gw, request, EMBEDDINGS, "/v1/embeddings")
 
-    async def models(self, request: Request) -> Response:
+    def _model_cards(self) -> list[dict[str, Any]]:
+        """The models a healthy replica serves, as OpenAI's (and vLLM's) model objects."""
         gw = self.gw
-        try:
-            check_client_auth(gw, request)
-        except GatewayError as exc:
-            return error_response(exc)
         created = int(gw.started_at)
-        data = [
+        return [
             {
                 "id": info.id,
                 "object": "model",
@@ -238,7 +236,44 @@ class Routes:
             for info in sorted(gw.fleet.models().values(), key=lambda m: m.id)
             if any(gw.fleet.states[r].healthy for r in info.replicas if r in gw.fleet.states)
         ]
-        return JSONResponse({"object": "list", "data": data})
+
+    async def models(self, request: Request) -> Response:
+        try:
+            check_client_auth(self.gw, request)
+        except GatewayError as exc:
+            return error_response(exc)
+        return JSONResponse({"object": "list", "data": self._model_cards()})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{id} (ids may contain slashes): the one model object, or 404."""
+        try:
+            check_client_auth(self.gw, request)
+        except GatewayError as exc:
+            return error_response(exc)
+        name = request.path_params["model"]
+        card = next((c for c in self._model_cards() if c["id"] == name), None)
+        if card is None:
+            return error_response(GatewayError(404, f"The model `{name}` does not exist.", "model_not_found", "model"))
+        return JSONResponse(card)
+
+    async def ping(self, request: Request) -> Response:
+        """vLLM's (and SageMaker's) liveness ping: 200 while some replica is healthy."""
+        healthy = any(s.healthy for s in self.gw.fleet.all())
+        return Response(status_code=200 if healthy else 503)
+
+    async def version(self, request: Request) -> Response:
+        """vLLM's ``{"version": ...}``, from a healthy replica (the engine the client reaches)."""
+        gw = self.gw
+        for s in gw.fleet.all():
+            if not s.healthy:
+                continue
+            try:
+                r = await gw.client.get(f"{s.url}/version", headers=dict(gw.fleet.upstream_auth(s.id)), timeout=2.0)
+                if r.status_code == 200:
+                    return Response(r.content, media_type="application/json")
+            except httpx.HTTPError:
+                continue
+        return error_response(GatewayError(503, "no healthy replica answered /version", "no_healthy_replica"))
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -314,6 +349,9 @@ def build_app(cfg: GatewayConfig) -> GatewayApp:
         Route("/v1/chat/completions", r.chat, methods=["POST"]),
         Route("/v1/embeddings", r.embeddings, methods=["POST"]),
         Route("/v1/models", r.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", r.model, methods=["GET"]),
+        Route("/ping", r.ping, methods=["GET", "POST"]),
+        Route("/version", r.version, methods=["GET"]),
         Route("/health", r.health, methods=["GET"]),
         Route("/ready", r.ready, methods=["GET"]),
         Route("/metrics", r.metrics, methods=["GET"]),
