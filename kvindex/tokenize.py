@@ -6,39 +6,114 @@ vLLM's rules, reproduced here:
 * chat: render the model's chat template (transformers semantics: a sandboxed jinja2
   environment with ``trim_blocks`` and ``lstrip_blocks``, ``raise_exception``, ``tojson``,
   ``strftime_now``, the special tokens of ``tokenizer_config.json`` as variables), then
-  tokenize the text with ``add_special_tokens=False`` (the template already placed them).
+  tokenize the text with ``add_special_tokens=False`` (the template already placed them);
+  ``chat_template_kwargs`` reach the template as vLLM passes them (``resolve_template_kwargs``);
+  a template that raises is a ``ChatTemplateError`` carrying the template's own reason.
 
-The gateway calls this on every request, so ``CachingTokenizer`` keeps a bounded LRU of
-recent prompts and rendered chats; when no tokenizer is configured, ``remote_tokenize`` asks a
-replica's ``/tokenize`` instead (a remote call on the hot path, hence only a fallback).
+The gateway calls this on every request, off its event loop (``TokenizePool``: a few threads,
+a bounded backlog; HF ``tokenizers`` releases the GIL in ``encode_batch_fast``, not in
+``encode``). ``CachingTokenizer`` keeps an LRU of recent prompts and rendered chats bounded by
+bytes; a prompt longer than a limit is counted, never materialised (``PromptTooLong``).
+A chat template supplied by the request is untrusted code: ``TemplateSandbox`` renders it in a
+separate process that is killed past a time limit, capped in memory and in output size.
+When no tokenizer is configured, ``remote_tokenize`` asks a replica's ``/tokenize`` instead (a
+remote call on the hot path, hence only a fallback).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing
+import threading
+import weakref
+from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import xxhash
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .demo_tokenizer import build_demo_tokenizer
 
+T = TypeVar("T")
+
 
 class ChatTemplateError(ValueError):
-    """The chat could not be rendered (bad message shape, or the template raised)."""
+    """The chat could not be rendered (bad message shape, or the template raised); the message is
+    what vLLM answers in its 400 for the same failure."""
+
+
+class TemplateLimitError(ChatTemplateError):
+    """A request-supplied chat template went past a render limit (time, output size, memory)."""
 
 
 class TokenizerLoadError(ValueError):
     """No tokenizer could be loaded from the given spec."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt has more tokens than allowed. ``tokens`` counts them as vLLM reports it: a text
+    prompt is tokenized with truncation at ``limit + 1``, so the count is at most that."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"prompt has {tokens} tokens, more than {limit}")
+        self.tokens = tokens
+        self.limit = limit
+
+
+class TextTooLong(ValueError):
+    """The (rendered) prompt text is longer than any tokenization within the limit could be."""
+
+    def __init__(self, chars: int, limit: int) -> None:
+        super().__init__(f"prompt has {chars} characters, more than {limit}")
+        self.chars = chars
+        self.limit = limit
+
+
+class PoolBusy(RuntimeError):
+    """The tokenize pool's backlog is full; the caller should shed the request."""
+
+
+#: vLLM's ChatTemplateResolutionError (transformers' wording) when no template can be found
+NO_CHAT_TEMPLATE = (
+    "As of transformers v4.44, default chat template is no longer allowed, so you must provide a chat template if the tokenizer does not define one."
+)
+
+#: the named parameters of transformers' ``apply_chat_template`` (vLLM 0.33 reads them from
+#: ``PythonBackend.apply_chat_template``): a ``chat_template_kwargs`` key among them is consumed by
+#: transformers (or overridden by the request's own field), never handed to the template
+HF_APPLY_CHAT_TEMPLATE_PARAMS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 def _token_str(value: Any) -> str | None:
@@ -48,6 +123,7 @@ def _token_str(value: Any) -> str | None:
 
 
 def _raise(message: str) -> None:
+    # transformers raises jinja2's TemplateError; vLLM answers 400 with its message alone
     raise ChatTemplateError(message)
 
 
@@ -68,16 +144,169 @@ class _GenerationTag(jinja2.ext.Extension):
         return jinja2.nodes.Scope(body, lineno=lineno)
 
 
-@lru_cache(maxsize=32)
-def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag])
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox for request-supplied templates: ``*``, ``**`` and ``+`` refuse results beyond
+    the output cap before computing them (one C-level operation could otherwise allocate
+    gigabytes faster than any time check). Only used inside the ``TemplateSandbox`` process,
+    whose time and memory limits catch everything else."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def __init__(self, max_chars: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_chars = max_chars
+
+    def _too_big(self) -> TemplateLimitError:
+        return TemplateLimitError(f"the chat template's result would exceed {self.max_chars} characters (tokenize.template_max_chars)")
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        sized = (str, list, tuple)
+        if operator == "*":
+            seq, n = (left, right) if isinstance(left, sized) else (right, left)
+            if isinstance(seq, sized) and isinstance(n, int) and len(seq) * n > self.max_chars:
+                raise self._too_big()
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 4 * self.max_chars:
+                raise self._too_big()
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 and left.bit_length() * right > 4 * self.max_chars:
+                raise self._too_big()
+        elif operator == "+" and isinstance(left, sized) and isinstance(right, sized) and len(left) + len(right) > self.max_chars:
+            raise self._too_big()
+        return super().call_binop(context, operator, left, right)
+
+
+def _new_env(max_chars: int | None = None) -> jinja2.Environment:
+    kwargs: dict[str, Any] = {"trim_blocks": True, "lstrip_blocks": True, "extensions": ["jinja2.ext.loopcontrols", _GenerationTag]}
+    env = _BoundedSandbox(max_chars, **kwargs) if max_chars is not None else ImmutableSandboxedEnvironment(**kwargs)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _from_string(env: jinja2.Environment, template: str) -> tuple[jinja2.Template, frozenset[str]]:
+    """The compiled template and the variables it reads (vLLM filters kwargs by them)."""
     try:
-        return env.from_string(template)
+        variables = frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
+        return env.from_string(template), variables
     except jinja2.TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"chat template does not compile: {exc}") from None
+        raise ChatTemplateError(str(exc)) from None
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> tuple[jinja2.Template, frozenset[str]]:
+    """A trusted (the model's own) template, compiled once."""
+    return _from_string(_new_env(), template)
+
+
+def resolve_template_kwargs(template_vars: frozenset[str], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``chat_template_kwargs`` the template sees, as vLLM 0.33 passes them.
+
+    vLLM keeps a key the template reads (or one of transformers' own parameters, which
+    transformers then consumes: ``HF_APPLY_CHAT_TEMPLATE_PARAMS``), drops the rest, and renders
+    with ``render(messages=..., tools=..., documents=..., add_generation_prompt=..., **kwargs)``:
+    a ``messages`` key the template reads therefore collides — a TypeError vLLM answers with a
+    400 carrying Python's message, reproduced here."""
+    out = {}
+    for k, v in kwargs.items():
+        if k in HF_APPLY_CHAT_TEMPLATE_PARAMS or k not in template_vars:
+            continue
+        if k == "messages":
+            raise ChatTemplateError("jinja2.environment.Template.render() got multiple values for keyword argument 'messages'")
+        out[k] = v
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    """What vLLM answers when a template raises: the innermost jinja2 error's text, else the
+    exception's own (``_template_error_reason``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, jinja2.TemplateError | ChatTemplateError):
+            return str(cur)
+        cur = cur.__cause__ or cur.__context__
+    return str(exc)
+
+
+def render_chat(
+    template: str,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    tools: list | None = None,
+    special: Mapping[str, Any] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+    max_chars: int | None = None,
+) -> str:
+    """Render ``messages`` with ``template`` (transformers' semantics).
+
+    ``max_chars`` set: ``template`` is untrusted — compiled in the bounded sandbox (not cached)
+    and rendered in pieces, refused as soon as the output passes ``max_chars``. Only the
+    ``TemplateSandbox`` process calls it so (it adds the time and memory limits)."""
+    _check_messages(messages)
+    if max_chars is None:
+        compiled, template_vars = _compile(template)
+    else:
+        compiled, template_vars = _from_string(_new_env(max_chars), template)
+    # transformers: the special tokens, overridden by the kwargs
+    variables = {**(special or {}), **resolve_template_kwargs(template_vars, template_kwargs or {})}
+    try:
+        if max_chars is None:
+            text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt and not continue_final_message, tools=tools, **variables)
+        else:
+            parts: list[str] = []
+            size = 0
+            for piece in compiled.generate(
+                messages=messages, add_generation_prompt=add_generation_prompt and not continue_final_message, tools=tools, **variables
+            ):
+                size += len(piece)
+                if size > max_chars:
+                    raise TemplateLimitError(f"the chat template's result exceeds {max_chars} characters (tokenize.template_max_chars)")
+                parts.append(piece)
+            text = "".join(parts)
+    except (TemplateLimitError, MemoryError):
+        raise
+    except Exception as exc:  # vLLM: whatever the template raises is the client's 400
+        raise ChatTemplateError(_reason(exc)) from None
+    if continue_final_message:
+        final = messages[-1].get("content")
+        final_text = final if isinstance(final, str) else "".join(p.get("text", "") for p in final or [] if isinstance(p, dict))
+        idx = text.rfind(final_text) if final_text else -1
+        if idx >= 0:
+            text = text[: idx + len(final_text)]
+    return text
+
+
+#: see ``Tokenizer.encode``: a prompt longer than this many characters per allowed token is
+#: probed on a prefix first (English averages ~4, code ~3, CJK ~1.5)
+PROBE_CHARS_PER_TOKEN = 8
+PROBE_MARGIN = 64
+#: after encoding a text this long, freed memory is handed back to the OS (``release_memory``)
+TRIM_AFTER_CHARS = 1 << 20
+
+
+def release_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A 10 MB prompt's encoding peaks near 1 GB (HF tokenizers keeps offsets, token strings and
+    masks per token); once freed, glibc keeps most of it mapped in its per-thread arenas
+    (measured: +180 to +850 MB of RSS left after one such prompt, 0 after the trim)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class Tokenizer:
@@ -91,7 +320,8 @@ class Tokenizer:
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self._special = {k: _token_str(v) for k, v in self.config.items() if k.endswith("_token") and _token_str(v) is not None}
+        self.special = {k: _token_str(v) for k, v in self.config.items() if k.endswith("_token") and _token_str(v) is not None}
+        self._max_chars_per_token: int | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -116,8 +346,46 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    @property
+    def max_chars_per_token(self) -> int:
+        """The longest token string in the vocabulary (vLLM's ``max_chars_per_token``): a text
+        longer than ``n * max_chars_per_token`` cannot be ``n`` tokens or fewer."""
+        if self._max_chars_per_token is None:
+            self._max_chars_per_token = max(1, max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1))
+        return self._max_chars_per_token
+
+    def _encoding(self, text: str, add_special_tokens: bool) -> Any:
+        # ``encode_batch_fast`` releases the GIL while it works (``encode`` holds it throughout,
+        # freezing every other thread); same ids, no character offsets
+        return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """The token ids of ``text``. ``max_tokens``: raise ``PromptTooLong`` (counting at most
+        ``max_tokens + 1``, as vLLM's truncated tokenization does) instead of building the list.
+
+        A text much longer than ``max_tokens`` tokens usually are is probed first: when its
+        first ``PROBE_CHARS_PER_TOKEN * (max_tokens + 1)`` characters alone are well over the
+        limit, so is the whole (tokens of a prefix are the whole's first tokens but for the
+        last pre-token, hence the margin) — refused without the full encoding, which costs
+        ~100 bytes per character at its peak (1 GB for 10 MB)."""
+        try:
+            if max_tokens is not None and len(text) > PROBE_CHARS_PER_TOKEN * (max_tokens + 1):
+                # only the count outlives this line: the encoding is freed before any trim below
+                if len(self._encoding(text[: PROBE_CHARS_PER_TOKEN * (max_tokens + 1)], add_special_tokens)) > max_tokens + PROBE_MARGIN:
+                    raise PromptTooLong(max_tokens + 1, max_tokens)
+            n, ids = self._count_and_ids(text, add_special_tokens, max_tokens)
+            if ids is None:
+                raise PromptTooLong(max_tokens + 1 if max_tokens is not None else n, max_tokens or 0)
+            return ids
+        finally:
+            if len(text) >= TRIM_AFTER_CHARS:
+                release_memory()
+
+    def _count_and_ids(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[int, list[int] | None]:
+        """The token count, and the ids unless there are more than ``max_tokens``."""
+        enc = self._encoding(text, add_special_tokens)
+        n = len(enc)
+        return n, (enc.ids if max_tokens is None or n <= max_tokens else None)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -128,6 +396,7 @@ class Tokenizer:
     def apply_chat_template(
         self,
         messages: list[dict],
+        /,
         *,
         add_generation_prompt: bool = True,
         tools: list | None = None,
@@ -135,28 +404,21 @@ class Tokenizer:
         continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
+        """Render with ``chat_template`` (trusted: in this process) or the model's template."""
         template = chat_template or self.chat_template
         if not template:
-            raise ChatTemplateError("this model has no chat template; use /v1/completions or pass chat_template")
-        _check_messages(messages)
-        variables = {**self._special, **template_kwargs}
-        try:
-            text = _compile(template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt and not continue_final_message, tools=tools, **variables
-            )
-        except ChatTemplateError:
-            raise
-        except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as exc:
-            raise ChatTemplateError(f"chat template failed: {exc}") from None
-        if continue_final_message:
-            final = messages[-1].get("content")
-            final_text = final if isinstance(final, str) else "".join(p.get("text", "") for p in final or [] if isinstance(p, dict))
-            idx = text.rfind(final_text) if final_text else -1
-            if idx >= 0:
-                text = text[: idx + len(final_text)]
-        return text
+            raise ChatTemplateError(NO_CHAT_TEMPLATE)
+        return render_chat(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            special=self.special,
+            template_kwargs=template_kwargs,
+        )
 
-    def encode_chat(self, messages: list[dict], **kwargs: Any) -> list[int]:
+    def encode_chat(self, messages: list[dict], /, **kwargs: Any) -> list[int]:
         return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
 
 
@@ -171,46 +433,326 @@ def _check_messages(messages: Any) -> None:
             raise ChatTemplateError(f"messages[{i}].content must be a string or a list of parts")
 
 
-class CachingTokenizer:
-    """A Tokenizer with bounded LRU caches for prompts and rendered chats (the hot path)."""
+# -- request-supplied templates: rendered in a separate process ------------------------------------
 
-    def __init__(self, tokenizer: Tokenizer, max_entries: int = 4096) -> None:
+
+def _sandbox_main(conn: Connection, memory_bytes: int | None) -> None:
+    """The render process: one job at a time from ``conn``, until the pipe closes."""
+    if memory_bytes:
+        try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        except (ImportError, ValueError, OSError):  # not on this platform: time and output caps still hold
+            pass
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: tuple[str, str] = ("ok", render_chat(**job))
+        except TemplateLimitError as exc:
+            reply = ("limit", str(exc))
+        except ChatTemplateError as exc:
+            reply = ("error", str(exc))
+        except MemoryError:
+            reply = ("memory", "")
+        except Exception as exc:
+            reply = ("error", _reason(exc))
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):
+            return
+        del job, reply
+
+
+class _Worker:
+    __slots__ = ("conn", "proc")
+
+    def __init__(self, ctx: Any, memory_bytes: int | None) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_sandbox_main, args=(child, memory_bytes), name="kvgate-template-sandbox", daemon=True)
+        self.proc.start()
+        child.close()
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+            self.proc.join(2)
+        finally:
+            self.conn.close()
+
+
+class TemplateSandbox:
+    """Renders request-supplied chat templates in separate processes (spawned once, reused).
+
+    A template is code: a thread running it cannot be stopped, a process can. Each render is
+    capped in time (the process is killed after ``timeout_s``), in output (``max_chars``, checked
+    piece by piece, and ``*``/``**``/``+`` refuse oversize results up front) and in memory
+    (``RLIMIT_AS`` of ``memory_bytes`` where the platform has it). ``render`` blocks: call it from
+    a worker thread. At most one process per concurrent caller; idle ones wait for the next job.
+    """
+
+    def __init__(self, timeout_s: float = 1.0, max_chars: int = 1 << 20, memory_bytes: int | None = 1 << 30) -> None:
+        self.timeout_s = timeout_s
+        self.max_chars = max_chars
+        self.memory_bytes = memory_bytes
+        self._ctx = multiprocessing.get_context("spawn")  # never fork a process with threads and an event loop
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self.spawned = 0
+        self.killed = 0
+        weakref.finalize(self, TemplateSandbox._close_all, self._idle, self._lock)
+
+    @staticmethod
+    def _close_all(idle: list[_Worker], lock: threading.Lock) -> None:
+        with lock:
+            workers, idle[:] = list(idle), []
+        for w in workers:
+            w.kill()
+
+    def close(self) -> None:
+        self._close_all(self._idle, self._lock)
+
+    def _take(self) -> _Worker:
+        with self._lock:
+            while self._idle:
+                w = self._idle.pop()
+                if w.proc.is_alive():
+                    return w
+                w.kill()
+            self.spawned += 1
+        return _Worker(self._ctx, self.memory_bytes)
+
+    def render(self, template: str, messages: list[dict], **kwargs: Any) -> str:
+        """``render_chat(template, messages, **kwargs)`` in a sandbox process, within the caps."""
+        job = {"template": template, "messages": messages, "max_chars": self.max_chars, **kwargs}
+        w = self._take()
+        try:
+            w.conn.send(job)
+            if not w.conn.poll(self.timeout_s):
+                self.killed += 1
+                w.kill()
+                raise TemplateLimitError(f"rendering the chat template took longer than {self.timeout_s} s (tokenize.template_timeout_s)")
+            status, payload = w.conn.recv()
+        except (EOFError, OSError):  # the process died: most likely past its memory limit
+            w.kill()
+            raise TemplateLimitError(
+                f"rendering the chat template failed: its process exited (memory limit {self.memory_bytes} bytes, tokenize.template_memory_bytes)"
+            ) from None
+        if status == "memory":  # its heap is past the limit; a fresh process starts clean
+            w.kill()
+            raise TemplateLimitError(f"rendering the chat template exceeded its memory limit of {self.memory_bytes} bytes (tokenize.template_memory_bytes)")
+        with self._lock:
+            self._idle.append(w)
+        if status == "ok":
+            return payload
+        if status == "limit":
+            raise TemplateLimitError(payload)
+        raise ChatTemplateError(payload)
+
+
+# -- the hot path: a byte-bounded cache and a bounded pool -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChatOptions:
+    """Everything besides the messages that changes a chat's tokens (vLLM's ChatParams, resolved)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list | None = None
+    #: ``chat_template_kwargs`` as the request gave them (less vLLM's reserved keys)
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: a request-supplied template (untrusted: rendered in the ``TemplateSandbox``)
+    chat_template: str | None = None
+    add_special_tokens: bool = False
+
+
+#: bytes one cache entry costs besides its tokens (4 bytes each): the OrderedDict slot, the
+#: 16-byte digest key, the array and entry tuple headers — measured with tracemalloc over 20k
+#: entries: ≈ 260, rounded up
+ENTRY_OVERHEAD = 300
+
+
+def _digest(*parts: Any) -> bytes:
+    h = xxhash.xxh3_128()
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogatepass") if isinstance(p, str) else p)
+        h.update(b"\x00")
+    return h.digest()
+
+
+class CachingTokenizer:
+    """A Tokenizer with an LRU of recent prompts and rendered chats, bounded by bytes.
+
+    Keys are 128-bit digests (a 10 MB prompt is not kept alive by its cache entry); token ids are
+    stored packed, 4 bytes each. An entry larger than an eighth of the budget is not cached, so
+    one huge prompt cannot flush the hot set. Thread-safe: the tokenize pool calls it from
+    several threads.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_bytes: int = 64 << 20, sandbox: TemplateSandbox | None = None) -> None:
         self.tokenizer = tokenizer
-        self.max_entries = max_entries
-        self._cache: OrderedDict[tuple, list[int]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.sandbox = sandbox
+        self._cache: OrderedDict[bytes, tuple[array, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
         self.hits = 0
         self.misses = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tokenizer, name)
 
-    def _get(self, key: tuple) -> list[int] | None:
-        ids = self._cache.get(key)
-        if ids is not None:
-            self._cache.move_to_end(key)
-            self.hits += 1
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def _get(self, key: bytes) -> tuple[array, int] | None:
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+            return entry
+
+    def _put(self, key: bytes, ids: list[int], text_len: int) -> None:
+        cost = 4 * len(ids) + ENTRY_OVERHEAD
+        with self._lock:
+            self.misses += 1
+            if cost > self.max_bytes // 8 or key in self._cache:
+                return
+            self._cache[key] = (array("I", ids), text_len)
+            self.nbytes += cost
+            while self.nbytes > self.max_bytes:
+                _, (old, _len) = self._cache.popitem(last=False)
+                self.nbytes -= 4 * len(old) + ENTRY_OVERHEAD
+
+    @staticmethod
+    def _checked(entry: tuple[array, int], max_chars: int | None, max_tokens: int | None) -> list[int]:
+        ids, text_len = entry
+        if max_chars is not None and text_len > max_chars:
+            raise TextTooLong(text_len, max_chars)
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise PromptTooLong(max_tokens + 1, max_tokens)
+        return ids.tolist()
+
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        key = _digest("p", b"\x01" if add_special_tokens else b"\x00", text)
+        entry = self._get(key)
+        if entry is not None:
+            return self._checked(entry, None, max_tokens)
+        ids = self.tokenizer.encode(text, add_special_tokens, max_tokens)
+        self._put(key, ids, len(text))
         return ids
 
-    def _put(self, key: tuple, ids: list[int]) -> list[int]:
-        self.misses += 1
-        self._cache[key] = ids
-        if len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
-        return ids
+    def encode_chat(self, messages: list[dict], /, **kwargs: Any) -> list[int]:
+        """Same as ``Tokenizer.encode_chat`` (trusted templates only), cached."""
+        template = kwargs.pop("chat_template", None)
+        opts = ChatOptions(
+            add_generation_prompt=kwargs.pop("add_generation_prompt", True),
+            continue_final_message=kwargs.pop("continue_final_message", False),
+            tools=kwargs.pop("tools", None),
+            template_kwargs=kwargs,
+        )
+        return self.chat_tokens(messages, opts, trusted_template=template)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        key = ("p", text, add_special_tokens)
-        ids = self._get(key)
-        return ids if ids is not None else self._put(key, self.tokenizer.encode(text, add_special_tokens))
+    def chat_tokens(
+        self,
+        messages: list[dict],
+        opts: ChatOptions,
+        *,
+        max_chars: int | None = None,
+        max_tokens: int | None = None,
+        trusted_template: str | None = None,
+    ) -> list[int]:
+        """A chat's tokens: the template rendered (a request's own in the sandbox), then encoded.
 
-    def encode_chat(self, messages: list[dict], **kwargs: Any) -> list[int]:
+        Raises ``ChatTemplateError`` (``TemplateLimitError`` past a sandbox cap), ``TextTooLong``
+        when the rendered text is longer than ``max_chars``, ``PromptTooLong`` past ``max_tokens``.
+        """
+        template = opts.chat_template or trusted_template or self.tokenizer.chat_template
+        if not template:
+            raise ChatTemplateError(NO_CHAT_TEMPLATE)
         try:
-            digest = xxhash.xxh3_128_hexdigest(json.dumps([messages, kwargs], sort_keys=True, separators=(",", ":"), default=str).encode())
+            material = json.dumps(
+                [messages, opts.add_generation_prompt, opts.continue_final_message, opts.tools, opts.template_kwargs, opts.add_special_tokens],
+                sort_keys=True,
+                separators=(",", ":"),
+                default=str,
+            )
         except (TypeError, ValueError):
-            return self.tokenizer.encode_chat(messages, **kwargs)
-        key = ("c", digest)
-        ids = self._get(key)
-        return ids if ids is not None else self._put(key, self.tokenizer.encode_chat(messages, **kwargs))
+            material = None
+        key = _digest("c", template, material) if material is not None else None
+        entry = self._get(key) if key is not None else None
+        if entry is not None:
+            return self._checked(entry, max_chars, max_tokens)
+        render_kwargs: dict[str, Any] = {
+            "add_generation_prompt": opts.add_generation_prompt,
+            "continue_final_message": opts.continue_final_message,
+            "tools": opts.tools,
+            "special": self.tokenizer.special,
+            "template_kwargs": dict(opts.template_kwargs),
+        }
+        if opts.chat_template is not None:
+            if self.sandbox is None:
+                raise ChatTemplateError("request chat templates are not enabled")
+            text = self.sandbox.render(template, messages, **render_kwargs)
+        else:
+            text = render_chat(template, messages, **render_kwargs)
+        if max_chars is not None and len(text) > max_chars:
+            raise TextTooLong(len(text), max_chars)
+        ids = self.tokenizer.encode(text, opts.add_special_tokens, max_tokens)
+        if key is not None:
+            self._put(key, ids, len(text))
+        return ids
+
+
+class TokenizePool:
+    """Runs tokenization off the event loop: ``workers`` threads and a bounded backlog.
+
+    HF ``tokenizers`` releases the GIL while encoding (``encode_batch_fast``), so the loop keeps
+    serving while a long prompt is tokenized. The backlog (jobs queued or running) is bounded by
+    count and by the summed ``weight`` (the caller passes the request body's size) — past either,
+    ``run`` raises ``PoolBusy`` at once; a job is always accepted when nothing is pending, so one
+    request larger than the byte bound is still served. A job's slot is released when the job
+    really ends: a cancelled caller stops waiting, but a running thread cannot be stopped.
+    """
+
+    def __init__(self, workers: int = 2, max_pending: int = 1024, max_pending_bytes: int = 32 << 20) -> None:
+        self.workers = workers
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="kvgate-tokenize")
+        self._lock = threading.Lock()
+        self.pending = 0
+        self.pending_bytes = 0
+        self.refused = 0
+        weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any, weight: int = 0) -> T:
+        with self._lock:
+            if self.pending and (self.pending >= self.max_pending or self.pending_bytes + weight > self.max_pending_bytes):
+                self.refused += 1
+                raise PoolBusy(f"{self.pending} tokenization jobs ({self.pending_bytes} bytes) pending")
+            self.pending += 1
+            self.pending_bytes += weight
+        try:
+            fut = self._executor.submit(fn, *args)
+        except BaseException:
+            self._release(weight)
+            raise
+        fut.add_done_callback(lambda _f: self._release(weight))
+        return await asyncio.wrap_future(fut)
+
+    def _release(self, weight: int) -> None:
+        with self._lock:
+            self.pending -= 1
+            self.pending_bytes -= weight
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def remote_tokenize(
@@ -225,6 +767,7 @@ async def remote_tokenize(
     continue_final_message: bool = False,
     tools: list | None = None,
     chat_template_kwargs: dict | None = None,
+    chat_template: str | None = None,
     timeout: float = 2.0,  # noqa: ASYNC109 - httpx's per-request timeout (connect/read), passed on, not a coroutine deadline
     api_key: str | None = None,
 ) -> list[int]:
@@ -246,6 +789,8 @@ async def remote_tokenize(
             body["tools"] = tools
         if chat_template_kwargs:
             body["chat_template_kwargs"] = chat_template_kwargs
+        if chat_template is not None:  # a request's own template, trusted by the gateway's configuration
+            body["chat_template"] = chat_template
     else:
         body["prompt"] = prompt or ""
         body["add_special_tokens"] = True if add_special_tokens is None else add_special_tokens
