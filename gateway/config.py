@@ -73,6 +73,31 @@ class ModelConfig(_Base):
     tokenizer: str | None = None
     #: KV block size used if no event has told us yet
     block_size: int = 16
+    #: accept a chat template supplied by the request (body ``chat_template`` or
+    #: ``chat_template_kwargs.chat_template``); false = vLLM's 400, as the replicas' own
+    #: ``--trust-request-chat-template`` flag does. Set it like that flag.
+    trust_request_chat_template: bool = False
+
+
+class TokenizeConfig(_Base):
+    """Tokenization off the event loop, its cache, and the caps on request-supplied templates."""
+
+    #: threads tokenizing (HF tokenizers releases the GIL while encoding)
+    workers: int = 2
+    #: tokenization jobs queued or running; beyond it the gateway answers 429
+    max_pending: int = 1024
+    #: the request bodies of those jobs, summed; beyond it 429 (an idle pool takes any one job)
+    max_pending_bytes: int = 32 * 1024 * 1024
+    #: bodies up to this size are tokenized on the event loop (a thread hop, ~50 µs, costs more)
+    inline_max_bytes: int = 256
+    #: token cache per model, in bytes (4 per token + ~300 per entry)
+    cache_bytes: int = 64 * 1024 * 1024
+    #: a request-supplied chat template's render: its process is killed after this
+    template_timeout_s: float = 1.0
+    #: ... its output is refused beyond this many characters
+    template_max_chars: int = 1024 * 1024
+    #: ... its process's address-space limit (RLIMIT_AS)
+    template_memory_bytes: int = 1024 * 1024 * 1024
 
 
 class IndexConfig(_Base):
@@ -169,6 +194,7 @@ class GatewayConfig(_Base):
     scrape: ScrapeConfig = msgspec.field(default_factory=ScrapeConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     pd: PDConfig = msgspec.field(default_factory=PDConfig)
+    tokenize: TokenizeConfig = msgspec.field(default_factory=TokenizeConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     #: the `scheduling:` section, validated by scorers.scheduler.Scheduler.from_config
     scheduling: dict[str, Any] = {}
