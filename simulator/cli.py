@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import SimConfig
@@ -23,12 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = SimConfig()
     p = argparse.ArgumentParser(prog="kvgate sim", description="Simulated vLLM replica(s): same HTTP API, metrics, KV events and P/D protocol.")
     p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=8001, help="HTTP port (the first one with --replicas)")
+    p.add_argument("--port", type=int, default=8001, help="HTTP port (the first one with --replicas; 0: any free port, see --ready-file)")
     p.add_argument("--model", default=d.model, help="served model name")
     p.add_argument("--role", choices=["both", "prefill", "decode"], default=d.role)
     p.add_argument("--replicas", type=int, default=1, help="replicas in this process, on consecutive ports")
-    p.add_argument("--kv-events-endpoint", help="ZMQ PUB bind endpoint, e.g. tcp://*:5557 (omit: no events)")
-    p.add_argument("--replay-endpoint", help="ZMQ ROUTER replay endpoint, e.g. tcp://*:5558")
+    p.add_argument("--kv-events-endpoint", help="ZMQ PUB bind endpoint, e.g. tcp://*:5557 (omit: no events; port 0: any free port)")
+    p.add_argument("--replay-endpoint", help="ZMQ ROUTER replay endpoint, e.g. tcp://*:5558 (port 0: any free port)")
     p.add_argument("--kv-events-topic", default=d.kv_events_topic)
     p.add_argument("--legacy-events", action="store_true", help="encode events in the older array form")
     p.add_argument("--block-size", type=int, default=d.block_size)
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on /v1/* (several keys: any is accepted; default: $VLLM_API_KEY, as vllm serve)",
     )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once every replica listens, write there (atomically) a JSON object whose 'replicas' list gives each one's "
+        "port, kv_events_port, replay_port, side_channel_port and engine_id: how a parent learns the ports that 0 picked",
+    )
     return p
 
 
@@ -91,7 +99,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
             SimConfig(
                 model=args.model,
                 host=args.host,
-                port=args.port + i,
+                port=args.port + i if args.port else 0,
                 role=args.role,
                 block_size=args.block_size,
                 num_blocks=args.num_blocks,
@@ -100,6 +108,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                 tokenizer=args.tokenizer,
                 kv_events=bool(args.kv_events_endpoint),
                 kv_events_port=ev_port + 2 * i if ev_port else 0,
+                replay=bool(args.replay_endpoint),
                 replay_port=(rp_port + 2 * i) if rp_port else 0,
                 kv_events_topic=args.kv_events_topic,
                 legacy_events=args.legacy_events,
@@ -124,28 +133,76 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     return out
 
 
-async def serve(configs: list[SimConfig]) -> None:
+async def serve(configs: list[SimConfig], ready_file: Path | None = None) -> int:
+    """Run the replicas until SIGINT/SIGTERM (0), or until one fails to start or stops (1).
+
+    Each binds its own ports (0: any free one; the HTTP socket is bound here and handed to
+    uvicorn), and once all listen their ports go to ``ready_file`` and to stderr."""
     import uvicorn
 
+    from .ports import bind_tcp
     from .server import SimServer
 
-    servers = []
-    for cfg in configs:
-        cfg.validate()
-        if cfg.kv_events and cfg.kv_events_port == 0:
-            raise SystemExit("kvgate sim: --kv-events-endpoint needs an explicit port")
-        sim = SimServer(cfg)
-        servers.append(uvicorn.Server(uvicorn.Config(sim.build_app(), host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on")))
+    servers, sims, socks = [], [], []
+    try:
+        for cfg in configs:
+            cfg.validate()
+            sock = bind_tcp(cfg.host, cfg.port)
+            socks.append(sock)
+            cfg.port = sock.getsockname()[1]
+            sim = SimServer(cfg)
+            sims.append(sim)
+            servers.append(uvicorn.Server(uvicorn.Config(sim.build_app(), host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on")))
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        print(f"kvgate sim: {exc}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(s.serve()) for s in servers]
-    await stop.wait()
-    for s in servers:
-        s.should_exit = True
-    await asyncio.gather(*tasks, return_exceptions=True)
+    tasks = [asyncio.create_task(_serve_one(s, sock)) for s, sock in zip(servers, socks, strict=True)]
+    stopped = asyncio.create_task(stop.wait())
+    rc = 0
+    try:
+        while not all(s.started for s in servers):  # every lifespan done, every socket listening
+            done, _ = await asyncio.wait([stopped, *tasks], timeout=0.01, return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                break
+        else:
+            _announce(sims, ready_file)
+        if not stop.is_set():
+            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():  # a replica ended by itself: its start failed (uvicorn logged why)
+            for sim in sims:
+                if sim.start_error is not None:
+                    print(f"kvgate sim: a replica did not start: {sim.start_error}", file=sys.stderr)
+            rc = 1
+    finally:
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stopped.cancel()
+    return rc
+
+
+async def _serve_one(server, sock) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _announce(sims: list, ready_file: Path | None) -> None:
+    ports = [sim.bound_ports() for sim in sims]
+    for p in ports:
+        print(f"kvgate sim: {p['engine_id']} on port {p['port']} (KV events {p['kv_events_port']}, replay {p['replay_port']})", file=sys.stderr, flush=True)
+    if ready_file is not None:
+        tmp = ready_file.with_name(ready_file.name + ".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "replicas": ports}))
+        os.replace(tmp, ready_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvgate sim: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(configs))
-    return 0
+    return asyncio.run(serve(configs, args.ready_file))
 
 
 if __name__ == "__main__":

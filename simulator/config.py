@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 class SimConfig:
     model: str = "kvgate/demo-8b"
     host: str = "127.0.0.1"
-    port: int = 0
+    port: int = 0  # HTTP; 0: any free port, bound by whoever starts the replica (then set to the one it got)
     role: str = "both"  # both | prefill | decode (kv_both in vLLM terms: any replica can do either)
     block_size: int = 16
     num_blocks: int = 2048
@@ -27,8 +27,9 @@ class SimConfig:
     hash_seed: str | None = None  # PYTHONHASHSEED of the replica (None: vLLM's fixed default seed)
     tokenizer: str = "demo"
     kv_events: bool = True
-    kv_events_port: int = 0  # 0: a free port is chosen
-    replay_port: int = 0
+    kv_events_port: int = 0  # 0: any free port, bound by the replica itself (then set to the one it got)
+    replay: bool = True  # serve the replay ROUTER (vLLM's replay_endpoint) next to the PUB socket
+    replay_port: int = 0  # 0: any free port, as kv_events_port
     kv_events_topic: str = ""
     legacy_events: bool = False
     replay_buffer: int = 10_000

@@ -5,7 +5,12 @@ ROUTER replay socket keeps the last ``replay_buffer`` batches and answers a DEAL
 ``[b"", start_seq]`` with ``[b"", topic, seq, payload]`` for every buffered batch from
 ``start_seq`` on, then the end marker ``[b"", topic, ff×8, b""]``; with ``legacy`` (older vLLM,
 array-form events) replies carry no topic: ``[b"", seq, payload]``. Publishing never blocks
-the engine: the PUB socket drops at its high-water mark like vLLM's does.
+the engine: the PUB socket drops at its high-water mark like vLLM's does. An endpoint with port
+0 (or ``*``) binds any free port: ``endpoint`` / ``replay_endpoint`` and ``port`` /
+``replay_port`` say which, once constructed.
+
+The replay ROUTER's send high-water mark is 2 × (buffer + 1) messages, as in vLLM 0.33, so a
+whole buffer fits in one answer (older vLLM kept ZMQ's default 1000 and dropped the rest).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import zmq.asyncio
 
 from kvindex.events import EventBatch, KVEvent, encode_batch
 
+from .ports import zmq_bind
+
 END_SEQ = b"\xff" * 8
 
 
@@ -32,12 +39,21 @@ class EventPublisher:
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
-        self.pub.bind(endpoint)
-        self.router = None
-        if replay_endpoint:
-            self.router = ctx.socket(zmq.ROUTER)
-            self.router.setsockopt(zmq.LINGER, 0)
-            self.router.bind(replay_endpoint)
+        self.router: zmq.asyncio.Socket | None = None
+        self.replay_endpoint: str | None = None
+        self.replay_port = 0
+        try:
+            self.endpoint, self.port = zmq_bind(self.pub, endpoint)
+            if replay_endpoint:
+                self.router = ctx.socket(zmq.ROUTER)
+                self.router.setsockopt(zmq.LINGER, 0)
+                self.router.setsockopt(zmq.SNDHWM, 2 * (buffer + 1))
+                self.replay_endpoint, self.replay_port = zmq_bind(self.router, replay_endpoint)
+        except zmq.ZMQError as exc:
+            self.pub.close(0)
+            if self.router is not None:
+                self.router.close(0)
+            raise OSError(exc.errno, f"{exc.strerror}: KV events {endpoint} / replay {replay_endpoint}") from exc
         self.seq = 0
         self.buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer)
         self._task: asyncio.Task | None = None

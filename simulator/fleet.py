@@ -3,6 +3,17 @@
 ``mode="thread"``: every replica on one background thread and event loop (fast to start, no
 extra processes). ``mode="process"``: one ``python -m simulator.cli`` per replica, so
 ``kill()`` is a real SIGKILL with connections reset, as when a GPU node dies.
+
+Ports: a config's port 0 (HTTP, KV events, replay, KV side channel) means any free port, and
+it is the replica that binds it, never a number chosen here and bound later (on a busy machine
+another process can take it in between). Thread mode binds the HTTP socket itself and hands
+it to uvicorn, and reads the ZMQ and side-channel ports from the started replica; process mode
+passes ``--ready-file`` and reads what the child bound from there. Once started, ``configs``
+and ``handles`` hold the real ports, and ``restart(i)`` binds the same numbers again.
+
+A replica that cannot start (a port taken, a bad config) makes ``start()`` raise at once with
+the reason, after stopping the replicas already started; nothing is left running on the
+fleet's event loop to complain when it is collected.
 """
 
 from __future__ import annotations
@@ -11,28 +22,27 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import uvicorn
 
 from .config import SimConfig
+from .ports import bind_tcp
 from .server import SimServer
 
 __all__ = ["SimConfig", "SimFleet", "SimHandle"]
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -44,18 +54,26 @@ class SimHandle:
     engine_id: str
 
 
-def _resolve_ports(cfg: SimConfig) -> SimConfig:
-    cfg = dataclasses.replace(cfg, lora_modules=list(cfg.lora_modules))
-    if cfg.port == 0:
-        cfg.port = _free_port(cfg.host)
-    if cfg.kv_events:
-        if cfg.kv_events_port == 0:
-            cfg.kv_events_port = _free_port(cfg.host)
-        if cfg.replay_port == 0:
-            cfg.replay_port = _free_port(cfg.host)
-    if not cfg.engine_id:
-        cfg.engine_id = f"sim-{cfg.port}"
-    return cfg
+def _handle(cfg: SimConfig) -> SimHandle:
+    return SimHandle(
+        config=cfg,
+        url=f"http://{cfg.host}:{cfg.port}",
+        events_endpoint=f"tcp://{cfg.host}:{cfg.kv_events_port}" if cfg.kv_events else None,
+        replay_endpoint=f"tcp://{cfg.host}:{cfg.replay_port}" if cfg.kv_events and cfg.replay else None,
+        engine_id=cfg.engine_id,
+    )
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
+    """``server.serve`` on a socket bound beforehand. uvicorn ends a failed start with
+    ``sys.exit``: as a SystemExit it would stop the whole event loop (every replica on it) and
+    leave its tasks to die noisily at collection, so it becomes an ordinary error here."""
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit as exc:
+        raise RuntimeError(f"uvicorn exited with {exc.code}") from None
+    finally:
+        sock.close()
 
 
 def cli_args(cfg: SimConfig) -> list[str]:
@@ -107,7 +125,9 @@ def cli_args(cfg: SimConfig) -> list[str]:
     if cfg.side_channel_port:
         args += ["--side-channel-port", str(cfg.side_channel_port)]
     if cfg.kv_events:
-        args += ["--kv-events-endpoint", f"tcp://{cfg.host}:{cfg.kv_events_port}", "--replay-endpoint", f"tcp://{cfg.host}:{cfg.replay_port}"]
+        args += ["--kv-events-endpoint", f"tcp://{cfg.host}:{cfg.kv_events_port}"]
+        if cfg.replay:
+            args += ["--replay-endpoint", f"tcp://{cfg.host}:{cfg.replay_port}"]
         if cfg.kv_events_topic:
             args += ["--kv-events-topic", cfg.kv_events_topic]
     if cfg.legacy_events:
@@ -135,18 +155,29 @@ class _ThreadRunner:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        """Cancel what is left on the loop and wait for it, then stop and close the loop, so
+        no task or transport outlives it (they would complain when collected: 'Event loop is
+        closed', 'Task was destroyed but it is pending')."""
+        loop = self.loop
+
         async def cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await loop.shutdown_asyncgens()
 
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        if not self.thread.is_alive():
-            self.loop.close()
+        if self.thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(5)
+            loop.call_soon_threadsafe(loop.stop)
+            self.thread.join(5)
+        if self.thread.is_alive() or loop.is_closed():
+            return
+        if not loop.is_running():  # the thread ended early: finish the clean-up here
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(cancel_all())
+        loop.close()
 
 
 class SimFleet:
@@ -154,68 +185,121 @@ class SimFleet:
         if mode not in ("thread", "process"):
             raise ValueError("mode must be 'thread' or 'process'")
         self.mode = mode
-        self.configs = [_resolve_ports(c) for c in configs]
+        self.configs = [dataclasses.replace(c, lora_modules=list(c.lora_modules)) for c in configs]
         self.handles: list[SimHandle] = []
         self._servers: list[uvicorn.Server | None] = []
         self._sims: list[SimServer | None] = []
         self._tasks: list[concurrent.futures.Future[None] | None] = []  # server.serve() on the runner's loop
         self._procs: list[subprocess.Popen | None] = []
         self._runner: _ThreadRunner | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None  # process mode: ready files, logs
 
     # -- start / stop -----------------------------------------------------------------------------
 
     def start(self) -> list[SimHandle]:
+        """Start every replica (concurrently) and wait until each answers; ``handles`` then
+        hold their real ports. If one cannot start, the others are stopped and this raises."""
+        n = len(self.configs)
+        self._servers, self._sims, self._tasks, self._procs = [None] * n, [None] * n, [None] * n, [None] * n
         if self.mode == "thread":
             self._runner = _ThreadRunner()
-        for i, cfg in enumerate(self.configs):
-            self.handles.append(
-                SimHandle(
-                    config=cfg,
-                    url=f"http://{cfg.host}:{cfg.port}",
-                    events_endpoint=f"tcp://{cfg.host}:{cfg.kv_events_port}" if cfg.kv_events else None,
-                    replay_endpoint=f"tcp://{cfg.host}:{cfg.replay_port}" if cfg.kv_events else None,
-                    engine_id=cfg.engine_id,
-                )
-            )
-            self._servers.append(None)
-            self._sims.append(None)
-            self._tasks.append(None)
-            self._procs.append(None)
-            self._launch(i)
-        for i in range(len(self.configs)):
-            self._wait_healthy(i)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="simfleet-")
+        try:
+            for i in range(n):
+                self._launch(i)
+            for i in range(n):
+                self._wait_started(i)
+        except BaseException:
+            self.stop()
+            raise
+        self.handles = [_handle(cfg) for cfg in self.configs]
         return self.handles
 
     def _launch(self, i: int) -> None:
         cfg = self.configs[i]
         if self.mode == "process":
+            assert self._tmp is not None
+            if not cfg.engine_id:
+                cfg.engine_id = f"sim-{uuid.uuid4().hex[:12]}"
             env = {**os.environ}
             env.pop("VLLM_API_KEY", None)  # the replica's keys are cfg.api_key's, passed as --api-key
-            self._procs[i] = subprocess.Popen(
-                [sys.executable, "-m", "simulator.cli", *cli_args(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            ready = self._ready_file(i)
+            ready.unlink(missing_ok=True)
+            with open(self._log_file(i), "ab") as log:
+                self._procs[i] = subprocess.Popen(
+                    [sys.executable, "-m", "simulator.cli", *cli_args(cfg), "--ready-file", str(ready)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
             return
         assert self._runner is not None
-        sim = SimServer(dataclasses.replace(cfg))
+        try:
+            sock = bind_tcp(cfg.host, cfg.port)
+        except OSError as exc:  # the port asked for is taken: say so at once
+            raise RuntimeError(f"simulator {i} cannot listen: {exc}") from exc
+        cfg.port = sock.getsockname()[1]
+        if not cfg.engine_id:
+            cfg.engine_id = f"sim-{cfg.port}"
+        sim = SimServer(dataclasses.replace(cfg, lora_modules=list(cfg.lora_modules)))
         server = uvicorn.Server(
             uvicorn.Config(sim.build_app(), host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on", loop="asyncio")
         )
         self._sims[i] = sim
         self._servers[i] = server
-        self._tasks[i] = asyncio.run_coroutine_threadsafe(server.serve(), self._runner.loop)
+        self._tasks[i] = asyncio.run_coroutine_threadsafe(_serve(server, sock), self._runner.loop)
 
-    def _wait_healthy(self, i: int, timeout: float = 30.0) -> None:
-        url = self.handles[i].url + "/health"
+    def _ready_file(self, i: int) -> Path:
+        assert self._tmp is not None
+        return Path(self._tmp.name) / f"replica-{i}.json"
+
+    def _log_file(self, i: int) -> Path:
+        assert self._tmp is not None
+        return Path(self._tmp.name) / f"replica-{i}.log"
+
+    def _wait_started(self, i: int, timeout: float = 30.0) -> None:
+        """Wait until replica ``i`` is up, then record the ports it bound in ``configs[i]``."""
+        cfg = self.configs[i]
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        if self.mode == "process":
+            ready = self._ready_file(i)
+            while not ready.exists():
+                proc = self._procs[i]
+                if proc is None or proc.poll() is not None:
+                    tail = self._log_file(i).read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"simulator {i} exited with {proc.returncode if proc else None}: {tail}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"simulator {i} did not start in {timeout:.0f} s")
+                time.sleep(0.02)
+            (got,) = json.loads(ready.read_text())["replicas"]
+        else:
+            fut, sim, server = self._tasks[i], self._sims[i], self._servers[i]
+            assert fut is not None and sim is not None and server is not None
+            while not server.started:
+                if fut.done():
+                    cause = sim.start_error or (fut.exception() if not fut.cancelled() else None) or "it stopped"
+                    raise RuntimeError(f"simulator {i} did not start: {cause}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"simulator {i} did not start in {timeout:.0f} s")
+                time.sleep(0.01)
+            got = sim.bound_ports()
+        cfg.port, cfg.kv_events_port, cfg.replay_port = got["port"], got["kv_events_port"], got["replay_port"]
+        cfg.side_channel_port, cfg.engine_id = got["side_channel_port"], got["engine_id"]
+        self._wait_healthy(i, deadline)
+
+    def _wait_healthy(self, i: int, deadline: float) -> None:
+        url = f"http://{self.configs[i].host}:{self.configs[i].port}/health"
+        while True:
             proc = self._procs[i]
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"simulator {i} exited with {proc.returncode}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url, timeout=0.5).status_code == 200:
                     return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"simulator {i} did not become healthy")
             time.sleep(0.05)
-        raise RuntimeError(f"simulator {i} did not become healthy")
 
     def _stop_one(self, i: int, graceful: bool) -> None:
         proc = self._procs[i]
@@ -253,14 +337,18 @@ class SimFleet:
         """Start replica ``i`` again on the same ports (its event seq restarts at 0)."""
         self._stop_one(i, graceful=True)
         self._launch(i)
-        self._wait_healthy(i)
+        self._wait_started(i)
 
     def stop(self) -> None:
-        for i in range(len(self.handles)):
+        """Stop every replica (idempotent; also after a failed ``start``)."""
+        for i in range(len(self._servers)):
             self._stop_one(i, graceful=True)
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def __enter__(self) -> SimFleet:
         self.start()

@@ -189,6 +189,7 @@ class SimServer:
         self.leases: dict[str, tuple[EngineRequest, asyncio.TimerHandle]] = {}
         self._releases: set[asyncio.Task[None]] = set()  # running notify_release tasks (the loop keeps only weak references)
         self.created = int(time.time())
+        self.start_error: BaseException | None = None  # why start() failed, if it did
         # LoRA adapters get vLLM's lora_int_id (1, 2, ... in load order) and a path
         self.lora_ids = {name: i + 1 for i, name in enumerate(cfg.lora_modules)}
         self.advertised_host = cfg.side_channel_host or (cfg.host if cfg.host not in ("0.0.0.0", "::", "") else _own_address())
@@ -204,11 +205,13 @@ class SimServer:
             self.publisher = EventPublisher(
                 ctx,
                 f"tcp://{cfg.host}:{cfg.kv_events_port}",
-                f"tcp://{cfg.host}:{cfg.replay_port}" if cfg.replay_port else None,
+                f"tcp://{cfg.host}:{cfg.replay_port}" if cfg.replay else None,
                 cfg.kv_events_topic,
                 legacy=cfg.legacy_events,
                 buffer=cfg.replay_buffer,
             )
+            # port 0 asked for any free port: from now on the config says which
+            cfg.kv_events_port, cfg.replay_port = self.publisher.port, self.publisher.replay_port
             self.publisher.start()
         self.engine = Engine(cfg, self.tok, self.publisher.publish if self.publisher else None)
         self.engine.on_finished.append(self._on_finished)
@@ -229,6 +232,17 @@ class SimServer:
             self.engine.pull_remote = self._pull
             self.engine.on_remote_abort = self._remote_abort
         self.engine.start()
+
+    def bound_ports(self) -> dict[str, Any]:
+        """Where this replica listens, once started (the ports port 0 asked the kernel for)."""
+        cfg = self.cfg
+        return {
+            "port": cfg.port,
+            "kv_events_port": cfg.kv_events_port,
+            "replay_port": cfg.replay_port,
+            "side_channel_port": self.transfer.side_channel_port if self.transfer is not None else cfg.side_channel_port,
+            "engine_id": self.engine_id,
+        }
 
     async def stop(self) -> None:
         if self.engine is not None:
@@ -880,7 +894,12 @@ class SimServer:
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette):
-            await self.start()
+            try:
+                await self.start()
+            except Exception as exc:  # kept for whoever started us (uvicorn only logs it)
+                self.start_error = exc
+                await self.stop()
+                raise
             try:
                 yield
             finally:
