@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 
 from .bench_overhead import MODEL, _wait_http, pct
-from .envoy_stack import extproc_envoy, find_envoy, free_port, static_envoy, wait_port
+from .envoy_stack import extproc_envoy, find_envoy, static_envoy
+from .procports import sim_ports, wait_listening
 
 
 def _once(client: httpx.Client, base: str, body: dict, stream: bool) -> float:
@@ -70,20 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
-        sim_port, gw_port, ep_port = free_port(), free_port(), free_port()
+        # every server binds port 0 itself; the sim reports its port, the others are read from /proc
+        ready = tmpd / "sim.ready.json"
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "sim", "--port", str(sim_port), "--time-scale", "0"],
+                [sys.executable, "-m", "gateway.cli", "sim", "--port", "0", "--time-scale", "0", "--ready-file", str(ready)],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
         )
+        sim_port = sim_ports(procs[-1], ready)[0]["port"]
         cfg = tmpd / "gw.yaml"
         cfg.write_text(
             json.dumps(
                 {
-                    "listen": {"port": gw_port},
+                    "listen": {"port": 0},
                     "replicas": [{"id": "r0", "url": f"http://127.0.0.1:{sim_port}", "models": [MODEL]}],
                     "models": {MODEL: {"tokenizer": "demo"}},
                 }
@@ -96,16 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "extproc", "--config", str(cfg), "--port", str(ep_port)],
+                [sys.executable, "-m", "gateway.cli", "extproc", "--config", str(cfg), "--port", "0"],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
         )
         try:
+            gw_port, ep_port = wait_listening(procs[1]), wait_listening(procs[2])
             _wait_http(f"http://127.0.0.1:{sim_port}/health")
             _wait_http(f"http://127.0.0.1:{gw_port}/ready")
-            wait_port(ep_port)
             time.sleep(1.0)  # the picker's first health probe
             envoys = [
                 extproc_envoy(tmpd, ep_port, binary, "buffered").start(),

@@ -29,15 +29,9 @@ from pathlib import Path
 
 import httpx
 
+from .procports import sim_ports, wait_listening
+
 MODEL = "kvgate/demo-8b"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float = 30.0) -> None:
@@ -53,12 +47,12 @@ def _wait_http(url: str, timeout: float = 30.0) -> None:
 
 
 def _start_gateway(root: Path, sim_port: int, tmp: Path, label: str) -> tuple[subprocess.Popen, str]:
-    gw_port = _free_port()
+    """A gateway on port 0 (it binds a free port itself; read back from /proc)."""
     cfg = tmp / f"gw-{label}.yaml"
     cfg.write_text(
         json.dumps(
             {
-                "listen": {"host": "127.0.0.1", "port": gw_port},
+                "listen": {"host": "127.0.0.1", "port": 0},
                 "replicas": [{"id": "r0", "url": f"http://127.0.0.1:{sim_port}", "models": [MODEL]}],
                 "models": {MODEL: {"tokenizer": "demo"}},
             }
@@ -68,20 +62,27 @@ def _start_gateway(root: Path, sim_port: int, tmp: Path, label: str) -> tuple[su
     gw = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    return gw, f"http://127.0.0.1:{gw_port}"
+    try:
+        port = wait_listening(gw)
+    except RuntimeError:
+        gw.kill()
+        raise
+    return gw, f"http://127.0.0.1:{port}"
 
 
 def start_stack(tmp: Path, compare: dict[str, Path] | None = None) -> tuple[list[subprocess.Popen], str, dict[str, str]]:
-    """The replica, this tree's gateway ("gateway") and one gateway per ``compare`` entry."""
-    sim_port = _free_port()
+    """The replica, this tree's gateway ("gateway") and one gateway per ``compare`` entry, each
+    on a port it bound itself."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    ready = tmp / "sim.ready.json"
     sim = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "sim", "--port", str(sim_port), "--model", MODEL, "--time-scale", "0", "--tokenizer", "demo"],
+        [sys.executable, "-m", "gateway.cli", "sim", "--port", "0", "--model", MODEL, "--time-scale", "0", "--tokenizer", "demo", "--ready-file", str(ready)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     procs = [sim]
+    sim_port = sim_ports(sim, ready)[0]["port"]
     gateways: dict[str, str] = {}
     for label, root in {"gateway": Path(__file__).resolve().parents[1], **(compare or {})}.items():
         proc, url = _start_gateway(root, sim_port, tmp, label)

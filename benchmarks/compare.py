@@ -29,7 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from simulator.fleet import SimConfig, SimFleet
 
-from .envoy_stack import free_port
+from .envoy_stack import free_port as free_port  # (bench_pd imports it from here)
+from .procports import wait_listening
 from .report import Summary, summarize, write_results
 from .workloads import MODEL, WORKLOADS, RunResult, Workload, run_workload
 
@@ -73,9 +74,8 @@ def workloads(quick: bool) -> list[Workload]:
 
 
 class GatewayProcess:
-    """`kvgate serve` in its own process, in front of a fleet, with one default profile."""
-
-    ATTEMPTS = 3  # a free port can be taken by someone else before the gateway binds it
+    """`kvgate serve` in its own process, in front of a fleet, with one default profile. It
+    listens on port 0 (a free port it binds itself), read back from /proc once it listens."""
 
     def __init__(self, handles, policy: str, tmp: Path, extra: dict | None = None) -> None:
         self.policy = policy
@@ -94,14 +94,12 @@ class GatewayProcess:
         }
         if extra and "scheduling" in extra:
             cfg["scheduling"] = {**extra["scheduling"], "default_profile": policy}
-        for _attempt in range(self.ATTEMPTS):
-            self.port = free_port()
-            path = tmp / f"gw-{policy}.yaml"
-            path.write_text(json.dumps({**cfg, "listen": {"host": "127.0.0.1", "port": self.port}}))
-            if self._start(path):
-                return
-        tail = self.log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"gateway ({policy}) did not become ready; its log ends with:\n{tail}")
+        self.port = 0
+        path = tmp / f"gw-{policy}.yaml"
+        path.write_text(json.dumps({**cfg, "listen": {"host": "127.0.0.1", "port": 0}}))
+        if not self._start(path):
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"gateway ({policy}) did not become ready; its log ends with:\n{tail}")
 
     def _start(self, config: Path) -> bool:
         with self.log.open("wb") as log:
@@ -109,6 +107,11 @@ class GatewayProcess:
                 [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
             )
         deadline = time.monotonic() + 30
+        try:
+            self.port = wait_listening(self.proc, timeout=30)
+        except RuntimeError:
+            self.stop()
+            return False
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(f"{self.url}/ready", timeout=0.5).status_code == 200:
@@ -138,22 +141,14 @@ def warmup_requests(workload: Workload, setup: Setup, rate: float | None) -> int
     return min(wanted, workload.requests // 5)
 
 
-def start_fleet(setup: Setup, attempts: int = 3) -> SimFleet:
-    """Fresh simulated replicas, one process each. A port picked free can be taken by another
-    program before the simulator binds it: start again on new ports."""
-    for attempt in range(attempts):
-        fleet = SimFleet(
-            [SimConfig(model=MODEL, seed=i, time_scale=setup.time_scale, num_blocks=setup.num_blocks) for i in range(setup.replicas)],
-            mode="process",
-        )
-        try:
-            fleet.start()
-            return fleet
-        except RuntimeError:
-            fleet.stop()
-            if attempt + 1 == attempts:
-                raise
-    raise AssertionError("unreachable")
+def start_fleet(setup: Setup) -> SimFleet:
+    """Fresh simulated replicas, one process each, on ports they bind themselves (port 0)."""
+    fleet = SimFleet(
+        [SimConfig(model=MODEL, seed=i, time_scale=setup.time_scale, num_blocks=setup.num_blocks) for i in range(setup.replicas)],
+        mode="process",
+    )
+    fleet.start()  # (stops what it started if one replica fails)
+    return fleet
 
 
 def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, rate: float | None = None) -> RunResult:

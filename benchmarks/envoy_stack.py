@@ -14,7 +14,9 @@ tests/deploy/test_deploy.py). To write one for your own setup:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -22,6 +24,8 @@ import string
 import subprocess
 import sys
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +88,8 @@ def _write_k8s_configmap() -> None:
 
 
 def free_port() -> int:
+    """A port nothing listens on right now, for a server that cannot bind port 0 and say which
+    port it got. Another process can take it before it is used: prefer port 0 (``Envoy`` does)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -118,29 +124,67 @@ def _die_with_parent() -> list[str]:
 
 
 class Envoy:
-    def __init__(self, config_text: str, listen_port: int, workdir: Path, binary: str) -> None:
-        self.listen_port = listen_port
-        self.admin_port: int | None = None
+    """A real Envoy on ``config_text``. Configs here listen and serve admin on port 0: Envoy
+    binds the ports itself, writes its admin address to ``--admin-address-path``, and the
+    listener's port is read from the admin API (``/listeners?format=json``); nothing can take
+    a port between choosing and binding it. ``listen_port`` / ``admin_port`` are set by
+    ``start()`` (a config with fixed ports works the same way)."""
+
+    def __init__(self, config_text: str, workdir: Path, binary: str) -> None:
+        self.listen_port = 0
+        self.admin_port = 0
         self.binary = binary
-        self.path = workdir / f"envoy-{listen_port}.yaml"
+        tag = uuid.uuid4().hex[:8]
+        self.path = workdir / f"envoy-{tag}.yaml"
         self.path.write_text(config_text)
-        self.log = workdir / f"envoy-{listen_port}.log"
+        self.log = workdir / f"envoy-{tag}.log"
+        self.admin_file = workdir / f"envoy-{tag}.admin"
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.listen_port}"
 
-    def start(self) -> Envoy:
+    def start(self, timeout: float = 20.0) -> Envoy:
+        self.admin_file.unlink(missing_ok=True)
         with open(self.log, "wb") as log:
             argv = [self.binary, "-c", str(self.path), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
+            argv += ["--admin-address-path", str(self.admin_file)]
             self.proc = subprocess.Popen(_die_with_parent() + argv, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_port(self.listen_port)
-        except RuntimeError:
+            self._learn_ports(time.monotonic() + timeout)
+            wait_port(self.listen_port, timeout)
+        except RuntimeError as exc:
             self.stop()
-            raise RuntimeError("envoy did not start:\n" + self.log.read_text()[-3000:]) from None
+            raise RuntimeError(f"envoy did not start ({exc}):\n" + self.log.read_text(errors="replace")[-3000:]) from None
         return self
+
+    def _learn_ports(self, deadline: float) -> None:
+        """The admin port from the file Envoy writes once admin listens, then the listener's
+        port from the admin API, once Envoy has bound it."""
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("no admin address / listener port in time")
+            if not self.admin_port:
+                text = self.admin_file.read_text().strip() if self.admin_file.exists() else ""
+                if text.rpartition(":")[2].isdigit():
+                    self.admin_port = int(text.rpartition(":")[2])
+            if self.admin_port:
+                with contextlib.suppress(OSError, ValueError):
+                    ports = self.listener_ports()
+                    if ports and all(ports):
+                        self.listen_port = ports[0]
+                        return
+            time.sleep(0.05)
+
+    def listener_ports(self) -> list[int]:
+        """The ports of Envoy's listeners, as its admin API reports them (0 until bound)."""
+        url = f"http://127.0.0.1:{self.admin_port}/listeners?format=json"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            body = json.load(resp)
+        return [int(st["local_address"]["socket_address"].get("port_value", 0)) for st in body.get("listener_statuses", [])]
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -149,24 +193,24 @@ class Envoy:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
             self.proc = None
 
 
 def extproc_envoy(workdir: Path, extproc_port: int, binary: str, mode: str = "buffered") -> Envoy:
-    listen, admin = free_port(), free_port()
-    text = render(listen=("127.0.0.1", listen), extproc=("127.0.0.1", extproc_port), admin=("127.0.0.1", admin), mode=mode)
-    env = Envoy(text, listen, workdir, binary)
-    env.admin_port = admin
-    return env
+    """Envoy rendered from the template in ``mode``, listener and admin on port 0 (see ``Envoy``)."""
+    text = render(listen=("127.0.0.1", 0), extproc=("127.0.0.1", extproc_port), admin=("127.0.0.1", 0), mode=mode)
+    return Envoy(text, workdir, binary)
 
 
 def static_envoy(workdir: Path, upstream_host: str, upstream_port: int, binary: str) -> Envoy:
     """Envoy alone, one static upstream: the baseline for the ext-proc overhead figure."""
-    listen = free_port()
     text = f"""
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
 static_resources:
   listeners:
-    - address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    - address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
       filter_chains:
         - filters:
             - name: envoy.filters.network.http_connection_manager
@@ -187,7 +231,7 @@ static_resources:
         cluster_name: upstream
         endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {upstream_host}, port_value: {upstream_port}}}}}}}}}]}}]
 """
-    return Envoy(text, listen, workdir, binary)
+    return Envoy(text, workdir, binary)
 
 
 def _hostport(text: str) -> tuple[str, int]:

@@ -153,8 +153,7 @@ def test_subset_hint_set_by_the_data_plane_is_honoured(stack, mode, tmp_path):
     """An Envoy that sets GIE's subset hint (as an Inference Extension gateway would) before ext_proc."""
     fleet, ep, _ = stack
     only = f"127.0.0.1:{fleet.handles[1].config.port}"
-    listen = free_port()
-    text = render(listen=("127.0.0.1", listen), extproc=("127.0.0.1", ep.port), admin=("127.0.0.1", free_port()), mode=mode)
+    text = render(listen=("127.0.0.1", 0), extproc=("127.0.0.1", ep.port), admin=("127.0.0.1", 0), mode=mode)  # Envoy binds them
     hook = "                  - name: envoy.filters.http.ext_proc\n"
     assert hook in text
     text = text.replace(
@@ -166,7 +165,7 @@ def test_subset_hint_set_by_the_data_plane_is_honoured(stack, mode, tmp_path):
         "                        - metadata_namespace: envoy.lb.subset_hint\n"
         f'                          value: {{x-gateway-destination-endpoint-subset: ["{only}"]}}\n' + hook,
     )
-    envoy = Envoy(text, listen, tmp_path, envoy_binary()).start()
+    envoy = Envoy(text, tmp_path, envoy_binary()).start()
     try:
         c = openai.OpenAI(base_url=f"{envoy.url}/v1", api_key="x", max_retries=0, timeout=30)
         for i in range(4):
