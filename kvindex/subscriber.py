@@ -48,7 +48,9 @@ which each re-applies the same tail), so they converge on what a single rebuild 
 subscriber still replaying old batches can briefly show an entry another has already removed.
 
 Two modes: one connecting SUB per replica (``ReplicaSource.endpoint``), or one bound SUB that
-replicas connect to (``bind=``), where the topic names the replica (``topic_map``).
+replicas connect to (``bind=``), where the topic names the replica (``topic_map``). The bound
+socket is bound by ``start()``; with port ``*`` (or 0) ZMQ picks a free one, and
+``bound_endpoint`` says which.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class EventSubscriber:
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.rcvhwm = rcvhwm
         self.loss_check_s = loss_check_s
+        self.bound_endpoint: str | None = None  # with bind=: the endpoint bound (port * resolved), once started
         self.stats = SubscriberStats()
         self._decoder = EventDecoder()
         self._tasks: dict[str, asyncio.Task] = {}
@@ -164,9 +167,20 @@ class EventSubscriber:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._tasks["__loss_watch__"] = asyncio.create_task(self._watch_index())
         if self.bind is not None:
-            self._tasks["__bound__"] = asyncio.create_task(self._run_bound())
+            # bound here, not in the task: a port in use fails start(), and port * is known at once
+            sock = self._sub_socket()
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            try:
+                host, sep, port = self.bind.rpartition(":")
+                sock.bind(f"{host}:*" if sep and port == "0" else self.bind)
+                last = sock.getsockopt(zmq.LAST_ENDPOINT)
+                self.bound_endpoint = last.decode() if isinstance(last, bytes) else str(last)
+            except BaseException:
+                sock.close(0)
+                raise
+            self._tasks["__bound__"] = asyncio.create_task(self._run_bound(sock))
+        self._tasks["__loss_watch__"] = asyncio.create_task(self._watch_index())
         for src in self.sources.values():
             if src.endpoint:
                 self._start_source(src, src.endpoint)
@@ -235,11 +249,7 @@ class EventSubscriber:
             self.stats.replica(src.replica).decode_errors += 1
             self._say.log_at(logging.ERROR, (src.replica, "unexpected"), "replica %s: KV-event message not applied", src.replica, exc_info=True)
 
-    async def _run_bound(self) -> None:
-        sock = self._sub_socket()
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        assert self.bind is not None
-        sock.bind(self.bind)
+    async def _run_bound(self, sock: zmq.asyncio.Socket) -> None:
         try:
             while True:
                 frames = await sock.recv_multipart()

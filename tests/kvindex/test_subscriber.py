@@ -18,7 +18,6 @@ from kvindex.memory_index import MemoryIndex
 from kvindex.subscriber import EventSubscriber, ReplicaSource
 from tests.helpers.events import Publisher
 from tests.helpers.memory import rss_guard
-from tests.helpers.net import free_port
 
 MODEL = "m"
 BS = 16
@@ -182,18 +181,18 @@ async def test_garbage_is_counted_and_skipped(ctx):
 
 
 async def test_bound_mode_and_several_replicas(ctx):
-    port = free_port()
     index = MemoryIndex()
     sub = EventSubscriber(
-        index, [ReplicaSource("a", MODEL), ReplicaSource("b", MODEL)], bind=f"tcp://127.0.0.1:{port}", topic_map={"topic-a": "a", "topic-b": "b"}, ctx=ctx
+        index, [ReplicaSource("a", MODEL), ReplicaSource("b", MODEL)], bind="tcp://127.0.0.1:*", topic_map={"topic-a": "a", "topic-b": "b"}, ctx=ctx
     )
-    await sub.start()
+    await sub.start()  # binds a free port itself (no port chosen here and bound later)
+    assert sub.bound_endpoint is not None and sub.bound_endpoint.rpartition(":")[2].isdigit()
     pubs = []
     try:
         for topic in (b"topic-a", b"topic-b"):
             s = ctx.socket(zmq.PUB)
             s.setsockopt(zmq.LINGER, 0)
-            s.connect(f"tcp://127.0.0.1:{port}")
+            s.connect(sub.bound_endpoint)
             pubs.append(s)
         toks_a, toks_b = list(range(16)), list(range(100, 132))
         for _ in range(100):
