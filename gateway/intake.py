@@ -105,23 +105,19 @@ def decode_json(raw: bytes) -> Any:
     raise bad_request(f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
 
 
-def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
-
-
 def _is_prompt(value: Any) -> bool:
-    """vLLM's prompt (and embeddings input) schema: str | list[str] | list[int] | list[list[int]],
-    nothing empty."""
+    """The shape of vLLM's prompt (and embeddings input): str | list[str] | list[int] |
+    list[list[int]], nothing empty. Token ids themselves (negative, too large, ``2.0``) are
+    checked where the prompt is tokenized, with vLLM's own messages."""
     if isinstance(value, str):
         return True
     if not isinstance(value, list) or not value:
         return False
-    first = value[0]
-    if isinstance(first, str):
-        return all(isinstance(x, str) for x in value)
-    if type(first) is int:
-        return _is_token_ids(value)
-    return all(_is_token_ids(x) for x in value)
+    if all(isinstance(x, str) for x in value):
+        return True
+    if all(isinstance(x, int | float) for x in value):
+        return True
+    return all(isinstance(x, list) and x and all(isinstance(t, int | float) for t in x) for x in value)
 
 
 def validate_body(kind: str, body: Any) -> None:

@@ -286,10 +286,20 @@ def _send_and_leave(port: int, body: dict, after_s: float) -> None:
     s.close()
 
 
+@pytest.fixture(scope="module")
+def long_context():
+    """Replicas whose context fits the long prompts below (the gateway refuses longer ones early)."""
+    f = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=0.02, max_model_len=1_000_000) for i in range(2)])
+    f.start()
+    yield f
+    f.stop()
+
+
 @pytest.mark.parametrize("after_s", [0.0, 0.005, 0.02])
-def test_clients_leaving_during_routing_never_reach_a_replica(fleet, after_s):
+def test_clients_leaving_during_routing_never_reach_a_replica(long_context, after_s):
     """Ten clients close 0–20 ms after sending a long prompt (its tokenization takes longer):
     none of them may be dispatched, and every slot comes back at once."""
+    fleet = long_context
     proxies = [RecordingProxy(h.url).start() for h in fleet.handles]
     cfg = fleet_config(fleet.handles, limits={"max_inflight": 4})
     for r, p in zip(cfg.replicas, proxies):
