@@ -65,11 +65,20 @@ def event_salt(ev: BlockStored) -> str | None:
 
 
 def is_primary_group(group_idx: int | None) -> bool:
-    """Whether an event belongs to KV-cache group 0 (or carries no group, as older vLLM).
+    """Whether an event belongs to KV-cache group 0 (or carries no group: vLLM before 0.20).
 
-    Hybrid models publish one event stream per KV-cache group with the same token blocks; a
-    sliding-window group evicts blocks the full-attention group keeps, so only group 0 is
-    indexed (ordinary models have only group 0).
+    Hybrid models (several KV-cache groups, e.g. full attention + sliding window) publish
+    every group's stores and removals with the *same* block hashes, told apart only by
+    ``group_idx``. Events of other groups are ignored rather than indexed apart: applied as
+    group 0 they would add blocks group 0 never cached (a group-1-only prompt would match)
+    and a sliding-window eviction would wipe blocks group 0 still serves. Group 0 is vLLM's
+    first group, the full-attention one on the hybrids it ships; ordinary models have only it.
+
+    What this leaves open: on a hybrid, vLLM serves a prefix only if the sliding-window group
+    still holds the last window's blocks before the hit, so after such a group evicts them the
+    index can predict a longer hit than vLLM gives (never a wrong replica's blocks, and never a
+    hit group 0 does not hold). Indexing other groups apart and clipping matches by the window
+    would close that; it is not done here.
     """
     return group_idx is None or group_idx == 0
 

@@ -61,7 +61,9 @@ class BlockStored(KVCacheEvent):
     locality: str | None = None
     ownership: str | None = None
     session_id: str | None = None
-    lookahead_token_ids: list[int] | None = None
+    #: Tokens after each block that its hash also covers, one list per block (vLLM 0.33's
+    #: lookahead hashing for EAGLE-style speculative decoding); None when it is off.
+    lookahead_token_ids: list[list[int]] | None = None
 
 
 class BlockRemoved(KVCacheEvent):
@@ -99,6 +101,8 @@ class _LegacyEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 
 
 class _LegacyBlockStored(_LegacyEvent, tag="BlockStored"):
+    # 6 fields up to 0.10, 7 (lora_name) up to 0.14, 9 (extra_keys, group_idx) in 0.20;
+    # msgspec omits trailing defaults, so every length from 4 to 9 is valid
     block_hashes: list[BlockHash]
     parent_block_hash: BlockHash | None
     token_ids: list[int]
@@ -106,11 +110,14 @@ class _LegacyBlockStored(_LegacyEvent, tag="BlockStored"):
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
 
 
 class _LegacyBlockRemoved(_LegacyEvent, tag="BlockRemoved"):
     block_hashes: list[BlockHash]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 class _LegacyAllBlocksCleared(_LegacyEvent, tag="AllBlocksCleared"):
@@ -153,23 +160,32 @@ def _from_legacy(ev: _LegacyEventT) -> KVEvent:
             lora_id=ev.lora_id,
             medium=ev.medium,
             lora_name=ev.lora_name,
+            extra_keys=ev.extra_keys,
+            group_idx=ev.group_idx,
         )
     if isinstance(ev, _LegacyBlockRemoved):
-        return BlockRemoved(block_hashes=ev.block_hashes, medium=ev.medium)
+        return BlockRemoved(block_hashes=ev.block_hashes, medium=ev.medium, group_idx=ev.group_idx)
     return AllBlocksCleared()
 
 
-def _to_legacy(ev: KVEvent) -> _LegacyEventT:
+#: The array form's BlockStored fields in order: 6 up to vLLM 0.10, 7 (``lora_name``) up to
+#: 0.14, 9 (``extra_keys``, ``group_idx``) in 0.20. msgspec writes every field of an
+#: ``array_like`` struct, defaults included, so a release's arrays always have its full length.
+LEGACY_STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name", "extra_keys", "group_idx")
+_LEGACY_FORMS = (6, 7, 9)
+
+
+def _to_legacy(ev: KVEvent, n: int) -> list[Any]:
     if isinstance(ev, BlockStored):
-        return _LegacyBlockStored(ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size, ev.lora_id, ev.medium, ev.lora_name)
+        return ["BlockStored", *(getattr(ev, f) for f in LEGACY_STORED_FIELDS[:n])]
     if isinstance(ev, BlockRemoved):
-        return _LegacyBlockRemoved(ev.block_hashes, ev.medium)
-    return _LegacyAllBlocksCleared()
+        return ["BlockRemoved", ev.block_hashes, ev.medium, *((ev.group_idx,) if n >= 9 else ())]
+    return ["AllBlocksCleared"]
 
 
-class _LegacyBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+class _LegacyBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
-    events: list[_LegacyEventT]
+    events: list[Any]
     data_parallel_rank: int | None = None
 
 
@@ -234,8 +250,14 @@ def decode_batch(payload: bytes) -> EventBatch:
     return _DECODER.decode(payload)
 
 
-def encode_batch(batch: EventBatch, legacy: bool = False) -> bytes:
-    """Encode ``batch`` as vLLM 0.33 would (or, with ``legacy``, in the older array form)."""
-    if legacy:
-        return _ENCODER.encode(_LegacyBatch(ts=batch.ts, events=[_to_legacy(e) for e in batch.events], data_parallel_rank=batch.data_parallel_rank))
-    return _ENCODER.encode(batch)
+def encode_batch(batch: EventBatch, legacy: bool | int = False) -> bytes:
+    """Encode ``batch`` as vLLM 0.33 would, or in the older array form with ``legacy``:
+    ``True`` or 7 is the 0.11-0.14 form (7 BlockStored fields), 6 that of 0.10 (no
+    ``lora_name``), 9 that of 0.20 (``extra_keys``, ``group_idx``; BlockRemoved gets
+    ``group_idx`` too). Fields a form lacks are dropped, as that release would never have them."""
+    if legacy is False:
+        return _ENCODER.encode(batch)
+    n = 7 if legacy is True else legacy
+    if n not in _LEGACY_FORMS:
+        raise ValueError(f"no vLLM release has a {n}-field BlockStored array")
+    return _ENCODER.encode(_LegacyBatch(ts=batch.ts, events=[_to_legacy(e, n) for e in batch.events], data_parallel_rank=batch.data_parallel_rank))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from kvindex.events import (
     BlockRemoved,
@@ -103,3 +108,31 @@ def match(blocks: int, tier: str = "GPU") -> PrefixMatch:
 
 async def apply(idx: KVIndex, replica: str, *events: Any) -> ApplyStats:
     return await idx.apply(replica, batch(*events), model=MODEL)
+
+
+# ------------------------------------------------------------------------------------------
+# Goldens: payloads written by vLLM's own kv_events.py (tests/kvindex/make_goldens.py)
+# ------------------------------------------------------------------------------------------
+
+GOLDENS_DIR = Path(__file__).resolve().parent.parent / "kvindex" / "goldens"
+GOLDEN_VERSIONS = sorted(p.stem.removeprefix("vllm-") for p in GOLDENS_DIR.glob("vllm-*.json"))
+
+
+def golden(version: str) -> dict[str, Any]:
+    """One release's golden file: ``schema``, ``batches`` (hex ``payload`` + vLLM's
+    ``events`` field by field), ``lookups`` (expected matches after a batch)."""
+    doc: dict[str, Any] = json.loads((GOLDENS_DIR / f"vllm-{version}.json").read_text())
+    return doc
+
+
+def event_fields(ev: Any, names: Sequence[str]) -> dict[str, Any]:
+    """Our decoded event's ``names`` fields, normalised as the generator records vLLM's."""
+    out: dict[str, Any] = {"type": type(ev).__name__}
+    for name in names:
+        value = getattr(ev, name, "<missing field>")
+        if name == "block_hashes":
+            value = [h.hex() if isinstance(h, bytes) else h for h in value]
+        elif name == "parent_block_hash" and isinstance(value, bytes):
+            value = value.hex()
+        out[name] = msgspec.to_builtins(value)
+    return out

@@ -19,7 +19,9 @@ Output: ``tests/kvindex/goldens/vllm-<version>.json`` holding
   (the reference types for ``test_kvindex_crosscheck.py``);
 * ``batches``: each payload (hex) with the events as vLLM's ``msgspec.to_builtins`` gives them;
 * ``lookups``: after which batch which prompt must match how many blocks: the expectations of
-  the scenario below, written here from what vLLM would serve, not from kvindex's code.
+  the scenario below, written here by hand, not computed by kvindex's code. They state the
+  index's contract of tracking the primary group (group 0) only: group-1 events never change
+  a group-0 match (see ``kvindex.event_rules.is_primary_group`` for what that leaves open).
 
 Scenario (block size 4): a hybrid model (group 0 full attention, group 1 sliding window, both
 publishing the same block hashes, as vLLM's hybrid allocator does) caches prompt P (3 blocks,
@@ -165,7 +167,7 @@ def scenario(vm: types.ModuleType) -> tuple[list[Any], list[dict[str, Any]]]:
     # 1: group 1 (sliding window) evicts P's blocks 1-2: group 0 still holds them
     if has_group:
         batches.append([block_removed(block_hashes=p_hashes[1:], medium="GPU", group_idx=1)])
-        look(p_tokens, 3, note="group-1 removal leaves group 0 alone")
+        look(p_tokens, 3, note="a group-1 removal leaves group-0 entries alone")
 
     # 2: group 0 evicts P's last block
     batches.append([block_removed(block_hashes=p_hashes[2:], medium="GPU", group_idx=0)])

@@ -19,6 +19,7 @@ from kvindex.events import (
     decode_batch,
     encode_batch,
 )
+from tests.helpers.index import GOLDEN_VERSIONS, event_fields, golden
 
 
 def _s(text: str) -> bytes:
@@ -85,7 +86,7 @@ def test_round_trips_all_fields_and_forms():
         locality="LOCAL",
         ownership="own",
         session_id="s",
-        lookahead_token_ids=[1],
+        lookahead_token_ids=[[1, 2], [3, 4]],  # one list per block (vLLM 0.33)
     )
     raw_hashes = BlockStored(
         block_hashes=[b"\x01" * 32], parent_block_hash=b"\x02" * 32, token_ids=[1] * 16, block_size=16, lora_id=None, medium=None, lora_name=None
@@ -96,6 +97,10 @@ def test_round_trips_all_fields_and_forms():
     assert [type(e) for e in legacy.events] == [BlockStored, BlockStored, BlockRemoved, AllBlocksCleared]
     assert legacy.events[0].block_hashes == full.block_hashes and legacy.events[0].lora_name == "sql"
     assert legacy.events[1].block_hashes == [b"\x01" * 32]
+    # 0.20's 9-field arrays carry extra_keys and group_idx (on removals too)
+    v020 = decode_batch(encode_batch(batch, legacy=9))
+    assert (v020.events[0].extra_keys, v020.events[0].group_idx, v020.events[2].group_idx) == (full.extra_keys, 0, 0)
+    assert v020.events[0].lookahead_token_ids is None  # no such field before the map form
 
 
 def test_other_vllm_versions_decode():
@@ -170,3 +175,44 @@ def test_decoder_can_skip_malformed_events():
     assert b.events == [BlockRemoved([1], "GPU"), BlockRemoved([1], "GPU")] and dec.bad_events == 2
     with pytest.raises(EventDecodeError):  # a broken envelope is never partly decoded
         dec.decode(b"\x93\xcb\x00", skip_bad=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Goldens written by vLLM's own kv_events.py (tests/kvindex/make_goldens.py)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", GOLDEN_VERSIONS)
+def test_golden_payloads_decode_every_event_and_field(version: str) -> None:
+    """Every event vLLM wrote decodes (nothing dropped, nothing skipped) and every field vLLM
+    declares lands with vLLM's value: extra_keys, group_idx, lookahead_token_ids (a list
+    per block in 0.33), the spec kind, session ids."""
+    doc = golden(version)
+    decoder = EventDecoder()
+    for b in doc["batches"]:
+        got = decoder.decode(bytes.fromhex(b["payload"]))
+        assert len(got.events) == len(b["events"]), (version, b["seq"])
+        for ours, theirs in zip(got.events, b["events"], strict=True):
+            names = [k for k in theirs if k != "type"]
+            assert event_fields(ours, names) == theirs, (version, b["seq"])
+    assert decoder.unknown_events == 0 and decoder.bad_events == 0
+
+
+def test_goldens_cover_the_release_forms() -> None:
+    """The three wire generations are each pinned: 6-field array (0.10), 9-field array with
+    extra_keys and group_idx (0.20), map form with list-per-block lookahead ids (0.33)."""
+    assert {"0.10.2", "0.20.0", "0.33.0"} <= set(GOLDEN_VERSIONS)
+    assert golden("0.10.2")["event_form"] == "array"
+    assert golden("0.20.0")["schema"]["BlockStored"]["fields"][-2:] == ["extra_keys", "group_idx"]
+    assert golden("0.33.0")["event_form"] == "map"
+
+
+@pytest.mark.parametrize("version", GOLDEN_VERSIONS)
+def test_golden_payloads_reencode_byte_identically(version: str) -> None:
+    """``encode_batch`` writes the bytes vLLM wrote: the map form for 0.33, the array form
+    of the release's length (``legacy``: 6 fields in 0.10, 9 in 0.20) for the older ones."""
+    doc = golden(version)
+    legacy = len(doc["schema"]["BlockStored"]["fields"]) if doc["event_form"] == "array" else False
+    for b in doc["batches"]:
+        payload = bytes.fromhex(b["payload"])
+        assert encode_batch(decode_batch(payload), legacy=legacy) == payload, (version, b["seq"])

@@ -32,7 +32,7 @@ from kvindex.hashing import block_keys
 from kvindex.index import ApplyStats, KVIndex, PrefixMatch
 from kvindex.memory_index import MemoryIndex
 from kvindex.redis_index import RedisIndex
-from tests.helpers.index import BS, MODEL, Prompt, apply, make_tokens, match
+from tests.helpers.index import BS, GOLDEN_VERSIONS, MODEL, Prompt, apply, golden, make_tokens, match
 from tests.helpers.net import free_port
 from tests.helpers.redis import RedisServer
 
@@ -761,3 +761,26 @@ def test_property_lookup_equals_brute_force(kind: str, request: pytest.FixtureRe
     check()
     print(f"property[{kind}]: {len(ran)} examples, {sum(ran)} events, longest {max(ran)}")
     assert len(ran) >= 150 and sum(ran) >= 1000 and max(ran) >= 10  # really exercised
+
+
+# ------------------------------------------------------------------------------------------
+# Goldens written by vLLM's own kv_events.py (tests/kvindex/make_goldens.py)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", GOLDEN_VERSIONS)
+async def test_golden_replay_matches_what_vllm_would_serve(index: KVIndex, version: str) -> None:
+    """Replay a release's golden batches and check each expected lookup: salted and LoRA
+    prompts match only with their salt/LoRA, a hybrid model's group-1 events (stores of the
+    same block hashes, removals, a group-1-only prompt) never change group-0 matches."""
+    doc = golden(version)
+    model, bs = doc["model"], doc["block_size"]
+    lookups = doc["lookups"]
+    for b in doc["batches"]:
+        stats = await index.apply("r1", decode_batch(bytes.fromhex(b["payload"])), model=model)
+        assert stats.orphaned == 0, (version, b["seq"])
+        for want in (lk for lk in lookups if lk["after_batch"] == b["seq"]):
+            keys = block_keys(want["tokens"], bs, model=model, lora=want["lora"], salt=want["salt"])
+            got = await index.lookup(keys, model=model)
+            blocks = got["r1"].blocks if "r1" in got else 0
+            assert blocks == want["blocks"], (version, b["seq"], want["note"])

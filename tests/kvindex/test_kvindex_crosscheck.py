@@ -1,8 +1,8 @@
 """Independent cross-checks of kvindex against vLLM's own encoders, declared here from scratch.
 
-* Events: msgspec Structs declared the way vLLM declares its KV events (tagged, ``omit_defaults``,
-  DESIGN §3's field order; the envelope and the legacy events ``array_like``) encode random
-  batches; ``kvindex.events.encode_batch`` must produce the same bytes and ``decode_batch``
+* Events: msgspec Structs rebuilt from vLLM's own (the field order and schema that
+  tests/kvindex/make_goldens.py records from each release's ``kv_events.py``: 0.33's map form,
+  0.10 and 0.20's array forms) encode random batches; ``kvindex.events.encode_batch`` must produce the same bytes and ``decode_batch``
   must read them back (and read the legacy array form and a map-form envelope too).
 * Hashes: vLLM's hash functions restated plainly (``pickle.dumps(obj, protocol=5)`` or
   ``cbor2.dumps(obj, canonical=True)``, then sha256 / xxh3_128) over random tokens, block
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import struct
-from typing import Any
+from typing import Any, Union
 
 import cbor2
 import msgspec
@@ -42,81 +42,103 @@ from kvindex.hashing import (
     root_key,
     vllm_block_hashes,
 )
+from tests.helpers.index import GOLDEN_VERSIONS, golden
 
 # ------------------------------------------------------------------------------------------
-# vLLM's event types, declared independently (DESIGN §3)
+# vLLM's event types, rebuilt from vLLM's own structs (recorded in the goldens)
 # ------------------------------------------------------------------------------------------
+#
+# tests/kvindex/make_goldens.py loads each release's ``vllm/distributed/kv_events.py`` and records
+# the field order and msgspec JSON schema of its EventBatch / BlockStored / BlockRemoved /
+# AllBlocksCleared; the reference structs below are rebuilt from that record, never declared by
+# hand (a hand-declared ``lookahead_token_ids: list[int]`` once hid 0.33's ``list[list[int]]``).
 
 
-class RefBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    ts: float
-    events: list[Any]
-    data_parallel_rank: int | None = None
+def _py_type(node: dict[str, Any]) -> Any:
+    """The Python type a msgspec JSON-schema node came from (as msgspec encodes it)."""
+    if "anyOf" in node:
+        return Union[tuple(_py_type(n) for n in node["anyOf"])]  # noqa: UP007 - built at runtime
+    kind = node.get("type")
+    if kind == "integer":
+        return int
+    if kind == "number":
+        return float
+    if kind == "null":
+        return None
+    if kind == "string":
+        return bytes if node.get("contentEncoding") == "base64" else str
+    if kind == "array":
+        return list[_py_type(node["items"])] if "items" in node else list[Any]
+    return Any
+
+
+def vllm_struct(version: str, name: str, *, base: type | None = None) -> type:
+    """Release ``version``'s struct ``name`` as a msgspec struct of the same fields, types,
+    defaults and configuration (tagged events; ``array_like`` where the release has it)."""
+    doc = golden(version)
+    rec = doc["schema"][name]
+    body = rec["json_schema"]["$defs"][name]
+    array_like = name == "EventBatch" or doc["event_form"] == "array"
+    if body.get("type") == "array":  # array_like: positional items, ``minItems`` required
+        items = body["prefixItems"]
+        tagged = len(items) == len(rec["fields"]) + 1  # a tagged struct's first item is its tag
+        props = dict(zip(rec["fields"], items[tagged:], strict=True))
+        required = set(rec["fields"][: body.get("minItems", len(items)) - tagged])
+    else:
+        props, required = body["properties"], set(body.get("required", ()))
+        array_like = False
+    fields: list[Any] = [(f, _py_type(props[f])) if f in required else (f, _py_type(props[f]), None) for f in rec["fields"]]
+    kw: dict[str, Any] = {"omit_defaults": True, "gc": False, "array_like": array_like}
+    if name != "EventBatch":
+        kw["tag"] = name
+    return msgspec.defstruct(f"Ref{name}_{version.replace('.', '_')}", fields, **kw)
+
+
+def _unordered(node: Any) -> Any:
+    """A JSON-schema node with its ``anyOf`` alternatives in a canonical order."""
+    if isinstance(node, dict):
+        out = {k: _unordered(v) for k, v in node.items()}
+        if "anyOf" in out:
+            out["anyOf"] = sorted(out["anyOf"], key=repr)
+        return out
+    return [_unordered(v) for v in node] if isinstance(node, list) else node
+
+
+MAP_VERSION = "0.33.0"
+ARRAY_VERSIONS = [v for v in GOLDEN_VERSIONS if golden(v)["event_form"] == "array"]
+
+RefBatch = vllm_struct(MAP_VERSION, "EventBatch")
+RefStored = vllm_struct(MAP_VERSION, "BlockStored")
+RefRemoved = vllm_struct(MAP_VERSION, "BlockRemoved")
+RefCleared = vllm_struct(MAP_VERSION, "AllBlocksCleared")
+RefLegacy = {v: {n: vllm_struct(v, n) for n in ("BlockStored", "BlockRemoved", "AllBlocksCleared")} for v in ARRAY_VERSIONS}
 
 
 class RefMapBatch(msgspec.Struct, omit_defaults=True, gc=False):
-    """The same envelope without ``array_like`` (some vLLM builds declare it so)."""
+    """The envelope without ``array_like`` (some vLLM builds declare it so)."""
 
     ts: float
     events: list[Any]
     data_parallel_rank: int | None = None
 
 
-class RefEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
-    pass
-
-
-class RefStored(RefEvent, tag="BlockStored"):
-    block_hashes: list[int | bytes]
-    parent_block_hash: int | bytes | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-    session_id: str | None = None
-    lookahead_token_ids: list[int] | None = None
-
-
-class RefRemoved(RefEvent, tag="BlockRemoved"):
-    block_hashes: list[int | bytes]
-    medium: str | None
-    group_idx: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-
-
-class RefCleared(RefEvent, tag="AllBlocksCleared"):
-    pass
-
-
-class RefLegacyEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
-    pass
-
-
-class RefLegacyStored(RefLegacyEvent, tag="BlockStored"):
-    block_hashes: list[int | bytes]
-    parent_block_hash: int | bytes | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-
-
-class RefLegacyRemoved(RefLegacyEvent, tag="BlockRemoved"):
-    block_hashes: list[int | bytes]
-    medium: str | None
-
-
-class RefLegacyCleared(RefLegacyEvent, tag="AllBlocksCleared"):
-    pass
+@pytest.mark.parametrize("version", GOLDEN_VERSIONS)
+def test_our_structs_declare_vllms_fields(version: str) -> None:
+    """Every field a release's events declare exists in ours, in vLLM's order (the array form
+    is positional); for the map form (0.33) with vLLM's JSON schema, except ``extra_keys``,
+    deliberately wider (typed ``{"type": ...}`` entries of some builds must decode too)."""
+    doc = golden(version)
+    for name, ours_cls in (("BlockStored", BlockStored), ("BlockRemoved", BlockRemoved), ("AllBlocksCleared", AllBlocksCleared)):
+        theirs = doc["schema"][name]["fields"]
+        mine = [f.name for f in msgspec.structs.fields(ours_cls)]
+        assert mine[: len(theirs)] == theirs, (version, name)
+        if doc["event_form"] == "map":
+            assert mine == theirs, name
+            their_props = doc["schema"][name]["json_schema"]["$defs"][name]["properties"]
+            my_props = msgspec.json.schema(ours_cls)["$defs"][name]["properties"]
+            for f in theirs:
+                if f != "extra_keys":
+                    assert _unordered(my_props[f]) == _unordered(their_props[f]), (name, f)
 
 
 STORED_OPTIONAL = (
@@ -167,7 +189,7 @@ def stored_fields(draw: st.DrawFn) -> dict[str, Any]:
         "locality": maybe(st.sampled_from(["LOCAL", "REMOTE"])),
         "ownership": maybe(small_text),
         "session_id": maybe(small_text),
-        "lookahead_token_ids": maybe(st.lists(token, max_size=4)),
+        "lookahead_token_ids": maybe(st.lists(st.lists(token, max_size=4), min_size=n, max_size=n)),
     }
     for name in STORED_OPTIONAL:
         f[name] = draw(optional[name])
@@ -202,12 +224,12 @@ def reference(kind: str, f: dict[str, Any]) -> Any:
     return {"stored": RefStored, "removed": RefRemoved, "cleared": RefCleared}[kind](**f)
 
 
-def legacy_reference(kind: str, f: dict[str, Any]) -> Any:
-    if kind == "stored":
-        return RefLegacyStored(*(f[k] for k in ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name")))
-    if kind == "removed":
-        return RefLegacyRemoved(f["block_hashes"], f["medium"])
-    return RefLegacyCleared()
+def legacy_reference(version: str, kind: str, f: dict[str, Any]) -> Any:
+    ref = RefLegacy[version]
+    if kind == "cleared":
+        return ref["AllBlocksCleared"]()
+    cls = ref["BlockStored" if kind == "stored" else "BlockRemoved"]
+    return cls(**{k: f[k] for k in (fd.name for fd in msgspec.structs.fields(cls))})
 
 
 ENC = msgspec.msgpack.Encoder()
@@ -229,24 +251,29 @@ def test_encode_batch_is_byte_identical_to_vllm_structs(fields: tuple) -> None:
     assert decode_batch(ENC.encode(RefMapBatch(ts=ts, events=[reference(k, f) for k, f in events], data_parallel_rank=rank))) == mine
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
-@given(batch_fields)
-def test_legacy_array_form_is_byte_identical_and_decodes(fields: tuple) -> None:
+@pytest.mark.parametrize("version", ARRAY_VERSIONS)
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(fields=batch_fields)
+def test_legacy_array_form_is_byte_identical_and_decodes(version: str, fields: tuple) -> None:
+    """Each array-form release (6 fields in 0.10, 9 in 0.20): our encoder writes its bytes and
+    the decoder reads back every field it has (0.20's extra_keys and group_idx too)."""
     ts, events, rank = fields
+    stored_names = golden(version)["schema"]["BlockStored"]["fields"]
+    removed_names = golden(version)["schema"]["BlockRemoved"]["fields"]
     mine = EventBatch(ts=ts, events=[ours(k, f) for k, f in events], data_parallel_rank=rank)
-    theirs = ENC.encode(RefBatch(ts=ts, events=[legacy_reference(k, f) for k, f in events], data_parallel_rank=rank))
-    assert encode_batch(mine, legacy=True) == theirs
+    theirs = ENC.encode(RefBatch(ts=ts, events=[legacy_reference(version, k, f) for k, f in events], data_parallel_rank=rank))
+    assert encode_batch(mine, legacy=len(stored_names)) == theirs
     back = decode_batch(theirs)
     assert (back.ts, back.data_parallel_rank, len(back.events)) == (ts, rank, len(events))
-    for ev, (kind, f) in zip(back.events, events):
+    for ev, (kind, f) in zip(back.events, events, strict=True):
         if kind == "stored":
             assert isinstance(ev, BlockStored)
-            assert (ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size, ev.lora_id, ev.medium, ev.lora_name) == tuple(
-                f[k] for k in ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name")
-            )
-            assert all(getattr(ev, k) is None for k in STORED_OPTIONAL)  # the array form has none of them
+            for k in msgspec.structs.fields(BlockStored):
+                assert getattr(ev, k.name) == (f[k.name] if k.name in stored_names else None), k.name
         elif kind == "removed":
-            assert isinstance(ev, BlockRemoved) and (ev.block_hashes, ev.medium, ev.group_idx) == (f["block_hashes"], f["medium"], None)
+            assert isinstance(ev, BlockRemoved)
+            for k in msgspec.structs.fields(BlockRemoved):
+                assert getattr(ev, k.name) == (f[k.name] if k.name in removed_names else None), k.name
         else:
             assert isinstance(ev, AllBlocksCleared)
 
