@@ -167,16 +167,25 @@ class _ThreadRunner:
             await asyncio.gather(*tasks, return_exceptions=True)
             await loop.shutdown_asyncgens()
 
+        cleaned = False
         if self.thread.is_alive():
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(5)
+                cleaned = True
             loop.call_soon_threadsafe(loop.stop)
             self.thread.join(5)
         if self.thread.is_alive() or loop.is_closed():
             return
-        if not loop.is_running():  # the thread ended early: finish the clean-up here
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(cancel_all())
+        if not cleaned:
+            # the loop's thread ended early (something escaped run_forever): clean up on a
+            # thread of its own, since the caller's thread may be running an event loop
+            def finish() -> None:
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(cancel_all())
+
+            helper = threading.Thread(target=finish, daemon=True)
+            helper.start()
+            helper.join(5)
         loop.close()
 
 

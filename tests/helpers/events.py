@@ -45,12 +45,14 @@ class Publisher:
         while True:
             ident, _, start = await self.router.recv_multipart()
             start_seq = int.from_bytes(start, "big")
+            # sent in one go, like vLLM's replay thread (a ROUTER never blocks: past its send
+            # high-water mark it drops), not one event-loop turn per buffered batch
             for seq, payload in self.buffer:
                 if seq >= start_seq:
                     frames = [seq.to_bytes(8, "big"), payload] if self.old_replay else [self.topic, seq.to_bytes(8, "big"), payload]
-                    await self.router.send_multipart([ident, b"", *frames])
+                    self.router.send_multipart([ident, b"", *frames], flags=zmq.NOBLOCK)
             end = [b"\xff" * 8, b""] if self.old_replay else [self.topic, b"\xff" * 8, b""]
-            await self.router.send_multipart([ident, b"", *end])
+            self.router.send_multipart([ident, b"", *end], flags=zmq.NOBLOCK)
 
     async def close(self) -> None:
         self.task.cancel()

@@ -25,6 +25,9 @@ from simulator.fleet import SimConfig, SimFleet
 from tests.helpers.sim import MODEL, Subscriber, replay, sdk
 from tests.helpers.squat import squatting
 
+# a coroutine or task left behind shows up as a warning at collection: fail on it
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"), pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
+
 
 def _port(endpoint: str) -> int:
     port = urlparse(endpoint).port
