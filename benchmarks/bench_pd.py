@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.fleet import SimConfig, SimFleet
 
-from .compare import GatewayProcess, free_port
+from .compare import GatewayProcess
+from .procports import wait_listening
 from .report import percentile, summarize
 from .workloads import MODEL, WORKLOADS, RunResult, Workload, run_workload
 
@@ -227,13 +227,21 @@ class EnvoyPD:
             replicas = []
             for i, h in enumerate(handles):
                 url = self.sidecars.get(i, h.url)
-                replicas.append({"id": f"r{i}", "url": url, "role": h.config.role, "models": [MODEL], "kv_events": h.events_endpoint, "replay": h.replay_endpoint})
-            cfg = {"replicas": replicas, "models": {MODEL: {"tokenizer": "demo"}}, "pd": {"enabled": True, "threshold": 512}, "scrape": {"interval_s": 0.5}, "health": {"interval_s": 1.0}}
+                replicas.append(
+                    {"id": f"r{i}", "url": url, "role": h.config.role, "models": [MODEL], "kv_events": h.events_endpoint, "replay": h.replay_endpoint}
+                )
+            cfg = {
+                "replicas": replicas,
+                "models": {MODEL: {"tokenizer": "demo"}},
+                "pd": {"enabled": True, "threshold": 512},
+                "scrape": {"interval_s": 0.5},
+                "health": {"interval_s": 1.0},
+            }
             path = tmp / "extproc.yaml"
             path.write_text(json.dumps(cfg))
-            grpc_port = free_port()
-            self.procs.append(_spawn(["extproc", "--config", str(path), "--port", str(grpc_port)], tmp / "extproc.log"))
-            _wait_port(grpc_port)
+            picker = _spawn(["extproc", "--config", str(path), "--port", "0"], tmp / "extproc.log")
+            self.procs.append(picker)
+            grpc_port = wait_listening(picker)
             self.envoy = extproc_envoy(tmp, grpc_port, binary, "buffered").start()
             self.url = self.envoy.url
             deadline = time.monotonic() + 30
@@ -247,18 +255,16 @@ class EnvoyPD:
             raise
 
     def _start(self, args: list[str], log: Path, health: str) -> str:
-        for _attempt in range(3):  # the sidecar cannot report a port it picked: retry a taken one
-            port = free_port()
-            proc = _spawn([*args, "--port", str(port)], log)
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and proc.poll() is None:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + health, timeout=0.5).status_code == 200:
-                        self.procs.append(proc)
-                        return url
-                time.sleep(0.1)
-            proc.kill()
+        """Start on port 0 and read the port it got (from /proc): no port picked beforehand."""
+        proc = _spawn([*args, "--port", "0"], log)
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{wait_listening(proc)}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + health, timeout=0.5).status_code == 200:
+                    return url
+            time.sleep(0.1)
         raise RuntimeError(f"{args[0]} did not start: {log.read_text(errors='replace')[-1500:]}")
 
     def hop_totals(self) -> dict[str, float]:
@@ -296,15 +302,6 @@ class EnvoyPD:
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def _metric_sum(url: str, name: str) -> float:

@@ -463,7 +463,9 @@ def _subset_hint(metadata: dict[str, dict]) -> set[str] | None:
     return subset
 
 
-def _route_response(phase: str, endpoints: list[str], content_length: int | None = None, api_key: str | None = None, prefill: str | None = None) -> pb.ProcessingResponse:
+def _route_response(
+    phase: str, endpoints: list[str], content_length: int | None = None, api_key: str | None = None, prefill: str | None = None
+) -> pb.ProcessingResponse:
     """The picked endpoint(s): same comma-separated value in the header and in ``envoy.lb``.
 
     Also the upstream ``authorization``: the replica's key, or none at all — the client's own
@@ -486,7 +488,11 @@ def _route_response(phase: str, endpoints: list[str], content_length: int | None
         )
     remove: list[str] = []
     if prefill:
-        headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=PREFILL_HEADER, raw_value=prefill.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+        headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=PREFILL_HEADER, raw_value=prefill.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+            )
+        )
     else:
         remove.append(PREFILL_HEADER)
     if api_key:

@@ -24,7 +24,7 @@ import httpx
 from starlette.responses import Response
 
 from kvindex.hashing import block_keys
-from kvindex.index import KVIndex, PrefixMatch
+from kvindex.index import IndexUnavailableError, KVIndex, PrefixMatch
 from kvindex.tokenize import (
     HF_APPLY_CHAT_TEMPLATE_PARAMS,
     CachingTokenizer,
@@ -416,6 +416,9 @@ class Router:
             return dict(found), True
         except Exception as exc:  # Redis down, timeout, script error: degrade to load-only routing
             self.metrics.index_errors.inc()
+            outage = getattr(self.index, "outage", None)  # RedisIndex: one log line per state change
+            if outage is not None and not isinstance(exc, IndexUnavailableError):  # those the index logged itself
+                outage.down(f"lookup abandoned after {self.cfg.index.lookup_timeout_ms} ms ({type(exc).__name__})")
             log.debug("index lookup failed: %s", exc)
             return {}, False
 

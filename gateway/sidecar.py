@@ -51,7 +51,9 @@ log = logging.getLogger("kvgate.sidecar")
 PREFILL_HEADER = "x-prefiller-host-port"
 LOCAL_ID = "local"
 _ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
-_HOP_BY_HOP = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", PREFILL_HEADER})
+_HOP_BY_HOP = frozenset(
+    {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", PREFILL_HEADER}
+)
 
 
 def sidecar_config(vllm_url: str, prefill: list[str], base: GatewayConfig | None = None) -> GatewayConfig:
@@ -154,7 +156,9 @@ class Sidecar:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         url = self.local.url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
-            upstream = await self.passthrough.request(request.method, url, headers=headers, data=request.stream() if request.method in ("POST", "PUT", "PATCH") else None)
+            upstream = await self.passthrough.request(
+                request.method, url, headers=headers, data=request.stream() if request.method in ("POST", "PUT", "PATCH") else None
+            )
         except (aiohttp.ClientError, OSError) as exc:
             return error_response(GatewayError(502, f"local vLLM unreachable: {type(exc).__name__}", "upstream_unavailable"))
         out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() not in ("content-encoding", "date", "server")}

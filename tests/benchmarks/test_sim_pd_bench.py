@@ -1,4 +1,5 @@
-"""bench_pd end to end at a small size: both workloads on both setups, tables and result files."""
+"""bench_pd end to end at a small size: both workloads on every setup (the gateway's own P/D and
+Envoy + picker + sidecars), tables and result files."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def test_bench_pd_small_run_writes_both_workloads_for_both_setups(tmp_path, caps
     data = json.loads((tmp_path / "pd.json").read_text())
     assert data["meta"]["repeats"] == 1 and set(data["meta"]["workloads"]) == {"doc-qa", "long-unique"}
     got = {(r["workload"], r["setup"]): r for r in data["summaries"]}
-    assert len(got) == 4 and len(data["runs"]) == 4
+    assert len(got) == 6 and len(data["runs"]) == 6
     for (workload, setup), r in got.items():
         assert r["errors"] == 0, (workload, setup)
         assert r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0 and r["throughput_tok_s"] > 0
@@ -26,3 +27,4 @@ def test_bench_pd_small_run_writes_both_workloads_for_both_setups(tmp_path, caps
             assert r["two_hop_share"] == 0.0
     # unique ~3.5k-token prompts are far above the 512-token threshold: every one takes two hops
     assert got[("long-unique", "disaggregated (2 prefill + 2 decode)")]["two_hop_share"] == 1.0
+    assert got[("long-unique", "disaggregated via Envoy + picker + sidecars")]["two_hop_share"] == 1.0
