@@ -354,9 +354,10 @@ class Replica:
 class Stack:
     """Simulated replicas (one process each) and ``kvgate serve`` (a process) in front of them."""
 
-    def __init__(self, tmp: Path, root: Path, replicas: int, cprofile: bool, nice: int = 0) -> None:
+    def __init__(self, tmp: Path, root: Path, replicas: int, cprofile: bool, nice: int = 0, extra: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.nice = nice
+        self.extra = extra or {}
         self.cprofile_out = tmp / "cprofile.out" if cprofile else None
         self.gw: subprocess.Popen[bytes] | None = None
         self.replicas: list[Replica] = []
@@ -376,6 +377,7 @@ class Stack:
                 "listen": {"host": "127.0.0.1", "port": self.port},
                 "replicas": [{"id": f"r{i}", "url": r.url, "models": [MODEL], "kv_events": r.events, "replay": r.replay} for i, r in enumerate(self.replicas)],
                 "models": {MODEL: {"tokenizer": "demo"}},
+                **self.extra,
             }
             path = self.tmp / "gateway.yaml"
             path.write_text(json.dumps(cfg))
@@ -927,14 +929,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"load average at start: {load_start}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as td:
         tmp = Path(td)
-        stack = Stack(tmp, args.root, args.replicas, cprofile=args.profiler == "cprofile", nice=args.nice)
+        stack = Stack(tmp, args.root, args.replicas, cprofile=args.profiler == "cprofile", nice=args.nice, extra=args.config)
         try:
             profiler: PySpy | CProfileSwitch
             why = None if args.profiler == "cprofile" else PySpy.unavailable(stack.pid, tmp)
             if why is not None:
                 print(f"py-spy unavailable ({why}); restarting the gateway under cProfile", flush=True)
                 stack.stop()
-                stack = Stack(tmp, args.root, args.replicas, cprofile=True, nice=args.nice)
+                stack = Stack(tmp, args.root, args.replicas, cprofile=True, nice=args.nice, extra=args.config)
             niceness = stack.niceness()
             policy = stack.make_realtime(args.rt_prio)
             if stack.cprofile_out is not None:
@@ -1010,6 +1012,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "idle_cpu_ms_per_s": idle_ms_per_s,
+        "gateway_config_extra": args.config,
         "gateway_nice": niceness,
         "gateway_loop_thread_policy": policy,
         "stages": STAGES,
@@ -1025,6 +1028,8 @@ def print_report(rep: dict[str, Any], top_for: list[str]) -> None:
         f"profiler: {rep['profiler']}; {rep['rounds']} rounds x {rep['requests_per_pass']} requests per pass, concurrency {rep['concurrency']}, "
         f"max_tokens {rep['max_tokens']}; idle gateway: {rep['idle_cpu_ms_per_s']:.1f} CPU ms/s (probes, scrapes: the background column)"
     )
+    if rep.get("gateway_config_extra"):
+        print(f"gateway config added: {json.dumps(rep['gateway_config_extra'])}")
     print()
     print("| scenario | prompt tokens | CPU ms/request (min–max) | " + " | ".join(stages) + " | requests/s | relay µs/SSE event |")
     print("|---|---|---|" + "---|" * len(stages) + "---|---|")
@@ -1094,6 +1099,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-s", type=float, default=3.0, help="seconds of idle gateway CPU measured before the load")
     ap.add_argument("--profiler", choices=["auto", "cprofile"], default="auto", help="auto: py-spy, cProfile if py-spy cannot attach")
     ap.add_argument("--scenarios", type=lambda s: [x.strip() for x in s.split(",")], default=None, help="comma-separated scenario names (default: all)")
+    ap.add_argument(
+        "--config",
+        type=json.loads,
+        default=None,
+        help='top-level sections added to the gateway\'s config, as JSON (a what-if: \'{"tokenize": {"inline_max_bytes": 4096}}\')',
+    )
     ap.add_argument("--root", type=Path, default=ROOT, help="source tree of the gateway to run (e.g. a git archive of another commit)")
     ap.add_argument("--json", type=Path, help="write every figure (per round, per stage, top functions) here")
     ap.add_argument("--stacks", type=Path, help="keep each scenario's collapsed stacks here (flamegraph.pl / speedscope input)")
