@@ -19,8 +19,8 @@ junk-events        a fake publisher (an extra replica in the indexer's config, o
 redis-stop         SIGSTOP redis-server for the hold (a hung Redis: connections open, no answers)
 =================  ===========================================================================
 
-If the stack does not get over a fault by itself within ``--settle-max`` seconds (prefix hits
-not back, a replica still unhealthy), the bench restarts the indexer (a fresh one replays
+If the index does not get over a fault by itself within ``--settle-max`` seconds (prefix hits
+not back), the bench restarts the indexer (a fresh one replays
 every replica's buffer) so the next fault starts from a sound index; that repair gets its own
 row. Each fault owns a window: a few seconds before it (the baseline), the fault, and the time until
 prefix hits are back and every replica is healthy in the gateway again. Every request started
@@ -946,23 +946,32 @@ def inject(name: str, stack: Stack, load: Load, w: Window, hold_s: float) -> Non
             w.extra[metric] = metric_sum(m1, metric) - metric_sum(m0, metric)
 
 
-def settle(stack: Stack, load: Load, w: Window, t: Timing) -> bool:
-    """Wait for prefix hits to be back and every replica healthy in the gateway (bounded)."""
+def settle(stack: Stack, load: Load, w: Window, t: Timing) -> str | None:
+    """Wait for prefix hits to be back and every replica healthy in the gateway (bounded).
+    None when both are, else what was still wrong: "hits" (the index hit share is not back;
+    worth a repair) or "health"."""
     assert w.fault_at is not None
     lo, hi = w.baseline_span or (w.fault_at - t.pre_s, w.fault_at)
     baseline = hit_share([r for r in load.snapshot() if lo <= r.t0 < hi], "index")
     start = w.recover_at or w.fault_at
     deadline = start + t.max_post_s
     time.sleep(t.stable_s)
+    unhealthy: list[str] = []
+    hits_back = False
     while time.monotonic() < deadline:
-        healthy = False
+        unhealthy = list(stack.rids)
         with contextlib.suppress(Exception):
-            healthy = stack.gateway.all_healthy(stack.rids)
-        if healthy and recovered_now(load.snapshot(), w.fault_at, time.monotonic(), baseline, t.stable_s):
-            return True
+            m = stack.gateway.metrics()
+            unhealthy = [r for r in stack.rids if m.get(f'kvgate_replica_healthy{{replica="{r}"}}') != 1.0]
+        hits_back = recovered_now(load.snapshot(), w.fault_at, time.monotonic(), baseline, t.stable_s)
+        if not unhealthy and hits_back:
+            return None
         time.sleep(0.25)
-    w.notes.append(f"not settled {t.max_post_s:g} s after recovery")
-    return False
+    why = [] if hits_back else ["prefix hits not back"]
+    if unhealthy:
+        why.append(f"unhealthy in the gateway: {', '.join(unhealthy)}")
+    w.notes.append(f"not settled {t.max_post_s:g} s after recovery ({'; '.join(why)})")
+    return "health" if hits_back else "hits"
 
 
 def repair(stack: Stack, load: Load, w: Window, t: Timing) -> bool:
@@ -1029,7 +1038,7 @@ def run(faults: list[str], t: Timing, *, logdir: Path, use_redis: bool, seed: in
                 console.print(f"[bold]{label}[/] ...")
                 time.sleep(t.pre_s)
                 inject(name, stack, load, w, t.hold_s)
-                if not settle(stack, load, w, t):
+                if settle(stack, load, w, t) == "hits":
                     w.end = time.monotonic()
                     fixed = Window(f"(repair after {label})", w.end, baseline_span=(w.fault_at - t.pre_s, w.fault_at) if w.fault_at else None)
                     if repair(stack, load, fixed, t):

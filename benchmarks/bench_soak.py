@@ -98,8 +98,12 @@ def bad_requests(rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
 class SoakLoad(Load):
     """The fault benchmark's client with the soak's mix of requests."""
 
-    def __init__(self, base: str, *, sessions: int, deadline_s: float, seed: int = 1) -> None:
+    def __init__(self, base: str, *, sessions: int, deadline_s: float, seed: int = 1, prompt_pool: int | None = None) -> None:
         super().__init__(base, sessions=sessions, deadline_s=deadline_s, seed=seed, think_s=0.01)
+        # a fixed set of questions: every bounded cache (tokenizer, speculative prefixes) fills
+        # during the warm-up, so any slope left after it is not a cache filling up
+        pool_rng = random.Random(seed + 7)
+        self.pool = [words(pool_rng, pool_rng.randint(8, 40)) for _ in range(prompt_pool)] if prompt_pool else None
         self.bad = bad_requests(random.Random(seed + 99))
         self.bad_results: list[tuple[str, int | None, str | None]] = []  # kind, status, error
 
@@ -120,7 +124,7 @@ class SoakLoad(Load):
         chat = kind.startswith("chat") or (kind in ("disconnect", "cancel") and rng.random() < 0.5)
         stream = kind.endswith("stream") or disconnect or (kind == "cancel" and rng.random() < 0.5)
         system = rng.choice(self.systems)
-        question = words(rng, rng.randint(8, 40))
+        question = rng.choice(self.pool) if self.pool else words(rng, rng.randint(8, 40))
         body: dict[str, Any]
         if chat:
             body = {"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
@@ -176,6 +180,7 @@ class Sample:
     rss_mb: float
     fds: int
     threads: int
+    index_blocks: float | None = None  # the gateway's kvgate_index_blocks (None: not read)
 
 
 def sample(pid: int, t: float) -> Sample:
@@ -199,22 +204,32 @@ def slope_per_min(xs: list[float], ys: list[float]) -> float | None:
 
 
 class Sampler:
-    def __init__(self, pid: int, every_s: float) -> None:
+    """/proc figures of the gateway process every ``every_s``, with its index size from /metrics."""
+
+    def __init__(self, pid: int, every_s: float, metrics_url: str | None = None) -> None:
         self.pid = pid
+        self.metrics_url = metrics_url
         self.every_s = every_s
         self.samples: list[Sample] = []
         self.t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
+    def take(self) -> Sample:
+        s = sample(self.pid, time.monotonic() - self.t0)
+        if self.metrics_url:
+            with contextlib.suppress(Exception):
+                s.index_blocks = parse_metrics(httpx.get(self.metrics_url, timeout=2).text).get("kvgate_index_blocks")
+        return s
+
     def start(self) -> None:
-        self.samples.append(sample(self.pid, 0.0))
+        self.samples.append(self.take())
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             with contextlib.suppress(OSError):
-                self.samples.append(sample(self.pid, time.monotonic() - self.t0))
+                self.samples.append(self.take())
 
     def stop(self) -> None:
         self._stop.set()
@@ -229,6 +244,7 @@ class SoakResult:
     rss_mb: dict[str, float | None] = field(default_factory=dict)
     fds: dict[str, float | None] = field(default_factory=dict)
     threads: dict[str, float | None] = field(default_factory=dict)
+    index_blocks: dict[str, float | None] = field(default_factory=dict)  # kvgate_index_blocks
     requests: dict[str, Any] = field(default_factory=dict)
     after_load: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -278,7 +294,9 @@ def count_requests(load: SoakLoad) -> dict[str, Any]:
     }
 
 
-def run(duration_s: float, *, sessions: int, sample_every: float, warmup_s: float, logdir: Path, seed: int, console) -> SoakResult:
+def run(
+    duration_s: float, *, sessions: int, sample_every: float, warmup_s: float, logdir: Path, seed: int, console, prompt_pool: int | None = None
+) -> SoakResult:
     replicas = make_replicas(3, logdir, time_scale=0.05, num_blocks=512)
     cfg = gateway_config(replicas, free_port(), index="memory", ingest=True)
     cfg["debug_headers"] = False
@@ -292,8 +310,8 @@ def run(duration_s: float, *, sessions: int, sample_every: float, warmup_s: floa
         gateway.start()
         gateway.wait_ready()
         console.print(f"stack up in {time.monotonic() - t_begin:.1f} s; gateway pid {gateway.pid}; soak of {duration_s:g} s (logs: {logdir})")
-        load = SoakLoad(gateway.url, sessions=sessions, deadline_s=60.0, seed=seed)
-        sampler = Sampler(gateway.pid, sample_every)
+        load = SoakLoad(gateway.url, sessions=sessions, deadline_s=60.0, seed=seed, prompt_pool=prompt_pool)
+        sampler = Sampler(gateway.pid, sample_every, gateway.url + "/metrics")
         sampler.start()
         load.start()
         t_end = time.monotonic() + duration_s
@@ -309,8 +327,8 @@ def run(duration_s: float, *, sessions: int, sample_every: float, warmup_s: floa
         load.stop()
         sampler.stop()
         time.sleep(2.0)  # connections closed, a scrape or two
-        end = sample(gateway.pid, time.monotonic() - sampler.t0)
-        after = {"rss_mb": round(end.rss_mb, 1), "fds": end.fds, "threads": end.threads}
+        end = sampler.take()
+        after = {"rss_mb": round(end.rss_mb, 1), "fds": end.fds, "threads": end.threads, "index_blocks": end.index_blocks}
         with contextlib.suppress(Exception):
             m = gateway.metrics()
             after["gateway_inflight"] = m.get("kvgate_inflight_requests")
@@ -336,6 +354,7 @@ def run(duration_s: float, *, sessions: int, sample_every: float, warmup_s: floa
     res.rss_mb = figures(samples, warmup_s, "rss_mb")
     res.fds = figures(samples, warmup_s, "fds")
     res.threads = figures(samples, warmup_s, "threads")
+    res.index_blocks = figures([s for s in samples if s.index_blocks is not None], warmup_s, "index_blocks")
     res.requests = count_requests(load)
     res.requests["per_s"] = round(res.requests["sent"] / duration_s, 1) if duration_s else None
     res.after_load = after
@@ -361,6 +380,11 @@ def print_report(res: SoakResult, console) -> None:
         _f(res.threads["slope_per_min"], ".2f"),
         _f(a.get("threads"), ".0f"),
     )
+    ib = res.index_blocks
+    if ib.get("end") is not None:
+        t.add_row(
+            "index blocks", *(_f(ib[k], ".0f") for k in ("start", "warmup_end", "end", "max")), _f(ib["slope_per_min"], ".0f"), _f(a.get("index_blocks"), ".0f")
+        )
     console.print(t)
     q = res.requests
     console.print(
@@ -390,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", type=int, default=8, help="concurrent client sessions")
     ap.add_argument("--sample-every", type=float, help="seconds between RSS/fd samples (default: 5, or a 30th of a short run)")
     ap.add_argument("--warmup", type=float, help="seconds left out of the slope (default: a fifth of the run)")
+    ap.add_argument(
+        "--prompt-pool",
+        type=int,
+        help="draw the questions from this many fixed ones (default: a new one per request); bounded caches then fill during the warm-up",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--logs", type=Path, help="keep the processes' logs and configs here (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -404,10 +433,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
-            res = run(duration, sessions=args.sessions, sample_every=every, warmup_s=warmup, logdir=args.logs, seed=args.seed, console=console)
+            res = run(
+                duration,
+                sessions=args.sessions,
+                sample_every=every,
+                warmup_s=warmup,
+                logdir=args.logs,
+                seed=args.seed,
+                console=console,
+                prompt_pool=args.prompt_pool,
+            )
         else:
             with tempfile.TemporaryDirectory(prefix="kvgate-soak-") as tmp:
-                res = run(duration, sessions=args.sessions, sample_every=every, warmup_s=warmup, logdir=Path(tmp), seed=args.seed, console=console)
+                res = run(
+                    duration,
+                    sessions=args.sessions,
+                    sample_every=every,
+                    warmup_s=warmup,
+                    logdir=Path(tmp),
+                    seed=args.seed,
+                    console=console,
+                    prompt_pool=args.prompt_pool,
+                )
     finally:
         restore()
     res.meta = {
@@ -415,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.2f}",
         "stack": "3 simulated replicas (time scale 0.05, 512 KV blocks, processes), kvgate serve (memory index, ingest on, auth on)",
         "sessions": args.sessions,
+        "prompt_pool": args.prompt_pool,
         "sample_every_s": every,
     }
     print_report(res, console)
