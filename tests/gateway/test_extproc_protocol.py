@@ -34,7 +34,8 @@ DEST = "x-gateway-destination-endpoint"
 
 @pytest.fixture(scope="module")
 def picker():
-    fleet = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=0.02) for i in range(3)])
+    # a context that fits the ~210 kB prompt of the chunking test (the picker refuses longer ones early)
+    fleet = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=0.02, max_model_len=1_000_000) for i in range(3)])
     fleet.start()
     ep = ExtProcThread(fleet_config(fleet.handles)).start()
     wait_for(lambda: all(s.healthy for s in ep.call(ep.server.gateway.fleet.all)), message="replicas healthy")
