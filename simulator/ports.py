@@ -15,9 +15,13 @@ import zmq
 def bind_tcp(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` (0: any free port), not yet listening: hand it to
     uvicorn (``Server.serve(sockets=[sock])``), which listens on it. SO_REUSEADDR lets a
-    restarted replica bind its old port again while old connections sit in TIME_WAIT."""
+    restarted replica bind its old port again while old connections sit in TIME_WAIT.
+
+    The protocol must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets
+    whose ``proto`` says TCP, and without it every kept-alive answer waited ~40 ms on a delayed
+    ACK (measured: 44 ms instead of 1 ms per request)."""
     family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)

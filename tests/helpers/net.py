@@ -11,8 +11,9 @@ import socket
 
 
 def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening-ready TCP socket bound to ``host:port`` (0: any free port)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A listening-ready TCP socket bound to ``host:port`` (0: any free port). IPPROTO_TCP, not 0:
+    asyncio sets TCP_NODELAY only on accepted sockets whose ``proto`` says TCP."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
