@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -179,8 +179,11 @@ def _fail(gw: Gateway, exc: GatewayError, req: ProxyRequest) -> Response:
     return error_response(exc, {"x-request-id": req.request_id})
 
 
-async def proxy_request(gw: Gateway, request: Request, kind: str, path: str) -> Response | RelayResponse:
-    """/v1/completions, /v1/chat/completions and /v1/embeddings: through the front door.
+async def proxy_request(
+    gw: Gateway, request: Request, kind: str, path: str, serve: Callable[[ProxyRequest], Awaitable[Response | RelayResponse]] | None = None
+) -> Response | RelayResponse:
+    """/v1/completions, /v1/chat/completions and /v1/embeddings: through the front door, then
+    ``serve`` (default: the gateway's own routing; the sidecar passes its plan-from-the-picker).
 
     Whatever happens, the request gives back what it holds (admission slot, disconnect
     watch) exactly once: here, or — for a streamed answer — when the stream ends.
@@ -188,7 +191,11 @@ async def proxy_request(gw: Gateway, request: Request, kind: str, path: str) -> 
     req = ProxyRequest(kind, path, request_id_from(request.headers), request.headers)
     handed_over = False  # a streaming response now owns the slot and the watch
     try:
-        resp = await gw.front.serve(req, request)
+        if serve is None:
+            resp = await gw.front.serve(req, request)
+        else:
+            await gw.front.accept(req, request)
+            resp = await serve(req)
         handed_over = isinstance(resp, RelayResponse)
         return resp
     except GatewayError as exc:

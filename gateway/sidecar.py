@@ -18,7 +18,6 @@ Client-sent ``kv_transfer_params`` are stripped at the front door. Every other p
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import socket
@@ -37,12 +36,12 @@ from starlette.types import Receive, Scope, Send
 
 from scorers.base import ROLE_DECODE, ROLE_PREFILL, EndpointState
 
-from .app import Gateway
+from .app import Gateway, proxy_request
 from .config import ConfigError, GatewayConfig, load_config, parse_config
 from .errors import GatewayError, error_response
 from .forward import RelayResponse
 from .hops import Plan
-from .request import CHAT, COMPLETIONS, ProxyRequest, request_id_from
+from .request import CHAT, COMPLETIONS, ProxyRequest
 
 log = logging.getLogger("kvgate.sidecar")
 
@@ -126,29 +125,16 @@ class Sidecar:
             return Plan([self.local])
         target = self.targets.lookup(value)
         if target is None:
-            self.gw.metrics.errors.labels("prefill_target_refused").inc()
             raise GatewayError(403, f"prefill target {value[:64]!r} is not one this sidecar may call", "prefill_target_refused")
         return Plan([self.local], pd=True, prefill=[target])
 
+    async def serve(self, req: ProxyRequest) -> Response | RelayResponse:
+        return await self.gw.hops.serve(req, self.plan(req))
+
     async def generate(self, request: Request, kind: str, path: str) -> Response | RelayResponse:
-        req = ProxyRequest(kind, path, request_id_from(request.headers), request.headers)
-        handed_over = False
-        try:
-            plan = self.plan(req)
-            await self.gw.front.accept(req, request)
-            resp = await self.gw.hops.serve(req, plan)
-            handed_over = isinstance(resp, RelayResponse)
-            return resp
-        except GatewayError as exc:
-            self.gw.metrics.errors.labels(exc.code).inc()
-            return error_response(exc, {"x-request-id": req.request_id})
-        except asyncio.CancelledError:
-            if req.watch is not None and req.watch.absorb():
-                return Response(status_code=499)
-            raise
-        finally:
-            if not handed_over:
-                req.close()
+        """The gateway's own request handling (front door, accounting, cancellation), with the
+        sidecar's plan in place of routing."""
+        return await proxy_request(self.gw, request, kind, path, self.serve)
 
     async def forward(self, request: Request) -> Response:
         """Any other request: to the local vLLM and back, streamed both ways."""
