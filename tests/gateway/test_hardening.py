@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from simulator.fleet import SimConfig, SimFleet
-from tests.helpers.gateway import MODEL, GatewayThread, RecordingProxy, fleet_config, get_metrics, metric_value, wait_for
+from tests.helpers.gateway import MODEL, GatewayThread, RecordingProxy, fleet_config, get_metrics, metric_value, recorded_gateway, wait_for
 
 LONG_DOC = " ".join(f"clause {i} says item {i} costs {i * 3} coins;" for i in range(120))
 
@@ -34,16 +34,8 @@ def fleet():
 @pytest.fixture(scope="module")
 def recorded(fleet):
     """The fleet behind recording proxies (what each replica receives), with its own gateway."""
-    proxies = [RecordingProxy(h.url).start() for h in fleet.handles]
-    cfg = fleet_config(fleet.handles, forward_headers=["x-tenant"])
-    for r, p in zip(cfg.replicas, proxies):
-        r.url = p.url
-    try:
-        with GatewayThread(cfg) as g:
-            yield g, proxies
-    finally:
-        for p in proxies:
-            p.stop()
+    with recorded_gateway(fleet.handles, forward_headers=["x-tenant"]) as stack:
+        yield stack
 
 
 def _posts(proxies: list[RecordingProxy], rid: str) -> list[dict]:
@@ -299,27 +291,18 @@ def long_context():
 def test_clients_leaving_during_routing_never_reach_a_replica(long_context, after_s):
     """Ten clients close 0–20 ms after sending a long prompt (its tokenization takes longer):
     none of them may be dispatched, and every slot comes back at once."""
-    fleet = long_context
-    proxies = [RecordingProxy(h.url).start() for h in fleet.handles]
-    cfg = fleet_config(fleet.handles, limits={"max_inflight": 4})
-    for r, p in zip(cfg.replicas, proxies):
-        r.url = p.url
-    try:
-        with GatewayThread(cfg) as g:
-            prompt = LONG_DOC * 40  # ~48k words: tens of ms to tokenize
-            for i in range(10):
-                _send_and_leave(g.port, {"model": MODEL, "prompt": f"{i} {prompt}", "max_tokens": 2000, "stream": True}, after_s)
-            wait_for(lambda: g.gateway.admission.inflight == 0 and g.gateway.admission.waiting == 0, timeout=10, message="every slot back")
-            time.sleep(0.3)  # anything dispatched late would show now
-            reached = sum(len(p.posts()) for p in proxies)
-            assert reached == 0, f"{reached} of 10 abandoned requests were sent to a replica"
-            assert metric_value(get_metrics(g.url), "kvgate_errors_total", {"code": "client_disconnected"}) >= 1
-            # and the gateway still serves
-            r = httpx.post(f"{g.url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=30)
-            assert r.status_code == 200
-    finally:
-        for p in proxies:
-            p.stop()
+    with recorded_gateway(long_context.handles, limits={"max_inflight": 4}) as (g, proxies):
+        prompt = LONG_DOC * 40  # ~48k words: tens of ms to tokenize
+        for i in range(10):
+            _send_and_leave(g.port, {"model": MODEL, "prompt": f"{i} {prompt}", "max_tokens": 2000, "stream": True}, after_s)
+        wait_for(lambda: g.gateway.admission.inflight == 0 and g.gateway.admission.waiting == 0, timeout=10, message="every slot back")
+        time.sleep(0.3)  # anything dispatched late would show now
+        reached = sum(len(p.posts()) for p in proxies)
+        assert reached == 0, f"{reached} of 10 abandoned requests were sent to a replica"
+        assert metric_value(get_metrics(g.url), "kvgate_errors_total", {"code": "client_disconnected"}) >= 1
+        # and the gateway still serves
+        r = httpx.post(f"{g.url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=30)
+        assert r.status_code == 200
 
 
 def test_client_leaving_while_queued_for_admission_is_never_dispatched(fleet):

@@ -185,18 +185,10 @@ def test_client_disconnect_cancels_decode():
 @pytest.fixture(scope="module")
 def recorded(fleet):
     """The module's P/D fleet behind recording proxies, with its own gateway."""
-    from tests.helpers.gateway import RecordingProxy
+    from tests.helpers.gateway import recorded_gateway
 
-    proxies = [RecordingProxy(h.url).start() for h in fleet.handles]
-    cfg = fleet_config(fleet.handles, pd={"threshold": 128})
-    for r, p in zip(cfg.replicas, proxies):
-        r.url = p.url
-    try:
-        with GatewayThread(cfg) as g:
-            yield g, proxies
-    finally:
-        for p in proxies:
-            p.stop()
+    with recorded_gateway(fleet.handles, pd={"threshold": 128}) as stack:
+        yield stack
 
 
 def _hops(proxies, request_id: str):

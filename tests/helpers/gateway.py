@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -219,3 +221,19 @@ class RecordingProxy:
 def replica_metric(url: str, name: str) -> float:
     """A metric read straight from a replica's /metrics (e.g. vllm:num_requests_running)."""
     return metric_value(httpx.get(f"{url}/metrics", timeout=5).text, name)
+
+
+@contextlib.contextmanager
+def recorded_gateway(handles, **overrides: Any) -> Iterator[tuple[GatewayThread, list[RecordingProxy]]]:
+    """A gateway over ``handles`` with a recording proxy in front of each replica (the proxies
+    are what the gateway calls): what every replica received, per request."""
+    proxies = [RecordingProxy(h.url).start() for h in handles]
+    cfg = fleet_config(handles, **overrides)
+    for r, p in zip(cfg.replicas, proxies, strict=True):
+        r.url = p.url
+    try:
+        with GatewayThread(cfg) as g:
+            yield g, proxies
+    finally:
+        for p in proxies:
+            p.stop()
