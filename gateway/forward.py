@@ -49,6 +49,8 @@ log = logging.getLogger("kvgate.forward")
 #: upstream statuses worth another replica on a one-hop request (the replica, not the
 #: request, is at fault); the P/D decode hop adds 500 (it could not use the KV handle)
 RETRY_STATUSES = frozenset({502, 503, 504})
+#: the event that ends an OpenAI-style (vLLM) stream
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +162,7 @@ class RelayResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ok = False
+        last = self.first or b""  # the last chunk relayed
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": _raw_headers(self.headers)})
             if self.first:
@@ -167,6 +170,7 @@ class RelayResponse:
             try:
                 async for chunk in self.upstream.aiter_raw():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    last = chunk
                 ok = True
             except (UpstreamBroken, UpstreamTimeout) as exc:
                 await send({"type": "http.response.body", "body": self.on_broken(exc), "more_body": True})
@@ -174,7 +178,9 @@ class RelayResponse:
                 self.watch.finishing = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            ok = False
+            # a client that closes as soon as it reads the final event (the SDK does) leaves
+            # before the replica's EOF: the answer was whole all the same
+            ok = last.endswith(SSE_DONE)
             if self.watch is None or not self.watch.absorb():
                 raise
         except OSError:  # the client's socket broke under us
