@@ -55,12 +55,17 @@ INTERNAL_FIELDS = ("kv_transfer_params",)
 MAX_JSON_DEPTH = 64
 
 
+#: on an answer sent before the body was read: the connection cannot carry another request (the
+#: unread rest would parse as one), so uvicorn closes it at once instead of after its keep-alive
+CLOSE = {"connection": "close"}
+
+
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit``, and with 408
     unless it all arrives within ``timeout_s`` (a client trickling it in holds a connection)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
+        raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large", headers=CLOSE)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -68,12 +73,12 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large")
+                    raise GatewayError(413, f"request body larger than {limit} bytes", "body_too_large", headers=CLOSE)
                 chunks.append(chunk)
     except ClientDisconnect:
         raise GatewayError(400, "client disconnected while sending the body", "client_disconnected") from None
     except TimeoutError:
-        raise GatewayError(408, f"request body not received within {timeout_s:g}s", "body_timeout") from None
+        raise GatewayError(408, f"request body not received within {timeout_s:g}s", "body_timeout", headers=CLOSE) from None
     return b"".join(chunks)
 
 

@@ -246,6 +246,7 @@ def test_slow_body_is_cut_off_with_a_408(strict):
         data = _read_all(s)
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b"body_timeout" in data
+    assert b"connection: close" in data.lower()  # closed at once, not after uvicorn's keep-alive
     wait_for(lambda: strict.gateway.admission.inflight == 0, timeout=3, message="no slot held")
 
 
