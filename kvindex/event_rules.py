@@ -14,11 +14,12 @@ interface in ``kvindex.index``), and ``kvindex.backends.make_index`` imports bot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import islice
 from typing import Any
 
 from .events import BlockStored
-from .hashing import chain_keys, root_key
+from .hashing import chain_keys, detailed_chain, root_key
 from .index import TIER_NAMES
 
 #: Fastest tier bit held, indexed by a 3-bit tier mask (0 = nothing held).
@@ -98,6 +99,11 @@ def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first
     CPU-offload copy of a salted prompt says nothing of the salt) it is the better source,
     since the engine hash already covers the salt. None is returned for an unknown parent
     or a malformed block size.
+
+    Blocks whose vLLM hash covers more than tokens, LoRA and salt (multimodal items, prompt
+    embeddings: ``opaque_extras``) get keys no text prompt can produce, and so does every block
+    chained after them, as in vLLM. Lookahead tokens (``lookahead_token_ids``) are hashed with
+    their block, as ``chain_keys(..., lookahead=L)`` does for a request.
     """
     bs = ev.block_size
     if not isinstance(bs, int) or bs <= 0:
@@ -115,7 +121,61 @@ def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first
         parent_key = root_key(model, lora, event_salt(ev))
     if parent_key is None:
         return None
-    return chain_keys(parent_key, ev.token_ids, bs)
+    lookahead = ev.lookahead_token_ids
+    opaque = _opaque_blocks(ev)
+    if not lookahead and not opaque:
+        return chain_keys(parent_key, ev.token_ids, bs)
+    return _detailed_keys(ev, parent_key, bs, opaque)
+
+
+def lookahead_of(ev: BlockStored) -> int:
+    """How many tokens past each block vLLM hashed with it (0: lookahead hashes are off)."""
+    la = ev.lookahead_token_ids
+    return len(la[0]) if la and isinstance(la[0], list) else 0
+
+
+def _detailed_keys(ev: BlockStored, parent: int, bs: int, opaque: dict[int, list[Any]]) -> list[int]:
+    """``stored_keys`` block by block, for events carrying lookahead tokens or opaque extras;
+    keyed up to a malformed block (the rest is counted as orphaned by the caller)."""
+    lookahead: Sequence[Sequence[int]] | int = ev.lookahead_token_ids or 0
+    return detailed_chain(parent, ev.token_ids, bs, lookahead, opaque)
+
+
+def _opaque_blocks(ev: BlockStored) -> dict[int, list[Any]]:
+    """Per block index, the extra keys other than the LoRA name and block 0's cache salt.
+
+    vLLM's untagged event form lists, per block: the LoRA name, ``(mm_identifier, offset)``
+    pairs, block 0's cache salt, then prompt-embedding digests. LoRA and salt are in our root
+    key already; whatever else a block carries makes vLLM's hash differ from a text prompt's
+    with the same tokens, so it must make ours differ too. Unknown entries count as opaque: a
+    missed hit is acceptable, a predicted hit vLLM cannot give is not.
+    """
+    extra = ev.extra_keys
+    if not extra:
+        return {}
+    salt = event_salt(ev)
+    out: dict[int, list[Any]] = {}
+    for i, entry in enumerate(extra):
+        if entry is None:
+            continue
+        items = entry if isinstance(entry, (list, tuple)) else [entry]
+        rest: list[Any] = []
+        salt_seen = False
+        for item in items:
+            if isinstance(item, str):
+                if item == ev.lora_name:
+                    continue
+                if i == 0 and item == salt and not salt_seen:
+                    salt_seen = True
+                    continue
+            elif isinstance(item, (list, tuple)) and len(item) == 2 and item[0] in ("lora", "cache_salt"):
+                continue  # tagged form of the two we already keyed
+            elif isinstance(item, dict) and item.get("type") in ("lora", "cache_salt"):
+                continue
+            rest.append(item)
+        if rest:
+            out[i] = rest
+    return out
 
 
 def evict_oldest(d: dict[Any, Any], bound: int) -> None:

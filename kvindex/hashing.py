@@ -19,11 +19,12 @@ import hashlib
 import pickle
 import sys
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 import cbor2
+import msgspec
 import xxhash
 
 HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
@@ -157,17 +158,20 @@ def block_keys(
     model: str,
     lora: str | None = None,
     salt: str | None = None,
+    lookahead: int = 0,
 ) -> list[int]:
     """kvgate's chained 64-bit keys for every full block of ``token_ids``.
 
     ``key_i = xxh3_64(block_i's token ids as uint32 little-endian, seed=key_{i-1})`` with
     ``key_{-1} = root_key(model, lora, salt)``. The tokens are packed once into one buffer;
-    each block costs one hash call on a memoryview slice.
+    each block costs one hash call on a memoryview slice. With ``lookahead`` L > 0 (vLLM
+    0.33's lookahead block hashes for EAGLE-style drafters) each block's bytes also cover the L
+    tokens after it, and a block is keyed only once those tokens exist, as vLLM hashes it.
     """
-    return chain_keys(root_key(model, lora, salt), token_ids, block_size)
+    return chain_keys(root_key(model, lora, salt), token_ids, block_size, lookahead)
 
 
-def chain_keys(parent: int, token_ids: Sequence[int], block_size: int) -> list[int]:
+def chain_keys(parent: int, token_ids: Sequence[int], block_size: int, lookahead: int = 0) -> list[int]:
     """Continue a key chain from ``parent`` over the full blocks of ``token_ids``.
 
     The indexer calls this with the parent key of a BlockStored event; the request path calls
@@ -175,19 +179,81 @@ def chain_keys(parent: int, token_ids: Sequence[int], block_size: int) -> list[i
     """
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    n_full = len(token_ids) // block_size
+    if lookahead < 0:
+        raise ValueError("lookahead must not be negative")
+    n_full = max(0, len(token_ids) - lookahead) // block_size
     if n_full == 0:
         return []
+    covered = n_full * block_size + lookahead
     try:
         # the whole list, trailing partial block included: cheaper than copying a slice first
         packed = array("I", token_ids)
-    except OverflowError:  # a value out of uint32 range; only the full blocks must fit
-        packed = array("I", token_ids[: n_full * block_size])
+    except OverflowError:  # a value out of uint32 range; only the covered tokens must fit
+        packed = array("I", token_ids[:covered])
     if _BIG_ENDIAN:
         packed.byteswap()
     buf = packed.tobytes()
     stride = block_size * 4
+    width = stride + lookahead * 4
     h = xxhash.xxh3_64_intdigest
     key = parent
     # a comprehension with the seed passed positionally: ~15% faster than an explicit loop
-    return [key := h(buf[o : o + stride], key) for o in range(0, n_full * stride, stride)]
+    return [key := h(buf[o : o + width], key) for o in range(0, n_full * stride, stride)]
+
+
+#: separates a block's opaque extra keys from its tokens in ``detailed_chain``
+OPAQUE_TAG = b"\xffkvgate-opaque"
+
+
+def detailed_chain(
+    parent: int,
+    token_ids: Sequence[int],
+    block_size: int,
+    lookahead: Sequence[Sequence[int]] | int = 0,
+    opaque: Mapping[int, Sequence[Any]] | None = None,
+) -> list[int]:
+    """``chain_keys`` block by block, for blocks whose vLLM hash covers more than their tokens.
+
+    ``lookahead`` is either L (each block also hashes the L tokens after it, from
+    ``token_ids``) or, as events carry them, one list of lookahead tokens per block.
+    ``opaque`` maps a block index to the extra keys vLLM hashed into it besides LoRA and salt
+    (multimodal ``(identifier, offset)`` pairs, prompt-embedding digests, as events list them):
+    they are mixed into that block's key, so the key and every later one in the chain differ
+    from a text prompt's, as vLLM's hashes do. Equal to ``chain_keys`` when neither is given.
+    Stops before the first block that cannot be keyed (a token out of uint32 range, extras
+    that cannot be encoded): the keys up to there are returned.
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    per_block = not isinstance(lookahead, int)
+    width = 0 if per_block else int(lookahead)  # type: ignore[arg-type]
+    n = max(0, len(token_ids) - width) // block_size
+    if per_block:
+        n = min(n, len(lookahead))  # type: ignore[arg-type]
+    h = xxhash.xxh3_64_intdigest
+    opaque = opaque or {}
+    key = parent
+    out: list[int] = []
+    for i in range(n):
+        lo = i * block_size
+        try:
+            if per_block:
+                data = pack_tokens(token_ids[lo : lo + block_size]) + pack_tokens(lookahead[i])  # type: ignore[index]
+            else:
+                data = pack_tokens(token_ids[lo : lo + block_size + width])
+            key = h(data, key)
+            extras = opaque.get(i)
+            if extras:
+                key = h(OPAQUE_TAG + msgspec.msgpack.encode(list(extras)), key)
+        except (OverflowError, TypeError, msgspec.EncodeError):
+            break
+        out.append(key)
+    return out
+
+
+def pack_tokens(token_ids: Sequence[int]) -> bytes:
+    """Token ids as the uint32 little-endian bytes ``chain_keys`` hashes."""
+    packed = array("I", token_ids)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()

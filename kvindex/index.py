@@ -48,6 +48,16 @@ def best_tier_name(mask: int) -> str:
     return "STORAGE"
 
 
+#: a model's block size and lookahead travel as one int: ``block_size | lookahead << 20``
+GEOMETRY_SHIFT = 20
+GEOMETRY_BLOCK_MASK = (1 << GEOMETRY_SHIFT) - 1
+
+
+def pack_geometry(block_size: int, lookahead: int) -> int:
+    """One int for a model's block size and lookahead (a plain block size when lookahead is 0)."""
+    return block_size | lookahead << GEOMETRY_SHIFT
+
+
 class IndexUnavailableError(RuntimeError):
     """The index backend cannot be reached (e.g. Redis down). Callers route on load alone
     until it answers again; the Redis backend's subclass is also a ``redis.RedisError``."""
@@ -105,11 +115,22 @@ class KVIndex(abc.ABC):
         """Block size seen in ``model``'s events, if any (requests must be cut the same way)."""
         return self._block_sizes.get(model)
 
-    def _note_block_size(self, model: str, size: int) -> None:
+    def lookahead(self, model: str) -> int:
+        """Tokens past each block that ``model``'s replicas hash with it (vLLM 0.33's lookahead
+        block hashes, from the events' ``lookahead_token_ids``); 0 when off or not seen yet."""
+        return self._lookaheads.get(model, 0)
+
+    def _note_block_size(self, model: str, size: int, lookahead: int = 0) -> None:
         self._block_sizes[model] = size
+        self._lookaheads[model] = lookahead
+
+    def _note_geometry(self, model: str, packed: int) -> None:
+        """Note a ``pack_geometry`` value (how the Redis backend shares it between processes)."""
+        self._note_block_size(model, packed & GEOMETRY_BLOCK_MASK, packed >> GEOMETRY_SHIFT)
 
     def __init__(self) -> None:
         self._block_sizes: dict[str, int] = {}
+        self._lookaheads: dict[str, int] = {}
 
     async def data_lost(self) -> bool:
         """True once after the backend lost its whole contents since the previous call (e.g. Redis

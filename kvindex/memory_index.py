@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from itertools import islice, repeat
 from typing import Any
 
-from .event_rules import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, stored_keys
+from .event_rules import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, lookahead_of, stored_keys
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
 from .index import ApplyStats, KVIndex, PrefixMatch, medium_tier
 
@@ -113,7 +113,7 @@ class MemoryIndex(KVIndex):
         if keys is None:
             stats.orphaned += len(block_hashes)
             return
-        self._note_block_size(model, ev.block_size)
+        self._note_block_size(model, ev.block_size, lookahead_of(ev))
         if len(keys) != len(block_hashes):  # token_ids and hashes disagree: key what both cover
             stats.orphaned += max(0, len(block_hashes) - len(keys))
             keys = keys[: len(block_hashes)]

@@ -19,7 +19,8 @@ engine hashes as hex too: 16 digits for the usual ints, the digest's hex for raw
   apply script and lets a restarted (or second) indexer chain BlockStored events whose parent
   it never saw. TTL ``ttl_s``, refreshed on every apply for that replica; an entry leaves it
   when its block left every tier; DEL on AllBlocksCleared / ``drop_replica``.
-* ``{ns}:block_sizes`` — hash, model -> block size seen in events, so gateways that do not
+* ``{ns}:block_sizes`` — hash, model -> block size seen in events (``pack_geometry``: with
+  vLLM 0.33's lookahead hashes, ``block_size | lookahead << 20``), so gateways that do not
   ingest events learn how to cut requests (every lookup returns its model's entry; ``ping``
   refreshes them all).
 * ``{ns}:generation`` — string, a random token written by whichever process first finds it
@@ -75,16 +76,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .event_rules import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, needs_known_first, stored_keys
+from .event_rules import BEST_TIER, SLOWEST_TIER_NAME, evict_oldest, is_primary_group, lookahead_of, needs_known_first, stored_keys
 from .events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, EventBatch
-from .index import ApplyStats, IndexUnavailableError, KVIndex, PrefixMatch, medium_tier
+from .index import ApplyStats, IndexUnavailableError, KVIndex, PrefixMatch, medium_tier, pack_geometry
 from .outage import StateLog
 
 _APPLY_LUA = """
 -- KEYS[1] epochs hash, KEYS[2] this replica's engine-hash map, KEYS[3] block-size hash,
 -- KEYS[4] generation marker
 -- ARGV[1] replica, ARGV[2] ttl s, ARGV[3] block key prefix, ARGV[4] model, ARGV[5] block
--- size (0: none), ARGV[7] a fresh generation token, set if the marker is missing,
+-- size and lookahead as pack_geometry gives them (0: none), ARGV[7] a fresh generation token, set if the marker is missing,
 -- ARGV[6] msgpack array of ops in event order:
 --   {'S', tier, keys hex (16 per block), engine hashes hex, hex width per hash}  stored
 --   {'R', tier, engine hashes hex, hex width per hash}                         removed
@@ -452,8 +453,8 @@ class RedisIndex(KVIndex):
                 keys = keys[: len(hashes)]
                 stats.orphaned += len(ev.block_hashes) - len(hashes)
                 stats.stored += len(hashes)
-                block_size = ev.block_size
-                self._note_block_size(model, block_size)
+                block_size = pack_geometry(ev.block_size, lookahead_of(ev))
+                self._note_geometry(model, block_size)
                 local.update(zip(hashes, keys, strict=True))
                 tier = medium_tier(ev.medium)
                 for lo, hi, fields, width in hash_runs(hashes):
@@ -543,7 +544,7 @@ class RedisIndex(KVIndex):
                 (prefix, hex_keys(keys), self.ttl_s, model),
             )
         if reply[0] is not None:  # learnt from the indexer, wherever it runs
-            self._note_block_size(model, int(reply[0]))
+            self._note_geometry(model, int(reply[0]))
         out = _walk(reply[1:], self._decode) if len(reply) > 1 else {}
         if self.refresh_on_hit and out:
             self._note_hits(prefix, keys[: max(m.blocks for m in out.values())], now)
@@ -604,7 +605,7 @@ class RedisIndex(KVIndex):
             return False
         self.outage.up()
         for model, size in sizes.items():
-            self._note_block_size(model.decode(), int(size))
+            self._note_geometry(model.decode(), int(size))
         return True
 
     async def close(self) -> None:

@@ -780,7 +780,7 @@ async def test_golden_replay_matches_what_vllm_would_serve(index: KVIndex, versi
         stats = await index.apply("r1", decode_batch(bytes.fromhex(b["payload"])), model=model)
         assert stats.orphaned == 0, (version, b["seq"])
         for want in (lk for lk in lookups if lk["after_batch"] == b["seq"]):
-            keys = block_keys(want["tokens"], bs, model=model, lora=want["lora"], salt=want["salt"])
+            keys = block_keys(want["tokens"], bs, model=model, lora=want["lora"], salt=want["salt"], lookahead=want.get("lookahead", 0))
             got = await index.lookup(keys, model=model)
             blocks = got["r1"].blocks if "r1" in got else 0
             assert blocks == want["blocks"], (version, b["seq"], want["note"])
