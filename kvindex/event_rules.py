@@ -15,11 +15,14 @@ interface in ``kvindex.index``), and ``kvindex.backends.make_index`` imports bot
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+import xxhash
+
 from .events import BlockStored
-from .hashing import chain_keys, detailed_chain, root_key
+from .hashing import HASH_ALGOS, chain_keys, detailed_chain, event_hash, hash_block_tokens, root_key
 from .index import TIER_NAMES
 
 #: Fastest tier bit held, indexed by a 3-bit tier mask (0 = nothing held).
@@ -90,7 +93,49 @@ def needs_known_first(ev: BlockStored) -> bool:
     return ev.parent_block_hash is None and not ev.extra_keys and bool(ev.block_hashes)
 
 
-def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first: int | None = None) -> list[int] | None:
+@dataclass(frozen=True, slots=True)
+class RootCheck:
+    """How a model's replicas hash (``--prefix-caching-hash-algo`` and PYTHONHASHSEED), to tell a
+    plain prompt from a salted or multimodal one when the events do not say.
+
+    vLLM up to 0.14 publishes no extra keys: a prompt-starting BlockStored of a salted prompt
+    (``cache_salt``) looks like an unsalted one with the same tokens, and keyed as such it would
+    promise hits vLLM cannot give. Knowing the hash, block 0's digest can be recomputed for the
+    plain prompt (with the event's LoRA, as that release hashes it: the int id up to 0.11, the
+    name after) and compared with the published one; if they differ the prompt carried
+    something else and its blocks get a root no request reaches.
+    """
+
+    algo: str
+    seed: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.algo not in HASH_ALGOS:
+            raise ValueError(f"unknown hash algorithm {self.algo!r}; expected one of {', '.join(HASH_ALGOS)}")
+
+    def is_plain(self, ev: BlockStored) -> bool:
+        """Whether ``ev``'s first block hashes as a prompt with no salt and no multimodal input."""
+        bs = ev.block_size
+        if not ev.block_hashes or len(ev.token_ids) < bs:
+            return True  # nothing to key
+        lora: tuple[Any, ...] | None = None
+        if ev.lora_name is not None:
+            lora = (ev.lora_name,)
+        elif ev.lora_id is not None:
+            lora = (ev.lora_id,)
+        digest = hash_block_tokens(self.algo, None, ev.token_ids[:bs], lora, self.seed)
+        published = ev.block_hashes[0]
+        return published == digest if isinstance(published, bytes) else published == event_hash(digest)
+
+
+def opaque_root(engine_hash: int | bytes) -> int:
+    """A root for a prompt the index cannot key as text: unique to its engine hash, so its own
+    later events still chain, and no request's key can equal it."""
+    raw = engine_hash if isinstance(engine_hash, bytes) else engine_hash.to_bytes(16, "big", signed=engine_hash < 0)
+    return xxhash.xxh3_64_intdigest(b"kvgate/opaque-root\x00" + raw)
+
+
+def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first: int | None = None, check: RootCheck | None = None) -> list[int] | None:
     """Our chained keys for a BlockStored event, or None if it cannot be keyed.
 
     ``parent_key`` is the resolved key of ``ev.parent_block_hash`` (ignored when the event
@@ -98,7 +143,8 @@ def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first
     event's first engine hash, if any: for a prompt-starting event without extra keys (a
     CPU-offload copy of a salted prompt says nothing of the salt) it is the better source,
     since the engine hash already covers the salt. None is returned for an unknown parent
-    or a malformed block size.
+    or a malformed block size. ``check``, when the model's hash is known, verifies a prompt
+    start that carries no extra keys (``RootCheck``).
 
     Blocks whose vLLM hash covers more than tokens, LoRA and salt (multimodal items, prompt
     embeddings: ``opaque_extras``) get keys no text prompt can produce, and so does every block
@@ -118,7 +164,10 @@ def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first
             # the oldest events carry only the adapter's int id: keep its blocks apart from the
             # base model's (requests name adapters, so they miss; they never match wrongly)
             lora = f"\x00lora-id:{ev.lora_id}"
-        parent_key = root_key(model, lora, event_salt(ev))
+        if check is not None and not ev.extra_keys and not check.is_plain(ev):
+            parent_key = opaque_root(ev.block_hashes[0])
+        else:
+            parent_key = root_key(model, lora, event_salt(ev))
     if parent_key is None:
         return None
     lookahead = ev.lookahead_token_ids

@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .events import EventBatch
 
@@ -131,6 +131,12 @@ class KVIndex(abc.ABC):
     def __init__(self) -> None:
         self._block_sizes: dict[str, int] = {}
         self._lookaheads: dict[str, int] = {}
+        self._root_checks: dict[str, Any] = {}
+
+    def set_root_check(self, model: str, check: Any) -> None:
+        """Verify ``model``'s prompt starts that carry no extra keys against its replicas' hash
+        (an ``event_rules.RootCheck``; vLLM <= 0.14 publishes no salt in its events)."""
+        self._root_checks[model] = check
 
     async def data_lost(self) -> bool:
         """True once after the backend lost its whole contents since the previous call (e.g. Redis

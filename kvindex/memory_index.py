@@ -107,7 +107,7 @@ class MemoryIndex(KVIndex):
         parent = ev.parent_block_hash
         block_hashes = ev.block_hashes
         if parent is None:
-            keys = stored_keys(ev, None, model, hashes.get(block_hashes[0]) if block_hashes else None)
+            keys = stored_keys(ev, None, model, hashes.get(block_hashes[0]) if block_hashes else None, self._root_checks.get(model))
         else:
             keys = stored_keys(ev, hashes.get(parent), model)
         if keys is None:

@@ -443,7 +443,7 @@ class RedisIndex(KVIndex):
                     if needs_known_first(ev):
                         first = ev.block_hashes[0]
                         known = local.get(first, fetched.get(first))
-                    keys = stored_keys(ev, None, model, known)
+                    keys = stored_keys(ev, None, model, known, self._root_checks.get(model))
                 else:
                     keys = stored_keys(ev, local.get(parent, fetched.get(parent)), model)
                 if keys is None:

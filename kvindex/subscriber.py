@@ -199,12 +199,18 @@ class EventSubscriber:
                 await t
 
     async def add_source(self, src: ReplicaSource) -> None:
+        """Start ingesting ``src`` while running (a replica joined: discovery). A source with
+        the same replica id is replaced; its index entries stay (``remove_source`` first to
+        drop them). The new socket joins late, so its first batch asks the replay buffer for
+        what came before it."""
         await self.remove_source(src.replica, forget=False)
         self.sources[src.replica] = src
         if src.endpoint:
             self._start_source(src, src.endpoint)
 
     async def remove_source(self, replica: str, forget: bool = True) -> None:
+        """Stop ingesting ``replica``. ``forget``: it left the fleet, so its index entries and
+        counters go too (a replica coming back under the same id starts from nothing)."""
         task = self._tasks.pop(replica, None)
         if task is not None:
             task.cancel()
@@ -216,9 +222,17 @@ class EventSubscriber:
         self._run_base.pop(replica, None)
         if forget:
             self._untrust_pending.discard(replica)
-            # if the index is down this only logs: a removed replica is out of the fleet (no
-            # request goes there) and its Redis entries expire with their TTL
-            await self._index_call(replica, self.index.drop_replica(replica))
+            self._rebuild_pending.discard(replica)
+            self._outage_lost.pop(replica, None)
+            self.stats.per_replica.pop(replica, None)
+            # under its lock: a rebuild or gap repair under way finishes before the drop
+            async with self._lock.setdefault(replica, asyncio.Lock()):
+                # if the index is down this only logs: a removed replica is out of the fleet (no
+                # request goes there) and its Redis entries expire with their TTL
+                await self._index_call(replica, self.index.drop_replica(replica))
+            self.stats.per_replica.pop(replica, None)  # _index_call may have counted a failure
+            if replica not in self.sources:
+                self._lock.pop(replica, None)
 
     # -- receiving ------------------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from kvindex.event_rules import RootCheck
 from kvindex.events import BlockStored, EventBatch, decode_batch, encode_batch
-from kvindex.hashing import block_keys, chain_keys, detailed_chain, root_key
+from kvindex.hashing import block_keys, chain_keys, detailed_chain, event_hash, root_key, vllm_block_hashes
 from kvindex.index import KVIndex, pack_geometry
 from kvindex.memory_index import MemoryIndex
 from kvindex.redis_index import RedisIndex
@@ -138,3 +139,47 @@ async def test_redis_shares_the_learned_lookahead(redis_url: str) -> None:
     finally:
         await writer.close()
         await reader.close()
+
+
+# -- vLLM <= 0.14: no extra keys in events; the configured hash tells salted from plain ------------
+
+
+def legacy_stored(tokens: list[int], digests: list[bytes], *, as_int: bool = True, **kw: Any) -> BlockStored:
+    """A prompt start as 0.10-0.14 publish it: no extra keys, hashes as ints (or raw digests)."""
+    hashes: list[Any] = [event_hash(d) if as_int else d for d in digests]
+    return BlockStored(
+        block_hashes=hashes, parent_block_hash=None, token_ids=tokens, block_size=BS, lora_id=kw.get("lora_id"), medium="GPU", lora_name=kw.get("lora_name")
+    )
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha256_cbor"])
+async def test_a_salted_prompt_in_legacy_events_is_not_taken_for_a_plain_one(index: KVIndex, algo: str) -> None:
+    seed = "1234"  # the replicas' PYTHONHASHSEED
+    index.set_root_check(MODEL, RootCheck(algo, seed))
+    plain = vllm_block_hashes(TOKENS, BS, algo, seed)
+    salted = vllm_block_hashes(TOKENS, BS, algo, seed, [("tenant-a",), None, None])  # 0.10-0.14: the bare salt
+    await put(index, legacy_stored(TOKENS, salted), replica="salted")
+    await put(index, legacy_stored(TOKENS, plain, as_int=False), replica="plain")
+    got = await index.lookup(block_keys(TOKENS, BS, model=MODEL), model=MODEL)
+    assert {r: m.blocks for r, m in got.items()} == {"plain": 3}
+
+
+async def test_legacy_lora_prompts_verify_with_the_id_or_the_name(index: KVIndex) -> None:
+    index.set_root_check(MODEL, RootCheck("sha256", "0"))
+    by_id = vllm_block_hashes(TOKENS, BS, "sha256", "0", [(7,), (7,), (7,)])  # 0.10/0.11 hash the int id
+    by_name = vllm_block_hashes(TOKENS, BS, "sha256", "0", [("ad",), ("ad",), ("ad",)])  # 0.14 the name
+    await put(index, legacy_stored(TOKENS, by_id, lora_id=7), replica="old")
+    await put(index, legacy_stored(TOKENS, by_name, lora_id=7, lora_name="ad"), replica="new")
+    got = await index.lookup(block_keys(TOKENS, BS, model=MODEL, lora="ad"), model=MODEL)
+    assert {r: m.blocks for r, m in got.items()} == {"new": 3}  # an int id names no adapter a request can ask for
+
+
+async def test_without_a_configured_hash_legacy_prompt_starts_count_as_plain(index: KVIndex) -> None:
+    salted = vllm_block_hashes(TOKENS, BS, "sha256", "0", [("tenant-a",), None, None])
+    await put(index, legacy_stored(TOKENS, salted))
+    assert await hits(index, block_keys(TOKENS, BS, model=MODEL)) == 3  # documented: set prefix_hash_algo
+
+
+def test_root_check_refuses_an_unknown_algorithm() -> None:
+    with pytest.raises(ValueError):
+        RootCheck("md5")
