@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-endpoint", help="ZMQ ROUTER replay endpoint, e.g. tcp://*:5558 (port 0: any free port)")
     p.add_argument("--kv-events-topic", default=d.kv_events_topic)
     p.add_argument("--legacy-events", action="store_true", help="encode events in the older array form")
+    p.add_argument(
+        "--vllm-version",
+        default=d.vllm_version,
+        help="behave like this vLLM release (0.10, 0.11, 0.14, 0.20, 0.27, 0.33): event form, hash extra keys, replay frames, NONE_HASH seeding",
+    )
+    p.add_argument(
+        "--hash-lookahead-tokens", type=int, default=d.hash_lookahead_tokens, help="vLLM 0.33 lookahead block hashes (EAGLE): tokens after a block in its hash"
+    )
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--num-blocks", type=int, default=d.num_blocks, help="KV cache capacity in blocks")
     p.add_argument("--hash-algo", choices=["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"], default=d.hash_algo)
@@ -112,6 +120,8 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                 replay_port=(rp_port + 2 * i) if rp_port else 0,
                 kv_events_topic=args.kv_events_topic,
                 legacy_events=args.legacy_events,
+                vllm_version=args.vllm_version,
+                hash_lookahead_tokens=args.hash_lookahead_tokens,
                 time_scale=args.time_scale,
                 seed=args.seed + i,
                 max_model_len=args.max_model_len,

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .vllm_versions import VllmProfile
+from .vllm_versions import profile as vllm_profile
+
 
 @dataclass
 class SimConfig:
@@ -31,7 +34,12 @@ class SimConfig:
     replay: bool = True  # serve the replay ROUTER (vLLM's replay_endpoint) next to the PUB socket
     replay_port: int = 0  # 0: any free port, as kv_events_port
     kv_events_topic: str = ""
-    legacy_events: bool = False
+    legacy_events: bool = False  # the 0.14 array form on the wire, whatever ``vllm_version`` says (older option)
+    #: the vLLM release to behave like: event form, hash extra keys, replay frames, NONE_HASH
+    #: seeding (simulator/vllm_versions.py says what differs); "0.10" ... "0.33"
+    vllm_version: str = "0.33"
+    #: vLLM 0.33's lookahead block hashes (EAGLE drafters): tokens after each block in its hash
+    hash_lookahead_tokens: int = 0
     replay_buffer: int = 10_000
     time_scale: float = 1.0
     seed: int = 0
@@ -63,7 +71,19 @@ class SimConfig:
         keys = [self.api_key] if isinstance(self.api_key, str) else list(self.api_key or [])
         return [k for k in keys if k]
 
+    def profile(self) -> VllmProfile:
+        return vllm_profile(self.vllm_version)
+
+    def event_form(self) -> bool | int:
+        """How events go on the wire: False for the map form, else the array length."""
+        if self.legacy_events:
+            return 7
+        return self.profile().array_fields or False
+
     def validate(self) -> None:
+        prof = self.profile()  # raises for an unknown release
+        if self.hash_lookahead_tokens < 0 or (self.hash_lookahead_tokens and not prof.lookahead):
+            raise ValueError(f"hash_lookahead_tokens needs vLLM 0.33 or later and must be >= 0 (vllm_version {self.vllm_version})")
         if self.role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
         if self.block_size <= 0 or self.num_blocks <= 0:

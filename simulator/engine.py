@@ -127,7 +127,7 @@ class Engine:
     def __init__(self, cfg: SimConfig, tokenizer: Tokenizer, publish: Callable[[list], None] | None = None) -> None:
         self.cfg = cfg
         self.tok = tokenizer
-        self.cache = PrefixCache(cfg.num_blocks, cfg.block_size, cfg.hash_algo, cfg.hash_seed)
+        self.cache = PrefixCache(cfg.num_blocks, cfg.block_size, cfg.hash_algo, cfg.hash_seed, cfg.profile(), cfg.hash_lookahead_tokens)
         self.publish = publish or (lambda events: None)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -188,7 +188,7 @@ class Engine:
     def extra_keys(self, req: Request, n_blocks: int) -> list[tuple | None]:
         """vLLM 0.33's tagged extra keys per block: LoRA on every block, cache salt on block 0."""
         assert req.keys is not None
-        return [req.keys.hash_key(i) for i in range(n_blocks)]
+        return [self.cache.hash_key(req.keys, i) for i in range(n_blocks)]
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)

@@ -3,8 +3,9 @@
 PUB socket: each message ``[topic, seq (8-byte big-endian, from 0), msgpack payload]``; a
 ROUTER replay socket keeps the last ``replay_buffer`` batches and answers a DEALER's
 ``[b"", start_seq]`` with ``[b"", topic, seq, payload]`` for every buffered batch from
-``start_seq`` on, then the end marker ``[b"", topic, ff×8, b""]``; with ``legacy`` (older vLLM,
-array-form events) replies carry no topic: ``[b"", seq, payload]``. Publishing never blocks
+``start_seq`` on, then the end marker ``[b"", b"", ff×8, b""]`` (an empty topic frame, as
+vLLM 0.27+ sends it); with ``legacy`` (vLLM up to 0.20, array-form events: the BlockStored
+length, or True for 7) replies carry no topic: ``[b"", seq, payload]``, end ``[b"", ff×8, b""]``. Publishing never blocks
 the engine: the PUB socket drops at its high-water mark like vLLM's does. An endpoint with port
 0 (or ``*``) binds any free port: ``endpoint`` / ``replay_endpoint`` and ``port`` /
 ``replay_port`` say which, once constructed.
@@ -32,7 +33,7 @@ END_SEQ = b"\xff" * 8
 
 class EventPublisher:
     def __init__(
-        self, ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: str | None, topic: str = "", *, legacy: bool = False, buffer: int = 10_000
+        self, ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: str | None, topic: str = "", *, legacy: bool | int = False, buffer: int = 10_000
     ) -> None:
         self.topic = topic.encode()
         self.legacy = legacy
@@ -86,7 +87,8 @@ class EventPublisher:
             for seq, payload in list(self.buffer):
                 if seq >= start_seq:
                     await self.router.send_multipart([*head, seq.to_bytes(8, "big"), payload])
-            await self.router.send_multipart([*head, END_SEQ, b""])
+            end = [ident, b""] if self.legacy else [ident, b"", b""]
+            await self.router.send_multipart([*end, END_SEQ, b""])
 
     async def close(self) -> None:
         if self._task is not None:

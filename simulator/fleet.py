@@ -132,6 +132,10 @@ def cli_args(cfg: SimConfig) -> list[str]:
             args += ["--kv-events-topic", cfg.kv_events_topic]
     if cfg.legacy_events:
         args.append("--legacy-events")
+    if cfg.vllm_version != SimConfig.vllm_version:
+        args += ["--vllm-version", cfg.vllm_version]
+    if cfg.hash_lookahead_tokens:
+        args += ["--hash-lookahead-tokens", str(cfg.hash_lookahead_tokens)]
     for m in cfg.lora_modules:
         args += ["--lora-module", m]
     if not cfg.prefer_nixl:

@@ -10,12 +10,16 @@ still holds a cached hash evicts it (BlockRemoved).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvindex.hashing import event_hash, hash_function, none_hash
+
+from .vllm_versions import VllmProfile
+from .vllm_versions import profile as vllm_profile
 
 
 @dataclass(slots=True)
@@ -34,11 +38,13 @@ class BlockKeys:
     into the events as vLLM sets them.
     """
 
-    __slots__ = ("_e", "_e0", "_h", "_h0", "lora_id", "lora_name")
+    __slots__ = ("_e", "_e0", "_h", "_h0", "lora_id", "lora_name", "lora_path", "salt")
 
     def __init__(self, lora: str | None = None, lora_path: str | None = None, salt: str | None = None, lora_id: int | None = None) -> None:
         self.lora_name = lora
         self.lora_id = lora_id if lora else None
+        self.lora_path = lora_path
+        self.salt = salt
         lora_t = (("lora", lora, lora_path or f"/adapters/{lora}"),) if lora else ()
         salt_t = (("cache_salt", salt),) if salt else ()
         self._h0 = (lora_t + salt_t) or None
@@ -71,13 +77,32 @@ class NoSpace(Exception):
 
 
 class PrefixCache:
-    def __init__(self, num_blocks: int, block_size: int, algo: str = "sha256", seed: str | None = None) -> None:
+    """vLLM's prefix cache for one replica, as a given release (``profile``) hashes and reports
+    it. ``lookahead`` L > 0 is vLLM 0.33's lookahead block hashing (EAGLE drafters): a block's
+    hash also covers the L tokens after it, so a block is hashed once those exist."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        algo: str = "sha256",
+        seed: str | None = None,
+        profile: VllmProfile | None = None,
+        lookahead: int = 0,
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.algo = algo
         self.seed = seed
+        self.profile = profile or vllm_profile("0.33")
+        if lookahead and not self.profile.lookahead:
+            raise ValueError(f"vLLM {self.profile.release} has no lookahead block hashes")
+        self.lookahead = lookahead
         self._hash = hash_function(algo)
-        self._none = none_hash(algo, seed)
+        if seed is None and not self.profile.seeded_none_hash:
+            self._none = os.urandom(32)  # as that release does without PYTHONHASHSEED: per process
+        else:
+            self._none = none_hash(algo, seed)
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}
@@ -90,14 +115,35 @@ class PrefixCache:
     def block_digest(self, parent: bytes | None, tokens: Sequence[int], extra: tuple | None) -> bytes:
         return self._hash((parent or self._none, tuple(tokens), extra))
 
-    def prompt_digests(self, tokens: Sequence[int], keys: BlockKeys = NO_KEYS, n_full: int | None = None) -> list[bytes]:
-        """vLLM's chained digests of the first ``n_full`` (default: all) full blocks of ``tokens``."""
+    def hash_key(self, keys: BlockKeys, i: int) -> tuple | None:
+        """Block ``i``'s extra keys in the hash, as this release forms them (without lookahead)."""
+        if self.profile.salt_tagged:  # 0.33: precomputed on the keys
+            return keys.hash_key(i)
+        return self.profile.hash_extra(keys.lora_name, keys.lora_id, keys.lora_path, keys.salt, i)
+
+    def hashable_blocks(self, n_tokens: int) -> int:
+        """Full blocks of ``n_tokens`` that can be hashed (with lookahead, the L tokens after a
+        block must exist too)."""
+        return max(0, n_tokens - self.lookahead) // self.block_size
+
+    def _digest(self, parent: bytes | None, tokens: Sequence[int], keys: BlockKeys, i: int) -> bytes:
         bs = self.block_size
+        extra = self.hash_key(keys, i)
+        L = self.lookahead
+        if L:  # vLLM 0.33: the extra keys become (E, *next L tokens)
+            end = (i + 1) * bs
+            extra = (extra, tokens[end]) if L == 1 else (extra, *tokens[end : end + L])
+        return self.block_digest(parent, tokens[i * bs : (i + 1) * bs], extra)
+
+    def prompt_digests(self, tokens: Sequence[int], keys: BlockKeys = NO_KEYS, n_full: int | None = None) -> list[bytes]:
+        """vLLM's chained digests of the first ``n_full`` (default: all) hashable blocks of ``tokens``."""
         out: list[bytes] = []
         parent = None
-        n = len(tokens) // bs if n_full is None else n_full
+        n = self.hashable_blocks(len(tokens))
+        if n_full is not None:
+            n = min(n, n_full)
         for i in range(n):
-            parent = self.block_digest(parent, tokens[i * bs : (i + 1) * bs], keys.hash_key(i))
+            parent = self._digest(parent, tokens, keys, i)
             out.append(parent)
         return out
 
@@ -121,7 +167,8 @@ class PrefixCache:
         if blk.digest is not None:
             if self.cached.get(blk.digest) == bid:
                 del self.cached[blk.digest]
-                self.pending.append(BlockRemoved(block_hashes=[event_hash(blk.digest)], medium="GPU"))
+                group = 0 if self.profile.extra_keys_in_events else None  # group_idx exists from 0.20 on
+                self.pending.append(BlockRemoved(block_hashes=[event_hash(blk.digest)], medium="GPU", group_idx=group))
             blk.digest = None
         return bid
 
@@ -175,8 +222,7 @@ class PrefixCache:
 
         Returns the ids of newly cached blocks (for P/D, whose KV bytes get written).
         """
-        bs = self.block_size
-        full = len(tokens) // bs
+        full = self.hashable_blocks(len(tokens))
         start = len(alloc.digests)
         if full <= start:
             return []
@@ -184,8 +230,7 @@ class PrefixCache:
         run: list[int] = []  # block indexes of the current run of newly cached blocks
         parent = alloc.digests[-1] if alloc.digests else None
         for i in range(start, full):
-            block_tokens = tokens[i * bs : (i + 1) * bs]
-            digest = self.block_digest(parent, block_tokens, keys.hash_key(i))
+            digest = self._digest(parent, tokens, keys, i)
             alloc.digests.append(digest)
             parent = digest
             bid = alloc.blocks[i]
@@ -206,6 +251,13 @@ class PrefixCache:
             return
         bs = self.block_size
         first = run[0]
+        L = self.lookahead
+        if self.profile.salt_tagged:
+            extra: list | None = [keys.event_key(i) for i in run]
+        elif self.profile.extra_keys_in_events:
+            extra = [self.profile.event_extra(keys.lora_name, keys.salt, i) for i in run]
+        else:
+            extra = None
         self.pending.append(
             BlockStored(
                 block_hashes=[event_hash(alloc.digests[i]) for i in run],
@@ -214,9 +266,10 @@ class PrefixCache:
                 block_size=bs,
                 lora_id=keys.lora_id,
                 medium="GPU",
-                lora_name=keys.lora_name,
-                extra_keys=[keys.event_key(i) for i in run],
+                lora_name=keys.lora_name if self.profile.lora_hash != "id" else None,
+                extra_keys=extra,
                 group_idx=0,
+                lookahead_token_ids=[list(tokens[(i + 1) * bs : (i + 1) * bs + L]) for i in run] if L else None,
             )
         )
 

@@ -207,7 +207,7 @@ class SimServer:
                 f"tcp://{cfg.host}:{cfg.kv_events_port}",
                 f"tcp://{cfg.host}:{cfg.replay_port}" if cfg.replay else None,
                 cfg.kv_events_topic,
-                legacy=cfg.legacy_events,
+                legacy=cfg.event_form(),
                 buffer=cfg.replay_buffer,
             )
             # port 0 asked for any free port: from now on the config says which
