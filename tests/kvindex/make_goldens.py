@@ -2,9 +2,17 @@
 
 Usage (one command per release; the wheel is only read, never installed)::
 
-    pip download --no-deps vllm==0.33.0 -d /tmp/vllm-0.33.0
     python3 -m venv /tmp/genvenv && /tmp/genvenv/bin/pip install msgspec pyzmq cbor2
+    for v in 0.10.2 0.11.0 0.14.0 0.20.0 0.27.0 0.33.0; do pip download --no-deps vllm==$v -d /tmp/vllm-$v; done
+    /tmp/genvenv/bin/python tests/kvindex/make_goldens.py /tmp/vllm-0.10.2/vllm-0.10.2-*.whl 0.10.2
+    /tmp/genvenv/bin/python tests/kvindex/make_goldens.py /tmp/vllm-0.11.0/vllm-0.11.0-*.whl 0.11.0
+    /tmp/genvenv/bin/python tests/kvindex/make_goldens.py /tmp/vllm-0.14.0/vllm-0.14.0-*.whl 0.14.0
+    /tmp/genvenv/bin/python tests/kvindex/make_goldens.py /tmp/vllm-0.20.0/vllm-0.20.0-*.whl 0.20.0
+    /tmp/genvenv/bin/python tests/kvindex/make_goldens.py /tmp/vllm-0.27.0/vllm-0.27.0-*.whl 0.27.0
     /tmp/genvenv/bin/python tests/kvindex/make_goldens.py /tmp/vllm-0.33.0/vllm-0.33.0-*.whl 0.33.0
+
+Each run takes a few seconds (binds a few free TCP ports on all interfaces, as ``tcp://*:port``
+does) and writes the same file every time.
 
 (vLLM's hashing module imports ``cbor2``, which the project's .venv does not have, hence the
 throwaway venv; any Python 3.11+ with msgspec, pyzmq and cbor2 works.)
@@ -50,9 +58,16 @@ Output ``tests/kvindex/goldens/vllm-<version>.json``:
   ``after_index``: position in ``batches``), on which ``engine`` and ``dp_rank``, a request's
   ``tokens``/``lora``/``salt``/``mm``/``embeds``/``lookahead``; its ``block_hashes`` (vLLM's
   hasher), ``extras`` (per block, the extra keys vLLM would publish for it, bytes as
-  ``{"hex": ...}``; null where the release publishes none), and ``blocks``: how many leading
-  block hashes that rank's BlockPool holds in group 0 (``get_cached_block``) at that point;
-* ``features``, ``hash``, ``engines``, ``prompts``, ``alt_hash`` (sha256_cbor), ``provenance``.
+  ``{"hex": ...}``; null where the release publishes none), ``hash_extra_keys`` (the keys its
+  hashes used; tagged in 0.33), ``lookahead_token_ids``, and ``blocks``: how many leading block
+  hashes that rank's BlockPool holds in group 0 (``get_cached_block``) at that point (not capped
+  at num_tokens - 1 as the scheduler's own lookup is). ``after_batch`` is null while that
+  publisher has sent nothing. ``embeds`` are the rows of the prompt-embeds matrix (float32):
+  0.20+ hashes (and publishes) sha256 of each block's rows as little-endian float32 bytes, 0.14
+  the bytes themselves;
+* ``features`` (what the release has and showed), ``hash`` (algo, seed, NONE_HASH, the LoRA
+  adapter), ``engines``, ``alt_hash`` (the same prompts under sha256_cbor), ``provenance`` (which
+  files ran whole, which definitions ran alone, which modules were stubs).
 
 Scenario (block size 4, sha256, NONE_HASH seed recorded): engine ``main`` (a hybrid model where
 the release publishes ``group_idx``: group 0 full attention, group 1 sliding window of 8 tokens)
