@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kvindex.backends import make_index
@@ -29,14 +29,14 @@ from scorers.scheduler import Scheduler
 
 from .admission import Admission
 from .config import GatewayConfig
-from .errors import GatewayError, error_response
+from .errors import GatewayError, error_response, normalize_error
 from .fleet import Fleet
 from .forward import Forwarder, RelayResponse
 from .hops import Hops
 from .intake import FrontDoor, key_matches, require_client_key
 from .metrics import GatewayMetrics, counter, gauge
 from .proxy import make_client
-from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, req_log, request_id_from
+from .request import CHAT, COMPLETIONS, DETOKENIZE, EMBEDDINGS, RESPONSES, TOKENIZE, ProxyRequest, req_log, request_id_from
 from .routing import Router
 
 log = logging.getLogger("kvgate.app")
@@ -182,7 +182,8 @@ def _fail(gw: Gateway, exc: GatewayError, req: ProxyRequest) -> Response:
 async def proxy_request(
     gw: Gateway, request: Request, kind: str, path: str, serve: Callable[[ProxyRequest], Awaitable[Response | RelayResponse]] | None = None
 ) -> Response | RelayResponse:
-    """/v1/completions, /v1/chat/completions and /v1/embeddings: through the front door, then
+    """Every proxied POST (/v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings,
+    /tokenize, /detokenize): through the front door, then
     ``serve`` (default: the gateway's own routing; the sidecar passes its plan-from-the-picker).
 
     Whatever happens, the request gives back what it holds (admission slot, disconnect
@@ -226,6 +227,56 @@ class Routes:
     async def embeddings(self, request: Request) -> Response | RelayResponse:
         return await proxy_request(self.gw, request, EMBEDDINGS, "/v1/embeddings")
 
+    async def responses(self, request: Request) -> Response | RelayResponse:
+        return await proxy_request(self.gw, request, RESPONSES, "/v1/responses")
+
+    async def tokenize(self, request: Request) -> Response | RelayResponse:
+        return await proxy_request(self.gw, request, TOKENIZE, "/tokenize")
+
+    async def detokenize(self, request: Request) -> Response | RelayResponse:
+        return await proxy_request(self.gw, request, DETOKENIZE, "/detokenize")
+
+    async def stored_response(self, request: Request) -> Response:
+        """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel: to the replica that holds
+        the response (the one that answered it, else whichever says it has it); vLLM's own 404
+        when none does. ``?stream=true`` (a background response's events) is relayed as it comes."""
+        gw = self.gw
+        try:
+            check_client_auth(gw, request)
+        except GatewayError as exc:
+            return error_response(exc)
+        rid = request.path_params["response_id"]
+        name = gw.hops.affinity.holder(rid)
+        state = gw.fleet.get(name) if name is not None else None
+        if state is None or not state.healthy:
+            name = await gw.router.find_response(rid, [s for s in gw.fleet.all() if s.healthy])
+            state = gw.fleet.get(name) if name is not None else None
+        if state is None:
+            message = f"Response with id '{rid}' not found."
+            return error_response(GatewayError(404, message, "not_found", "response_id"))
+        url = state.url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = dict(gw.fleet.upstream_auth(state.id))
+        try:
+            upstream = await gw.client.send(gw.client.build_request(request.method, url, headers=headers), stream=True)
+        except httpx.HTTPError as exc:
+            return error_response(GatewayError(503, f"replica {state.id} did not answer: {type(exc).__name__}", "upstream_unavailable"))
+        media = upstream.headers.get("content-type", "application/json")
+        if "text/event-stream" not in media:
+            content = await upstream.aread()
+            await upstream.aclose()
+            if upstream.status_code >= 400:
+                content = normalize_error(upstream.status_code, content) or content
+            return Response(content, status_code=upstream.status_code, media_type=media)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+
+        return StreamingResponse(relay(), status_code=upstream.status_code, media_type=media)
+
     def _model_cards(self) -> list[dict[str, Any]]:
         """The models a healthy replica serves, as OpenAI's (and vLLM's) model objects."""
         gw = self.gw
@@ -239,6 +290,7 @@ class Routes:
                 "root": info.base,
                 "parent": info.base if info.lora else None,
                 "max_model_len": info.max_model_len,
+                "permission": [],  # vLLM's ModelCard field (a list of ModelPermission), kept for its shape
             }
             for info in sorted(gw.fleet.models().values(), key=lambda m: m.id)
             if any(gw.fleet.states[r].healthy for r in info.replicas if r in gw.fleet.states)
@@ -355,6 +407,11 @@ def build_app(cfg: GatewayConfig) -> GatewayApp:
         Route("/v1/completions", r.completions, methods=["POST"]),
         Route("/v1/chat/completions", r.chat, methods=["POST"]),
         Route("/v1/embeddings", r.embeddings, methods=["POST"]),
+        Route("/v1/responses", r.responses, methods=["POST"]),
+        Route("/v1/responses/{response_id}", r.stored_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", r.stored_response, methods=["POST"]),
+        Route("/tokenize", r.tokenize, methods=["POST"]),
+        Route("/detokenize", r.detokenize, methods=["POST"]),
         Route("/v1/models", r.models, methods=["GET"]),
         Route("/v1/models/{model:path}", r.model, methods=["GET"]),
         Route("/ping", r.ping, methods=["GET", "POST"]),
@@ -371,7 +428,7 @@ def build_app(cfg: GatewayConfig) -> GatewayApp:
 
 
 class GatewayApp:
-    """The ASGI entry point: the three proxied POST routes go straight to their handler.
+    """The ASGI entry point: the proxied POST routes go straight to their handler.
 
     Everything else (models, health, metrics, admin, errors, lifespan) goes through the
     Starlette app. The hot routes skip Starlette's router and two exception middlewares —
@@ -383,7 +440,14 @@ class GatewayApp:
         self.app = app
         self.state = app.state
         self.gw = gw
-        self.routes = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
+        self.routes = {
+            "/v1/completions": COMPLETIONS,
+            "/v1/chat/completions": CHAT,
+            "/v1/responses": RESPONSES,
+            "/v1/embeddings": EMBEDDINGS,
+            "/tokenize": TOKENIZE,
+            "/detokenize": DETOKENIZE,
+        }
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

@@ -42,15 +42,20 @@ from .proxy import (
     open_upstream,
     relay_headers,
 )
-from .request import DisconnectWatch, ProxyRequest
+from .request import RESPONSES, DisconnectWatch, ProxyRequest
+from .responses import StreamEnd, past_preamble
 
 log = logging.getLogger("kvgate.forward")
 
 #: upstream statuses worth another replica on a one-hop request (the replica, not the
 #: request, is at fault); the P/D decode hop adds 500 (it could not use the KV handle)
 RETRY_STATUSES = frozenset({502, 503, 504})
-#: the event that ends an OpenAI-style (vLLM) stream
+#: the event that ends an OpenAI-style (vLLM) completions or chat stream; a /v1/responses
+#: stream ends with a named terminal event instead (``responses.StreamEnd``)
 SSE_DONE = b"data: [DONE]\n\n"
+#: most of a /v1/responses stream held before its first generated event (the created and
+#: in-progress events echo the request's instructions and tools, so they may be large)
+MAX_PREAMBLE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +143,9 @@ class RelayResponse:
     A plain ASGI response rather than Starlette's StreamingResponse: the request's
     ``DisconnectWatch`` already notices a client that leaves (cancelling this task, which
     closes the upstream connection), so no per-response task group is needed. ``on_close``
-    always runs, exactly once, whatever happens.
+    always runs, exactly once, whatever happens, told whether the answer was whole: a chat or
+    completions stream is whole at its replica's EOF or once ``data: [DONE]`` was relayed; a
+    responses stream (``end`` set) only once its terminal event was relayed in full.
     """
 
     def __init__(
@@ -151,7 +158,9 @@ class RelayResponse:
         watch: DisconnectWatch | None,
         on_broken: Callable[[Exception], bytes],
         on_close: Callable[[bool], None],
+        end: StreamEnd | None = None,
     ) -> None:
+        self.end = end
         self.first = first
         self.upstream = upstream
         self.status_code = status
@@ -162,16 +171,21 @@ class RelayResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ok = False
+        end = self.end
         last = self.first or b""  # the last chunk relayed
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": _raw_headers(self.headers)})
             if self.first:
+                if end is not None:
+                    end.feed(self.first)
                 await send({"type": "http.response.body", "body": self.first, "more_body": True})
             try:
                 async for chunk in self.upstream.aiter_raw():
+                    if end is not None:
+                        end.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     last = chunk
-                ok = True
+                ok = True if end is None else end.whole(last)
             except (UpstreamBroken, UpstreamTimeout) as exc:
                 await send({"type": "http.response.body", "body": self.on_broken(exc), "more_body": True})
             if self.watch is not None:
@@ -180,7 +194,7 @@ class RelayResponse:
         except asyncio.CancelledError:
             # a client that closes as soon as it reads the final event (the SDK does) leaves
             # before the replica's EOF: the answer was whole all the same
-            ok = last.endswith(SSE_DONE)
+            ok = last.endswith(SSE_DONE) if end is None else end.whole(last)
             if self.watch is None or not self.watch.absorb():
                 raise
         except OSError:  # the client's socket broke under us
@@ -332,7 +346,10 @@ class Forwarder:
                 raise AttemptFailed(ep.id, f"HTTP {status}", accepted=True)
             try:
                 if stream and status == 200 and resp.is_sse:
-                    up = Upstream(resp, att, status, first=await resp.first_chunk())
+                    first = await resp.first_chunk()
+                    if req.kind == RESPONSES:
+                        first = await self._past_preamble(resp, first)
+                    up = Upstream(resp, att, status, first=first)
                     resp.set_read_timeout(self.cfg.limits.read_timeout_s)
                 else:
                     up = Upstream(resp, att, status, content=await resp.aread())
@@ -353,6 +370,21 @@ class Forwarder:
                 if resp is not None:
                     await resp.aclose()
                 self.end(ctx, att, req.profile, ok=False)
+
+    @staticmethod
+    async def _past_preamble(resp: UpstreamResponse, first: bytes) -> bytes:
+        """A responses stream read on until its first event after ``response.created`` and
+        ``response.in_progress``, which vLLM sends before the engine starts: until then the
+        replica has done nothing, so a failure is still retried elsewhere and the first byte
+        (TTFT, prefill accounting) is the first generated event. Each read has the first-byte
+        timeout."""
+        buf = first
+        while buf and len(buf) < MAX_PREAMBLE_BYTES and not past_preamble(buf):
+            chunk = await resp.first_chunk()
+            if not chunk:
+                break
+            buf += chunk
+        return buf
 
     # -- relaying -----------------------------------------------------------------------------
 
@@ -384,12 +416,18 @@ class Forwarder:
                 content = normalize_error(status, content) or content
             return Response(content, status_code=status, headers=headers)
 
+        responses = req.kind == RESPONSES
+
         def broken(exc: Exception) -> bytes:
             self.metrics.midstream_failures.labels(ep.id).inc()
             self.fleet.record_failure(ep.id)
             log.warning("stream from %s broke for %s: %s", ep.id, req.request_id, exc)
-            return sse_error_event(
+            event = sse_error_event(
                 f"the replica serving this request failed mid-stream ({type(exc).__name__}); the answer is incomplete", "upstream_stream_broken"
             )
+            # a responses stream names its events: an ``error`` event (its data still carries
+            # ``error``, which the SDK raises as APIError)
+            return b"event: error\n" + event if responses else event
 
-        return RelayResponse(up.first, up.resp, status=status, headers=headers, watch=req.watch, on_broken=broken, on_close=finish)
+        end = StreamEnd() if responses else None
+        return RelayResponse(up.first, up.resp, status=status, headers=headers, watch=req.watch, on_broken=broken, on_close=finish, end=end)

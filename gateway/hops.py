@@ -34,7 +34,8 @@ from .config import GatewayConfig
 from .errors import GatewayError, normalize_error
 from .forward import AttemptFailed, Forwarder, HopPolicy, RelayResponse, Upstream
 from .metrics import GatewayMetrics
-from .request import EMBEDDINGS, ProxyRequest
+from .request import RESPONSES, UNROUTED, ProxyRequest
+from .responses import ResponseAffinity, response_id, stream_response_id
 
 log = logging.getLogger("kvgate.pd")
 
@@ -51,11 +52,20 @@ PREFILL_KV_PARAMS: dict[str, Any] = {
 DECODE_RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
 
-def prefill_body(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Hop 1's body: the client's, asking for one token and a KV handle back."""
+def prefill_body(body: Mapping[str, Any], kind: str = "") -> dict[str, Any]:
+    """Hop 1's body: the client's, asking for one token and a KV handle back.
+
+    A /v1/responses body (vLLM 0.33 passes its ``kv_transfer_params`` to the engine and returns
+    the connector's in the response, as for chat) caps ``max_output_tokens`` instead, and asks
+    the prefill replica not to store its one-token response (vLLM never evicts stored ones)."""
     out = copy.deepcopy(dict(body))
     out["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
     out["stream"] = False
+    if kind == RESPONSES:
+        out["max_output_tokens"] = 1
+        out["store"] = False
+        out.pop("background", None)
+        return out
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
@@ -135,6 +145,8 @@ class Hops:
         self.cfg = cfg
         self.forwarder = forwarder
         self.metrics = metrics
+        #: which replica stores which /v1/responses answer (for ``previous_response_id``)
+        self.affinity = ResponseAffinity()
         self.prefill_hop = HopPolicy(
             "prefill replica", stream=False, first_byte_timeout_s=cfg.pd.prefill_timeout_s, retry_statuses=frozenset(), timeout_is_failure=True
         )
@@ -159,8 +171,10 @@ class Hops:
             req.ctx.phase = PHASE_DECODE
         up = await self.forwarder.send(req, ranked)
         rid = up.att.endpoint.id
-        if req.kind == EMBEDDINGS:
-            decision, blocks = "embeddings", 0
+        if req.kind == RESPONSES:
+            self._remember_response(req, up)
+        if req.kind in UNROUTED:
+            decision, blocks = req.kind, 0
         else:
             hit = req.ctx.prefix.get(rid)
             blocks = hit.blocks if hit else 0
@@ -181,6 +195,15 @@ class Hops:
         log.warning("prefill failed for %s, serving in one hop: %s", req.request_id, exc)
         return await self.one_hop(req, ranked, pd=True, fallback=True)
 
+    def _remember_response(self, req: ProxyRequest, up: Upstream) -> None:
+        """Note which replica holds the response just produced, unless the client asked it not
+        to be stored (the replica then keeps nothing to continue from)."""
+        if up.status != 200 or req.body.get("store") is False:
+            return
+        rid = response_id(up.content) if up.content is not None else stream_response_id(up.first or b"")
+        if rid is not None:
+            self.affinity.remember(rid, up.att.endpoint.id)
+
     def _headers(self, req: ProxyRequest, replicas: list[str], prefix_blocks: int) -> dict[str, str]:
         out = {"x-request-id": req.request_id}
         if self.cfg.debug_headers:
@@ -195,7 +218,7 @@ class Hops:
         if not candidates:
             raise PrefillFailed(plan.prefill_error or "no healthy prefill replica")
         req.ctx.phase = PHASE_PREFILL
-        body = msgspec.json.encode(prefill_body(req.body))
+        body = msgspec.json.encode(prefill_body(req.body, req.kind))
         handles: dict[int, dict[str, Any]] = {}
 
         def usable(up: Upstream) -> str | None:
@@ -260,6 +283,8 @@ class Hops:
         except PrefillRejected as err:
             req.release()
             return err.response
+        if req.kind == RESPONSES:
+            self._remember_response(req, up)
         last = state.last
         first_at = up.att.first_byte_at or time.perf_counter()
         self.metrics.pd_hop.labels("decode").observe(first_at - state.started)

@@ -16,12 +16,13 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
+from . import responses
 from .admission import Admission
 from .config import GatewayConfig
 from .errors import GatewayError, bad_request
 from .fleet import Fleet
 from .metrics import GatewayMetrics
-from .request import CHAT, COMPLETIONS, EMBEDDINGS, DisconnectWatch, ProxyRequest
+from .request import CHAT, COMPLETIONS, DETOKENIZE, EMBEDDINGS, RESPONSES, TOKENIZE, UNROUTED, DisconnectWatch, ProxyRequest
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -130,6 +131,9 @@ def validate_body(kind: str, body: Any) -> None:
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     model = body.get("model")
+    if kind in (TOKENIZE, DETOKENIZE):
+        _validate_tokenize(kind, body)
+        return
     if kind == EMBEDDINGS:
         if not isinstance(model, str):
             raise bad_request("'model' is required and must be a string", "model")
@@ -149,6 +153,8 @@ def validate_body(kind: str, body: Any) -> None:
                 raise bad_request(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
     elif kind == COMPLETIONS and not _is_prompt(body.get("prompt")):
         raise bad_request("'prompt' must be a string, a list of strings, a list of token ids, or a list of lists of token ids", "prompt")
+    elif kind == RESPONSES:
+        responses.validate(body)
     for key in ("max_tokens", "max_completion_tokens"):
         v = body.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -158,6 +164,25 @@ def validate_body(kind: str, body: Any) -> None:
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise bad_request("'n' must be a positive integer", "n")
+
+
+def _validate_tokenize(kind: str, body: dict) -> None:
+    """vLLM's /tokenize (a prompt, or messages) and /detokenize (token ids) bodies; ``model`` may
+    be left out there (the gateway then picks the one model it serves)."""
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise bad_request("'model' must be a string", "model")
+    if kind == DETOKENIZE:
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise bad_request("'tokens' must be a list of token ids", "tokens")
+        return
+    if "messages" in body:
+        msgs = body["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+            raise bad_request("'messages' must be a list of objects with a string 'role'", "messages")
+    elif not isinstance(body.get("prompt"), str):
+        raise bad_request("'prompt' (a string) or 'messages' is required", "prompt")
 
 
 def unknown_model(fleet: Fleet, name: str) -> GatewayError:
@@ -198,6 +223,13 @@ class FrontDoor:
         """Decode and validate ``req.raw``; resolve the model (404 if nobody serves it)."""
         body = decode_json(req.raw)
         validate_body(req.kind, body)
+        if body.get("model") is None and req.kind in (TOKENIZE, DETOKENIZE):
+            # vLLM answers for its one model; a gateway in front of several cannot guess
+            bases = sorted({m.base for m in self.fleet.models().values()})
+            if len(bases) != 1:
+                raise bad_request("'model' is required: the gateway serves several models", "model")
+            body["model"] = bases[0]
+            req.raw = msgspec.json.encode(body)
         info = self.fleet.resolve_model(body["model"])
         if info is None:
             raise unknown_model(self.fleet, body["model"])
@@ -207,7 +239,7 @@ class FrontDoor:
             req.raw = msgspec.json.encode(body)
         req.body = body
         req.model = body["model"]
-        req.stream = req.kind != EMBEDDINGS and body.get("stream") is True
+        req.stream = req.kind not in UNROUTED and body.get("stream") is True
         req.ctx.model = info.base
         req.ctx.lora = info.lora
 

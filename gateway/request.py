@@ -29,6 +29,11 @@ req_log = logging.getLogger("kvgate.request")
 COMPLETIONS = "completions"
 CHAT = "chat"
 EMBEDDINGS = "embeddings"
+RESPONSES = "responses"  # /v1/responses: a chat built from instructions + input items
+TOKENIZE = "tokenize"
+DETOKENIZE = "detokenize"
+#: kinds routed on load alone: no prompt to tokenize, no prefix to look up, no P/D
+UNROUTED = frozenset({EMBEDDINGS, TOKENIZE, DETOKENIZE})
 
 
 #: a client's X-Request-Id is kept only if it looks like an id: it is forwarded to every hop,
@@ -134,7 +139,7 @@ class ProxyRequest:
     ``watch``, the admission slot), routing (``ctx``, ``profile``, ``trace``).
     """
 
-    kind: str  # COMPLETIONS | CHAT | EMBEDDINGS
+    kind: str  # COMPLETIONS | CHAT | RESPONSES | EMBEDDINGS | TOKENIZE | DETOKENIZE
     path: str  # the replica path it goes to (/v1/completions, ...)
     request_id: str
     headers: Mapping[str, str]  # the client's, as received

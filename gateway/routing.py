@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -42,13 +43,14 @@ from kvindex.tokenize import (
 from scorers.base import PHASE_ANY, PHASE_DECODE, PHASE_PREFILL, ROLE_PREFILL, EndpointState, RequestContext
 from scorers.scheduler import Scheduler
 
+from . import responses
 from .config import GatewayConfig
 from .errors import GatewayError, bad_request
 from .fleet import Fleet
 from .forward import RelayResponse
 from .hops import Hops, Plan
 from .metrics import GatewayMetrics
-from .request import COMPLETIONS, EMBEDDINGS, ProxyRequest, Trace, req_log
+from .request import COMPLETIONS, RESPONSES, UNROUTED, ProxyRequest, Trace, req_log
 
 log = logging.getLogger("kvgate.routing")
 
@@ -60,6 +62,9 @@ T = TypeVar("T")
 UINT32 = 1 << 32
 
 #: vLLM 0.33's refusal of a request-supplied template without --trust-request-chat-template
+#: how long the replicas get to say whether they hold a response id the gateway does not know
+RESPONSE_PROBE_TIMEOUT_S = 1.0
+
 UNTRUSTED_TEMPLATE = "Chat template is passed with request, but --trust-request-chat-template is not set. Refused request with untrusted chat template."
 
 
@@ -164,11 +169,11 @@ def completion_prompts(prompt: Any) -> list[str | list[int]]:
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         v = body.get(key)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
-    return 16 if "messages" not in body else 256
+    return 16 if body.get("prompt") is not None else 256
 
 
 def _session(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
@@ -209,12 +214,19 @@ class Router:
         ``pd=False`` plans a single hop whatever the configuration (the ext-proc picker,
         which cannot make two upstream calls). Raises 503 when no replica can serve it.
         """
-        if req.kind != EMBEDDINGS:
+        if req.kind not in UNROUTED:
             req.ctx = await self.build_context(req)
         req.profile = self.scheduler.profile_for(req.headers)
         if req_log.isEnabledFor(logging.DEBUG):
             req.trace = Trace(req.request_id, req.kind, req.model, req.stream, req.profile, req.ctx.prompt_tokens)
         ctx = req.ctx
+        if req.kind == RESPONSES and req.body.get("previous_response_id"):
+            holder = await self.response_holder(req)
+            if holder is not None:  # the conversation's state lives there and nowhere else
+                return Plan([holder])
+            pd = False  # nobody holds it: the one replica routed to answers vLLM's 404
+        if req.kind == RESPONSES and req.body.get("background"):
+            pd = False  # generated after the answer, fetched later from the replica that ran it
         if not (pd and self.pd_applies(ctx)):
             return Plan(self.decide(req, PHASE_ANY))
         ranked = self.decide(req, PHASE_DECODE)
@@ -235,6 +247,42 @@ class Router:
         if not self.cfg.pd.enabled or ctx.prompt_tokens == 0:
             return False
         return any(s.role == ROLE_PREFILL and s.serves(ctx.model, ctx.lora) for s in self.fleet.all())
+
+    # -- responses state ---------------------------------------------------------------------------
+
+    async def response_holder(self, req: ProxyRequest) -> EndpointState | None:
+        """The healthy replica serving the model that holds ``previous_response_id``: remembered
+        from its answer, else found by asking the replicas (``GET /v1/responses/{id}``)."""
+        rid = req.body["previous_response_id"]
+        affinity = self.hops.affinity
+        name = affinity.holder(rid)
+        if name is None:
+            name = await self.find_response(rid, [s for s in self.fleet.all() if s.healthy and s.serves(req.ctx.model, req.ctx.lora)])
+        state = self.fleet.get(name) if name is not None else None
+        if state is None or not state.healthy or not state.serves(req.ctx.model, req.ctx.lora):
+            return None
+        return state
+
+    async def find_response(self, rid: str, states: list[EndpointState]) -> str | None:
+        """Which of ``states`` stores response ``rid`` (asked in parallel; remembered when found):
+        for ids the gateway has not seen answered (it restarted, or another gateway replica
+        routed the first turn). None if none does."""
+        path = "/v1/responses/" + urllib.parse.quote(rid, safe="")
+
+        async def has(state: EndpointState) -> bool:
+            try:
+                r = await self.client.get(state.url + path, headers=dict(self.fleet.upstream_auth(state.id)), timeout=RESPONSE_PROBE_TIMEOUT_S)
+            except httpx.HTTPError:
+                return False
+            return r.status_code == 200
+
+        if not states:
+            return None
+        found = await asyncio.gather(*(has(s) for s in states))
+        name = next((s.id for s, ok in zip(states, found, strict=True) if ok), None)
+        if name is not None:
+            self.hops.affinity.remember(rid, name)
+        return name
 
     # -- tokenization ----------------------------------------------------------------------------
 
@@ -281,6 +329,8 @@ class Router:
         against the model's ``max_model_len``, chat template trust and errors (each vLLM's 400)."""
         if req.kind == COMPLETIONS:
             return await self._completion_tokens(req)
+        if req.kind == RESPONSES:
+            return await self._responses_tokens(req)
         return await self._chat_tokens(req)
 
     async def _completion_tokens(self, req: ProxyRequest) -> list[int] | None:
@@ -320,12 +370,12 @@ class Router:
                 raise bad_request(f"Token id {max(p)} is out of vocabulary")
         return tokens
 
-    def _chat_options(self, req: ProxyRequest) -> ChatOptions:
+    def _chat_options(self, req: ProxyRequest, body: Mapping[str, Any] | None = None) -> ChatOptions:
         """vLLM's ChatParams for this request: the template trust rule, then the request's own
         fields over ``chat_template_kwargs`` (add_generation_prompt, continue_final_message),
         ``chat_template_kwargs`` over the request's ``tools``, unset values (null, "auto")
         dropped, transformers' own parameters consumed."""
-        body = req.body
+        body = req.body if body is None else body
         kwargs = body.get("chat_template_kwargs")
         kwargs = kwargs if isinstance(kwargs, dict) else {}
         request_template = body.get("chat_template")
@@ -386,6 +436,47 @@ class Router:
             raise too_many_tokens(exc.limit, exc.tokens) from None
         if limit is not None and len(tokens) == limit:
             raise no_room_for_output()
+        return tokens
+
+    async def _responses_tokens(self, req: ProxyRequest) -> list[int] | None:
+        """The prompt vLLM builds for a /v1/responses body: the chat of its instructions and
+        input, tokenized as chat is. A request continuing a stored conversation
+        (``previous_response_id``) is pinned to its replica and needs no prefix: None."""
+        body = req.body
+        if body.get("previous_response_id"):
+            return None
+        chat = responses.chat_body(body)
+        if not chat["messages"]:
+            return None
+        opts = self._chat_options(req, chat)
+        max_len = self.max_model_len(req.model)
+        # truncation "auto" lets vLLM cut the prompt to fit: nothing to refuse then
+        limit = max_len if body.get("truncation") in (None, "disabled") else None
+        tok = self.tokenizer_for(req.ctx.model)
+        if tok is None:
+            return await self._remote_tokens(
+                req,
+                messages=chat["messages"],
+                add_generation_prompt=opts.add_generation_prompt,
+                continue_final_message=opts.continue_final_message,
+                tools=chat.get("tools"),
+                chat_template_kwargs=chat["chat_template_kwargs"] or None,
+            )
+        bound = limit * tok.max_chars_per_token if limit is not None else None
+        job = functools.partial(tok.chat_tokens, chat["messages"], opts, max_chars=bound, max_tokens=limit)
+        try:
+            tokens = await self._tokenize(req, job, inline=opts.chat_template is None)
+        except TemplateLimitError as exc:
+            raise bad_request(str(exc), None, "chat_template_limit") from None
+        except ChatTemplateError as exc:
+            raise bad_request(str(exc)) from None
+        except TextTooLong:
+            assert limit is not None
+            raise responses.prompt_too_long(limit + 1, limit, at_least=True) from None
+        except PromptTooLong as exc:
+            raise responses.prompt_too_long(exc.tokens, exc.limit, at_least=exc.tokens == exc.limit + 1) from None
+        if limit is not None and len(tokens) >= limit:  # vLLM: a prompt must leave room for one token
+            raise responses.prompt_too_long(len(tokens), limit)
         return tokens
 
     async def _remote_tokens(self, req: ProxyRequest, **kw: Any) -> list[int] | None:

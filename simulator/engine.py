@@ -82,6 +82,7 @@ class Request:
     lora_id: int | None = None
     lora_path: str | None = None
     salt: str | None = None
+    sample: int = 0  # which of the request's ``n`` samples (0 for n=1): samples differ, prompts do not
     stream: bool = False  # per-token deltas wanted (``events`` queue)
     arrival: float = field(default_factory=time.monotonic)
     engine_id: str = ""
@@ -186,7 +187,8 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------
 
     def extra_keys(self, req: Request, n_blocks: int) -> list[tuple | None]:
-        """vLLM 0.33's tagged extra keys per block: LoRA on every block, cache salt on block 0."""
+        """The extra keys per block as the simulated release hashes them (0.33: tagged LoRA on
+        every block, cache salt on block 0)."""
         assert req.keys is not None
         return [self.cache.hash_key(req.keys, i) for i in range(n_blocks)]
 
@@ -211,9 +213,38 @@ class Engine:
     def _next_token(self, req: Request) -> int:
         if not req._gen_prefix:
             # the repr of (seed, prompt tail, prompt length, n) without the closing part, computed once
-            req._gen_prefix = repr((self.cfg.seed, req.prompt[-64:], len(req.prompt), 0))[:-2]
+            seed: Any = self.cfg.seed if req.sample == 0 else (self.cfg.seed, req.sample)
+            req._gen_prefix = repr((seed, req.prompt[-64:], len(req.prompt), 0))[:-2]
         digest = hashlib.blake2b((req._gen_prefix + repr(len(req.output)) + ")").encode(), digest_size=8).digest()
         return self.word_ids[int.from_bytes(digest, "big") % len(self.word_ids)]
+
+    def logprobs(self, req: Request, start: int, end: int, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """Deterministic log probabilities of output tokens ``start:end``: each token's own (the
+        highest: the simulated sampler is greedy-like) and ``top`` most likely tokens, itself
+        first then other words of the vocabulary, each less likely than the one before."""
+        out = []
+        words = self.word_ids
+        for pos in range(start, min(end, len(req.output))):
+            tid = req.output[pos]
+            digest = hashlib.blake2b(f"{req._gen_prefix}{pos}|lp".encode(), digest_size=8).digest()
+            h = int.from_bytes(digest, "big")
+            own = -round((h % 997) / 997 * 0.6, 6)
+            alts = [tid]
+            k = h % len(words)
+            while len(alts) < min(top, len(words)):
+                w = words[k % len(words)]
+                if w not in alts:
+                    alts.append(w)
+                k += 1
+            out.append((tid, own, [(a, round(own - 0.9 * j, 6)) for j, a in enumerate(alts[:top])]))
+        return out
+
+    def piece(self, tid: int) -> str:
+        """One token's text (as vLLM's logprobs show it)."""
+        p = self._piece.get(tid)
+        if p is None:
+            p = self._piece[tid] = self.tok.decode([tid])
+        return p
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -6,7 +6,12 @@ Endpoints, response and stream-chunk shapes, error bodies and status codes follo
 ``usage.prompt_tokens_details.cached_tokens`` (as vLLM with ``--enable-prompt-tokens-details``),
 /v1/models (LoRA adapters as child cards), /v1/embeddings, /tokenize, /detokenize, /health,
 /version, /metrics, /reset_prefix_cache, and the NixlConnector's ``kv_transfer_params`` for
-prefill→decode. With ``api_key`` set, ``ApiKeyMiddleware`` guards /v1/* as vLLM's ``--api-key``
+prefill→decode. Also ``n`` choices, ``logprobs`` (completions' dict form, chat's ``content``
+list) and ``weight_versions`` (with ``return_weight_versions``); /v1/responses (stored for
+``previous_response_id`` and ``GET /v1/responses/{id}`` unless
+``VLLM_ENABLE_RESPONSES_API_STORE=0`` — vLLM's default is off, the simulator's on); and the
+render endpoints (/v1/chat/completions/render, /v1/completions/render, /v1/responses/render)
+that answer a request's token ids and sampling parameters without generating. With ``api_key`` set, ``ApiKeyMiddleware`` guards /v1/* as vLLM's ``--api-key``
 does (401 ``{"error": "Unauthorized"}``), leaving /health, /metrics, /version and /tokenize open.
 
 Errors come in vLLM's two flavours: request-validation errors (FastAPI/pydantic level: bad
@@ -22,10 +27,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -41,8 +48,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvindex.tokenize import ChatTemplateError, load_tokenizer
 
+from . import responses as rs
 from .config import SimConfig
-from .engine import Engine
+from .engine import FINISH_LENGTH, Engine
 from .engine import Request as EngineRequest
 from .events_publisher import EventPublisher
 from .kvtransfer import KVTransfer, KVTransferError
@@ -51,6 +59,10 @@ from .metrics import SimMetrics
 log = logging.getLogger("kvgate.sim")
 
 VLLM_VERSION = "0.33.0"
+#: vLLM's default --max-logprobs
+MAX_LOGPROBS = 20
+#: the label vLLM's engine gives its weights until an RL trainer sets another (/update_weight_version)
+WEIGHT_VERSION = "default"
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -189,6 +201,11 @@ class SimServer:
         self.leases: dict[str, tuple[EngineRequest, asyncio.TimerHandle]] = {}
         self._releases: set[asyncio.Task[None]] = set()  # running notify_release tasks (the loop keeps only weak references)
         self.created = int(time.time())
+        # /v1/responses kept for previous_response_id and GET /v1/responses/{id}: id → (the
+        # conversation's messages, the response object); on unless VLLM_ENABLE_RESPONSES_API_STORE=0
+        self.store_responses = os.environ.get("VLLM_ENABLE_RESPONSES_API_STORE", "1").lower() not in ("0", "false", "")
+        self.response_store: OrderedDict[str, tuple[list[dict], dict]] = OrderedDict()
+        self._background: set[asyncio.Task[None]] = set()
         self.start_error: BaseException | None = None  # why start() failed, if it did
         # LoRA adapters get vLLM's lora_int_id (1, 2, ... in load order) and a path
         self.lora_ids = {name: i + 1 for i, name in enumerate(cfg.lora_modules)}
@@ -367,8 +384,9 @@ class SimServer:
 
     def _check_fields(self, kind: str, body: dict) -> None:
         """Types and model validators of vLLM's ChatCompletionRequest / CompletionRequest."""
-        for name in ("max_tokens", "max_completion_tokens", "n", "min_tokens", "logprobs" if kind != "chat" else "top_logprobs", "prompt_logprobs"):
+        for name in ("max_tokens", "max_completion_tokens", "min_tokens", "logprobs" if kind != "chat" else "top_logprobs", "prompt_logprobs"):
             _opt_int(body, name)
+        _opt_int(body, "n", 1)
         for name in ("seed", "priority"):
             v = _opt_int(body, name)
             if v is not None and not _INT64[0] <= v <= _INT64[1]:
@@ -382,8 +400,20 @@ class SimServer:
             "include_stop_str_in_output",
             "add_generation_prompt",
             "continue_final_message",
+            "return_weight_versions",
         ):
             _opt_bool(body, name)
+        if kind == "chat":
+            _opt_bool(body, "logprobs")
+            top = body.get("top_logprobs")
+            if top is not None and not body.get("logprobs"):
+                raise value_error("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+            if top is not None and not 0 <= top <= MAX_LOGPROBS:
+                raise bad_request(f"Requested sample logprobs of {top}, which is greater than max allowed: {MAX_LOGPROBS}", "top_logprobs")
+        else:
+            lp = body.get("logprobs")
+            if lp is not None and not 0 <= lp <= MAX_LOGPROBS:
+                raise bad_request(f"Requested sample logprobs of {lp}, which is greater than max allowed: {MAX_LOGPROBS}", "logprobs")
         for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
             _opt_number(body, name)
         _opt_str(body, "request_id")
@@ -527,9 +557,6 @@ class SimServer:
             body = _json_object(await request.body())
             self._check_fields(kind, body)
             lora = self._check_model(body)
-            n = body.get("n")
-            if n is not None and n != 1:
-                raise bad_request("n != 1 is not supported by this simulator", "n")
             prompts = self._prompts(kind, body)
             max_tokens = [self._max_tokens(kind, body, len(p)) for p in prompts]
         except SimError as e:
@@ -542,24 +569,30 @@ class SimServer:
         stop = [stop] if isinstance(stop, str) else list(stop)
         min_tokens = body.get("min_tokens") or 0
         reqs: list[EngineRequest] = []
+        n = body.get("n") or 1
+        # one engine request per (prompt, sample), in choice-index order: prompt-major
         for i, (prompt, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
-            r = EngineRequest(
-                id=resp_id if kind == "chat" else f"{resp_id}-{i}",
-                prompt=prompt,
-                max_tokens=mt,
-                min_tokens=min_tokens,
-                stop=stop,
-                lora=lora,
-                lora_id=self.lora_ids.get(lora) if lora else None,
-                salt=body.get("cache_salt"),
-                stream=stream,
-            )
+            for sample in range(n):
+                reqs.append(
+                    EngineRequest(
+                        id=resp_id if kind == "chat" else f"{resp_id}-{i}",
+                        prompt=prompt,
+                        max_tokens=mt,
+                        min_tokens=min_tokens,
+                        stop=stop,
+                        lora=lora,
+                        lora_id=self.lora_ids.get(lora) if lora else None,
+                        salt=body.get("cache_salt"),
+                        stream=stream,
+                        sample=sample,
+                    )
+                )
+        for r in reqs:
             if kvp and kvp.get("do_remote_decode") and self.transfer is not None:
                 r.remote_decode = True
                 r.max_tokens = 1  # the prefill hop generates one token, as vLLM's proxy asks
             elif kvp and kvp.get("do_remote_prefill") and kvp.get("remote_engine_id") and self.transfer is not None:
                 r.remote_prefill = dict(kvp)
-            reqs.append(r)
         assert self.engine is not None
         for r in reqs:
             self.engine.add(r)
@@ -577,7 +610,361 @@ class SimServer:
             for r in reqs:
                 self.engine.abort(r)
             return error_response(bad_request("Client disconnected"))
-        return Response(_json(self._final_body(kind, reqs, resp_id, model)), media_type="application/json", headers=headers)
+        return Response(_json(self._final_body(kind, reqs, resp_id, model, body)), media_type="application/json", headers=headers)
+
+    # -- /v1/responses ----------------------------------------------------------------------------
+
+    #: stored responses kept at most (vLLM keeps them all; a long benchmark must not grow forever)
+    MAX_STORED_RESPONSES = 100_000
+
+    def _check_responses(self, body: dict) -> None:
+        """ResponsesRequest's field types and model validators (vLLM's words)."""
+        if "input" not in body:
+            raise invalid([{"type": "missing", "loc": ("body", "input"), "msg": "Field required"}], "body.input")
+        inp = body["input"]
+        if not isinstance(inp, str) and not (isinstance(inp, list) and all(isinstance(i, dict) for i in inp)):
+            raise field_error("input", "union_type", "Input should be a valid string or a list of input items", "...")
+        _opt_int(body, "max_output_tokens")
+        _opt_int(body, "top_logprobs", 0)
+        for name in ("stream", "store", "background", "ignore_eos", "parallel_tool_calls"):
+            _opt_bool(body, name)
+        for name in ("instructions", "previous_response_id", "user", "request_id"):
+            _opt_str(body, name)
+        for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+            _opt_number(body, name)
+        _opt_dict(body, "kv_transfer_params")
+        if body.get("tools") is not None and not (isinstance(body["tools"], list) and all(isinstance(t, dict) for t in body["tools"])):
+            raise field_error("tools", "list_type", "Input should be a valid list", "...")
+        if body.get("background") and body.get("store") is False:
+            raise value_error("background can only be used when `store` is true", "background")
+        if body.get("prompt") is not None:
+            raise value_error("prompt template is not supported", "prompt")
+        if body.get("tool_choice") == "required" and not body.get("tools"):
+            raise value_error("Tool choice 'required' must be specified with 'tools' parameter.", "tool_choice")
+        mot = body.get("max_output_tokens")
+        if mot is not None and mot < 1:
+            raise bad_request(f"max_tokens must be at least 1, got {mot}.", "max_tokens")
+
+    def _responses_prompt(self, body: dict, stored: tuple[list[dict], dict] | None) -> tuple[list[dict], list[int]]:
+        """The conversation vLLM renders for a responses body, and its tokens."""
+        try:
+            msgs = rs.conversation(body, stored)
+        except rs.InputError as exc:
+            raise SimError(400, str(exc), "invalid_request_error", "input") from None
+        try:
+            text = self.tok.apply_chat_template(msgs, tools=rs.chat_tools(body), **rs.template_kwargs(body))
+        except ChatTemplateError as exc:
+            raise bad_request(str(exc)) from None
+        return msgs, self.tok.encode(text, add_special_tokens=False)
+
+    def _responses_max_tokens(self, body: dict, prompt_len: int) -> int:
+        L = self.cfg.max_model_len
+        if prompt_len >= L and body.get("truncation") != "auto":
+            raise SimError(400, f"The engine prompt length {prompt_len} exceeds the max_model_len {L}. Please reduce prompt.", "invalid_request_error", "input")
+        room = max(1, L - min(prompt_len, L - 1))
+        mot = body.get("max_output_tokens")
+        return room if mot is None else min(mot, room)
+
+    def _store(self, response_id: str, msgs: list[dict], obj: dict) -> None:
+        self.response_store[response_id] = (msgs, obj)
+        self.response_store.move_to_end(response_id)
+        while len(self.response_store) > self.MAX_STORED_RESPONSES:
+            self.response_store.popitem(last=False)
+
+    def _response_logprobs(self, r: EngineRequest, start: int, end: int, top: int, stream: bool) -> list[dict]:
+        """Logprobs as the Responses API shapes them: with bytes in the output item, without in
+        a streamed delta event."""
+        assert self.engine is not None
+        piece = self.engine.piece
+        out = []
+        for tid, lp, tops in self.engine.logprobs(r, start, end, top):
+            tok = piece(tid)
+            if stream:
+                out.append({"token": tok, "logprob": lp, "top_logprobs": [{"token": piece(a), "logprob": v} for a, v in tops]})
+            else:
+                alts = [{"token": piece(a), "bytes": list(piece(a).encode()), "logprob": v} for a, v in tops]
+                out.append({"token": tok, "bytes": list(tok.encode()), "logprob": lp, "top_logprobs": alts})
+        return out
+
+    def _responses_final(self, body: dict, r: EngineRequest, rid: str, model: str, created: int, max_tokens: int, output: list[dict] | None = None) -> dict:
+        status = "incomplete" if r.finish_reason == FINISH_LENGTH else "completed"
+        if output is None:
+            lps = self._response_logprobs(r, 0, len(r.output), body.get("top_logprobs") or 0, False) if rs.includes_logprobs(body) else None
+            output = [rs.output_message(rs.new_id("msg"), r.text, status, lps)]
+        return rs.response_object(
+            body,
+            response_id=rid,
+            model=model,
+            created_at=created,
+            output=output,
+            status=status,
+            max_tokens=max_tokens,
+            usage_=rs.usage(len(r.prompt), r.cached_tokens, len(r.output)),
+            kv_transfer_params=self._kv_params_out(r),
+        )
+
+    async def responses(self, request: Request) -> Response:
+        """POST /v1/responses as vLLM 0.33 answers it (its SimpleContext path, no parsers)."""
+        try:
+            ctype = request.headers.get("content-type", "").lower().split(";", 1)[0].strip()
+            if ctype != "application/json":
+                raise invalid(["Unsupported Media Type: Only 'application/json' is allowed"])
+            body = _json_object(await request.body())
+            self._check_responses(body)
+            lora = self._check_model(body)
+            store = bool(body.get("store", True)) and self.store_responses
+            if body.get("background") and not store:
+                raise SimError(
+                    400,
+                    "This vLLM engine does not support `store=True` and therefore does not support the background mode. To enable these "
+                    "features, set the environment variable `VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM server.",
+                    "invalid_request_error",
+                    "background",
+                )
+            pid = body.get("previous_response_id")
+            stored = None
+            if pid is not None:
+                stored = self.response_store.get(pid)
+                if stored is None:
+                    raise SimError(404, f"Response with id '{pid}' not found.", "invalid_request_error", "response_id")
+            msgs, prompt = self._responses_prompt(body, stored)
+            max_tokens = self._responses_max_tokens(body, len(prompt))
+        except SimError as e:
+            return error_response(e)
+        rid = body.get("request_id") or rs.new_id("resp")
+        model = lora or self.cfg.model
+        stream = bool(body.get("stream"))
+        stop = body.get("stop") or []  # vLLM's extension field, as on chat
+        r = EngineRequest(
+            id=rid,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            stop=[stop] if isinstance(stop, str) else [x for x in stop if isinstance(x, str)],
+            lora=lora,
+            lora_id=self.lora_ids.get(lora) if lora else None,
+            salt=body.get("cache_salt"),
+            stream=stream,
+        )
+        kvp = body.get("kv_transfer_params")
+        if kvp and kvp.get("do_remote_decode") and self.transfer is not None:
+            r.remote_decode = True
+            r.max_tokens = 1
+        elif kvp and kvp.get("do_remote_prefill") and kvp.get("remote_engine_id") and self.transfer is not None:
+            r.remote_prefill = dict(kvp)
+        assert self.engine is not None
+        self.engine.add(r)
+        created = rs.now()
+        if body.get("background"):
+            queued = rs.response_object(body, response_id=rid, model=model, created_at=created, output=[], status="queued", max_tokens=max_tokens, usage_=None)
+            self._store(rid, msgs, queued)
+            task = asyncio.get_running_loop().create_task(self._finish_background(body, r, rid, model, created, max_tokens, msgs))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return JSONResponse(queued)
+        if stream:
+            gen = self._responses_stream(body, r, rid, model, created, max_tokens, msgs if store else None)
+            return _AbortingStream(gen, self.engine, [r], media_type="text/event-stream")
+        if not await self._wait_or_disconnect(request, [r]):
+            self.engine.abort(r)
+            return error_response(bad_request("Client disconnected"))
+        final = self._responses_final(body, r, rid, model, created, max_tokens)
+        if store:
+            self._store(rid, msgs, final)
+        return JSONResponse(final)
+
+    async def _finish_background(self, body: dict, r: EngineRequest, rid: str, model: str, created: int, max_tokens: int, msgs: list[dict]) -> None:
+        await r.done.wait()
+        current = self.response_store.get(rid)
+        if current is not None and current[1]["status"] == "cancelled":
+            return
+        self._store(rid, msgs, self._responses_final(body, r, rid, model, created, max_tokens))
+
+    async def _responses_stream(
+        self, body: dict, r: EngineRequest, rid: str, model: str, created: int, max_tokens: int, msgs: list[dict] | None
+    ) -> AsyncGenerator[bytes, None]:
+        write = rs.EventWriter()
+        initial = rs.response_object(
+            body, response_id=rid, model=model, created_at=created, output=[], status="in_progress", max_tokens=max_tokens, usage_=None
+        )
+        for event in rs.created_events(write, initial):
+            yield event
+        want_lp = rs.includes_logprobs(body)
+        top = body.get("top_logprobs") or 0
+        item_id = ""
+        text = ""
+        reported = 0
+        all_lps: list[dict] = []
+        assert r.events is not None
+        while True:
+            delta, finish, n_out = await r.events.get()
+            if delta:
+                if not item_id:
+                    item_id = rs.new_id("msg")
+                    for event in rs.text_open(write, item_id):
+                        yield event
+                lps = self._response_logprobs(r, reported, n_out, top, True) if want_lp else []
+                if want_lp:
+                    all_lps.extend(self._response_logprobs(r, reported, n_out, top, False))
+                reported = n_out
+                text += delta
+                yield rs.text_delta(write, item_id, delta, lps)
+            if finish is not None:
+                break
+        status = "incomplete" if r.finish_reason == FINISH_LENGTH else "completed"
+        output: list[dict] = []
+        if item_id:
+            events, item = rs.text_close(write, item_id, text, status, all_lps if want_lp else None)
+            for event in events:
+                yield event
+            output.append(item)
+        final = self._responses_final(body, r, rid, model, created, max_tokens, output)
+        if msgs is not None:
+            self._store(rid, msgs, final)
+        yield rs.terminal_event(write, final)
+
+    def stored_response(self, rid: str) -> Response:
+        """GET /v1/responses/{id}: the stored response, or vLLM's 404."""
+        item = self.response_store.get(rid)
+        if item is None:
+            return error_response(SimError(404, f"Response with id '{rid}' not found.", "invalid_request_error", "response_id"))
+        return JSONResponse(item[1])
+
+    def cancel_response(self, rid: str) -> Response:
+        item = self.response_store.get(rid)
+        if item is None:
+            return error_response(SimError(404, f"Response with id '{rid}' not found.", "invalid_request_error", "response_id"))
+        if item[1]["status"] not in ("queued", "in_progress"):
+            return error_response(SimError(400, "Cannot cancel a synchronous response.", "invalid_request_error", "response_id"))
+        item[1]["status"] = "cancelled"
+        return JSONResponse(item[1])
+
+    # -- render (vLLM 0.33's /v1/{chat/completions,completions,responses}/render) ----------------
+
+    @staticmethod
+    def _sampling_params(kind: str, body: dict, max_tokens: int) -> dict:
+        """SamplingParams as the render endpoints dump them: msgspec with ``omit_defaults``, so only
+        the fields that differ from their defaults, in the struct's field order (``stop``,
+        ``stop_token_ids`` and ``bad_words`` become lists, ``output_kind`` and ``skip_clone`` are
+        always set by the request's ``to_sampling_params``)."""
+        sp: dict[str, Any] = {}
+        n = body.get("n") or 1
+        if n != 1:
+            sp["n"] = n
+        for name, default in (
+            ("presence_penalty", 0.0),
+            ("frequency_penalty", 0.0),
+            ("repetition_penalty", 1.0),
+            ("temperature", 1.0),
+            ("top_p", 1.0),
+            ("top_k", 0),
+            ("min_p", 0.0),
+        ):
+            v = body.get(name)
+            if v is not None and v != default:
+                sp[name] = v
+        if body.get("seed") is not None:
+            sp["seed"] = body["seed"]
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        sp["stop"] = stop
+        sp["stop_token_ids"] = list(dict.fromkeys(body.get("stop_token_ids") or []))
+        if body.get("ignore_eos"):
+            sp["ignore_eos"] = True
+        if max_tokens != 16:
+            sp["max_tokens"] = max_tokens
+        if body.get("min_tokens"):
+            sp["min_tokens"] = body["min_tokens"]
+        if kind == "chat":
+            logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
+        elif kind == "responses":
+            logprobs = (body.get("top_logprobs") or 0) if rs.includes_logprobs(body) else None
+        else:
+            logprobs = body.get("logprobs")
+        if logprobs is not None:
+            sp["logprobs"] = logprobs
+        if body.get("skip_special_tokens") is False:
+            sp["skip_special_tokens"] = False
+        include_stop = bool(body.get("include_stop_str_in_output"))
+        if include_stop:
+            sp["include_stop_str_in_output"] = True
+        sp["output_kind"] = 1 if body.get("stream") else 2  # RequestOutputKind.DELTA / FINAL_ONLY
+        sp["skip_clone"] = True
+        if stop and not include_stop and max(len(x) for x in stop) > 1:
+            sp["output_text_buffer_length"] = max(len(x) for x in stop) - 1
+        sp["bad_words"] = []
+        sp["skip_reading_prefix_cache"] = False
+        return sp
+
+    @staticmethod
+    def _generate_request(request_id: str, token_ids: list[int], sp: dict, body: dict, parse_context: dict | None) -> dict:
+        """One GenerateRequest (what /inference/v1/generate takes), as model_dump() gives it."""
+        stream = bool(body.get("stream"))
+        return {
+            "request_id": request_id,
+            "token_ids": token_ids,
+            "token_offsets": None,
+            "features": None,
+            "content_parts": None,
+            "sampling_params": sp,
+            "model": body.get("model"),
+            "reasoning_ended": None,
+            "reasoning_parser_kwargs": None,
+            "return_token_ids": body.get("return_token_ids"),
+            "output_mode": "tokens",
+            "parse_context": parse_context,
+            "stream": stream,
+            "stream_options": body.get("stream_options") if stream else None,
+            "cache_salt": body.get("cache_salt"),
+            "priority": body.get("priority") or 0,
+            "kv_transfer_params": body.get("kv_transfer_params"),
+            "ec_transfer_params": None,
+        }
+
+    async def render(self, request: Request, kind: str) -> Response:
+        """The prompt's token ids and sampling parameters, without generating: what a
+        cache-aware router (vllm-router) asks every worker for."""
+        try:
+            ctype = request.headers.get("content-type", "").lower().split(";", 1)[0].strip()
+            if ctype != "application/json":
+                raise invalid(["Unsupported Media Type: Only 'application/json' is allowed"])
+            body = _json_object(await request.body())
+            if kind == "responses":
+                self._check_responses(body)
+                self._check_model(body)
+                if body.get("previous_response_id") is not None:
+                    raise SimError(
+                        400, "previous_response_id is not supported by the stateless render endpoint.", "invalid_request_error", "previous_response_id"
+                    )
+                _, prompt = self._responses_prompt(body, None)
+                mt = self._responses_max_tokens(body, len(prompt))
+                rid = body.get("request_id") or rs.new_id("resp")
+                return JSONResponse(self._generate_request(rid, prompt, self._sampling_params(kind, body, mt), body, None))
+            self._check_fields(kind, body)
+            self._check_model(body)
+            prompts = self._prompts(kind, body)
+            max_tokens = [self._max_tokens(kind, body, len(p)) for p in prompts]
+        except SimError as e:
+            return error_response(e)
+        base = request.headers.get("x-request-id") or body.get("request_id") or uuid.uuid4().hex
+        if kind == "chat":
+            tools = body.get("tools")
+            kwargs = dict(body.get("chat_template_kwargs") or {})
+            kwargs.update(add_generation_prompt=body.get("add_generation_prompt", True), continue_final_message=body.get("continue_final_message", False))
+            parse_context = {
+                "tools": tools,
+                "tool_choice": body.get("tool_choice") or ("auto" if tools else "none"),
+                "parallel_tool_calls": body.get("parallel_tool_calls", True),
+                "include_reasoning": body.get("include_reasoning", True),
+                "chat_template_kwargs": kwargs,
+                "history_tool_call_cnt": 0,
+            }
+            sp = self._sampling_params(kind, body, max_tokens[0])
+            return JSONResponse(self._generate_request(f"chatcmpl-{base}", prompts[0], sp, body, parse_context))
+        out = []
+        for i, (p, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
+            rid = f"cmpl-{base}" if len(prompts) == 1 else f"cmpl-{base}-{i}"
+            out.append(self._generate_request(rid, p, self._sampling_params(kind, body, mt), body, None))
+        return JSONResponse(out)
 
     async def _wait_or_disconnect(self, request: Request, reqs: list[EngineRequest]) -> bool:
         """Wait for every request to finish; False if the client went away first (vLLM's with_cancellation)."""
@@ -604,7 +991,7 @@ class SimServer:
         return done.done() and not done.cancelled() and all(r.done.is_set() for r in reqs)
 
     def _usage(self, reqs: list[EngineRequest], full: bool) -> dict:
-        p = sum(len(r.prompt) for r in reqs)
+        p = sum(len(r.prompt) for r in reqs if r.sample == 0)  # a prompt counts once, however many samples
         c = sum(len(r.output) for r in reqs)
         details: dict[str, Any] = {"cached_tokens": reqs[-1].cached_tokens}
         if full:
@@ -630,55 +1017,69 @@ class SimServer:
             "tp_size": 1,
         }
 
-    def _final_body(self, kind: str, reqs: list[EngineRequest], resp_id: str, model: str) -> dict:
+    # -- logprobs and weight versions, as vLLM 0.33 shapes them ----------------------------------
+
+    def _chat_logprobs(self, r: EngineRequest, start: int, end: int, top: int) -> dict:
+        """ChatCompletionLogProbs for output tokens ``start:end``."""
+        assert self.engine is not None
+        piece = self.engine.piece
+        content = []
+        for tid, lp, tops in self.engine.logprobs(r, start, end, top):
+            tok = piece(tid)
+            alts = [{"token": piece(a), "logprob": v, "bytes": list(piece(a).encode())} for a, v in tops]
+            content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": alts})
+        return {"content": content}
+
+    def _completion_logprobs(self, r: EngineRequest, start: int, end: int, top: int, offset: int) -> dict:
+        """CompletionLogProbs for output tokens ``start:end`` (text offsets from ``offset``); each
+        token's top dict has the sampled token too, as vLLM's engine always returns it."""
+        assert self.engine is not None
+        piece = self.engine.piece
+        out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        for tid, lp, tops in self.engine.logprobs(r, start, end, max(top, 1)):
+            tok = piece(tid)
+            out["text_offset"].append(offset)
+            offset += len(tok)
+            out["token_logprobs"].append(lp)
+            out["tokens"].append(tok)
+            out["top_logprobs"].append({piece(a): v for a, v in tops})
+        return out
+
+    def _logprobs(self, kind: str, body: dict, r: EngineRequest, start: int, end: int, offset: int = 0) -> dict | None:
+        if kind == "chat":
+            if not body.get("logprobs"):
+                return None
+            return self._chat_logprobs(r, start, end, body.get("top_logprobs") or 0)
+        if body.get("logprobs") is None:
+            return None
+        return self._completion_logprobs(r, start, end, body["logprobs"], offset)
+
+    @staticmethod
+    def _weight_versions(body: dict, r: EngineRequest) -> list[dict] | None:
+        """vLLM 0.33's ``weight_versions`` (with ``return_weight_versions``): which weights sampled
+        each span of output tokens; one version here, the engine's default label."""
+        if not body.get("return_weight_versions"):
+            return None
+        return [{"version": WEIGHT_VERSION, "start": 0, "end": len(r.output)}] if r.output else []
+
+    def _final_body(self, kind: str, reqs: list[EngineRequest], resp_id: str, model: str, body: dict | None = None) -> dict:
         created = int(time.time())
+        body = body or {}
         kvp = self._kv_params_out(reqs[0])
         if kind == "chat":
-            r = reqs[0]
-            choice = {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": r.text,
-                    "refusal": None,
-                    "annotations": None,
-                    "audio": None,
-                    "function_call": None,
-                    "reasoning": None,
-                },
-                "logprobs": None,
-                "finish_reason": r.finish_reason,
-                "stop_reason": r.stop_reason,
-                "token_ids": None,
-                "routed_experts": None,
-            }
-            return {
-                "id": resp_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "service_tier": None,
-                "system_fingerprint": None,
-                "usage": self._usage(reqs, True),
-                "prompt_logprobs": None,
-                "prompt_token_ids": None,
-                "prompt_text": None,
-                "kv_transfer_params": kvp,
-                "ec_transfer_params": None,
-                "metrics": None,
-            }
+            return self._chat_body(reqs, resp_id, model, body, created, kvp)
         choices = [
             {
                 "index": i,
                 "text": r.text,
-                "logprobs": None,
+                "logprobs": self._logprobs(kind, body, r, 0, len(r.output)),
                 "finish_reason": r.finish_reason,
                 "stop_reason": r.stop_reason,
                 "token_ids": None,
                 "prompt_logprobs": None,
                 "prompt_token_ids": None,
                 "routed_experts": None,
+                "weight_versions": self._weight_versions(body, r),
             }
             for i, r in enumerate(reqs)
         ]
@@ -691,6 +1092,45 @@ class SimServer:
             "service_tier": None,
             "system_fingerprint": None,
             "usage": self._usage(reqs, True),
+            "kv_transfer_params": kvp,
+            "ec_transfer_params": None,
+            "metrics": None,
+        }
+
+    def _chat_body(self, reqs: list[EngineRequest], resp_id: str, model: str, body: dict, created: int, kvp: dict | None) -> dict:
+        choices = []
+        for i, r in enumerate(reqs):
+            choice = {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "content": r.text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "reasoning": None,
+                },
+                "logprobs": self._logprobs("chat", body, r, 0, len(r.output)),
+                "finish_reason": r.finish_reason,
+                "stop_reason": r.stop_reason,
+                "token_ids": None,
+                "routed_experts": None,
+                "weight_versions": self._weight_versions(body, r),
+            }
+            choices.append(choice)
+        return {
+            "id": resp_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": self._usage(reqs, True),
+            "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "prompt_text": None,
             "kv_transfer_params": kvp,
             "ec_transfer_params": None,
             "metrics": None,
@@ -709,10 +1149,27 @@ class SimServer:
             return b',"usage":' + _json({"prompt_tokens": len(r.prompt), "total_tokens": len(r.prompt) + n, "completion_tokens": n})
 
         if chat:
-            r = reqs[0]
             role = "assistant" if body.get("add_generation_prompt", True) else body["messages"][-1]["role"]
-            first = b'[{"index":0,"delta":{"role":' + _json(role) + b',"content":""},"logprobs":null,"finish_reason":null}]'
-            yield head + first + (usage_of(r, 0) if continuous else b"") + b',"prompt_token_ids":null,"prompt_text":null}\n\n'
+            for i, r in enumerate(reqs):  # one role chunk per choice, as vLLM sends them
+                first = b'[{"index":' + str(i).encode() + b',"delta":{"role":' + _json(role) + b',"content":""},"logprobs":null,"finish_reason":null}]'
+                yield head + first + (usage_of(r, 0) if continuous else b"") + b',"prompt_token_ids":null,"prompt_text":null}\n\n'
+        want_logprobs = body.get("logprobs") if chat else body.get("logprobs") is not None
+        reported = [0] * len(reqs)  # output tokens whose logprobs were sent, per choice
+        offsets = [0] * len(reqs)  # completions: text offset of the next token, per choice
+
+        def logprobs_of(i: int, r: EngineRequest, n_out: int) -> bytes:
+            if not want_logprobs:
+                return b"null"
+            lp = self._logprobs(kind, body, r, reported[i], n_out, offsets[i])
+            if lp is not None and not chat:
+                offsets[i] += sum(len(t) for t in lp["tokens"])
+            reported[i] = n_out
+            return _json(lp)
+
+        def versions(r: EngineRequest) -> bytes:
+            wv = self._weight_versions(body, r)
+            return b"" if wv is None else b',"weight_versions":' + _json(wv)
+
         # merge the per-prompt streams in arrival order (vLLM's merge_async_iterators)
         queues = [(i, r) for i, r in enumerate(reqs)]
         pending: dict[asyncio.Future, tuple[int, EngineRequest]] = {}
@@ -728,31 +1185,51 @@ class SimServer:
                     if finish is None:
                         assert r.events is not None
                         pending[asyncio.ensure_future(r.events.get())] = (i, r)
+                    index = str(i).encode()
+                    lp = logprobs_of(i, r, n_out)
                     if chat:
                         if finish is None:
-                            choice = b'[{"index":0,"delta":{"content":' + _json(delta) + b'},"logprobs":null,"finish_reason":null,"token_ids":null}]'
+                            choice = (
+                                b'[{"index":'
+                                + index
+                                + b',"delta":{"content":'
+                                + _json(delta)
+                                + b'},"logprobs":'
+                                + lp
+                                + b',"finish_reason":null,"token_ids":null}]'
+                            )
                         else:
                             d = b'{"content":' + _json(delta) + b"}" if delta else b"{}"
                             choice = (
-                                b'[{"index":0,"delta":'
+                                b'[{"index":'
+                                + index
+                                + b',"delta":'
                                 + d
-                                + b',"logprobs":null,"finish_reason":'
+                                + b',"logprobs":'
+                                + lp
+                                + b',"finish_reason":'
                                 + _json(finish)
                                 + b',"stop_reason":'
                                 + _json(r.stop_reason)
-                                + b',"token_ids":null}]'
+                                + b',"token_ids":null'
+                                + versions(r)
+                                + b"}]"
                             )
                     else:
                         choice = (
                             b'[{"index":'
-                            + str(i).encode()
+                            + index
                             + b',"text":'
                             + _json(delta)
-                            + b',"logprobs":null,"finish_reason":'
+                            + b',"logprobs":'
+                            + lp
+                            + b',"finish_reason":'
                             + _json(finish)
                             + b',"stop_reason":'
                             + (_json(r.stop_reason) if finish else b"null")
-                            + b',"prompt_token_ids":null,"token_ids":null}]'
+                            + b',"prompt_token_ids":null,"token_ids":null'
+                            + (versions(r) if finish else b"")
+                            + b"}]"
                         )
                     yield head + choice + (usage_of(r, n_out) if continuous else b"") + b"}\n\n"
         finally:
@@ -770,6 +1247,24 @@ class SimServer:
 
         async def chat(request: Request) -> Response:
             return await self.generate(request, "chat")
+
+        async def responses(request: Request) -> Response:
+            return await self.responses(request)
+
+        async def stored_response(request: Request) -> Response:
+            return self.stored_response(request.path_params["response_id"])
+
+        async def cancel_response(request: Request) -> Response:
+            return self.cancel_response(request.path_params["response_id"])
+
+        async def render_chat(request: Request) -> Response:
+            return await self.render(request, "chat")
+
+        async def render_completions(request: Request) -> Response:
+            return await self.render(request, "completions")
+
+        async def render_responses(request: Request) -> Response:
+            return await self.render(request, "responses")
 
         async def models(request: Request) -> Response:
             def card(mid: str, root: str, parent: str | None, max_len: int | None) -> dict:
@@ -918,6 +1413,12 @@ class SimServer:
         routes = [
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/responses/{response_id}", stored_response, methods=["GET"]),
+            Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
+            Route("/v1/chat/completions/render", render_chat, methods=["POST"]),
+            Route("/v1/completions/render", render_completions, methods=["POST"]),
+            Route("/v1/responses/render", render_responses, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/tokenize", tokenize, methods=["POST"]),

@@ -196,6 +196,7 @@ def test_non_stream_bodies_like_vllm(fleet):
         "prompt_logprobs",
         "prompt_token_ids",
         "routed_experts",
+        "weight_versions",  # vLLM 0.33: null unless return_weight_versions
     ]
     assert b["kv_transfer_params"] is None and b["usage"]["total_tokens"] == b["usage"]["prompt_tokens"] + 3
     chat = httpx.post(
