@@ -3,12 +3,17 @@
 vLLM's rules, reproduced here:
 * completions: ``tokenizer(prompt, add_special_tokens=True)`` by default (the request may set
   ``add_special_tokens``); a token-id prompt is used as is;
-* chat: render the model's chat template (transformers semantics: a sandboxed jinja2
-  environment with ``trim_blocks`` and ``lstrip_blocks``, ``raise_exception``, ``tojson``,
-  ``strftime_now``, the special tokens of ``tokenizer_config.json`` as variables), then
-  tokenize the text with ``add_special_tokens=False`` (the template already placed them);
-  ``chat_template_kwargs`` reach the template as vLLM passes them (``resolve_template_kwargs``);
-  a template that raises is a ``ChatTemplateError`` carrying the template's own reason.
+* chat: normalise the request as vLLM does before any template sees it (``chat_messages``:
+  content format detected on the template, null/list content, tool calls with parsed
+  arguments, tools as vLLM's model dumps them, developer turns, the kwargs merge), render the
+  model's chat template (transformers semantics: a sandboxed jinja2 environment with
+  ``trim_blocks`` and ``lstrip_blocks``, ``raise_exception``, ``tojson``, ``strftime_now``, the
+  special tokens of ``tokenizer_config.json`` as variables, ``continue_final_message`` cut at a
+  marker), then tokenize the text with ``add_special_tokens=False`` (the template already placed
+  them); ``chat_template_kwargs`` reach the template as vLLM passes them
+  (``resolve_template_kwargs``); a template that raises is a ``ChatTemplateError`` carrying the
+  template's own reason. ``tests/kvindex/test_chat_goldens.py`` holds this to vLLM 0.33's own
+  token ids.
 
 The gateway calls this on every request, off its event loop (``TokenizePool``: a few threads,
 a bounded backlog; HF ``tokenizers`` releases the GIL in ``encode_batch_fast``, not in
@@ -23,6 +28,8 @@ remote call on the hot path, hence only a fallback).
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import json
 import multiprocessing
 import threading
@@ -46,14 +53,17 @@ import jinja2.nodes
 import xxhash
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .chat_messages import (
+    ChatTemplateError,
+    Conversation,
+    detect_content_format,
+    developer_as_system,
+    normalise_messages,
+    request_params,
+)
 from .demo_tokenizer import build_demo_tokenizer
 
 T = TypeVar("T")
-
-
-class ChatTemplateError(ValueError):
-    """The chat could not be rendered (bad message shape, or the template raised); the message is
-    what vLLM answers in its 400 for the same failure."""
 
 
 class TemplateLimitError(ChatTemplateError):
@@ -230,54 +240,138 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def render_chat(
+#: transformers appends this to the final message's text to find where it ends in the render
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedChat:
+    """A rendered chat. ``prefix`` is set when a message carries media: the render of the
+    messages before the first such message. Only the tokens the two renders share are sure to
+    be the replica's (it expands each media placeholder into tokens of its processor, and hashes
+    those blocks with the media), so only those are a prediction."""
+
+    text: str
+    prefix: str | None = None
+
+
+def _check_hf_flags(kwargs: Mapping[str, Any]) -> None:
+    """transformers' refusals for flags that need a tokenized result (vLLM renders text)."""
+    if kwargs.get("sanitize_control_tokens"):
+        raise ChatTemplateError("`sanitize_control_tokens=True` requires `tokenize=True` and is not compatible with `return_assistant_tokens_mask=True`.")
+    if kwargs.get("return_assistant_tokens_mask"):
+        raise ChatTemplateError("`return_assistant_tokens_mask=True` requires `return_dict=True` and `tokenize=True`")
+
+
+def _render_messages(
+    compiled: jinja2.Template,
+    template: str,
+    messages: list[dict],
+    variables: Mapping[str, Any],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    tools: Any,
+    documents: Any,
+    max_chars: int | None,
+) -> str:
+    """transformers' ``render_jinja_template`` for one chat (the messages already normalised)."""
+    final: Any = None
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ChatTemplateError(
+                "continue_final_message and add_generation_prompt are not compatible. Use continue_final_message when you want the model to continue the final message, and add_generation_prompt when you want to add a header that will prompt it to start a new assistant message instead."
+            )
+        messages = copy.deepcopy(messages)
+        final = messages[-1].get("content")
+        if final is None:
+            raise ChatTemplateError('continue_final_message is set but the final message has no "content" to continue!')
+        if "content" not in template:
+            raise ChatTemplateError('continue_final_message is set to "content" but this is not an accepted field in the chat_template')
+        if isinstance(final, list | tuple):
+            for block in reversed(final):
+                if "text" in block:  # the last text block is the one continued
+                    final = block["text"]
+                    block["text"] = block["text"] + CONTINUE_TAG
+                    break
+            else:
+                raise ChatTemplateError("continue_final_message is set but we could not find any text to continue in the final message!")
+        else:
+            messages[-1]["content"] = messages[-1]["content"] + CONTINUE_TAG
+    kwargs = {"messages": messages, "tools": tools, "documents": documents, "add_generation_prompt": add_generation_prompt, **variables}
+    if max_chars is None:
+        text = compiled.render(**kwargs)
+    else:
+        parts: list[str] = []
+        size = 0
+        for piece in compiled.generate(**kwargs):
+            size += len(piece)
+            if size > max_chars:
+                raise TemplateLimitError(f"the chat template's result exceeds {max_chars} characters (tokenize.template_max_chars)")
+            parts.append(piece)
+        text = "".join(parts)
+    if continue_final_message:
+        tag = CONTINUE_TAG.strip()
+        if final.strip() not in text or tag not in text:
+            raise ChatTemplateError(
+                "continue_final_message is set but the final message does not appear in the chat after applying the chat template! This can happen if the chat template deletes portions of the final message. Please verify the chat template and final message in your chat to ensure they are compatible."
+                f"Final message to continue: {final.strip()}\nRendered chat:\n{text}"
+            )
+        at = text.rindex(tag)
+        # the template kept the marker's trailing space: cut there; else it trimmed the end
+        text = text[:at] if text[at : at + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:at].rstrip()
+    return text
+
+
+def render_chat_prompt(
     template: str,
     messages: list[dict],
     *,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     tools: list | None = None,
+    documents: list | None = None,
     special: Mapping[str, Any] | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
     max_chars: int | None = None,
-) -> str:
-    """Render ``messages`` with ``template`` (transformers' semantics).
+) -> RenderedChat:
+    """Render the request's ``messages`` with ``template`` as vLLM 0.33 does: the messages
+    normalised (``chat_messages``: content format detected on ``template``, tool calls,
+    developer turns), then transformers' rendering.
 
     ``max_chars`` set: ``template`` is untrusted — compiled in the bounded sandbox (not cached)
     and rendered in pieces, refused as soon as the output passes ``max_chars``. Only the
     ``TemplateSandbox`` process calls it so (it adds the time and memory limits)."""
-    _check_messages(messages)
     if max_chars is None:
         compiled, template_vars = _compile(template)
     else:
         compiled, template_vars = _from_string(_new_env(max_chars), template)
+    conv: Conversation = developer_as_system(normalise_messages(messages, detect_content_format(template)), template)
+    given = template_kwargs or {}
+    _check_hf_flags(given)
     # transformers: the special tokens, overridden by the kwargs
-    variables = {**(special or {}), **resolve_template_kwargs(template_vars, template_kwargs or {})}
+    variables = {**(special or {}), **resolve_template_kwargs(template_vars, given)}
+    render = functools.partial(_render_messages, compiled, template, tools=tools, documents=documents, max_chars=max_chars)
     try:
-        if max_chars is None:
-            text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt and not continue_final_message, tools=tools, **variables)
-        else:
-            parts: list[str] = []
-            size = 0
-            for piece in compiled.generate(
-                messages=messages, add_generation_prompt=add_generation_prompt and not continue_final_message, tools=tools, **variables
-            ):
-                size += len(piece)
-                if size > max_chars:
-                    raise TemplateLimitError(f"the chat template's result exceeds {max_chars} characters (tokenize.template_max_chars)")
-                parts.append(piece)
-            text = "".join(parts)
-    except (TemplateLimitError, MemoryError):
+        text = render(conv.messages, variables, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+        prefix: str | None = None
+        if conv.first_media is not None:
+            try:  # the turns before the first media message; a template that needs more: no prediction
+                prefix = (
+                    render(conv.messages[: conv.first_media], variables, add_generation_prompt=False, continue_final_message=False) if conv.first_media else ""
+                )
+            except Exception:
+                prefix = ""
+    except (TemplateLimitError, MemoryError, ChatTemplateError):
         raise
     except Exception as exc:  # vLLM: whatever the template raises is the client's 400
         raise ChatTemplateError(_reason(exc)) from None
-    if continue_final_message:
-        final = messages[-1].get("content")
-        final_text = final if isinstance(final, str) else "".join(p.get("text", "") for p in final or [] if isinstance(p, dict))
-        idx = text.rfind(final_text) if final_text else -1
-        if idx >= 0:
-            text = text[: idx + len(final_text)]
-    return text
+    return RenderedChat(text, prefix)
+
+
+def render_chat(template: str, messages: list[dict], **kwargs: Any) -> str:
+    """The rendered text of ``render_chat_prompt`` (same arguments)."""
+    return render_chat_prompt(template, messages, **kwargs).text
 
 
 #: see ``Tokenizer.encode``: a prompt longer than this many characters per allowed token is
@@ -402,9 +496,11 @@ class Tokenizer:
         tools: list | None = None,
         chat_template: str | None = None,
         continue_final_message: bool = False,
+        documents: list | None = None,
         **template_kwargs: Any,
     ) -> str:
-        """Render with ``chat_template`` (trusted: in this process) or the model's template."""
+        """Render with ``chat_template`` (trusted: in this process) or the model's template, the
+        way vLLM renders a request carrying these messages (``render_chat_prompt``)."""
         template = chat_template or self.chat_template
         if not template:
             raise ChatTemplateError(NO_CHAT_TEMPLATE)
@@ -414,23 +510,13 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tools=tools,
+            documents=documents,
             special=self.special,
             template_kwargs=template_kwargs,
         )
 
     def encode_chat(self, messages: list[dict], /, **kwargs: Any) -> list[int]:
         return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
-
-
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ChatTemplateError("messages must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ChatTemplateError(f"messages[{i}] must be an object with a string role")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise ChatTemplateError(f"messages[{i}].content must be a string or a list of parts")
 
 
 # -- request-supplied templates: rendered in a separate process ------------------------------------
@@ -451,7 +537,9 @@ def _sandbox_main(conn: Connection, memory_bytes: int | None) -> None:
         except (EOFError, OSError):
             return
         try:
-            reply: tuple[str, str] = ("ok", render_chat(**job))
+            whole = job.pop("whole", False)
+            rendered = render_chat_prompt(**job)
+            reply: tuple[str, Any] = ("ok", (rendered.text, rendered.prefix) if whole else rendered.text)
         except TemplateLimitError as exc:
             reply = ("limit", str(exc))
         except ChatTemplateError as exc:
@@ -527,7 +615,14 @@ class TemplateSandbox:
 
     def render(self, template: str, messages: list[dict], **kwargs: Any) -> str:
         """``render_chat(template, messages, **kwargs)`` in a sandbox process, within the caps."""
-        job = {"template": template, "messages": messages, "max_chars": self.max_chars, **kwargs}
+        return self._run({"template": template, "messages": messages, "max_chars": self.max_chars, **kwargs})
+
+    def render_prompt(self, template: str, messages: list[dict], **kwargs: Any) -> RenderedChat:
+        """``render_chat_prompt(template, messages, **kwargs)`` in a sandbox process."""
+        text, prefix = self._run({"template": template, "messages": messages, "max_chars": self.max_chars, "whole": True, **kwargs})
+        return RenderedChat(text, prefix)
+
+    def _run(self, job: dict[str, Any]) -> Any:
         w = self._take()
         try:
             w.conn.send(job)
@@ -562,12 +657,32 @@ class ChatOptions:
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    #: as the template receives them: ``for_request`` dumps a request's tools as vLLM does
     tools: list | None = None
     #: ``chat_template_kwargs`` as the request gave them (less vLLM's reserved keys)
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     #: a request-supplied template (untrusted: rendered in the ``TemplateSandbox``)
     chat_template: str | None = None
     add_special_tokens: bool = False
+    #: transformers' ``documents`` (RAG templates)
+    documents: list | None = None
+
+    @classmethod
+    def for_request(cls, body: Mapping[str, Any], chat_template: str | None = None) -> ChatOptions:
+        """A chat request's options as vLLM 0.33 merges them (``chat_messages.request_params``):
+        the request's own fields over ``chat_template_kwargs``, ``reasoning_effort`` and
+        ``documents`` included, tools dumped as vLLM's model does. ``chat_template``: the
+        request's own template, once its trust was checked (the caller's rule)."""
+        p = request_params(body)
+        return cls(
+            add_generation_prompt=p.add_generation_prompt,
+            continue_final_message=p.continue_final_message,
+            tools=p.tools,
+            template_kwargs=p.template_kwargs,
+            chat_template=chat_template,
+            add_special_tokens=bool(body.get("add_special_tokens", False)),
+            documents=p.documents,
+        )
 
 
 #: bytes one cache entry costs besides its tokens (4 bytes each): the OrderedDict slot, the
@@ -654,6 +769,7 @@ class CachingTokenizer:
             add_generation_prompt=kwargs.pop("add_generation_prompt", True),
             continue_final_message=kwargs.pop("continue_final_message", False),
             tools=kwargs.pop("tools", None),
+            documents=kwargs.pop("documents", None),
             template_kwargs=kwargs,
         )
         return self.chat_tokens(messages, opts, trusted_template=template)
@@ -677,7 +793,7 @@ class CachingTokenizer:
             raise ChatTemplateError(NO_CHAT_TEMPLATE)
         try:
             material = json.dumps(
-                [messages, opts.add_generation_prompt, opts.continue_final_message, opts.tools, opts.template_kwargs, opts.add_special_tokens],
+                [messages, opts.add_generation_prompt, opts.continue_final_message, opts.tools, opts.template_kwargs, opts.add_special_tokens, opts.documents],
                 sort_keys=True,
                 separators=(",", ":"),
                 default=str,
@@ -692,18 +808,29 @@ class CachingTokenizer:
             "add_generation_prompt": opts.add_generation_prompt,
             "continue_final_message": opts.continue_final_message,
             "tools": opts.tools,
+            "documents": opts.documents,
             "special": self.tokenizer.special,
             "template_kwargs": dict(opts.template_kwargs),
         }
         if opts.chat_template is not None:
             if self.sandbox is None:
                 raise ChatTemplateError("request chat templates are not enabled")
-            text = self.sandbox.render(template, messages, **render_kwargs)
+            rendered = self.sandbox.render_prompt(template, messages, **render_kwargs)
         else:
-            text = render_chat(template, messages, **render_kwargs)
+            rendered = render_chat_prompt(template, messages, **render_kwargs)
+        text = rendered.text
         if max_chars is not None and len(text) > max_chars:
             raise TextTooLong(len(text), max_chars)
         ids = self.tokenizer.encode(text, opts.add_special_tokens, max_tokens)
+        if rendered.prefix is not None:
+            # media: predict only the tokens before the first media message (RenderedChat)
+            sure = self.tokenizer.encode(rendered.prefix, opts.add_special_tokens) if rendered.prefix else []
+            n = 0
+            for a, b in zip(ids, sure, strict=False):
+                if a != b:
+                    break
+                n += 1
+            ids = ids[:n]
         if key is not None:
             self._put(key, ids, len(text))
         return ids
