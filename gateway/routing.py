@@ -27,7 +27,6 @@ from starlette.responses import Response
 from kvindex.hashing import block_keys
 from kvindex.index import IndexUnavailableError, KVIndex, PrefixMatch
 from kvindex.tokenize import (
-    HF_APPLY_CHAT_TEMPLATE_PARAMS,
     CachingTokenizer,
     ChatOptions,
     ChatTemplateError,
@@ -371,10 +370,9 @@ class Router:
         return tokens
 
     def _chat_options(self, req: ProxyRequest, body: Mapping[str, Any] | None = None) -> ChatOptions:
-        """vLLM's ChatParams for this request: the template trust rule, then the request's own
-        fields over ``chat_template_kwargs`` (add_generation_prompt, continue_final_message),
-        ``chat_template_kwargs`` over the request's ``tools``, unset values (null, "auto")
-        dropped, transformers' own parameters consumed."""
+        """vLLM's ChatParams for this request: the template trust rule, then vLLM 0.33's merge of
+        the request's fields and ``chat_template_kwargs`` (``ChatOptions.for_request``: tools
+        dumped as vLLM's model does, documents, reasoning_effort, unset values dropped)."""
         body = req.body if body is None else body
         kwargs = body.get("chat_template_kwargs")
         kwargs = kwargs if isinstance(kwargs, dict) else {}
@@ -388,15 +386,7 @@ class Router:
                 raise validation_error("body.chat_template", "string_type", "Input should be a valid string", request_template)
         if "conversation" in kwargs:  # vLLM passes the kwargs next to its own ``conversation`` argument
             raise bad_request("safe_apply_chat_template() got multiple values for argument 'conversation'")
-        given = {k: v for k, v in kwargs.items() if v is not None and not (isinstance(v, str) and v == "auto")}
-        return ChatOptions(
-            add_generation_prompt=bool(body.get("add_generation_prompt", True)),
-            continue_final_message=bool(body.get("continue_final_message", False)),
-            tools=given.get("tools", body.get("tools")),
-            template_kwargs={k: v for k, v in given.items() if k not in HF_APPLY_CHAT_TEMPLATE_PARAMS},
-            chat_template=request_template,
-            add_special_tokens=bool(body.get("add_special_tokens", False)),
-        )
+        return ChatOptions.for_request(body, request_template)
 
     async def _chat_tokens(self, req: ProxyRequest) -> list[int] | None:
         body = req.body
