@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kvindex.tokenize import ChatTemplateError, load_tokenizer
+from kvindex.tokenize import ChatOptions, ChatTemplateError, load_tokenizer
 
 from . import responses as rs
 from .config import SimConfig
@@ -462,15 +462,18 @@ class SimServer:
     def _chat_text(self, body: dict) -> str:
         """A chat rendered by the model's template, from the same inputs for /v1/chat/completions
         and /tokenize (vLLM's renderer), so a client's token count matches the served prompt."""
+        opts = ChatOptions.for_request(body)  # vLLM 0.33's merge: request fields over the kwargs, tools dumped
         kwargs: dict[str, Any] = {
-            "add_generation_prompt": body.get("add_generation_prompt", True),
-            "continue_final_message": body.get("continue_final_message", False),
-            "tools": body.get("tools"),
+            **opts.template_kwargs,
+            "add_generation_prompt": opts.add_generation_prompt,
+            "continue_final_message": opts.continue_final_message,
+            "tools": opts.tools,
+            "documents": opts.documents,
         }
-        if isinstance(body.get("chat_template"), str):
-            kwargs["chat_template"] = body["chat_template"]
-        if isinstance(body.get("chat_template_kwargs"), dict):
-            kwargs.update(body["chat_template_kwargs"])
+        extra = body.get("chat_template_kwargs")
+        template = body.get("chat_template") or (extra.get("chat_template") if isinstance(extra, dict) else None)
+        if isinstance(template, str):
+            kwargs["chat_template"] = template
         try:
             return self.tok.apply_chat_template(body["messages"], **kwargs)
         except ChatTemplateError as exc:
