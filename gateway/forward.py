@@ -185,7 +185,7 @@ class RelayResponse:
                         end.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     last = chunk
-                ok = True if end is None else end.whole(last)
+                ok = True if end is None else end.whole()
             except (UpstreamBroken, UpstreamTimeout) as exc:
                 await send({"type": "http.response.body", "body": self.on_broken(exc), "more_body": True})
             if self.watch is not None:
@@ -194,7 +194,7 @@ class RelayResponse:
         except asyncio.CancelledError:
             # a client that closes as soon as it reads the final event (the SDK does) leaves
             # before the replica's EOF: the answer was whole all the same
-            ok = last.endswith(SSE_DONE) if end is None else end.whole(last)
+            ok = last.endswith(SSE_DONE) if end is None else end.whole()
             if self.watch is None or not self.watch.absorb():
                 raise
         except OSError:  # the client's socket broke under us

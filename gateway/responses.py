@@ -358,6 +358,7 @@ class StreamEnd:
                     self.seen = True
         self._tail = window[-self.TAIL :]
 
-    def whole(self, last: bytes) -> bool:
-        """The terminal event arrived and its data is complete (the stream ends an event)."""
-        return self.seen and last.endswith(b"\n\n")
+    def whole(self) -> bool:
+        """The terminal event arrived and its data is complete (what was fed ends an event:
+        the kept tail, since a chunk may be as short as one byte)."""
+        return self.seen and self._tail.endswith(b"\n\n")

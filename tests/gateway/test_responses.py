@@ -294,3 +294,68 @@ def test_two_hops_with_pd_and_the_follow_up_on_the_decode_replica():
             assert nxt.headers["x-kvgate-replica"] == hops[1]
     finally:
         fleet.stop()
+
+
+def test_stream_end_sees_a_terminal_event_split_anywhere():
+    """The relay's completion rule on the bytes alone: whole only once the terminal event's
+    line and the end of its data have both passed, however the chunks fall."""
+    from gateway.responses import StreamEnd, past_preamble, stream_response_id
+
+    stream = (
+        b'event: response.created\ndata: {"response":{"id":"resp_1","status":"in_progress"},"sequence_number":0,"type":"response.created"}\n\n'
+        b'event: response.in_progress\ndata: {"response":{"id":"resp_1"},"sequence_number":1,"type":"response.in_progress"}\n\n'
+        b'event: response.output_text.delta\ndata: {"delta":"event: response.completed\\n","sequence_number":2}\n\n'
+        b'event: response.completed\ndata: {"response":{"id":"resp_1","status":"completed"},"sequence_number":3,"type":"response.completed"}\n\n'
+    )
+    terminal_at = stream.index(b"\nevent: response.completed") + 1
+    for size in (1, 2, 5, 17, 64, len(stream)):
+        end = StreamEnd()
+        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        for i, chunk in enumerate(chunks):
+            end.feed(chunk)
+            relayed = sum(len(c) for c in chunks[: i + 1])
+            # a text delta that merely says "event: response.completed" does not count
+            assert end.whole() == (relayed == len(stream)), (size, i)
+            assert end.seen == (relayed >= terminal_at + len(b"event: response.completed\n"))
+    preamble = stream[: stream.index(b"event: response.output_text.delta")]
+    assert not past_preamble(preamble) and past_preamble(preamble + b"event: response.output_text.delta\n")
+    assert stream_response_id(preamble) == "resp_1"
+
+
+def test_the_chat_vllm_builds_from_a_responses_body():
+    from gateway.responses import chat_body
+
+    body = {
+        "model": MODEL,
+        "instructions": "sys",
+        "input": [
+            {"role": "user", "content": "q"},
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "think"}]},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}", "namespace": "ns"},
+            {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "r1"},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "partial"}], "status": "incomplete"},
+        ],
+        "reasoning": {"effort": "low"},
+        "chat_template_kwargs": {"x": 1},
+        "tools": [{"type": "function", "name": "g", "parameters": {}}, {"type": "web_search"}],
+    }
+    chat = chat_body(body)
+    assert chat["messages"] == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "reasoning": "think",
+            "tool_calls": [
+                {"id": "c1", "function": {"name": "ns__f", "arguments": "{}"}, "type": "function"},
+                {"id": "c2", "function": {"name": "g", "arguments": "{}"}, "type": "function"},
+            ],
+        },
+        {"role": "tool", "content": "r1", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "partial"},
+    ]
+    # the last assistant message is still in progress: continued, no generation prompt
+    assert chat["continue_final_message"] is True and chat["add_generation_prompt"] is False
+    assert chat["chat_template_kwargs"] == {"x": 1, "reasoning_effort": "low", "enable_thinking": True}
+    assert chat["tools"] == [{"type": "function", "function": {"name": "g", "description": None, "parameters": {}, "strict": None}}]
