@@ -54,6 +54,7 @@ class Gateway:
         self.fleet = Fleet(cfg.replicas, self.client, cfg.health, cfg.scrape)
         self.index: KVIndex = make_index(cfg.index.backend, **self._index_options())
         self.subscriber: EventSubscriber | None = None  # only when some replica publishes events
+        self.discovery: Any = None  # gateway.discovery.Discovery, with a discovery section
         self.admission = Admission(cfg.limits.max_inflight, cfg.limits.max_queue, cfg.limits.queue_timeout_s)
         self.forwarder = Forwarder(cfg, self.fleet, self.scheduler, self.metrics)
         self.hops = Hops(cfg, self.forwarder, self.metrics)
@@ -69,11 +70,18 @@ class Gateway:
         await self.fleet.start()
         if self.cfg.index.ingest:
             sources = self._event_sources()
-            if sources:
+            if sources or self.cfg.discovery is not None:  # discovered pods subscribe as they come
                 self.subscriber = EventSubscriber(self.index, sources, loss_check_s=self.cfg.index.loss_check_s)
                 await self.subscriber.start()
+        if self.cfg.discovery is not None:
+            from .discovery import Discovery
+
+            self.discovery = Discovery(self)
+            await self.discovery.start()
 
     async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.subscriber is not None:
             await self.subscriber.stop()
         await self.fleet.stop()

@@ -185,9 +185,66 @@ class AuthConfig(_Base):
         return f"AuthConfig(api_keys=[{len(self.api_keys)} keys], admin_key={'***' if self.admin_key else None})"
 
 
+class DiscoveryConfig(_Base):
+    """Replicas discovered in Kubernetes and kept up to date live (``gateway.discovery``):
+    the pods matching a label selector, or the pods of a Gateway API Inference Extension
+    ``InferencePool``. Each pod is one replica: id = pod name, address = pod IP, role from a
+    label, ports from here or the pod's ``kvgate.io/*`` annotations (README: Discovery)."""
+
+    #: "pods" (selected by ``label_selector``) or "inferencepool" (the pool's selector and port)
+    kind: Literal["pods", "inferencepool"] = "pods"
+    #: namespace watched; None = the gateway pod's own (its service account's), else "default"
+    namespace: str | None = None
+    #: Kubernetes label selector, evaluated by the API server. kind pods: None means
+    #: ``llm-d.ai/inferenceServing=true`` (llm-d's serving pods); kind inferencepool: ANDed with
+    #: the pool's selector (None: the pool's alone)
+    label_selector: str | None = None
+    #: kind inferencepool: the pool's name, and the API it is served under
+    inference_pool: str | None = None
+    inference_pool_api: Literal["inference.networking.k8s.io/v1", "inference.networking.x-k8s.io/v1alpha2"] = "inference.networking.k8s.io/v1"
+    #: label holding the P/D role (llm-d: prefill | decode | both)
+    role_label: str = "llm-d.ai/role"
+    #: role of a pod without that label
+    default_role: Literal["both", "prefill", "decode"] = "both"
+    #: a label whose value is the served model name (label values cannot hold "/", and llm-d's
+    #: ``llm-d.ai/model`` names the release, not the model: off by default). Models come from
+    #: the pod annotation ``kvgate.io/models``, else this label, else ``models``, else the
+    #: pod's own /v1/models
+    model_label: str | None = None
+    models: list[str] = []
+    #: vLLM's HTTP port (kind inferencepool: the pool's target port); annotation kvgate.io/port
+    port: int = 8000
+    #: vLLM --kv-events-config endpoint port (vLLM's default tcp://*:5557); None = no events.
+    #: Annotation kvgate.io/kv-events-port ("none" turns them off for that pod)
+    kv_events_port: int | None = 5557
+    #: replay_endpoint port (vLLM has none unless replay_endpoint is set; 5558 by convention);
+    #: None = no replay. Annotation kvgate.io/replay-port
+    replay_port: int | None = 5558
+    #: topic of the pods' KV events (vLLM --kv-events-config topic)
+    topic: str = ""
+    scheme: Literal["http", "https"] = "http"
+    prefill_tokens_per_s: float = 10_000.0
+    #: environment variable holding the pods' vLLM API key (the same for every pod)
+    api_key_env: str | None = None
+    #: kubeconfig file and context; None = in cluster (service account), else $KUBECONFIG or ~/.kube/config
+    kubeconfig: str | None = None
+    context: str | None = None
+    #: each watch request asks the API server to end it after this long (then it is renewed)
+    watch_timeout_s: float = 300.0
+    #: a failed list or a dropped watch is retried after this, doubling up to backoff_max_s
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+    #: start waits this long for the first list (then serves anyway and keeps trying)
+    initial_sync_timeout_s: float = 10.0
+    #: objects per list page (limit/continue)
+    page_size: int = 500
+
+
 class GatewayConfig(_Base):
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
     replicas: list[ReplicaConfig] = []
+    #: replicas discovered in Kubernetes, besides ``replicas`` (None: the static list only)
+    discovery: DiscoveryConfig | None = None
     models: dict[str, ModelConfig] = {}
     index: IndexConfig = msgspec.field(default_factory=IndexConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
@@ -290,9 +347,28 @@ def _check(cfg: GatewayConfig) -> None:
             raise ConfigError(f"config error at $.{path}: must be > 0, got {value}")
     if cfg.limits.max_retries < 0 or cfg.limits.max_body_bytes <= 0:
         raise ConfigError("config error at $.limits: max_retries must be >= 0 and max_body_bytes > 0")
+    if cfg.discovery is not None:
+        _check_discovery(cfg.discovery)
     backend = cfg.index.backend
     if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"config error at $.index.backend: 'memory' or a redis:// URL, got {backend!r}")
+
+
+def _check_discovery(d: DiscoveryConfig) -> None:
+    if (d.kind == "inferencepool") != bool(d.inference_pool):
+        raise ConfigError(
+            "config error at $.discovery.inference_pool: "
+            + ("required with kind inferencepool" if d.kind == "inferencepool" else "only with kind inferencepool")
+        )
+    for name in ("port", "kv_events_port", "replay_port"):
+        value = getattr(d, name)
+        if value is not None and not 0 < value < 65536:
+            raise ConfigError(f"config error at $.discovery.{name}: a port (1..65535), got {value}")
+    for name in ("watch_timeout_s", "backoff_s", "backoff_max_s", "initial_sync_timeout_s", "prefill_tokens_per_s", "page_size"):
+        if getattr(d, name) <= 0:
+            raise ConfigError(f"config error at $.discovery.{name}: must be > 0")
+    if d.api_key_env is not None and not os.environ.get(d.api_key_env):
+        raise ConfigError(f"config error at $.discovery.api_key_env: environment variable {d.api_key_env!r} is not set (the pods' API key)")
 
 
 def load_config(path: str | Path | None) -> GatewayConfig:

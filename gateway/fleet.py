@@ -118,6 +118,8 @@ class Fleet:
         self._keys: dict[str, str | None] = {}
         #: replicas whose last answer was a 401 to the gateway's credentials
         self.auth_rejected: set[str] = set()
+        #: replicas discovery says are not ready (pod not Ready, or terminating): never healthy
+        self.unready: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.on_health_change: list = []  # callbacks (replica_id, healthy) → None
         for r in replicas:
@@ -142,6 +144,57 @@ class Fleet:
         key = r.resolved_api_key()
         self._keys[r.id] = key
         self._auth[r.id] = {"authorization": f"Bearer {key}"} if key else _NO_AUTH
+
+    def remove(self, rid: str) -> EndpointState | None:
+        """Take replica ``rid`` out of the fleet (discovery: its pod is gone). Requests already
+        sent to it finish: they hold its ``EndpointState``, which is marked unhealthy so that a
+        retry or a P/D redo planned before the removal skips it. Returns that state."""
+        state = self.states.pop(rid, None)
+        if state is None:
+            return None
+        self._models = None
+        for table in (self.configs, self.circuits, self.discovered, self._auth, self._keys):
+            table.pop(rid, None)
+        self.auth_rejected.discard(rid)
+        self.unready.discard(rid)
+        state.healthy = False
+        return state
+
+    def update(self, r: ReplicaConfig) -> None:
+        """Change replica ``r.id`` in place (a relabelled pod: role, labels, models): its circuit,
+        discovered models and in-flight counts stay. Adds it if unknown."""
+        state = self.states.get(r.id)
+        if state is None:
+            self.add(r)
+            return
+        self._models = None
+        old = set(self.configs[r.id].models)
+        self.configs[r.id] = r
+        state.url = r.url.rstrip("/")
+        state.role = r.role
+        state.labels = dict(r.labels)
+        state.has_kv_events = r.kv_events is not None
+        state.prefill_tokens_per_s = r.prefill_tokens_per_s
+        discovered = {m.base for m in self.discovered.get(r.id, {}).values()}
+        state.models = frozenset((set(state.models) - old) | discovered | set(r.models))
+
+    def set_ready(self, rid: str, ready: bool) -> None:
+        """Discovery's readiness (the pod's Ready condition): a replica not ready is unhealthy
+        whatever its circuit says; ready again, its circuit decides."""
+        if ready:
+            self.unready.discard(rid)
+        else:
+            self.unready.add(rid)
+        circuit = self.circuits.get(rid)
+        if circuit is not None:
+            self._set_health(rid, not circuit.is_open)
+
+    def reset_circuit(self, rid: str) -> None:
+        """Forget failures (the replica restarted: what failed before says nothing now)."""
+        circuit = self.circuits.get(rid)
+        if circuit is not None:
+            circuit.success()
+            self._set_health(rid, True)
 
     def api_key(self, rid: str) -> str | None:
         return self._keys.get(rid)
@@ -207,7 +260,9 @@ class Fleet:
             base = parent if isinstance(parent, str) and parent and parent != mid else mid
             lora = mid if base != mid else None
             found[mid] = ModelInfo(id=mid, base=base, lora=lora, max_model_len=item.get("max_model_len"))
-        state = self.states[rid]
+        state = self.states.get(rid)
+        if state is None:  # removed while its probe was under way
+            return
         configured = set(self.configs[rid].models)
         bases = frozenset({m.base for m in found.values()} | configured)
         loras = frozenset(m.lora for m in found.values() if m.lora)
@@ -231,6 +286,7 @@ class Fleet:
 
     def _set_health(self, rid: str, healthy: bool) -> None:
         state = self.states.get(rid)
+        healthy = healthy and rid not in self.unready
         if state is None or state.healthy == healthy:
             return
         state.healthy = healthy
@@ -244,10 +300,14 @@ class Fleet:
         A 401 means the replica is up and refuses the gateway's key: it counts as alive (the
         circuit stays closed, so requests reach it and get the 502 that names the problem,
         instead of a 503 that hides it), discovery keeps what it last knew."""
-        state = self.states[rid]
+        state = self.states.get(rid)
+        if state is None:  # removed (discovery) since the probe was planned
+            return False
         try:
             resp = await self.client.get(f"{state.url}/v1/models", headers=self.upstream_auth(rid), timeout=self.health_cfg.timeout_s)
             ok = resp.status_code in (200, 401)
+            if self.states.get(rid) is not state:  # removed or replaced meanwhile: not its answer
+                return False
             if resp.status_code == 200:
                 self._apply_discovery(rid, resp.json())
                 self.auth_accepted_by(rid)
@@ -255,6 +315,8 @@ class Fleet:
                 self.auth_rejected_by(rid, "GET /v1/models")
         except (httpx.HTTPError, ValueError, OSError):
             ok = False
+            if self.states.get(rid) is not state:
+                return False
         if ok:
             self.record_success(rid)
         else:
@@ -267,7 +329,9 @@ class Fleet:
         await asyncio.gather(*(self.probe(rid) for rid in rids))
 
     async def scrape(self, rid: str) -> None:
-        state = self.states[rid]
+        state = self.states.get(rid)
+        if state is None:
+            return
         try:
             resp = await self.client.get(f"{state.url}/metrics", headers=self.upstream_auth(rid), timeout=self.scrape_cfg.timeout_s)
             if resp.status_code != 200:

@@ -217,6 +217,38 @@ async def test_stop_is_prompt_and_remove_source_forgets(ctx):
         assert await matched(index, warm, "r0") == 0
 
 
+async def test_sources_added_and_removed_while_running(ctx):
+    """Discovery's use: a started subscriber with no sources gains one (a pod joined late: what
+    it published before is fetched from its replay buffer), loses it (index entries and counters
+    go), and gains the same id again at another endpoint (a replaced pod), starting clean."""
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [], ctx=ctx)
+    await sub.start()
+    pub, pub2 = Publisher(ctx), Publisher(ctx)
+    try:
+        early = list(range(8000, 8032))
+        await pub.publish(prompt_batch(early[:16]))  # before anyone subscribed: only in the buffer
+        await sub.add_source(ReplicaSource("pod-a", MODEL, pub.endpoint, pub.replay_endpoint))
+        await warm_up(pub, sub, index, "pod-a")
+        await until(lambda: _eq(matched(index, early[:16], "pod-a"), 1))
+        assert sub.stats.replica("pod-a").batches_replayed >= 1
+        await sub.remove_source("pod-a")
+        assert await matched(index, early[:16], "pod-a") == 0
+        assert "pod-a" not in sub.stats.per_replica and "pod-a" not in sub.sources
+        await pub.publish(prompt_batch(early[16:], parent_tokens=early[:16]))  # no longer listened to
+        await asyncio.sleep(0.1)
+        assert "pod-a" not in sub.stats.per_replica
+        # the same id at another endpoint: a fresh start, nothing of the old publisher
+        await sub.add_source(ReplicaSource("pod-a", MODEL, pub2.endpoint, pub2.replay_endpoint))
+        toks = await warm_up(pub2, sub, index, "pod-a")
+        assert await matched(index, toks, "pod-a") == 1 and await matched(index, early, "pod-a") == 0
+        assert sub.stats.replica("pod-a").restarts_detected == 0
+    finally:
+        await asyncio.wait_for(sub.stop(), 2)
+        await pub.close()
+        await pub2.close()
+
+
 async def test_restart_with_lost_first_batches_replays_them(ctx):
     """The replica restarts and its first batches of the new run are dropped on the wire: the
     restart is detected from the lower seq, the old blocks forgotten, and the new run's missing
