@@ -15,14 +15,13 @@ interface in ``kvindex.index``), and ``kvindex.backends.make_index`` imports bot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import xxhash
 
 from .events import BlockStored
-from .hashing import HASH_ALGOS, chain_keys, detailed_chain, event_hash, hash_block_tokens, root_key
+from .hashing import HASH_ALGOS, block_keys, chain_keys, detailed_chain, event_hash, hash_block_tokens, root_key
 from .index import TIER_NAMES
 
 #: Fastest tier bit held, indexed by a 3-bit tier mask (0 = nothing held).
@@ -93,46 +92,91 @@ def needs_known_first(ev: BlockStored) -> bool:
     return ev.parent_block_hash is None and not ev.extra_keys and bool(ev.block_hashes)
 
 
-@dataclass(frozen=True, slots=True)
 class RootCheck:
-    """How a model's replicas hash (``--prefix-caching-hash-algo`` and PYTHONHASHSEED), to tell a
-    plain prompt from a salted or multimodal one when the events do not say.
+    """How a model's replicas hash (``--prefix-caching-hash-algo`` and PYTHONHASHSEED), to tell
+    plain text blocks from salted, multimodal or prompt-embedding ones when events do not say.
 
-    vLLM up to 0.14 publishes no extra keys: a prompt-starting BlockStored of a salted prompt
-    (``cache_salt``) looks like an unsalted one with the same tokens, and keyed as such it would
-    promise hits vLLM cannot give. Knowing the hash, block 0's digest can be recomputed for the
-    plain prompt (with the event's LoRA, as that release hashes it: the int id up to 0.11, the
-    name after) and compared with the published one; if they differ the prompt carried
-    something else and its blocks get a root no request reaches.
+    vLLM up to 0.14 publishes no extra keys: a BlockStored of a salted prompt, or of an image's
+    placeholder tokens, looks like a text prompt with the same tokens, and keyed as such it
+    would promise hits vLLM cannot give. Knowing the hash, each block's digest can be
+    recomputed as a text block (with the event's LoRA, as that release hashes it: the int id up
+    to 0.11, the name after) and compared with the published one; from the first block that
+    differs, the event's blocks get keys no request reaches (``plain_blocks``).
+
+    A continuation event (with a parent) is checked only when the parent's digest is still
+    remembered (``memory`` digests of checked blocks, oldest dropped first); otherwise its
+    blocks are trusted, as they chain from a key that was checked when it was stored.
     """
 
-    algo: str
-    seed: str | None = None
+    __slots__ = ("_digests", "algo", "legacy_seen", "memory", "seed")
 
-    def __post_init__(self) -> None:
-        if self.algo not in HASH_ALGOS:
-            raise ValueError(f"unknown hash algorithm {self.algo!r}; expected one of {', '.join(HASH_ALGOS)}")
+    def __init__(self, algo: str, seed: str | None = None, memory: int = 65_536) -> None:
+        if algo not in HASH_ALGOS:
+            raise ValueError(f"unknown hash algorithm {algo!r}; expected one of {', '.join(HASH_ALGOS)}")
+        self.algo = algo
+        self.seed = seed
+        self.memory = memory
+        self._digests: dict[int | bytes, bytes] = {}
+        #: whether events without extra keys (vLLM <= 0.14) were checked: then a salted
+        #: request is keyed from its block 0's engine hash (``request_keys``)
+        self.legacy_seen = False
 
-    def is_plain(self, ev: BlockStored) -> bool:
-        """Whether ``ev``'s first block hashes as a prompt with no salt and no multimodal input."""
+    def request_keys(
+        self, token_ids: Sequence[int], block_size: int, *, model: str, lora: str | None = None, salt: str | None = None, lookahead: int = 0
+    ) -> list[int]:
+        """A request's block keys as the index holds them for this model's replicas.
+
+        Plain requests: ``block_keys``. A salted one, once vLLM <= 0.14 events were seen:
+        those releases hash the salt (after the LoRA name) into block 0 and publish nothing of
+        it, so the index keys such a prompt from its block 0's engine hash (``engine_root``);
+        the request's engine hash is computed here the same way.
+        """
+        if salt is None or not self.legacy_seen or len(token_ids) < block_size:
+            return block_keys(token_ids, block_size, model=model, lora=lora, salt=salt, lookahead=lookahead)
+        extra = (*((lora,) if lora else ()), salt)
+        digest = hash_block_tokens(self.algo, None, token_ids[:block_size], extra, self.seed)
+        first = engine_root(event_hash(digest))
+        return [first, *chain_keys(first, token_ids[block_size:], block_size)]
+
+    def plain_blocks(self, ev: BlockStored) -> int:
+        """How many leading blocks of ``ev`` hash as text blocks (all of them: ``len(block_hashes)``)."""
+        self.legacy_seen = True
         bs = ev.block_size
-        if not ev.block_hashes or len(ev.token_ids) < bs:
-            return True  # nothing to key
+        n = min(len(ev.block_hashes), len(ev.token_ids) // bs)
+        parent: bytes | None = None
+        if ev.parent_block_hash is not None:
+            parent = self._digests.get(ev.parent_block_hash)
+            if parent is None:
+                return len(ev.block_hashes)  # not checkable: trusted (see the class docstring)
         lora: tuple[Any, ...] | None = None
         if ev.lora_name is not None:
             lora = (ev.lora_name,)
         elif ev.lora_id is not None:
             lora = (ev.lora_id,)
-        digest = hash_block_tokens(self.algo, None, ev.token_ids[:bs], lora, self.seed)
-        published = ev.block_hashes[0]
-        return published == digest if isinstance(published, bytes) else published == event_hash(digest)
+        digests = self._digests
+        for i in range(n):
+            digest = hash_block_tokens(self.algo, parent, ev.token_ids[i * bs : (i + 1) * bs], lora, self.seed)
+            published = ev.block_hashes[i]
+            if published != (digest if isinstance(published, bytes) else event_hash(digest)):
+                return i
+            digests[published] = digest
+            parent = digest
+        if len(digests) > self.memory:
+            evict_oldest(digests, self.memory)
+        return len(ev.block_hashes)
 
 
-def opaque_root(engine_hash: int | bytes) -> int:
-    """A root for a prompt the index cannot key as text: unique to its engine hash, so its own
-    later events still chain, and no request's key can equal it."""
+def engine_root(engine_hash: int) -> int:
+    """The key of a legacy prompt's block 0 that hashed with more than its tokens and LoRA (a
+    cache salt, most likely): derived from vLLM's own hash of it, so a request carrying the
+    same salt reaches it (``RootCheck.request_keys``) and no other does."""
+    return xxhash.xxh3_64_intdigest(b"kvgate/engine-root\x00" + engine_hash.to_bytes(8, "big"))
+
+
+def _engine_tag(engine_hash: int | bytes) -> bytes:
+    """An opaque extra key standing for a block vLLM hashed with something we cannot see."""
     raw = engine_hash if isinstance(engine_hash, bytes) else engine_hash.to_bytes(16, "big", signed=engine_hash < 0)
-    return xxhash.xxh3_64_intdigest(b"kvgate/opaque-root\x00" + raw)
+    return b"kvgate/engine-hash\x00" + raw
 
 
 def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first: int | None = None, check: RootCheck | None = None) -> list[int] | None:
@@ -164,14 +208,21 @@ def stored_keys(ev: BlockStored, parent_key: int | None, model: str, known_first
             # the oldest events carry only the adapter's int id: keep its blocks apart from the
             # base model's (requests name adapters, so they miss; they never match wrongly)
             lora = f"\x00lora-id:{ev.lora_id}"
-        if check is not None and not ev.extra_keys and not check.is_plain(ev):
-            parent_key = opaque_root(ev.block_hashes[0])
-        else:
-            parent_key = root_key(model, lora, event_salt(ev))
+        parent_key = root_key(model, lora, event_salt(ev))
     if parent_key is None:
         return None
     lookahead = ev.lookahead_token_ids
     opaque = _opaque_blocks(ev)
+    if check is not None and not ev.extra_keys and ev.group_idx is None:  # vLLM <= 0.14 (0.20+ sets group_idx)
+        plain = check.plain_blocks(ev)
+        first = ev.block_hashes[0] if ev.block_hashes else None
+        if plain == 0 and ev.parent_block_hash is None and isinstance(first, int) and len(ev.token_ids) >= bs:
+            # block 0 hashed with more than text: a salt (a request with it computes this key)
+            # or an image at the very start (the gateway never keys a request past an image)
+            root = engine_root(first)
+            return [root, *chain_keys(root, ev.token_ids[bs:], bs)]
+        if plain < len(ev.block_hashes):  # from there on, blocks vLLM hashed with more than text
+            opaque = {i: [_engine_tag(ev.block_hashes[i])] for i in range(plain, len(ev.block_hashes))}
     if not lookahead and not opaque:
         return chain_keys(parent_key, ev.token_ids, bs)
     return _detailed_keys(ev, parent_key, bs, opaque)
@@ -191,20 +242,25 @@ def _detailed_keys(ev: BlockStored, parent: int, bs: int, opaque: dict[int, list
 
 
 def _opaque_blocks(ev: BlockStored) -> dict[int, list[Any]]:
+    """``opaque_extras`` of an event's blocks."""
+    if not ev.extra_keys:
+        return {}
+    return opaque_extras(ev.extra_keys, ev.lora_name, event_salt(ev))
+
+
+def opaque_extras(extra_keys: Sequence[Any], lora_name: str | None, salt: str | None) -> dict[int, list[Any]]:
     """Per block index, the extra keys other than the LoRA name and block 0's cache salt.
 
     vLLM's untagged event form lists, per block: the LoRA name, ``(mm_identifier, offset)``
     pairs, block 0's cache salt, then prompt-embedding digests. LoRA and salt are in our root
     key already; whatever else a block carries makes vLLM's hash differ from a text prompt's
     with the same tokens, so it must make ours differ too. Unknown entries count as opaque: a
-    missed hit is acceptable, a predicted hit vLLM cannot give is not.
+    missed hit is acceptable, a predicted hit vLLM cannot give is not. A request whose extra
+    keys are known in this form (the multimodal identifiers vLLM would compute) gets the same
+    blocks from this function, hence the same keys through ``hashing.detailed_chain``.
     """
-    extra = ev.extra_keys
-    if not extra:
-        return {}
-    salt = event_salt(ev)
     out: dict[int, list[Any]] = {}
-    for i, entry in enumerate(extra):
+    for i, entry in enumerate(extra_keys):
         if entry is None:
             continue
         items = entry if isinstance(entry, (list, tuple)) else [entry]
@@ -212,7 +268,7 @@ def _opaque_blocks(ev: BlockStored) -> dict[int, list[Any]]:
         salt_seen = False
         for item in items:
             if isinstance(item, str):
-                if item == ev.lora_name:
+                if item == lora_name:
                     continue
                 if i == 0 and item == salt and not salt_seen:
                     salt_seen = True

@@ -101,7 +101,7 @@ class _LegacyEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 
 
 class _LegacyBlockStored(_LegacyEvent, tag="BlockStored"):
-    # 6 fields up to 0.10, 7 (lora_name) up to 0.14, 9 (extra_keys, group_idx) in 0.20;
+    # 6 fields up to 0.11, 7 (lora_name) in 0.14, 9 (extra_keys, group_idx) in 0.20;
     # msgspec omits trailing defaults, so every length from 4 to 9 is valid
     block_hashes: list[BlockHash]
     parent_block_hash: BlockHash | None
@@ -189,6 +189,52 @@ class _LegacyBatch(msgspec.Struct, array_like=True, gc=False):
     data_parallel_rank: int | None = None
 
 
+# vLLM 0.27's map form: fewer declared fields than 0.33's, so msgspec sizes BlockStored's map
+# header as a fixmap (12 fields + tag) where 0.33 writes a map16. Only for writing it.
+
+
+class _Map27Event(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class _Map27BlockStored(_Map27Event, tag="BlockStored"):
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+
+
+class _Map27BlockRemoved(_Map27Event, tag="BlockRemoved"):
+    block_hashes: list[BlockHash]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+
+
+class _Map27AllBlocksCleared(_Map27Event, tag="AllBlocksCleared"):
+    pass
+
+
+#: ``encode_batch``'s ``legacy`` value for vLLM 0.27's map form
+MAP_FORM_0_27 = 12
+
+
+def _to_map27(ev: KVEvent) -> _Map27Event:
+    if isinstance(ev, BlockStored):
+        return _Map27BlockStored(**{f: getattr(ev, f) for f in _Map27BlockStored.__struct_fields__})
+    if isinstance(ev, BlockRemoved):
+        return _Map27BlockRemoved(**{f: getattr(ev, f) for f in _Map27BlockRemoved.__struct_fields__})
+    return _Map27AllBlocksCleared()
+
+
 class EventDecoder:
     """Reusable decoder that also counts what it had to skip.
 
@@ -252,11 +298,15 @@ def decode_batch(payload: bytes) -> EventBatch:
 
 def encode_batch(batch: EventBatch, legacy: bool | int = False) -> bytes:
     """Encode ``batch`` as vLLM 0.33 would, or in the older array form with ``legacy``:
-    ``True`` or 7 is the 0.11-0.14 form (7 BlockStored fields), 6 that of 0.10 (no
+    ``True`` or 7 is the 0.14 form (7 BlockStored fields), 6 that of 0.10-0.11 (no
     ``lora_name``), 9 that of 0.20 (``extra_keys``, ``group_idx``; BlockRemoved gets
-    ``group_idx`` too). Fields a form lacks are dropped, as that release would never have them."""
+    ``group_idx`` too), ``MAP_FORM_0_27`` (12) the map form of 0.27 (no ``ownership``,
+    ``session_id``, ``lookahead_token_ids``). Fields a form lacks are dropped, as that release
+    would never have them."""
     if legacy is False:
         return _ENCODER.encode(batch)
+    if legacy == MAP_FORM_0_27 and legacy is not True:
+        return _ENCODER.encode(_LegacyBatch(ts=batch.ts, events=[_to_map27(e) for e in batch.events], data_parallel_rank=batch.data_parallel_rank))
     n = 7 if legacy is True else legacy
     if n not in _LEGACY_FORMS:
         raise ValueError(f"no vLLM release has a {n}-field BlockStored array")

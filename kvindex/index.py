@@ -138,6 +138,10 @@ class KVIndex(abc.ABC):
         (an ``event_rules.RootCheck``; vLLM <= 0.14 publishes no salt in its events)."""
         self._root_checks[model] = check
 
+    def root_check(self, model: str) -> Any:
+        """``model``'s ``RootCheck``, if one was set (requests are keyed through it then)."""
+        return self._root_checks.get(model)
+
     async def data_lost(self) -> bool:
         """True once after the backend lost its whole contents since the previous call (e.g. Redis
         restarted empty); the first call only sets the reference. Raises ``IndexUnavailableError``

@@ -109,7 +109,7 @@ class MemoryIndex(KVIndex):
         if parent is None:
             keys = stored_keys(ev, None, model, hashes.get(block_hashes[0]) if block_hashes else None, self._root_checks.get(model))
         else:
-            keys = stored_keys(ev, hashes.get(parent), model)
+            keys = stored_keys(ev, hashes.get(parent), model, check=self._root_checks.get(model))
         if keys is None:
             stats.orphaned += len(block_hashes)
             return

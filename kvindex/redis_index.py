@@ -445,7 +445,7 @@ class RedisIndex(KVIndex):
                         known = local.get(first, fetched.get(first))
                     keys = stored_keys(ev, None, model, known, self._root_checks.get(model))
                 else:
-                    keys = stored_keys(ev, local.get(parent, fetched.get(parent)), model)
+                    keys = stored_keys(ev, local.get(parent, fetched.get(parent)), model, check=self._root_checks.get(model))
                 if keys is None:
                     stats.orphaned += len(ev.block_hashes)
                     continue

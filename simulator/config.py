@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvindex.events import MAP_FORM_0_27
+
 from .vllm_versions import VllmProfile
 from .vllm_versions import profile as vllm_profile
 
@@ -75,10 +77,14 @@ class SimConfig:
         return vllm_profile(self.vllm_version)
 
     def event_form(self) -> bool | int:
-        """How events go on the wire: False for the map form, else the array length."""
+        """How events go on the wire (``kvindex.events.encode_batch``'s ``legacy``): False for
+        0.33's map form, the array length for 0.10-0.20, ``MAP_FORM_0_27`` for 0.27's map."""
         if self.legacy_events:
             return 7
-        return self.profile().array_fields or False
+        prof = self.profile()
+        if prof.release == "0.27":
+            return MAP_FORM_0_27
+        return prof.array_fields or False
 
     def validate(self) -> None:
         prof = self.profile()  # raises for an unknown release

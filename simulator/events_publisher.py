@@ -24,7 +24,7 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from kvindex.events import EventBatch, KVEvent, encode_batch
+from kvindex.events import MAP_FORM_0_27, EventBatch, KVEvent, encode_batch
 
 from .ports import zmq_bind
 
@@ -37,6 +37,8 @@ class EventPublisher:
     ) -> None:
         self.topic = topic.encode()
         self.legacy = legacy
+        #: replay replies carry the topic from vLLM 0.27 on (its map form, or 0.33's)
+        self.replay_topic = legacy is False or legacy == MAP_FORM_0_27
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
@@ -83,11 +85,11 @@ class EventPublisher:
             if len(start) != 8:
                 continue
             start_seq = int.from_bytes(start, "big")
-            head = [ident, b""] if self.legacy else [ident, b"", self.topic]
+            head = [ident, b"", self.topic] if self.replay_topic else [ident, b""]
             for seq, payload in list(self.buffer):
                 if seq >= start_seq:
                     await self.router.send_multipart([*head, seq.to_bytes(8, "big"), payload])
-            end = [ident, b""] if self.legacy else [ident, b"", b""]
+            end = [ident, b"", b""] if self.replay_topic else [ident, b""]
             await self.router.send_multipart([*end, END_SEQ, b""])
 
     async def close(self) -> None:

@@ -162,6 +162,33 @@ async def test_a_salted_prompt_in_legacy_events_is_not_taken_for_a_plain_one(ind
     await put(index, legacy_stored(TOKENS, plain, as_int=False), replica="plain")
     got = await index.lookup(block_keys(TOKENS, BS, model=MODEL), model=MODEL)
     assert {r: m.blocks for r, m in got.items()} == {"plain": 3}
+    # a request with that salt computes block 0's engine hash as vLLM does, and reaches it
+    check = index.root_check(MODEL)
+    assert check.legacy_seen
+    keys = check.request_keys(TOKENS, BS, model=MODEL, salt="tenant-a")
+    got = await index.lookup(keys, model=MODEL)
+    assert {r: m.blocks for r, m in got.items()} == {"salted": 3}
+    got = await index.lookup(check.request_keys(TOKENS, BS, model=MODEL, salt="tenant-b"), model=MODEL)
+    assert got == {}
+    assert check.request_keys(TOKENS, BS, model=MODEL) == block_keys(TOKENS, BS, model=MODEL)
+
+
+async def test_legacy_image_blocks_are_told_from_text_even_in_a_continuation(index: KVIndex) -> None:
+    """An image at block 1 (0.14 hashes ``(mm_hash, offset)`` into it, publishes nothing of it):
+    block 0 stays a text block, blocks 1-2 (and a continuation event after them) are opaque."""
+    index.set_root_check(MODEL, RootCheck("sha256", "0"))
+    image = vllm_block_hashes(TOKENS, BS, "sha256", "0", [None, ("img-A", 0), None])
+    await put(index, legacy_stored(TOKENS[:8], image[:2]))
+    cont = legacy_stored(TOKENS[8:], image[2:])
+    cont.parent_block_hash = event_hash(image[1])
+    await put(index, cont)
+    assert await hits(index, block_keys(TOKENS, BS, model=MODEL)) == 1
+    text = vllm_block_hashes(TOKENS, BS, "sha256", "0")
+    await put(index, legacy_stored(TOKENS[:8], text[:2]), replica="r2")
+    cont = legacy_stored(TOKENS[8:], text[2:])
+    cont.parent_block_hash = event_hash(text[1])
+    await put(index, cont, replica="r2")
+    assert await hits(index, block_keys(TOKENS, BS, model=MODEL), "r2") == 3
 
 
 async def test_legacy_lora_prompts_verify_with_the_id_or_the_name(index: KVIndex) -> None:
