@@ -362,6 +362,8 @@ def _classify(part: Any) -> _Part | None:
             value = part.get(_TEXT_PARTS[kind])
             if value is None and kind in ("text", "refusal"):
                 return None
+            if value is not None and not isinstance(value, str):
+                raise ChatMessageError(f"{kind} content part: Input should be a valid string")
             return ("text", value, _extras(part))
         if kind == "tool_reference":
             return ("tool_reference", part.get("name"), {})

@@ -346,13 +346,14 @@ def render_chat_prompt(
         compiled, template_vars = _compile(template)
     else:
         compiled, template_vars = _from_string(_new_env(max_chars), template)
-    conv: Conversation = developer_as_system(normalise_messages(messages, detect_content_format(template)), template)
     given = template_kwargs or {}
     _check_hf_flags(given)
     # transformers: the special tokens, overridden by the kwargs
     variables = {**(special or {}), **resolve_template_kwargs(template_vars, given)}
     render = functools.partial(_render_messages, compiled, template, tools=tools, documents=documents, max_chars=max_chars)
     try:
+        # a body vLLM's validation refuses may hold anything (numbers for text...): a 400, never a 500
+        conv: Conversation = developer_as_system(normalise_messages(messages, detect_content_format(template)), template)
         text = render(conv.messages, variables, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
         prefix: str | None = None
         if conv.first_media is not None:

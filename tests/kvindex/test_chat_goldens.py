@@ -147,3 +147,62 @@ def test_completion_token_ids_equal_vllms(tok_root: Path):
         body = case["request"]
         # the gateway's completions path: add_special_tokens defaults to true (vLLM's CompletionRequest)
         assert tok.encode(body["prompt"], bool(body.get("add_special_tokens", True))) == case["token_ids"], body
+
+
+# -- beyond the goldens: what the gateway does where equality is impossible ---------------------------
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+@pytest.mark.parametrize("template", ["kvgate_demo_chatml.jinja", "vllm_template_chatml.jinja"])
+def test_media_limits_the_prediction_to_the_text_before_it(template: str):
+    """A replica expands a media part into its processor's placeholder tokens and hashes those
+    blocks with the media: the gateway predicts only the tokens before the first media message
+    (both content formats), and nothing when the media comes first."""
+    base = Tokenizer.from_dir(Path(build_demo_dir()))
+    tpl = (TEMPLATES / template).read_text()
+    tok = CachingTokenizer(base)
+    system = {"role": "system", "content": "You are the gateway's test assistant. " * 8}
+    media = {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, IMAGE]}
+    opts = ChatOptions(chat_template=None)
+    before = base.encode(base.apply_chat_template([system], chat_template=tpl, add_generation_prompt=False), add_special_tokens=False)
+    full = base.encode(base.apply_chat_template([system, media], chat_template=tpl), add_special_tokens=False)
+    ids = tok.chat_tokens([system, media], opts, trusted_template=tpl)
+    assert 0 < len(ids) <= len(before) and ids == full[: len(ids)] and ids == before[: len(ids)]
+    assert len(ids) >= len(before) - 2  # only a token merged across the boundary may be lost
+    assert tok.chat_tokens([media, system], opts, trusted_template=tpl) == []
+    # text-only chats are untouched
+    assert tok.chat_tokens([system, {"role": "user", "content": "hi"}], opts, trusted_template=tpl) == base.encode_chat(
+        [system, {"role": "user", "content": "hi"}], chat_template=tpl
+    )
+
+
+def build_demo_dir() -> Path:
+    from kvindex.demo_tokenizer import build_demo_tokenizer
+
+    return build_demo_tokenizer()
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": [{"type": "text", "text": 12}, {"type": "text", "text": "x"}]}],
+        [{"role": "user", "content": [{"no_type": 1}]}],
+        [{"role": "user", "content": [{"type": 7}]}],
+        [{"role": "user", "content": [{"type": "hologram", "data": "x"}]}],
+        [{"role": "user", "content": 5}],
+        [{"role": "assistant", "content": None, "tool_calls": "call it"}],
+        [{"role": "assistant", "content": None, "tool_calls": [["f", "{}"]]}],
+        [{"role": "assistant", "content": None, "tool_calls": [{"id": 1, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+        [{"role": "developer", "content": [{"type": "text", "text": None}, 3]}, {"role": "system", "content": [4]}],
+        [],
+        [{"content": "no role"}],
+    ],
+)
+def test_messages_vllm_refuses_are_chat_template_errors(messages: list):
+    """Anything vLLM's validation refuses is the gateway's 400 too (``ChatTemplateError``),
+    never another exception (a 500)."""
+    tok = CachingTokenizer(Tokenizer.from_dir(Path(build_demo_dir())))
+    for tpl in ("kvgate_demo_chatml.jinja", "vllm_template_chatml.jinja", "qwen3.jinja"):
+        with pytest.raises(ChatTemplateError):
+            tok.chat_tokens(messages, ChatOptions.for_request({"messages": messages}), trusted_template=(TEMPLATES / tpl).read_text())
