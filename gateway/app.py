@@ -52,7 +52,7 @@ class Gateway:
         self.scheduler = Scheduler.from_config(cfg.scheduling or None)
         self.client = make_client(cfg.limits)
         self.fleet = Fleet(cfg.replicas, self.client, cfg.health, cfg.scrape)
-        self.index: KVIndex = make_index(cfg.index.backend, **self._index_options())
+        self.index: KVIndex = make_index(cfg.index.backend, root_checks=cfg.root_checks(), **self._index_options())
         self.subscriber: EventSubscriber | None = None  # only when some replica publishes events
         self.discovery: Any = None  # gateway.discovery.Discovery, with a discovery section
         self.admission = Admission(cfg.limits.max_inflight, cfg.limits.max_queue, cfg.limits.queue_timeout_s)

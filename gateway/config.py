@@ -15,6 +15,9 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from kvindex.event_rules import RootCheck
+from kvindex.hashing import HASH_ALGOS
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says where and why."""
@@ -51,6 +54,13 @@ class ReplicaConfig(_Base):
     api_key: str | None = None
     #: name of an environment variable holding that key (keeps it out of the file)
     api_key_env: str | None = None
+    #: vLLM's --data-parallel-size behind this one API server (internal load balancing): the
+    #: replica is expanded into one routing target per rank, ``<id>-dp<rank>``, each with its own
+    #: KV cache, indexed from that rank's events (vLLM offsets the event and replay ports by the
+    #: rank) and addressed with vLLM's ``X-data-parallel-rank`` request header
+    data_parallel_size: int = 1
+    #: the rank this entry stands for (set by the expansion; or by hand for one rank only)
+    data_parallel_rank: int | None = None
 
     def __repr__(self) -> str:  # the key must not end up in a log line or a traceback
         shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "api_key"}
@@ -77,6 +87,11 @@ class ModelConfig(_Base):
     #: ``chat_template_kwargs.chat_template``); false = vLLM's 400, as the replicas' own
     #: ``--trust-request-chat-template`` flag does. Set it like that flag.
     trust_request_chat_template: bool = False
+    #: the replicas' ``--prefix-caching-hash-algo`` (sha256, sha256_cbor, xxhash, xxhash_cbor) and
+    #: PYTHONHASHSEED: with them the index tells salted prompts from plain ones in events that
+    #: carry no extra keys (vLLM <= 0.14), instead of trusting every prompt start as plain
+    prefix_hash_algo: str | None = None
+    prefix_hash_seed: str | None = None
 
 
 class TokenizeConfig(_Base):
@@ -267,6 +282,10 @@ class GatewayConfig(_Base):
     def model_config(self, model: str) -> ModelConfig:
         return self.models.get(model) or ModelConfig()
 
+    def root_checks(self) -> dict[str, RootCheck]:
+        """Per base model whose hash is configured, the index's check of plain prompt starts."""
+        return {name: RootCheck(m.prefix_hash_algo, m.prefix_hash_seed) for name, m in self.models.items() if m.prefix_hash_algo}
+
 
 def parse_config(data: Any) -> GatewayConfig:
     """Validate a decoded YAML document into a GatewayConfig."""
@@ -300,6 +319,36 @@ _NOT_FORWARDABLE = frozenset(
 )
 
 
+def offset_endpoint(endpoint: str | None, rank: int) -> str | None:
+    """vLLM's event endpoint for data-parallel ``rank``: the TCP port plus the rank (an ipc://
+    or inproc:// path gets ``_dp<rank>``); unchanged for rank 0, as vLLM leaves it."""
+    if not endpoint or rank == 0:
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        head, sep, port = endpoint.rpartition(":")
+        if sep and port.isdigit():
+            return f"{head}:{int(port) + rank}"
+        raise ConfigError(f"config error: KV-event endpoint {endpoint!r} has no port to offset for data-parallel rank {rank}")
+    return f"{endpoint}_dp{rank}"
+
+
+def expand_data_parallel(r: ReplicaConfig) -> list[ReplicaConfig]:
+    """One replica entry per data-parallel rank (the entry itself when it has one rank)."""
+    if r.data_parallel_size <= 1:
+        return [r]
+    return [
+        msgspec.structs.replace(
+            r,
+            id=f"{r.id}-dp{rank}",
+            kv_events=offset_endpoint(r.kv_events, rank),
+            replay=offset_endpoint(r.replay, rank),
+            data_parallel_size=1,
+            data_parallel_rank=rank,
+        )
+        for rank in range(r.data_parallel_size)
+    ]
+
+
 def _check(cfg: GatewayConfig) -> None:
     cfg.forward_headers = [h.strip().lower() for h in cfg.forward_headers]
     owned = sorted(set(cfg.forward_headers) & _NOT_FORWARDABLE)
@@ -308,6 +357,12 @@ def _check(cfg: GatewayConfig) -> None:
     for name in ("header_timeout_s", "body_timeout_s", "max_connections"):
         if getattr(cfg.limits, name) <= 0:
             raise ConfigError(f"config error at $.limits.{name}: must be > 0")
+    for i, r in enumerate(cfg.replicas):
+        if r.data_parallel_size < 1 or (r.data_parallel_rank is not None and r.data_parallel_rank < 0):
+            raise ConfigError(f"config error at $.replicas[{i}]: data_parallel_size must be >= 1 and data_parallel_rank >= 0")
+        if r.data_parallel_size > 1 and r.data_parallel_rank is not None:
+            raise ConfigError(f"config error at $.replicas[{i}]: set data_parallel_size (all ranks) or data_parallel_rank (one), not both")
+    cfg.replicas = [rank for r in cfg.replicas for rank in expand_data_parallel(r)]
     ids = [r.id for r in cfg.replicas]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -328,6 +383,8 @@ def _check(cfg: GatewayConfig) -> None:
     for name, m in cfg.models.items():
         if m.block_size <= 0:
             raise ConfigError(f"config error at $.models.{name}.block_size: must be positive")
+        if m.prefix_hash_algo is not None and m.prefix_hash_algo not in HASH_ALGOS:
+            raise ConfigError(f"config error at $.models.{name}.prefix_hash_algo: one of {', '.join(HASH_ALGOS)}, got {m.prefix_hash_algo!r}")
     if cfg.limits.max_inflight <= 0 or cfg.limits.max_queue < 0:
         raise ConfigError("config error at $.limits: max_inflight must be > 0 and max_queue >= 0")
     if cfg.pd.threshold < 0:

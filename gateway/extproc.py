@@ -76,6 +76,7 @@ from scorers.base import EndpointState
 from .app import Gateway
 from .config import GatewayConfig
 from .errors import GatewayError, bad_request
+from .fleet import DP_RANK_HEADER
 from .forward import Attempt, AuthRejected, auth_error
 from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, request_id_from
 
@@ -339,7 +340,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             return self._error(st, exc)
         st.endpoints, st.upstream_key = self._with_key(ranked)
         st.replica = ranked[0][0].id
-        return _route_response("request_headers", st.endpoints, api_key=st.upstream_key)
+        return _route_response("request_headers", st.endpoints, api_key=st.upstream_key, dp_rank=self.gw.fleet.dp_rank(st.replica))
 
     def _with_key(self, ranked: list[tuple[EndpointState, str]]) -> tuple[list[str], str | None]:
         """The primary and its fallbacks, kept to those the primary's upstream key fits."""
@@ -382,14 +383,18 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         err = await self._decide(st)
         if err is not None:
             return [self._error(st, err)]
-        return [_route_response("request_body", st.endpoints, api_key=st.upstream_key, prefill=st.prefill)]
+        return [_route_response("request_body", st.endpoints, api_key=st.upstream_key, prefill=st.prefill, dp_rank=self.gw.fleet.dp_rank(st.replica))]
 
     async def _route_full_duplex(self, st: _Stream, trailers: bool) -> list[pb.ProcessingResponse]:
         err = await self._decide(st)
         if err is not None:
             return [self._error(st, err)]
         raw = bytes(st.body)
-        out = [_route_response("request_headers", st.endpoints, content_length=len(raw), api_key=st.upstream_key, prefill=st.prefill)]
+        out = [
+            _route_response(
+                "request_headers", st.endpoints, content_length=len(raw), api_key=st.upstream_key, prefill=st.prefill, dp_rank=self.gw.fleet.dp_rank(st.replica)
+            )
+        ]
         if raw or not trailers:
             out += [
                 _streamed("request_body", raw[i : i + CHUNK_BYTES], not trailers and i + CHUNK_BYTES >= len(raw))
@@ -464,14 +469,20 @@ def _subset_hint(metadata: dict[str, dict]) -> set[str] | None:
 
 
 def _route_response(
-    phase: str, endpoints: list[str], content_length: int | None = None, api_key: str | None = None, prefill: str | None = None
+    phase: str,
+    endpoints: list[str],
+    content_length: int | None = None,
+    api_key: str | None = None,
+    prefill: str | None = None,
+    dp_rank: int | None = None,
 ) -> pb.ProcessingResponse:
     """The picked endpoint(s): same comma-separated value in the header and in ``envoy.lb``.
 
     Also the upstream ``authorization``: the replica's key, or none at all — the client's own
     bearer token (the gateway's key) must never reach a replica. And ``x-prefiller-host-port``
     for a two-hop request (the decode pod's sidecar reads it), removed otherwise so a client
-    cannot pick a prefill endpoint itself."""
+    cannot pick a prefill endpoint itself. And vLLM's ``x-data-parallel-rank`` when the pick is
+    one data-parallel rank of a server (removed otherwise: a client must not pick a rank)."""
     value = ",".join(endpoints)
     headers = [
         base_pb2.HeaderValueOption(
@@ -504,6 +515,15 @@ def _route_response(
         )
     else:
         remove.append("authorization")
+    if dp_rank is not None:
+        headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=DP_RANK_HEADER, raw_value=str(dp_rank).encode()),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        )
+    else:
+        remove.append(DP_RANK_HEADER)
     common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers, remove_headers=remove), clear_route_cache=True)
     md = struct_pb2.Struct()
     md.update({LB_NAMESPACE: {DEST_HEADER: value}})

@@ -32,6 +32,8 @@ log = logging.getLogger("kvgate.endpoints")
 _RUNNING = ("vllm:num_requests_running",)
 _WAITING = ("vllm:num_requests_waiting",)
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+#: vLLM's request header choosing a data-parallel rank (read by its OpenAI serving code)
+DP_RANK_HEADER = "x-data-parallel-rank"
 _NO_AUTH: Mapping[str, str] = {}
 
 
@@ -78,13 +80,17 @@ class ModelInfo:
     replicas: set[str] = field(default_factory=set)
 
 
-def parse_vllm_metrics(text: str) -> tuple[float, float, float]:
-    """(running, waiting, kv_usage) summed over a replica's engines from Prometheus text."""
+def parse_vllm_metrics(text: str, engine: int | None = None) -> tuple[float, float, float]:
+    """(running, waiting, kv_usage) summed over a replica's engines from Prometheus text; with
+    ``engine``, only that data-parallel rank's series (vLLM labels each with ``engine``)."""
     running = waiting = 0.0
     kv: list[float] = []
+    only = None if engine is None else str(engine)
     for family in text_string_to_metric_families(text):
         name = family.name
         for sample in family.samples:
+            if only is not None and sample.labels.get("engine", only) != only:
+                continue
             if sample.name in _RUNNING or name in _RUNNING:
                 running += sample.value
             elif sample.name in _WAITING or name in _WAITING:
@@ -143,7 +149,10 @@ class Fleet:
         self.circuits[r.id] = Circuit(self.health_cfg.failure_threshold, self.health_cfg.cooldown_s)
         key = r.resolved_api_key()
         self._keys[r.id] = key
-        self._auth[r.id] = {"authorization": f"Bearer {key}"} if key else _NO_AUTH
+        extra: dict[str, str] = {"authorization": f"Bearer {key}"} if key else {}
+        if r.data_parallel_rank is not None:
+            extra[DP_RANK_HEADER] = str(r.data_parallel_rank)
+        self._auth[r.id] = extra or _NO_AUTH
 
     def remove(self, rid: str) -> EndpointState | None:
         """Take replica ``rid`` out of the fleet (discovery: its pod is gone). Requests already
@@ -200,11 +209,17 @@ class Fleet:
         return self._keys.get(rid)
 
     def upstream_auth(self, rid: str) -> Mapping[str, str]:
-        """Headers that authenticate the gateway to replica ``rid`` (empty when it has no key)."""
+        """Headers the gateway adds to every call to replica ``rid``: its API key, and for one
+        data-parallel rank of a vLLM server, the rank (empty when neither applies)."""
         return self._auth.get(rid, _NO_AUTH)
 
     def has_key(self, rid: str) -> bool:
-        return bool(self._auth.get(rid))
+        return bool(self._keys.get(rid))
+
+    def dp_rank(self, rid: str | None) -> int | None:
+        """The vLLM data-parallel rank replica ``rid`` stands for (None: the whole server)."""
+        r = self.configs.get(rid) if rid is not None else None
+        return r.data_parallel_rank if r is not None else None
 
     def auth_rejected_by(self, rid: str, where: str) -> None:
         """Replica ``rid`` answered 401 to the gateway: a configuration problem, not an outage."""
@@ -336,7 +351,7 @@ class Fleet:
             resp = await self.client.get(f"{state.url}/metrics", headers=self.upstream_auth(rid), timeout=self.scrape_cfg.timeout_s)
             if resp.status_code != 200:
                 return
-            running, waiting, kv = parse_vllm_metrics(resp.text)
+            running, waiting, kv = parse_vllm_metrics(resp.text, self.dp_rank(rid))
         except (httpx.HTTPError, ValueError, OSError):
             return
         state.running, state.waiting, state.kv_usage = running, waiting, kv

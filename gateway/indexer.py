@@ -43,7 +43,7 @@ async def run(cfg: GatewayConfig, index_url: str | None, stats_every_s: float, l
     if not sources:
         print("kvgate indexer: no replica has a kv_events endpoint", file=sys.stderr)
         return 2
-    index = make_index(url, ttl_s=cfg.index.ttl_s)
+    index = make_index(url, root_checks=cfg.root_checks(), ttl_s=cfg.index.ttl_s)
     sub = EventSubscriber(index, sources, loss_check_s=loss_check_s)
     await sub.start()
     stop = shutdown_event()
