@@ -107,6 +107,45 @@ def test_discovery_config_is_validated():
             parse_config({"discovery": bad})
 
 
+async def test_fleet_membership_readiness_and_circuits():
+    """What discovery asks of the fleet: readiness overrides the circuit, a reset closes it,
+    an update keeps the counters, a removal leaves requests holding the state unhealthy."""
+    from gateway.config import HealthConfig, ReplicaConfig
+    from gateway.fleet import Fleet
+
+    async with httpx.AsyncClient() as http:
+        fleet = Fleet([], http, HealthConfig(failure_threshold=1))
+        fleet.add(ReplicaConfig(id="p", url="http://10.0.0.1:8000", models=["m"]))
+        state = fleet.get("p")
+        assert state is not None and state.healthy
+        fleet.dispatched("p", 10, 20)
+        fleet.set_ready("p", False)
+        assert not state.healthy
+        fleet.record_success("p")  # a good probe does not make an unready pod routable
+        assert not state.healthy
+        fleet.set_ready("p", True)
+        assert state.healthy
+        fleet.record_failure("p")
+        assert not state.healthy
+        fleet.set_ready("p", True)  # ready, but its circuit is open
+        assert not state.healthy
+        fleet.reset_circuit("p")  # restarted: old failures say nothing
+        assert state.healthy
+        models = fleet.models()
+        fleet.update(ReplicaConfig(id="p", url="http://10.0.0.1:8000", role="decode", models=["m2"], labels={"a": "b"}))
+        assert fleet.get("p") is state and (state.role, state.models, dict(state.labels)) == ("decode", frozenset({"m2"}), {"a": "b"})
+        assert state.inflight_requests == 1 and fleet.models() is not models and "m2" in fleet.models()
+        assert fleet.remove("p") is state and not state.healthy and fleet.get("p") is None and "m2" not in fleet.models()
+        fleet.finished("p", 10, 20)  # a request that was in flight ends: nothing to count, no error
+        assert await fleet.probe("p") is False and fleet.remove("p") is None
+
+
+async def test_no_usable_kubernetes_configuration(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(disc.DiscoveryError, match="no usable Kubernetes configuration"):
+        await make_api_client(dcfg(kubeconfig=str(tmp_path / "missing")))
+
+
 # -- the list/watch protocol, driven by the real client -----------------------------------------
 
 
@@ -347,7 +386,7 @@ def test_pods_appear_are_routed_indexed_then_leave(sims, kube, tmp_path):
         wait_for(lambda: int(ask(g, PROMPT + f" q{time.monotonic()}").headers["x-kvgate-prefix-blocks"]) > 0, message="the pod's KV events in the index")
         assert ask(g, PROMPT + " q1").headers["x-kvgate-replica"] == first
         sub = g.gateway.subscriber
-        assert set(sub.sources) == {"vllm-a", "vllm-b"}
+        wait_for(lambda: set(sub.sources) == {"vllm-a", "vllm-b"}, message="both pods subscribed")
         assert metric_value(get_metrics(g.url), "kvgate_kv_events_applied_total", {"replica": first}) > 0
         # the pod that holds the prefix is deleted while a stream from it is under way: the
         # stream finishes; no more routing there; its subscription and entries are dropped
@@ -422,6 +461,18 @@ def test_relabel_readiness_and_restart(sims, kube, tmp_path):
         assert metric_value(text, "kvgate_discovery_changes_total", {"change": "updated"}) >= 4
 
 
+def test_container_restart_resets_the_circuit(sims, kube, tmp_path):
+    """Same pod (uid, IP), its container restarted (restartCount up): the circuit starts over."""
+    kube.apply("pods", make_pod("vllm-x", labels={"llm-d.ai/inferenceServing": "true"}, annotations={"kvgate.io/port": "1", "kvgate.io/models": MODEL}))
+    cfg = gateway_config(kube, tmp_path, kv_events_port=None)
+    cfg.health.interval_s, cfg.health.failure_threshold = 60.0, 1  # only the probe at discovery
+    with GatewayThread(cfg) as g:
+        wait_for(lambda: fleet_view(g)["vllm-x"][1] is False, message="its circuit open (nothing listens on port 1)")
+        kube.patch("pods", "vllm-x", lambda o: o["status"]["containerStatuses"][0].update(restartCount=1))
+        wait_for(lambda: fleet_view(g)["vllm-x"][1] is True, message="the circuit reset")
+        assert metric_value(get_metrics(g.url), "kvgate_discovery_changes_total", {"change": "replaced"}) == 0
+
+
 def test_inference_pool_selector_and_port(sims, kube, tmp_path):
     a, b, c = sims.handles
     # pods without a port annotation take the pool's target port: simulator a's
@@ -431,14 +482,13 @@ def test_inference_pool_selector_and_port(sims, kube, tmp_path):
     kube.apply("inferencepools", make_pool("vllm-pool", {"pool": "one"}, int(_port(a.url))))
     with GatewayThread(gateway_config(kube, tmp_path, kind="inferencepool", inference_pool="vllm-pool", kv_events_port=None)) as g:
         assert fleet_view(g) == {"pa": ("both", True, a.url)}
-        pool_watch = kube.watch_requests("inferencepools")[0]
-        assert pool_watch["fieldSelector"] == "metadata.name=vllm-pool"
-        assert kube.watch_requests("pods")[0]["labelSelector"] == "pool=one"
+        assert kube.list_requests("inferencepools")[0]["fieldSelector"] == "metadata.name=vllm-pool"
+        assert kube.list_requests("pods")[0]["labelSelector"] == "pool=one"
         assert ask(g, "pool " + PROMPT).headers["x-kvgate-replica"] == "pa"
         # the pool selects other pods: the set follows
         kube.patch("inferencepools", "vllm-pool", lambda o: o["spec"]["selector"].update(matchLabels={"pool": "two"}))
         wait_for(lambda: set(fleet_view(g)) == {"pb", "pc"}, message="the pool's new pods")
-        assert kube.watch_requests("pods")[-1]["labelSelector"] == "pool=two"
+        assert kube.list_requests("pods")[-1]["labelSelector"] == "pool=two"
         assert {ask(g, f"pool {i} " + PROMPT).headers["x-kvgate-replica"] for i in range(4)} <= {"pb", "pc"}
         # the pool is deleted: no pods
         kube.delete("inferencepools", "vllm-pool")
