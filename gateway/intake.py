@@ -152,7 +152,13 @@ def validate_body(kind: str, body: Any) -> None:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise bad_request(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
     elif kind == COMPLETIONS and not _is_prompt(body.get("prompt")):
-        raise bad_request("'prompt' must be a string, a list of strings, a list of token ids, or a list of lists of token ids", "prompt")
+        embeds = body.get("prompt_embeds")
+        if body.get("prompt") in (None, "") and isinstance(embeds, (str, list)) and embeds:
+            pass  # vLLM's prompt_embeds (base64 tensors) alone: valid, routed on load only
+        elif body.get("prompt") in (None, "") and embeds in (None, [], ""):
+            raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+        else:
+            raise bad_request("'prompt' must be a string, a list of strings, a list of token ids, or a list of lists of token ids", "prompt")
     elif kind == RESPONSES:
         responses.validate(body)
     for key in ("max_tokens", "max_completion_tokens"):

@@ -334,6 +334,9 @@ class Router:
 
     async def _completion_tokens(self, req: ProxyRequest) -> list[int] | None:
         body = req.body
+        if body.get("prompt_embeds"):
+            # vLLM hashes each block's embeddings into its key: nothing the gateway can predict
+            return None
         tok = self.tokenizer_for(req.ctx.model)
         prompts = completion_prompts(body["prompt"])
         max_len = self.max_model_len(req.model)
@@ -489,6 +492,16 @@ class Router:
     def block_size(self, base_model: str) -> int:
         return self.index.block_size(base_model) or self.cfg.model_config(base_model).block_size
 
+    def request_keys(self, tokens: list[int], bs: int, base: str, lora: str | None, salt: str | None) -> list[int]:
+        """The request's block keys as the index holds the replicas' blocks: cut with the
+        lookahead their events showed (vLLM 0.33 EAGLE hashes), and through the model's
+        ``RootCheck`` when one is configured (a salted prompt on vLLM <= 0.14)."""
+        lookahead = self.index.lookahead(base)
+        check = self.index.root_check(base)
+        if check is not None:
+            return check.request_keys(tokens, bs, model=base, lora=lora, salt=salt, lookahead=lookahead)
+        return block_keys(tokens, bs, model=base, lora=lora, salt=salt, lookahead=lookahead)
+
     async def lookup(self, keys: list[int], base_model: str) -> tuple[dict[str, PrefixMatch], bool]:
         if not keys:
             return {}, True
@@ -510,7 +523,7 @@ class Router:
         tokens = await self.tokens_for(req)
         bs = self.block_size(base)
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
-        keys = block_keys(tokens, bs, model=base, lora=lora, salt=salt) if tokens else []
+        keys = self.request_keys(tokens, bs, base, lora, salt) if tokens else []
         t1 = time.perf_counter()
         prefix, index_ok = await self.lookup(keys, base)
         self.metrics.sched_tokenize.observe(t1 - t0)
