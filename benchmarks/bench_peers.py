@@ -289,7 +289,8 @@ class Record:
     router: str
     key: str
     round: int
-    requests: int = 0
+    requests: int = 0  # measured (closed loop: every request, warm-up included)
+    sent: int = 0  # every request the router saw, warm-up included
     errors: int = 0
     ttft_p50_ms: float = float("nan")
     ttft_p90_ms: float = float("nan")
@@ -307,6 +308,16 @@ class Record:
     replica_cpu_ms_per_req: float = 0.0
     peer_counters: dict[str, float] = field(default_factory=dict)
     failed: str | None = None
+
+
+def token_calls(rec: Record) -> dict[str, float]:
+    """vllm-router's calls to a worker for token ids (render, or /tokenize without it) per request."""
+    out: dict[str, float] = {}
+    for key, value in rec.peer_counters.items():
+        if key.startswith("vllm_router_kv_routing_inputs_total{") and "result=" in key:
+            result = key.split("result=", 1)[1].split(",")[0].rstrip("}")
+            out[result] = out.get(result, 0.0) + value / rec.sent
+    return out
 
 
 def _measured_rate(run: RunResult) -> float:
@@ -341,7 +352,7 @@ def closed_run(spec: RouterSpec, workload: Workload, setup: Setup, tmp: Path, rn
         after = replica_counters(fleet.handles)
         rec.peer_counters = peer_counters(router.metrics())
         s = summarize(workload.name, spec.name, run)
-        rec.requests, rec.errors = s.requests, s.errors
+        rec.requests, rec.errors, rec.sent = s.requests, s.errors, len(run.samples)
         rec.ttft_p50_ms, rec.ttft_p90_ms, rec.itl_p50_ms, rec.tok_s = s.ttft_p50_ms, s.ttft_p90_ms, s.itl_p50_ms, s.throughput_tok_s
         rec.hit_ratio_client = s.hit_ratio
         rec.req_s = _measured_rate(run)
@@ -427,7 +438,7 @@ def instant_run(spec: RouterSpec, bodies: list[dict[str, Any]], n: int, setup: S
         sim1 = sum(tree_cpu_seconds(p) for p in sims)
         after = replica_counters(fleet.handles)
         rec.peer_counters = peer_counters(router.metrics())
-        rec.requests, rec.errors = n, errors
+        rec.requests, rec.errors, rec.sent = n, errors, warm + n
         rec.req_s = len(lat) / wall if wall > 0 else 0.0
         rec.latency_p50_ms = percentile([x * 1000 for x in lat], 50)
         rec.hit_ratio, rec.load_spread = counter_deltas(before, after)
@@ -537,6 +548,8 @@ def summarize_records(records: list[Record]) -> list[dict[str, Any]]:
             "requests": sum(r.requests for r in ok),
             "errors": sum(r.errors for r in ok),
         }
+        calls = [token_calls(r) for r in ok if r.sent]
+        row["token_id_calls_per_req"] = {k: statistics.median(c.get(k, 0.0) for c in calls) for k in sorted({k for c in calls for k in c})}
         cols = CLOSED_COLUMNS if section == "closed" else INSTANT_COLUMNS
         for name, _, _ in cols:
             if name == "vs_direct":
@@ -612,6 +625,14 @@ def markdown(result: dict[str, Any]) -> str:
         out += [head, "", "| " + " | ".join(_headers(section)) + " |", "|" + "---|" * len(_headers(section))]
         out += ["| " + " | ".join(_row_cells(row)) + " |" for row in rows]
         out.append("")
+    notes = []
+    for row in result["summary"]:
+        calls = row.get("token_id_calls_per_req") or {}
+        if calls:
+            what = ", ".join(f"{v:.1f} {k}" for k, v in calls.items())
+            notes.append(f"- {row['router']} ({row['workload']}): calls to workers for token ids per request (`vllm_router_kv_routing_inputs_total`): {what}")
+    if notes:
+        out += ["## Notes", "", *notes, ""]
     out += ["## Command lines", ""]
     for key, cmd in result["commands"].items():
         out.append(f"- `{key}`: `{' '.join(cmd)}`")
@@ -679,11 +700,13 @@ def build_result(records: list[Record], commands: dict[str, list[str]], meta: di
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_peers", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians and ranges over them)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: small workloads, 1 round, about a minute; prints, writes only with --out")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: a small shared-prefix workload and 150 instant requests, 1 round; prints, writes only with --out"
+    )
     ap.add_argument("--instant", action="store_true", help="only the instant-replica section (merged into an existing peers.json)")
     ap.add_argument("--closed", action="store_true", help="only the closed-loop section")
     ap.add_argument("--routers", help="comma-separated kind:policy (kvgate|sglang|vllm:POLICY, direct); default: " + ",".join(DEFAULT_ROUTERS))
-    ap.add_argument("--workloads", default="shared-prefix,multi-turn,long-doc-qa", help="closed-loop workloads, comma-separated")
+    ap.add_argument("--workloads", help="closed-loop workloads, comma-separated (default shared-prefix,multi-turn,long-doc-qa; --quick: shared-prefix)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--instant-requests", type=int, default=1000, help="measured requests per instant run")
     ap.add_argument("--out", type=Path, help=f"where to write peers.md and peers.json (default {RESULTS}; a --quick run writes only if given)")
@@ -700,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     routers = [r for r in routers if r.available()]
     rounds = 1 if args.quick else args.rounds
     setup = Setup(replicas=4, num_blocks=768, time_scale=1.0, concurrency=args.concurrency)
-    unknown = [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    names = args.workloads.split(",") if args.workloads else (["shared-prefix"] if args.quick else ["shared-prefix", "multi-turn", "long-doc-qa"])
+    unknown = [w for w in names if w not in WORKLOADS]
     if unknown:
         print(f"bench_peers: unknown workloads {unknown}", file=sys.stderr)
         return 2
@@ -711,9 +735,9 @@ def main(argv: list[str] | None = None) -> int:
             "long-doc-qa": dict(num_docs=6, questions_per_doc=8),
             "no-reuse": dict(num_requests=48),
         }
-        workloads = [WORKLOADS[w](**small[w]) for w in args.workloads.split(",")]
+        workloads = [WORKLOADS[w](**small[w]) for w in names]
     else:
-        workloads = [WORKLOADS[w]() for w in args.workloads.split(",")]
+        workloads = [WORKLOADS[w]() for w in names]
     if args.instant:
         workloads = []
     instant = [] if args.closed else [*routers, *(RouterSpec.parse(k) for k in INSTANT_EXTRA if k not in [r.key for r in routers])]

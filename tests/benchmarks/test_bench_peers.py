@@ -1,5 +1,5 @@
-"""bench_peers: one tiny real round (closed loop: kvgate and direct; instant replicas: kvgate and
-one peer router where one is installed), and the tables' medians, ranges, ratios and merge."""
+"""bench_peers: one tiny real round (closed loop: kvgate and direct; instant replicas: one peer
+router where one is installed, else kvgate), and the tables' medians, ranges, ratios and merge."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_tiny_round_kvgate_direct_and_installed_peers(tmp_path):
     setup = Setup(replicas=2, num_blocks=256, time_scale=0.05, concurrency=4)
     wl = shared_prefix(num_groups=2, num_prompts_per_group=5, system_prompt_len=120, question_len=10, output_len=8)
     closed = [RouterSpec("kvgate", "default"), RouterSpec("direct")]
-    instant = [RouterSpec("kvgate", "round-robin"), *PEERS]
+    instant = PEERS or [RouterSpec("kvgate", "round-robin")]  # three fresh fleets in all
     records, commands = run_all(closed, [wl], setup, rounds=1, instant=instant, instant_setup=Setup(2, 256, 0.0, 4), instant_requests=30, instant_workload=wl)
     assert [(r.section, r.key) for r in records] == [("closed", s.key) for s in closed] + [("instant", s.key) for s in instant]
     for r in records:
@@ -55,7 +55,7 @@ def test_tiny_round_kvgate_direct_and_installed_peers(tmp_path):
     )
     rows = {(r["section"], r["key"]): r for r in result["summary"]}
     assert rows[("closed", "kvgate:default")]["req_s"]["median"] == records[0].req_s
-    assert rows[("instant", "kvgate:round-robin")]["vs_direct"] is None  # no direct run in the instant section
+    assert rows[("instant", instant[0].key)]["vs_direct"] is None  # no direct run in the instant section
     files = write_results(tmp_path, "peers", result)
     md = files[0].read_text()
     assert "kvgate default" in md and "instant replicas" in md and "## Command lines" in md
@@ -71,7 +71,13 @@ def test_medians_ranges_ratios_and_merge(tmp_path):
     recs = [_rec("instant", "direct", r, d) for r, d in enumerate([100.0, 200.0, 150.0])]
     recs += [_rec("instant", "kvgate:default", r, x, c) for r, (x, c) in enumerate([(50.0, 3.0), (50.0, 1.0), (75.0, 2.0)])]
     recs.append(Record("instant", "instant", "vllm-router kv_aware", "vllm:kv_aware", 0, failed="RuntimeError: did not start"))
+    calls = {
+        "vllm_router_kv_routing_inputs_total{result=render,transport=http}": 36.0,
+        "vllm_router_kv_routing_inputs_total{result=tokenize,transport=http}": 4.0,
+    }
+    recs.append(Record("instant", "instant", "vllm-router cache_aware", "vllm:cache_aware", 1, requests=8, sent=10, req_s=5.0, peer_counters=calls))
     rows = {r["key"]: r for r in summarize_records(recs)}
+    assert rows["vllm:cache_aware"]["token_id_calls_per_req"] == {"render": 3.6, "tokenize": 0.4}
     kv = rows["kvgate:default"]
     assert kv["req_s"] == {"median": 50.0, "min": 50.0, "max": 75.0}
     assert kv["router_cpu_ms_per_req"]["median"] == 2.0
@@ -81,6 +87,9 @@ def test_medians_ranges_ratios_and_merge(tmp_path):
     md = markdown(build_result(recs, {}, meta))
     assert "| kvgate default | 50 (50–75) | 0.50 (0.25–0.50) |" in md
     assert "failed: RuntimeError" in md
+    assert (
+        "vllm-router cache_aware (instant): calls to workers for token ids per request (`vllm_router_kv_routing_inputs_total`): 3.6 render, 0.4 tokenize" in md
+    )
     # an instant-only run keeps the closed-loop section of an earlier result
     write_results(tmp_path, "peers", build_result([_rec("closed", "kvgate:default", 0, 20.0)], {"kvgate:default": ["a"]}, meta))
     write_results(tmp_path, "peers", build_result(recs, {}, meta))
