@@ -66,6 +66,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: routers compared by default, as ``kind:policy`` (``direct`` has no router)
 DEFAULT_ROUTERS = ["kvgate:default", "kvgate:round-robin", "sglang:cache_aware", "vllm:round_robin", "vllm:cache_aware", "vllm:kv_aware"]
 INSTANT_EXTRA = ["direct"]
+#: GatewayProcess scrapes and probes the replicas twice as often as kvgate does by default and adds
+#: debug headers; here kvgate runs with its defaults, as the peers do
+KVGATE_DEFAULTS: dict[str, Any] = {"scrape": {}, "health": {}, "debug_headers": False}
 PEER_MODULES = {"sglang": ("sglang_router", "sglang-router"), "vllm": ("vllm_router", "vllm-router")}
 
 
@@ -189,13 +192,21 @@ class Running:
     metrics: Callable[[], str] = lambda: ""
 
 
+def kvgate_command(gw: GatewayProcess) -> list[str]:
+    """``kvgate serve``'s command line, its config file shown inline (the replicas summarized)."""
+    args = [str(a) for a in gw.proc.args] if isinstance(gw.proc.args, list) else [str(gw.proc.args)]
+    path = Path(args[-1])
+    cfg = json.loads(path.read_text())
+    cfg["replicas"] = f"<{len(cfg['replicas'])} replicas: id, url, role, models, kv_events, replay>"
+    return [*args[:-1], path.name, "#", f"{path.name}:", json.dumps(cfg, separators=(",", ":"))]
+
+
 def start_router(spec: RouterSpec, handles: list[SimHandle], tmp: Path) -> Running:
     if spec.kind == "direct":
         return Running(None, None, [], lambda: None)
     if spec.kind == "kvgate":
-        gw = GatewayProcess(handles, spec.policy, tmp)
-        args = gw.proc.args
-        return Running(gw.url, gw.proc.pid, [str(a) for a in args] if isinstance(args, list) else [str(args)], gw.stop)
+        gw = GatewayProcess(handles, spec.policy, tmp, extra=KVGATE_DEFAULTS)
+        return Running(gw.url, gw.proc.pid, kvgate_command(gw), gw.stop)
     peer = PeerProcess(spec, handles, tmp)
     return Running(peer.url, peer.proc.pid, peer.command, peer.stop, peer.metrics)
 
@@ -772,7 +783,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(router, workload, round); {rounds} interleaved round(s), routers' order rotated each round; cells are median (min–max) over rounds. "
             "Latency and throughput after the warm-up; prefix-hit ratio and load spread (max/min finished requests per replica) from the replicas' "
             "counters over the whole run; router CPU = utime+stime of the router's process tree over the run (cores = CPU s / wall s; ms/req over all "
-            "requests incl. warm-up); replica CPU likewise for the 4 replica processes. Load generator, routers and replicas share the machine."
+            "requests incl. warm-up); replica CPU likewise for the replica processes. Every router runs with its own defaults apart from the fleet, "
+            "policy and listen address (command lines below; sglang-router logs two INFO lines per request at its default level). "
+            "Load generator, routers and replicas share the machine."
         ),
         "machine": f"{os.cpu_count()} cores, load average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after",
         "peers": peer_versions(),
