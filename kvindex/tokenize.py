@@ -411,7 +411,18 @@ class Tokenizer:
         self._tok = backend
         self.config = config or {}
         self.name = name
-        self.chat_template: str | None = self.config.get("chat_template") if isinstance(self.config.get("chat_template"), str) else None
+        raw = self.config.get("chat_template")
+        self.chat_template: str | None = raw if isinstance(raw, str) else None
+        #: named templates (a list of ``{"name", "template"}`` in tokenizer_config.json, or
+        #: ``additional_chat_templates/``): transformers picks ``tool_use`` for a request with
+        #: tools, else ``default``
+        self.chat_templates: dict[str, str] = {}
+        if isinstance(raw, list):
+            self.chat_templates = {
+                t["name"]: t["template"] for t in raw if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            }
+        elif isinstance(raw, dict):
+            self.chat_templates = {k: v for k, v in raw.items() if isinstance(v, str)}
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -435,7 +446,21 @@ class Tokenizer:
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
             config["chat_template"] = jinja_file.read_text()
+        extra = path / "additional_chat_templates"
+        if extra.is_dir():
+            named = {p.stem: p.read_text() for p in sorted(extra.glob("*.jinja"))}
+            main = config.get("chat_template")
+            config["chat_template"] = {"default": main, **named} if isinstance(main, str) else named
         return cls(backend, config, name=path.name)
+
+    def template_for(self, tools: Any = None) -> str | None:
+        """The model's template for a request (transformers' ``get_chat_template``): the single
+        template, else the named ``tool_use`` one when the request has tools, else ``default``."""
+        if self.chat_template is not None:
+            return self.chat_template
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        return self.chat_templates.get("default")
 
     @property
     def vocab_size(self) -> int:
@@ -502,7 +527,7 @@ class Tokenizer:
     ) -> str:
         """Render with ``chat_template`` (trusted: in this process) or the model's template, the
         way vLLM renders a request carrying these messages (``render_chat_prompt``)."""
-        template = chat_template or self.chat_template
+        template = chat_template or self.template_for(tools)
         if not template:
             raise ChatTemplateError(NO_CHAT_TEMPLATE)
         return render_chat(
@@ -789,7 +814,7 @@ class CachingTokenizer:
         Raises ``ChatTemplateError`` (``TemplateLimitError`` past a sandbox cap), ``TextTooLong``
         when the rendered text is longer than ``max_chars``, ``PromptTooLong`` past ``max_tokens``.
         """
-        template = opts.chat_template or trusted_template or self.tokenizer.chat_template
+        template = opts.chat_template or trusted_template or self.tokenizer.template_for(opts.tools)
         if not template:
             raise ChatTemplateError(NO_CHAT_TEMPLATE)
         try:

@@ -78,7 +78,10 @@ def build_tokenizer_dir(spec: dict[str, Any], dest: Path) -> Path:
     tok.save(str(dest / "tokenizer.json"))
     config = json.loads((base / "tokenizer_config.json").read_text())
     config.update(spec.get("config", {}))
-    config["chat_template"] = (TEMPLATES / spec["template"]).read_text()
+    if "named" in spec:  # a list of named templates, as older tokenizer_config.json files have
+        config["chat_template"] = [{"name": name, "template": (TEMPLATES / f).read_text()} for name, f in spec["named"].items()]
+    else:
+        config["chat_template"] = (TEMPLATES / spec["template"]).read_text()
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return dest
 
@@ -406,6 +409,12 @@ TEMPLATE_SPECS: dict[str, dict[str, Any]] = {
     },
     "chatml": {"template": "vllm_template_chatml.jinja", "special": ["<|im_start|>", "<|im_end|>"], "config": {"eos_token": "<|im_end|>"}},
     "demo-chatml": {"template": "kvgate_demo_chatml.jinja", "special": ["<|im_start|>", "<|im_end|>"], "config": {"eos_token": "<|im_end|>"}},
+    # named templates: transformers picks "tool_use" when the request has tools, else "default"
+    "named-templates": {
+        "template": "probe_openai.jinja",
+        "named": {"default": "probe_string.jinja", "tool_use": "probe_openai.jinja"},
+        "special": ["<|msg|>", "<|tools|>", "<|docs|>", "<|think|>", "<|effort|>", "<|custom|>", "<|gen|>"],
+    },
     "probe-string": {"template": "probe_string.jinja", "special": ["<|msg|>", "<|tools|>", "<|docs|>", "<|think|>", "<|effort|>", "<|custom|>", "<|gen|>"]},
     "probe-openai": {"template": "probe_openai.jinja", "special": ["<|msg|>", "<|tools|>", "<|docs|>", "<|think|>", "<|effort|>", "<|custom|>", "<|gen|>"]},
 }
