@@ -50,7 +50,9 @@ def tok_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_corpus_is_all_there():
     names = {p.name for p in CHAT_FILES}
-    assert {f"vllm-0.33.0-{t}.json" for t in ("qwen3", "llama3.1", "llama4", "chatml", "demo-chatml", "named-templates", "probe-string", "probe-openai")} <= names
+    assert {
+        f"vllm-0.33.0-{t}.json" for t in ("qwen3", "llama3.1", "llama4", "chatml", "demo-chatml", "named-templates", "probe-string", "probe-openai")
+    } <= names
     for p in CHAT_FILES:
         doc = _doc(p)
         assert doc["vllm"] == "0.33.0" and len(doc["cases"]) >= 50
