@@ -240,12 +240,18 @@ class EventSubscriber:
         sock = self.ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        sock.setsockopt(zmq.IPV6, 1)  # tcp://[fd00::5]:5557 (IPv6 pod IPs); IPv4 works as before
         return sock
 
     async def _run_source(self, src: ReplicaSource, endpoint: str) -> None:
         sock = self._sub_socket()
         sock.setsockopt(zmq.SUBSCRIBE, src.topic.encode())
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:  # a malformed endpoint: say so (a task's exception is silent)
+            sock.close(0)
+            log.error("replica %s: cannot subscribe to KV events at %s: %s", src.replica, endpoint, exc)
+            return
         try:
             while True:
                 frames = await sock.recv_multipart()
@@ -635,6 +641,7 @@ class EventSubscriber:
         """Batches from ``start`` on. ``partial``: return what came instead of raising a timeout."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)
         # a deep receive queue (filled by ZMQ's I/O thread whatever this loop is doing), so that
         # losses in a long replay are only the sender's own (see _fetch_buffer)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)

@@ -249,6 +249,53 @@ async def test_sources_added_and_removed_while_running(ctx):
         await pub2.close()
 
 
+async def test_ipv6_endpoints(ctx):
+    """A replica at an IPv6 address (discovered pods can have one): events and replay both."""
+    probe = ctx.socket(zmq.PUB)
+    try:
+        probe.bind("tcp://[::1]:0")  # without IPV6 set, this bind itself would fail
+    except zmq.ZMQError:
+        probe.setsockopt(zmq.IPV6, 1)
+        try:
+            probe.bind("tcp://[::1]:0")
+        except zmq.ZMQError:
+            pytest.skip("no IPv6 loopback here")
+    finally:
+        probe.close(0)
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.IPV6, 1)
+    port = pub.bind_to_random_port("tcp://[::1]")
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.IPV6, 1)
+    replay_port = router.bind_to_random_port("tcp://[::1]")
+    index = MemoryIndex()
+    sub = EventSubscriber(index, [ReplicaSource("v6", MODEL, f"tcp://[::1]:{port}", f"tcp://[::1]:{replay_port}")], ctx=ctx)
+    await sub.start()
+    try:
+        toks = list(range(9000, 9016))
+        missed = prompt_batch(list(range(9100, 9116)))
+
+        async def answer_replay() -> None:  # seq 0 was never received: the subscriber asks for it
+            ident, _, start = await router.recv_multipart()
+            assert int.from_bytes(start, "big") == 0
+            await router.send_multipart([ident, b"", b"", (0).to_bytes(8, "big"), missed])
+            await router.send_multipart([ident, b"", b"", b"\xff" * 8, b""])
+
+        replay = asyncio.create_task(answer_replay())
+        for _ in range(100):  # ZMQ slow joiner: publish seq 1 until it is in
+            await pub.send_multipart([b"", (1).to_bytes(8, "big"), prompt_batch(toks)])
+            await asyncio.sleep(0.02)
+            if await matched(index, toks, "v6"):
+                break
+        assert await matched(index, toks, "v6") == 1
+        await asyncio.wait_for(replay, 5)
+        assert await matched(index, list(range(9100, 9116)), "v6") == 1
+    finally:
+        await asyncio.wait_for(sub.stop(), 2)
+        pub.close(0)
+        router.close(0)
+
+
 async def test_restart_with_lost_first_batches_replays_them(ctx):
     """The replica restarts and its first batches of the new run are dropped on the wire: the
     restart is detected from the lower seq, the old blocks forgotten, and the new run's missing
