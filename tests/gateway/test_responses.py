@@ -359,3 +359,19 @@ def test_the_chat_vllm_builds_from_a_responses_body():
     assert chat["continue_final_message"] is True and chat["add_generation_prompt"] is False
     assert chat["chat_template_kwargs"] == {"x": 1, "reasoning_effort": "low", "enable_thinking": True}
     assert chat["tools"] == [{"type": "function", "function": {"name": "g", "description": None, "parameters": {}, "strict": None}}]
+
+
+def test_background_response_fetched_and_cancelled_through_the_gateway(gw):
+    c = client(gw)
+    queued = c.responses.create(model=MODEL, input=f"in the background {uuid.uuid4().hex}", background=True, max_output_tokens=5)
+    assert queued.status == "queued" and queued.background is True
+
+    def done() -> bool:
+        return c.responses.retrieve(queued.id).status == "incomplete"  # 5 tokens, no stop
+
+    wait_for(done, timeout=10, message="the background response finished")
+    final = c.responses.retrieve(queued.id)
+    assert final.output_text and final.usage.output_tokens == 5
+    with pytest.raises(openai.BadRequestError) as info:  # vLLM: only a queued or running one can be cancelled
+        c.responses.cancel(queued.id)
+    assert "Cannot cancel" in info.value.message
