@@ -78,7 +78,7 @@ from .config import GatewayConfig
 from .errors import GatewayError, bad_request
 from .fleet import DP_RANK_HEADER
 from .forward import Attempt, AuthRejected, auth_error
-from .request import CHAT, COMPLETIONS, EMBEDDINGS, ProxyRequest, request_id_from
+from .request import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, ProxyRequest, request_id_from
 
 log = logging.getLogger("kvgate.extproc")
 
@@ -91,7 +91,7 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 PREFILL_HEADER = "x-prefiller-host-port"
 #: largest body chunk we stream back (Envoy recommends <= 64 KiB per message; GIE uses 62 000)
 CHUNK_BYTES = 62_000
-_KINDS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
+_KINDS = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS, "/v1/responses": RESPONSES}
 _Mode = processing_mode_pb2.ProcessingMode
 FULL_DUPLEX = _Mode.FULL_DUPLEX_STREAMED
 BUFFERED = _Mode.BUFFERED

@@ -388,7 +388,7 @@ def _auth_mutation(resp) -> tuple[str | None, list[str], list[str]]:
     auth = next((h.header.raw_value.decode() for h in mutation.set_headers if h.header.key == "authorization"), None)
     dest = next(h.header.raw_value.decode() for h in mutation.set_headers if h.header.key == "x-gateway-destination-endpoint")
     # every answer also removes x-prefiller-host-port (no P/D here): not part of the key rules
-    return auth, [h for h in mutation.remove_headers if h != "x-prefiller-host-port"], dest.split(",")
+    return auth, [h for h in mutation.remove_headers if h not in ("x-prefiller-host-port", "x-data-parallel-rank")], dest.split(",")
 
 
 def test_picker_sets_the_replica_key_and_removes_the_clients_grpc(tmp_path):
