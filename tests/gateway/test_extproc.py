@@ -149,6 +149,29 @@ def test_openai_requests_reach_the_picked_replica_with_prefix_affinity(stack, mo
         assert log[d.request_id]["picked"] == d.endpoint == log[d.request_id]["upstream"]
 
 
+def test_responses_api_through_envoy_follows_its_prefix(stack, mode):
+    """``client.responses.create`` through Envoy: the picker schedules /v1/responses like chat
+    (the chat vLLM builds from instructions + input), streaming and not."""
+    fleet, ep, envoys = stack
+    c = openai.OpenAI(base_url=f"{envoys[mode].url}/v1", api_key="x", max_retries=0, timeout=30)
+    instructions = SYSTEMS[0].replace("{tag}", f"responses-{mode}-{time.monotonic_ns()}")
+    c.responses.create(model=MODEL, instructions=instructions, input="warm", max_output_tokens=4)
+    home = ep.service.decisions[-1].replica
+
+    def indexed() -> bool:
+        c.responses.create(model=MODEL, instructions=instructions, input=f"probe {time.monotonic_ns()}", max_output_tokens=2)
+        return ep.service.decisions[-1].prefix_blocks > 0
+
+    wait_for(indexed, timeout=10, message="the instructions' KV events indexed")
+    assert ep.service.decisions[-1].replica == home
+    events = list(c.responses.create(model=MODEL, instructions=instructions, input="stream it", max_output_tokens=8, stream=True))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text and events[-1].type == "response.incomplete"  # vLLM's end at max_output_tokens
+    assert events[-1].response.usage.input_tokens_details.cached_tokens > 0
+    assert ep.service.decisions[-1].replica == home and ep.service.decisions[-1].prefix_blocks > 0
+    wait_for(lambda: _idle(ep), message="every request released")
+
+
 def test_subset_hint_set_by_the_data_plane_is_honoured(stack, mode, tmp_path):
     """An Envoy that sets GIE's subset hint (as an Inference Extension gateway would) before ext_proc."""
     fleet, ep, _ = stack
