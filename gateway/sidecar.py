@@ -41,7 +41,7 @@ from .config import ConfigError, GatewayConfig, load_config, parse_config
 from .errors import GatewayError, error_response
 from .forward import RelayResponse
 from .hops import Plan
-from .request import CHAT, COMPLETIONS, ProxyRequest
+from .request import CHAT, COMPLETIONS, RESPONSES, ProxyRequest
 
 log = logging.getLogger("kvgate.sidecar")
 
@@ -49,7 +49,7 @@ log = logging.getLogger("kvgate.sidecar")
 #: (llm-d-router ``routing.PrefillEndpointHeader``): ``host:port`` of the prefill endpoint
 PREFILL_HEADER = "x-prefiller-host-port"
 LOCAL_ID = "local"
-_ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+_ROUTES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, "/v1/responses": RESPONSES}
 _HOP_BY_HOP = frozenset(
     {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", PREFILL_HEADER}
 )

@@ -118,6 +118,16 @@ def test_with_the_header_hop_1_runs_on_the_named_prefill_and_hop_2_pulls_the_kv(
     assert usage.prompt_tokens_details.cached_tokens >= usage.prompt_tokens - 16
 
 
+def test_responses_take_both_hops_through_the_sidecar(pd, sidecar):
+    """``responses.create`` with the header: hop 1 on the named prefill, hop 2 pulls the KV."""
+    c = _client(sidecar.url).with_options(default_headers={PREFILL_HEADER: _addr(pd.handles[0])})
+    pre = _prompts(pd.handles[0].url)
+    r = c.responses.create(model=MODEL, instructions=doc("responses"), input="summarise", max_output_tokens=6)
+    assert r.usage.output_tokens == 6
+    assert _prompts(pd.handles[0].url) > pre
+    assert r.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens - 16
+
+
 def test_a_prefill_target_not_allowed_is_refused_and_never_called(pd, sidecar):
     other = pd.handles[1].url
     before = _prompts(other)
