@@ -32,6 +32,7 @@ import copy
 import functools
 import json
 import multiprocessing
+import re
 import threading
 import weakref
 from array import array
@@ -510,6 +511,16 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @functools.cached_property
+    def splitter(self) -> SpecialSplitter | None:
+        """How this tokenizer splits a text on its added tokens, when pieces encode alone exactly
+        (checked once, on sample texts); None when they do not or it cannot be told."""
+        return SpecialSplitter.for_tokenizer(self)
+
+    def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
+        """Each piece's ids without special tokens, in one call (the GIL released meanwhile)."""
+        return [e.ids for e in self._tok.encode_batch_fast(pieces, add_special_tokens=False)]
+
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
@@ -717,6 +728,115 @@ class ChatOptions:
 ENTRY_OVERHEAD = 300
 
 
+def _trie_pattern(words: list[str]) -> str:
+    """A regex matching any of ``words``, longest first, factored by common prefixes: a plain
+    alternation of a vocabulary's ~1000 added tokens costs a try of each at every position of
+    the text, a trie fails at the first character nearly everywhere."""
+    trie: dict[str, Any] = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict[str, Any]) -> str:
+        end = "" in node
+        alts = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        if end:  # a word ends here: the longer ones are tried first (greedy), then the end
+            return "(?:" + body + ")?" if len(alts) == 1 else body + "?"
+        return body
+
+    return emit(trie)
+
+
+class SpecialSplitter:
+    """Cuts a text where HF ``tokenizers`` cuts it first: at its added tokens.
+
+    HF tokenizers extract added tokens (``<|im_start|>``, ``<|eot_id|>``, ...) before anything
+    else and then normalise, pre-tokenize and encode every piece between them on its own. So a
+    rendered chat's ids are its pieces' ids joined by the added tokens' ids, and a piece seen
+    before (the system prompt, a document, every earlier turn of a conversation) need not be
+    encoded again. Only added tokens matched on the raw text with no stripping or word rule are
+    cut on; a tokenizer whose pieces do not encode alone exactly (a pre-tokenizer that treats
+    the text's first piece apart, say) fails the check in ``for_tokenizer`` and is not split.
+    """
+
+    #: texts the check encodes whole and in pieces; {0} and {1} stand for two added tokens
+    CHECK_TEXTS = (
+        "{0}system\nYou are a helpful assistant.{1}\n{0}user\n  Hello, world!{1}\n{0}assistant\n",
+        "{0} leading space{1}{0}\n\nnewlines then text {1} trailing {0}{0}x",
+        "plain start {0}é café — 数字 123 {1}\t tab {0}",
+    )
+
+    def __init__(self, pattern: re.Pattern[str], ids: dict[str, int]) -> None:
+        self.pattern = pattern
+        self.ids = ids
+
+    @classmethod
+    def for_tokenizer(cls, tok: Tokenizer) -> SpecialSplitter | None:
+        backend = tok._tok
+        try:
+            added = backend.get_added_tokens_decoder()
+        except AttributeError:
+            return None
+        try:
+            normalizer = backend.normalizer
+            state = json.loads(normalizer.__getstate__()) if normalizer is not None else None
+        except (AttributeError, TypeError, ValueError):
+            return None
+        # with no normalisation, tokens matched on the normalised text match on the raw text too
+        identity = state is None or (state.get("type") == "Sequence" and not state.get("normalizers"))
+        usable = {a.content: i for i, a in added.items() if a.content and not (a.lstrip or a.rstrip or a.single_word or (a.normalized and not identity))}
+        if len(usable) != len(added) or not usable:
+            return None  # some added token is matched another way: leave the split to HF
+        names = sorted(usable, key=len, reverse=True)  # leftmost-longest, as HF's matcher
+        splitter = cls(re.compile(_trie_pattern(names)), usable)
+        # the check cuts on the tokens chats use most (the model's bos/eos/... if added), and on
+        # one matched on normalised text if there is one
+        chat = [t for t in tok.special.values() if t in usable] + names
+        normalised = [a.content for a in added.values() if a.normalized and a.content in usable]
+        pairs = [(chat[0], chat[1] if len(chat) > 1 else chat[0])] + ([(normalised[0], chat[0])] if normalised else [])
+        for pair in pairs:
+            for text in cls.CHECK_TEXTS:
+                sample = text.format(*pair)
+                if splitter.encode(sample, tok.encode_pieces) != backend.encode(sample, add_special_tokens=False).ids:
+                    return None
+        return splitter
+
+    def split(self, text: str) -> list[str | int]:
+        """The pieces of ``text`` (strings) and its added tokens (their ids), in order."""
+        out: list[str | int] = []
+        at = 0
+        for m in self.pattern.finditer(text):
+            if m.start() > at:
+                out.append(text[at : m.start()])
+            out.append(self.ids[m.group()])
+            at = m.end()
+        if at < len(text):
+            out.append(text[at:])
+        return out
+
+    def encode(self, text: str, encode_pieces: Callable[[list[str]], list[list[int]]]) -> list[int]:
+        parts = self.split(text)
+        pieces = [p for p in parts if isinstance(p, str)]
+        encoded = iter(encode_pieces(pieces) if pieces else [])
+        ids: list[int] = []
+        for p in parts:
+            if isinstance(p, int):
+                ids.append(p)
+            else:
+                ids.extend(next(encoded))
+        return ids
+
+
+#: pieces of a rendered chat shorter than this are not worth a cache entry (a lookup costs about
+#: what encoding ~40 characters does)
+PIECE_CACHE_MIN_CHARS = 64
+
+
 def _digest(*parts: Any) -> bytes:
     h = xxhash.xxh3_128()
     for p in parts:
@@ -800,6 +920,42 @@ class CachingTokenizer:
         )
         return self.chat_tokens(messages, opts, trusted_template=template)
 
+    def _encode_rendered(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> list[int]:
+        """A rendered chat's ids, its pieces between added tokens taken from the cache when
+        seen before (``SpecialSplitter``: the same ids as encoding it whole)."""
+        splitter = self.tokenizer.splitter
+        if splitter is None or add_special_tokens or (max_tokens is not None and len(text) > PROBE_CHARS_PER_TOKEN * (max_tokens + 1)):
+            return self.tokenizer.encode(text, add_special_tokens, max_tokens)
+        ids = splitter.encode(text, self._pieces)
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise PromptTooLong(max_tokens + 1, max_tokens)
+        return ids
+
+    def _pieces(self, pieces: list[str]) -> list[list[int]]:
+        """Each piece's ids: cached ones from the LRU, the others encoded in one batch. Pieces
+        shorter than ``PIECE_CACHE_MIN_CHARS`` are encoded every time (cheaper than a lookup)."""
+        out: list[list[int] | None] = [None] * len(pieces)
+        missing: list[int] = []
+        keys: list[bytes | None] = [None] * len(pieces)
+        for i, piece in enumerate(pieces):
+            if len(piece) < PIECE_CACHE_MIN_CHARS:
+                missing.append(i)
+                continue
+            piece_key = keys[i] = _digest("s", piece)
+            entry = self._get(piece_key)
+            if entry is None:
+                missing.append(i)
+            else:
+                out[i] = entry[0].tolist()
+        if missing:
+            fresh = self.tokenizer.encode_pieces([pieces[i] for i in missing])
+            for i, ids in zip(missing, fresh, strict=True):
+                out[i] = ids
+                fresh_key = keys[i]
+                if fresh_key is not None:
+                    self._put(fresh_key, ids, len(pieces[i]))
+        return out  # type: ignore[return-value]
+
     def chat_tokens(
         self,
         messages: list[dict],
@@ -847,7 +1003,7 @@ class CachingTokenizer:
         text = rendered.text
         if max_chars is not None and len(text) > max_chars:
             raise TextTooLong(len(text), max_chars)
-        ids = self.tokenizer.encode(text, opts.add_special_tokens, max_tokens)
+        ids = self._encode_rendered(text, opts.add_special_tokens, max_tokens)
         if rendered.prefix is not None:
             # media: predict only the tokens before the first media message (RenderedChat)
             sure = self.tokenizer.encode(rendered.prefix, opts.add_special_tokens) if rendered.prefix else []
@@ -958,12 +1114,15 @@ async def remote_tokenize(
 
 @lru_cache(maxsize=16)
 def load_tokenizer(spec: str) -> Tokenizer:
-    """A tokenizer from a directory path, or ``"demo"`` (the built-in small BPE, ChatML)."""
+    """A tokenizer from a directory path, or ``"demo"`` (the built-in small BPE, ChatML); its
+    added-token splitter is checked here, at load, not on the first request."""
     if spec == "demo":
         tok = Tokenizer.from_dir(build_demo_tokenizer())
         tok.name = "demo"
-        return tok
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return Tokenizer.from_dir(path)
-    raise TokenizerLoadError(f"tokenizer {spec!r}: not a directory with tokenizer.json, and not 'demo'")
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise TokenizerLoadError(f"tokenizer {spec!r}: not a directory with tokenizer.json, and not 'demo'")
+        tok = Tokenizer.from_dir(path)
+    _ = tok.splitter
+    return tok
