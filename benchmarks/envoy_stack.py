@@ -70,12 +70,12 @@ def deploy_renderings() -> dict[Path, str]:
     }
 
 
-#: the Envoy config inside deploy/k8s/envoy.yaml's ConfigMap (extproc behind the kvgate-extproc Service)
+#: the Envoy config inside deploy/k8s/base/envoy.yaml's ConfigMap (extproc behind the kvgate-extproc Service)
 def k8s_rendering() -> str:
     return render(listen=("0.0.0.0", 10000), extproc=("kvgate-extproc", 9002), admin=("127.0.0.1", 9901))
 
 
-K8S_MANIFEST = ROOT / "deploy" / "k8s" / "envoy.yaml"
+K8S_MANIFEST = ROOT / "deploy" / "k8s" / "base" / "envoy.yaml"
 
 
 def _write_k8s_configmap() -> None:

@@ -49,7 +49,8 @@ def _load(path: Path):
 
 
 def _k8s(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if d]
+    """A file of the Kubernetes base (the manifests themselves: tests/deploy/test_k8s_manifests.py)."""
+    return [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "base" / name).read_text()) if d]
 
 
 _HELP: dict[str, str] = {}
@@ -108,8 +109,8 @@ def _port(endpoint: str) -> int:
 def test_committed_envoy_configs_are_renderings_of_the_template():
     for path, text in deploy_renderings().items():
         assert path.read_text() == text, f"{path.relative_to(ROOT)} drifted: run `python -m benchmarks.envoy_stack write-deploy`"
-    cm = next(d for d in _k8s("envoy.yaml") if d["kind"] == "ConfigMap")
-    assert cm["data"]["envoy.yaml"] == k8s_rendering(), "deploy/k8s/envoy.yaml ConfigMap drifted: run write-deploy"
+    cm = next(d for d in yaml.safe_load_all(K8S_MANIFEST.read_text()) if d and d["kind"] == "ConfigMap")
+    assert cm["data"]["envoy.yaml"] == k8s_rendering(), "deploy/k8s/base/envoy.yaml ConfigMap drifted: run write-deploy"
 
 
 def test_committed_envoy_configs_validate_with_envoy(tmp_path):
@@ -245,85 +246,3 @@ def test_compose_files_validate_with_docker_compose():
             assert all("build" not in merged[f"vllm-{i}"] and merged[f"vllm-{i}"]["image"].startswith("vllm/") for i in range(4))
             vol = merged["gateway"]["volumes"][0]  # short or long syntax, depending on the compose version
             assert (vol if isinstance(vol, str) else vol["source"]).split(":")[0].endswith("gateway.compose.vllm.yaml")
-
-
-# -- Kubernetes -------------------------------------------------------------------------------------------
-
-
-def _containers(docs: list[dict]):
-    for d in docs:
-        if d["kind"] in ("Deployment", "StatefulSet"):
-            for c in d["spec"]["template"]["spec"]["containers"]:
-                yield d, c
-
-
-def test_k8s_manifests_are_consistent():
-    docs = _k8s("kvgate.yaml") + _k8s("vllm.yaml") + _k8s("envoy.yaml")
-    by_kind: dict[str, dict[str, dict]] = {}
-    for d in docs:
-        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
-    # workloads: selectors match their pod labels, configmaps they mount exist, Services select pods
-    pod_labels = []
-    for d in docs:
-        if d["kind"] in ("Deployment", "StatefulSet"):
-            labels = d["spec"]["template"]["metadata"]["labels"]
-            assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
-            pod_labels.append(labels)
-            for v in d["spec"]["template"]["spec"].get("volumes", []):
-                if "configMap" in v:
-                    assert v["configMap"]["name"] in by_kind["ConfigMap"]
-    for name, svc in by_kind["Service"].items():
-        assert any(svc["spec"]["selector"].items() <= labels.items() for labels in pod_labels), f"Service {name} selects no pod"
-    # kvgate containers run real commands with real flags
-    for d, c in _containers(docs):
-        if c["image"].startswith("kvgate"):
-            check_kvgate_args(c["args"])
-    # vLLM pods: real flags, shared hash seed, NIXL side channel on the pod IP and its own port
-    cfg = parse_config(yaml.safe_load(by_kind["ConfigMap"]["kvgate-config"]["data"]["gateway.yaml"]))
-    seeds = set()
-    for d, c in _containers(docs):
-        if not c["image"].startswith("vllm/"):
-            continue
-        kv = check_vllm_args(c["args"][1:])
-        assert c["args"][0] in cfg.models
-        env = {e["name"]: e for e in c["env"]}
-        seeds.add(env["PYTHONHASHSEED"]["value"])
-        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-        side = int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"])
-        container_ports = {p["containerPort"] for p in c["ports"]}
-        assert {side, _port(kv["endpoint"]), _port(kv["replay_endpoint"]), int(_flag(c["args"], "--port"))} <= container_ports
-        assert len({side, _port(kv["endpoint"]), _port(kv["replay_endpoint"])}) == 3
-    assert len(seeds) == 1, "every vLLM pod needs the same PYTHONHASHSEED"
-    # the gateway's replica list names real pods (StatefulSet ordinal . headless Service) and ports
-    for r in cfg.replicas:
-        host = urlparse(r.url).hostname
-        pod, service = host.split(".")
-        sts = by_kind["StatefulSet"][pod.rsplit("-", 1)[0]]
-        assert sts["spec"]["serviceName"] == service and int(pod.rsplit("-", 1)[1]) < sts["spec"]["replicas"]
-        assert by_kind["Service"][service]["spec"]["clusterIP"] == "None"
-        c = sts["spec"]["template"]["spec"]["containers"][0]
-        assert str(urlparse(r.url).port) == _flag(c["args"], "--port")
-        kv = json.loads(_flag(c["args"], "--kv-events-config"))
-        assert _port(r.kv_events) == _port(kv["endpoint"]) and _port(r.replay) == _port(kv["replay_endpoint"])
-        assert r.role == sts["spec"]["template"]["metadata"]["labels"]["kvgate.role"]
-    # the picker's config: the gateway's, except that decode pods are reached through their sidecar
-    ext_cfg = parse_config(yaml.safe_load(by_kind["ConfigMap"]["kvgate-extproc-config"]["data"]["gateway.yaml"]))
-    picker_volumes = by_kind["Deployment"]["kvgate-extproc"]["spec"]["template"]["spec"]["volumes"]
-    assert {"name": "config", "configMap": {"name": "kvgate-extproc-config"}} in picker_volumes
-    assert [r.id for r in ext_cfg.replicas] == [r.id for r in cfg.replicas]
-    decode_pod = by_kind["StatefulSet"]["vllm-decode"]["spec"]["template"]["spec"]
-    vllm_c, side_c = decode_pod["containers"][0], next(c for c in decode_pod["containers"] if c["name"] == "sidecar")
-    check_kvgate_args(side_c["args"])
-    assert urlparse(_flag(side_c["args"], "--vllm")).port == int(_flag(vllm_c["args"], "--port"))
-    for ours, theirs in zip(cfg.replicas, ext_cfg.replicas, strict=True):
-        if ours.role == "decode":
-            assert str(urlparse(theirs.url).port) == _flag(side_c["args"], "--port")
-            assert urlparse(theirs.url).hostname == urlparse(ours.url).hostname and theirs.kv_events == ours.kv_events
-        else:
-            assert theirs.url == ours.url
-    # Envoy finds the picker Service on the picker's port
-    envoy_cfg = yaml.safe_load(k8s_rendering())
-    ext = envoy_cfg["static_resources"]["clusters"][1]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-    picker = by_kind["Deployment"][ext["address"]]["spec"]["template"]["spec"]["containers"][0]
-    assert ext["address"] in by_kind["Service"] and str(ext["port_value"]) == _flag(picker["args"], "--port")
-    assert K8S_MANIFEST.exists()
