@@ -38,6 +38,7 @@ from .metrics import GatewayMetrics, counter, gauge
 from .proxy import make_client
 from .request import CHAT, COMPLETIONS, DETOKENIZE, EMBEDDINGS, RESPONSES, TOKENIZE, ProxyRequest, req_log, request_id_from
 from .routing import Router
+from .tracing import Tracing
 
 log = logging.getLogger("kvgate.app")
 
@@ -60,6 +61,7 @@ class Gateway:
         self.hops = Hops(cfg, self.forwarder, self.metrics)
         self.router = Router(cfg, self.fleet, self.index, self.scheduler, self.client, self.metrics, self.hops)
         self.front = FrontDoor(cfg, self.fleet, self.admission, self.metrics, self.router)
+        self.tracing = Tracing.from_config(cfg.tracing)  # None unless tracing.enabled
         self.started_at = time.time()
         self.metrics.add_live(self._live_metrics)
 
@@ -89,6 +91,8 @@ class Gateway:
             await self.index.close()
         await self.client.aclose()
         await self.forwarder.stop()
+        if self.tracing is not None:  # export what is pending (blocking: off the loop)
+            await asyncio.to_thread(self.tracing.shutdown)
 
     def _index_options(self) -> dict[str, Any]:
         if self.cfg.index.backend == "memory":
@@ -184,6 +188,8 @@ def _fail(gw: Gateway, exc: GatewayError, req: ProxyRequest) -> Response:
     if req_log.isEnabledFor(logging.DEBUG):
         e2e_ms = round((time.perf_counter() - req.t0) * 1000, 3)
         req_log.debug("request", extra={"request_id": req.request_id, "kind": req.kind, "status": exc.status, "ok": False, "error": exc.code, "e2e_ms": e2e_ms})
+    if req.otel is not None:
+        req.otel.end(exc.status, exc.code)
     return error_response(exc, {"x-request-id": req.request_id})
 
 
@@ -198,6 +204,8 @@ async def proxy_request(
     watch) exactly once: here, or — for a streamed answer — when the stream ends.
     """
     req = ProxyRequest(kind, path, request_id_from(request.headers), request.headers)
+    if gw.tracing is not None:
+        req.otel = gw.tracing.request(req)
     handed_over = False  # a streaming response now owns the slot and the watch
     try:
         if serve is None:
@@ -206,12 +214,16 @@ async def proxy_request(
             await gw.front.accept(req, request)
             resp = await serve(req)
         handed_over = isinstance(resp, RelayResponse)
+        if req.otel is not None and not handed_over:
+            req.otel.end(resp.status_code)
         return resp
     except GatewayError as exc:
         return _fail(gw, exc, req)
     except asyncio.CancelledError:
         if req.watch is not None and req.watch.absorb():
             gw.metrics.errors.labels("client_disconnected").inc()
+            if req.otel is not None:
+                req.otel.end(499, "client disconnected")
             # nobody reads this answer (uvicorn drops it once the client is gone)
             return Response(status_code=499, headers={"x-request-id": req.request_id})
         raise

@@ -255,6 +255,24 @@ class DiscoveryConfig(_Base):
     page_size: int = 500
 
 
+class TracingConfig(_Base):
+    """OpenTelemetry traces (``gateway.tracing``; needs the ``otel`` extra): one trace per request,
+    a span per stage and per hop, and W3C ``traceparent`` sent to each replica with the hop's span
+    as parent, so vLLM's own spans (``--otlp-traces-endpoint``) join the gateway's trace."""
+
+    enabled: bool = False
+    #: OTLP collector: grpc ``http://host:4317`` (``https://`` for TLS); http/protobuf the full
+    #: traces URL, ``http://host:4318/v1/traces``
+    otlp_endpoint: str = "http://localhost:4317"
+    #: as vLLM's OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    #: the resource's service.name
+    service_name: str = "kvgate"
+    #: share of the traces the gateway starts that are recorded; a client's own traceparent
+    #: decides for its requests (parent-based sampling)
+    sample_ratio: float = 1.0
+
+
 class GatewayConfig(_Base):
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
     replicas: list[ReplicaConfig] = []
@@ -278,6 +296,8 @@ class GatewayConfig(_Base):
     log_level: str = "warning"
     #: JSON log lines (one per request at debug)
     log_json: bool = True
+    #: OpenTelemetry tracing (off by default)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
 
     def model_config(self, model: str) -> ModelConfig:
         return self.models.get(model) or ModelConfig()
@@ -406,6 +426,7 @@ def _check(cfg: GatewayConfig) -> None:
         raise ConfigError("config error at $.limits: max_retries must be >= 0 and max_body_bytes > 0")
     if cfg.discovery is not None:
         _check_discovery(cfg.discovery)
+    _check_tracing(cfg.tracing)
     backend = cfg.index.backend
     if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"config error at $.index.backend: 'memory' or a redis:// URL, got {backend!r}")
@@ -426,6 +447,15 @@ def _check_discovery(d: DiscoveryConfig) -> None:
             raise ConfigError(f"config error at $.discovery.{name}: must be > 0")
     if d.api_key_env is not None and not os.environ.get(d.api_key_env):
         raise ConfigError(f"config error at $.discovery.api_key_env: environment variable {d.api_key_env!r} is not set (the pods' API key)")
+
+
+def _check_tracing(t: TracingConfig) -> None:
+    if not 0.0 <= t.sample_ratio <= 1.0:
+        raise ConfigError(f"config error at $.tracing.sample_ratio: a fraction in [0, 1], got {t.sample_ratio}")
+    if not t.otlp_endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"config error at $.tracing.otlp_endpoint: must start with http:// or https://, got {t.otlp_endpoint!r}")
+    if not t.service_name.strip():
+        raise ConfigError("config error at $.tracing.service_name: empty")
 
 
 def load_config(path: str | Path | None) -> GatewayConfig:

@@ -58,8 +58,9 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import grpc
@@ -79,6 +80,9 @@ from .errors import GatewayError, bad_request
 from .fleet import DP_RANK_HEADER
 from .forward import Attempt, AuthRejected, auth_error
 from .request import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, ProxyRequest, request_id_from
+
+if TYPE_CHECKING:
+    from .tracing import RequestTracer
 
 log = logging.getLogger("kvgate.extproc")
 
@@ -174,6 +178,9 @@ class _Stream:
     #: the picked replica's API key, set as the upstream authorization (None: header removed)
     upstream_key: str | None = field(default=None, repr=False)
     replica: str | None = None  # the picked replica's id
+    otel: RequestTracer | None = None  # the decision's span (tracing on)
+    #: traceparent naming that span, set on the request for the replica (tracing on)
+    trace_headers: dict[str, str] | None = None
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):
@@ -366,14 +373,24 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
 
     async def _decide(self, st: _Stream) -> GatewayError | None:
         raw = bytes(st.body)
+        if self.gw.tracing is not None:
+            st.otel = self.gw.tracing.pick(st.headers)
         try:
             st.endpoints, st.upstream_key, replica, blocks = await self._schedule(st, raw)
             st.replica = replica
         except GatewayError as exc:
+            if st.otel is not None:
+                st.otel.end(exc.status, exc.code)
             return exc
         except Exception:  # a bug must not turn into Envoy's bare 500: answer in OpenAI form
             log.exception("ext-proc scheduling failed")
+            if st.otel is not None:
+                st.otel.end(500, "internal_error")
             return GatewayError(500, "the endpoint picker failed to schedule this request", "internal_error")
+        if st.otel is not None:
+            st.otel.set({"kvgate.endpoint": st.endpoints[0], "kvgate.replica": replica, "kvgate.prefix_blocks": blocks, "kvgate.prefill_endpoint": st.prefill})
+            st.otel.end()
+            st.trace_headers = st.otel.carrier()
         st.routed = True
         self.decisions.append(Decision(st.headers.get("x-request-id", ""), st.endpoints[0], st.endpoints[1:], replica, blocks))
         del self.decisions[: -self.keep_decisions]
@@ -383,7 +400,16 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         err = await self._decide(st)
         if err is not None:
             return [self._error(st, err)]
-        return [_route_response("request_body", st.endpoints, api_key=st.upstream_key, prefill=st.prefill, dp_rank=self.gw.fleet.dp_rank(st.replica))]
+        return [
+            _route_response(
+                "request_body",
+                st.endpoints,
+                api_key=st.upstream_key,
+                prefill=st.prefill,
+                dp_rank=self.gw.fleet.dp_rank(st.replica),
+                trace_headers=st.trace_headers,
+            )
+        ]
 
     async def _route_full_duplex(self, st: _Stream, trailers: bool) -> list[pb.ProcessingResponse]:
         err = await self._decide(st)
@@ -392,7 +418,13 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         raw = bytes(st.body)
         out = [
             _route_response(
-                "request_headers", st.endpoints, content_length=len(raw), api_key=st.upstream_key, prefill=st.prefill, dp_rank=self.gw.fleet.dp_rank(st.replica)
+                "request_headers",
+                st.endpoints,
+                content_length=len(raw),
+                api_key=st.upstream_key,
+                prefill=st.prefill,
+                dp_rank=self.gw.fleet.dp_rank(st.replica),
+                trace_headers=st.trace_headers,
             )
         ]
         if raw or not trailers:
@@ -409,6 +441,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         gw = self.gw
         path = st.headers.get(":path", "").split("?")[0]
         req = ProxyRequest(_KINDS.get(path, ""), path, request_id_from(st.headers), st.headers, raw=raw)
+        req.otel = st.otel
         gw.front.authenticate(req)
         if not req.kind:
             raise GatewayError(404, f"no route {st.headers.get(':method', 'POST')} {path}", "not_found")
@@ -475,6 +508,7 @@ def _route_response(
     api_key: str | None = None,
     prefill: str | None = None,
     dp_rank: int | None = None,
+    trace_headers: Mapping[str, str] | None = None,
 ) -> pb.ProcessingResponse:
     """The picked endpoint(s): same comma-separated value in the header and in ``envoy.lb``.
 
@@ -482,7 +516,8 @@ def _route_response(
     bearer token (the gateway's key) must never reach a replica. And ``x-prefiller-host-port``
     for a two-hop request (the decode pod's sidecar reads it), removed otherwise so a client
     cannot pick a prefill endpoint itself. And vLLM's ``x-data-parallel-rank`` when the pick is
-    one data-parallel rank of a server (removed otherwise: a client must not pick a rank)."""
+    one data-parallel rank of a server (removed otherwise: a client must not pick a rank). With
+    tracing on, ``traceparent`` names the decision's span, so the replica's spans join its trace."""
     value = ",".join(endpoints)
     headers = [
         base_pb2.HeaderValueOption(
@@ -524,6 +559,12 @@ def _route_response(
         )
     else:
         remove.append(DP_RANK_HEADER)
+    for key, tv in (trace_headers or {}).items():
+        headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=key, raw_value=tv.encode()), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+            )
+        )
     common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers, remove_headers=remove), clear_route_cache=True)
     md = struct_pb2.Struct()
     md.update({LB_NAMESPACE: {DEST_HEADER: value}})
@@ -587,6 +628,8 @@ class ExtProcServer:
     def __init__(self, cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 9002, fallbacks: int = 0) -> None:
         self.cfg = cfg
         self.gateway = Gateway(cfg)
+        if self.gateway.tracing is not None:
+            self.gateway.tracing.component = "extproc"
         self.service = ExtProcService(self.gateway, fallbacks=fallbacks)
         self.server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(self.service, self.server)

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from starlette.responses import Response
@@ -44,6 +45,9 @@ from .proxy import (
 )
 from .request import RESPONSES, DisconnectWatch, ProxyRequest
 from .responses import StreamEnd, past_preamble
+
+if TYPE_CHECKING:
+    from .tracing import HopSpan, RequestTracer
 
 log = logging.getLogger("kvgate.forward")
 
@@ -83,6 +87,7 @@ class Attempt:
     started: float = field(default_factory=time.perf_counter)
     first_byte_at: float | None = None
     done: bool = False
+    span: HopSpan | None = None  # the hop's trace span (tracing on), ended with the attempt
 
 
 @dataclass(slots=True)
@@ -159,8 +164,10 @@ class RelayResponse:
         on_broken: Callable[[Exception], bytes],
         on_close: Callable[[bool], None],
         end: StreamEnd | None = None,
+        otel: RequestTracer | None = None,
     ) -> None:
         self.end = end
+        self.otel = otel
         self.first = first
         self.upstream = upstream
         self.status_code = status
@@ -179,6 +186,8 @@ class RelayResponse:
                 if end is not None:
                     end.feed(self.first)
                 await send({"type": "http.response.body", "body": self.first, "more_body": True})
+                if self.otel is not None:
+                    self.otel.client_first_byte()
             try:
                 async for chunk in self.upstream.aiter_raw():
                     if end is not None:
@@ -248,6 +257,8 @@ class Forwarder:
         if att.first_byte_at is None and not att.done:
             att.first_byte_at = time.perf_counter()
             self.fleet.first_byte(att.endpoint.id, att.prefill_tokens)
+            if att.span is not None:
+                att.span.first_byte()
 
     def end(self, ctx: RequestContext, att: Attempt, profile: str, ok: bool) -> None:
         if att.done:
@@ -256,6 +267,8 @@ class Forwarder:
         left = 0 if att.first_byte_at is not None else att.prefill_tokens
         self.fleet.finished(att.endpoint.id, left, att.decode_tokens)
         self.scheduler.on_complete(ctx, att.endpoint, ok, profile)
+        if att.span is not None:
+            att.span.close(ok)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -288,6 +301,8 @@ class Forwarder:
                 reason = accept(up) if accept is not None else None
                 if reason is None:
                     return up
+                if up.att.span is not None:
+                    up.att.span.fail(reason)
                 self.end(req.ctx, up.att, req.profile, ok=False)
                 await up.resp.aclose()
                 failure = AttemptFailed(ep.id, reason, accepted=True)
@@ -328,6 +343,8 @@ class Forwarder:
             headers = {**headers, **auth}
         ctx = req.ctx
         att = self.begin(ctx, ep, req.profile, prefill_tokens=hop.prefill_tokens)
+        if req.otel is not None:  # the replica's spans join the trace under this hop's span
+            headers = {**headers, **req.otel.hop(att, ctx.phase)}
         resp: UpstreamResponse | None = None
         kept = False
         try:
@@ -339,6 +356,8 @@ class Forwarder:
             except UpstreamTimeout:
                 raise GatewayError(504, f"replica {ep.id} did not answer within {timeout:g}s", "upstream_timeout") from None
             status = resp.status_code
+            if att.span is not None:
+                att.span.status(status)
             if status == 401:  # not the client's fault, not an outage: never relayed, never a circuit failure
                 self.fleet.auth_rejected_by(ep.id, f"POST {req.path}")
                 raise AuthRejected(ep.id)
@@ -399,6 +418,8 @@ class Forwarder:
         ttft = (att.first_byte_at or time.perf_counter()) - req.t0
         metrics = self.metrics
         metrics.child(metrics.ttft, ep.id, decision).observe(ttft)
+        if req.otel is not None:
+            req.otel.relay(up.streaming, ttft)
 
         def finish(ok: bool) -> None:
             self.end(ctx, att, req.profile, ok)
@@ -408,6 +429,8 @@ class Forwarder:
             req.release()
             if req.trace is not None:
                 req.trace.emit(status, ok, ttft, e2e)
+            if req.otel is not None:
+                req.otel.relayed(status, ok)
 
         if not up.streaming:
             finish(status < 500)
@@ -430,4 +453,4 @@ class Forwarder:
             return b"event: error\n" + event if responses else event
 
         end = StreamEnd() if responses else None
-        return RelayResponse(up.first, up.resp, status=status, headers=headers, watch=req.watch, on_broken=broken, on_close=finish, end=end)
+        return RelayResponse(up.first, up.resp, status=status, headers=headers, watch=req.watch, on_broken=broken, on_close=finish, end=end, otel=req.otel)

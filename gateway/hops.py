@@ -186,6 +186,8 @@ class Hops:
             req.trace.prefix_blocks = blocks
             if fallback:
                 req.trace.path = "fallback_one_hop"
+        if req.otel is not None:
+            req.otel.set({"kvgate.replica": rid, "kvgate.prefix_blocks": blocks, "kvgate.pd.path": "fallback_one_hop" if fallback else "one_hop"})
         return self.forwarder.relay(req, up, decision=decision, extra_headers=self._headers(req, [rid], blocks))
 
     async def _prefill_fallback(self, req: ProxyRequest, ranked: list[EndpointState], exc: PrefillFailed) -> Response | RelayResponse:
@@ -298,4 +300,6 @@ class Hops:
             req.trace.replicas = [last.replica, did]
             req.trace.prefix_blocks = last.prefix_blocks
             req.trace.path = "two_hop"
+        if req.otel is not None:
+            req.otel.set({"kvgate.replica": f"{last.replica},{did}", "kvgate.prefix_blocks": last.prefix_blocks, "kvgate.pd.path": "two_hop"})
         return self.forwarder.relay(req, up, decision="two_hop", extra_headers=self._headers(req, [last.replica, did], last.prefix_blocks))

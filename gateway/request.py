@@ -23,6 +23,7 @@ from scorers.base import RequestContext
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .tracing import RequestTracer
 
 req_log = logging.getLogger("kvgate.request")
 
@@ -154,6 +155,9 @@ class ProxyRequest:
     trace: Trace | None = None
     admission: Admission | None = None  # set while the request holds an admission slot
     upstream_headers: dict[str, str] | None = None  # what every hop forwards (the forwarder fills it once)
+    #: the request's OpenTelemetry spans (``gateway.tracing``); None when tracing is off, so each
+    #: hook on the path costs one attribute check
+    otel: RequestTracer | None = None
 
     def __post_init__(self) -> None:
         self.ctx = RequestContext(request_id=self.request_id, model="", headers=self.headers)
@@ -179,3 +183,5 @@ class ProxyRequest:
         if self.watch is not None:
             self.watch.stop()
         self.release()
+        if self.otel is not None:
+            self.otel.end()

@@ -218,6 +218,10 @@ class Router:
         req.profile = self.scheduler.profile_for(req.headers)
         if req_log.isEnabledFor(logging.DEBUG):
             req.trace = Trace(req.request_id, req.kind, req.model, req.stream, req.profile, req.ctx.prompt_tokens)
+        if req.otel is not None:
+            req.otel.set(
+                {"gen_ai.request.model": req.model, "kvgate.stream": req.stream, "kvgate.profile": req.profile, "kvgate.prompt_tokens": req.ctx.prompt_tokens}
+            )
         ctx = req.ctx
         if req.kind == RESPONSES and req.body.get("previous_response_id"):
             holder = await self.response_holder(req)
@@ -526,9 +530,10 @@ class Router:
         keys = self.request_keys(tokens, bs, base, lora, salt) if tokens else []
         t1 = time.perf_counter()
         prefix, index_ok = await self.lookup(keys, base)
+        t2 = time.perf_counter()
         self.metrics.sched_tokenize.observe(t1 - t0)
-        self.metrics.sched_index.observe(time.perf_counter() - t1)
-        return RequestContext(
+        self.metrics.sched_index.observe(t2 - t1)
+        ctx = RequestContext(
             request_id=req.request_id,
             model=base,
             lora=lora,
@@ -542,6 +547,10 @@ class Router:
             headers=req.headers,
             index_ok=index_ok,
         )
+        if req.otel is not None:
+            req.otel.tokenized(t0, t1, req.kind, ctx, remote=self.tokenizer_for(base) is None)
+            req.otel.looked_up(t1, t2, prefix, index_ok, len(keys))
+        return ctx
 
     def decide(self, req: ProxyRequest, phase: str = PHASE_ANY) -> list[EndpointState]:
         """Ranked endpoints for one hop; raises 503 when nothing can serve it."""
@@ -549,7 +558,10 @@ class Router:
         ctx.phase = phase
         t0 = time.perf_counter()
         decision = self.scheduler.schedule(ctx, self.fleet.all(), req.profile)
-        self.metrics.sched_schedule.observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self.metrics.sched_schedule.observe(t1 - t0)
+        if req.otel is not None:
+            req.otel.scheduled(t0, t1, phase, decision, ctx)
         if req.trace is not None:
             req.trace.scores[phase] = {k: round(v, 4) for k, v in decision.scores.items()}
         if not decision.ranked:

@@ -102,6 +102,8 @@ class Sidecar:
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.gw = Gateway(cfg)
+        if self.gw.tracing is not None:  # its spans: the request, the prefill and decode hops, the relay
+            self.gw.tracing.component = "sidecar"
         self.local = self.gw.fleet.get(LOCAL_ID)
         if self.local is None:
             raise ConfigError("sidecar: no local vLLM replica")
