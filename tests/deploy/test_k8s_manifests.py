@@ -394,6 +394,13 @@ def test_gateway_configs_parse_and_point_at_real_things(variant):
             check_kvgate_args(c["args"])
 
 
+def test_the_image_can_discover():
+    """The configs here use discovery: the image kvgate runs from installs its client (the k8s extra)."""
+    line = next(line for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines() if line.startswith("RUN pip install"))
+    extras = line.split("'.[", 1)[1].split("]")[0].split(",")
+    assert "k8s" in extras
+
+
 def _serving_pods(objs: list[dict[str, Any]]):
     """A pod as the API server would show it for every serving pod template (IP 10.0.0.x)."""
     for i, (owner, tpl) in enumerate(pod_templates(objs)):
