@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+import msgspec
 import pytest
 import yaml
 
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 #: the Kubernetes release the objects are validated against (kubernetes-validate's schemas)
 K8S_VERSION = "1.35.0"
-KUSTOMIZATIONS = {"base": K8S, "aws": K8S / "overlays" / "aws", "lws": K8S / "overlays" / "lws"}
+KUSTOMIZATIONS = {"base": K8S, "aws": K8S / "overlays" / "aws", "lws": K8S / "overlays" / "lws", "gie": K8S / "overlays" / "gie"}
 
 # -- a small kustomize ------------------------------------------------------------------------------
 
@@ -225,6 +226,18 @@ def test_base_is_namespace_agnostic_and_applied_by_deploy_k8s():
 # -- schema validation ----------------------------------------------------------------------------------
 
 
+def check_inference_pool(obj: dict[str, Any]) -> None:
+    """A GIE InferencePool (inference.networking.k8s.io/v1) as gateway.discovery and GIE gateways
+    read it: a matchLabels selector, target ports, the endpoint picker's Service and port."""
+    spec = obj["spec"]
+    assert set(spec) <= {"selector", "targetPorts", "endpointPickerRef"}
+    assert set(spec["selector"]) == {"matchLabels"} and all(isinstance(v, str) for v in spec["selector"]["matchLabels"].values())
+    assert 1 <= len(spec["targetPorts"]) <= 8 and all(set(p) == {"number"} and 0 < p["number"] < 65536 for p in spec["targetPorts"])
+    ref = spec["endpointPickerRef"]
+    assert set(ref) <= {"group", "kind", "name", "port", "failureMode"} and ref.get("kind", "Service") == "Service"
+    assert ref.get("failureMode", "FailClose") in ("FailOpen", "FailClose") and set(ref["port"]) == {"number"}
+
+
 def check_lws(obj: dict[str, Any]) -> None:
     """A LeaderWorkerSet (leaderworkerset.x-k8s.io/v1) as its controller reads it: the fields and
     types of its API, each pod template a valid PodTemplateSpec."""
@@ -254,6 +267,9 @@ def test_every_object_validates(variant):
         if obj["apiVersion"].startswith("leaderworkerset.x-k8s.io/"):
             assert obj["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
             check_lws(obj)
+        elif obj["kind"] == "InferencePool":
+            assert obj["apiVersion"] == "inference.networking.k8s.io/v1"
+            check_inference_pool(obj)
         else:
             try:
                 kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -262,6 +278,7 @@ def test_every_object_validates(variant):
     expected = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
     assert expected <= kinds
     assert ("LeaderWorkerSet" in kinds) == (variant == "lws")
+    assert ("InferencePool" in kinds) == (variant == "gie")
 
 
 def test_the_validator_catches_mistakes():
@@ -365,7 +382,12 @@ def test_gateway_configs_parse_and_point_at_real_things(variant):
     found = list(_discovering(objs))
     for owner, tpl, c, cfg in found:
         d = cfg.discovery
-        assert d.kind == "pods" and (d.label_selector or DEFAULT_POD_SELECTOR) == "llm-d.ai/inferenceServing=true"
+        if d.kind == "inferencepool":  # overlays/gie: the picker follows the pool
+            assert variant == "gie" and c["name"] == "extproc"
+            pool = idx[("InferencePool", d.inference_pool)]
+            assert pool["apiVersion"] == d.inference_pool_api
+        else:
+            assert d.kind == "pods" and (d.label_selector or DEFAULT_POD_SELECTOR) == "llm-d.ai/inferenceServing=true"
         assert d.role_label == "llm-d.ai/role" and d.namespace is None  # the pod's own namespace
         # the shared index: the Redis Service, on its port
         u = urlparse(cfg.index.backend)
@@ -415,12 +437,24 @@ def test_discovery_finds_each_serving_pod_where_it_listens(variant):
     """gateway.discovery turns each pod into a replica: the gateway reaches vLLM itself, the picker
     reaches decode pods at their sidecar and prefill pods at vLLM; KV events where vLLM publishes."""
     objs = render(KUSTOMIZATIONS[variant])
+    idx = by_ident(objs)
     configs = {c["name"]: cfg for _, _, c, cfg in _discovering(objs)}
+
+    def selects(cfg: GatewayConfig, labels: dict[str, str]) -> tuple[bool, int | None]:
+        """Whether discovery with ``cfg`` takes a pod with these labels, and the pool's port."""
+        d = cfg.discovery
+        assert d is not None
+        if d.kind == "pods":
+            return label_matcher(d.label_selector or DEFAULT_POD_SELECTOR)(labels), None
+        pool = idx[("InferencePool", d.inference_pool)]["spec"]
+        ok = pool["selector"]["matchLabels"].items() <= labels.items() and (d.label_selector is None or label_matcher(d.label_selector)(labels))
+        return ok, pool["targetPorts"][0]["number"]
+
     roles_seen = set()
     for owner, tpl, pod in _serving_pods(objs):
         [vllm] = [c for c in tpl["spec"]["containers"] if c["name"] == "vllm"]
         sidecar = next((c for c in tpl["spec"]["containers"] if c["name"] == "sidecar"), None)
-        selected = {name: label_matcher(cfg.discovery.label_selector or DEFAULT_POD_SELECTOR)(pod["metadata"]["labels"]) for name, cfg in configs.items()}
+        selected = {name: selects(cfg, pod["metadata"]["labels"])[0] for name, cfg in configs.items()}
         if "--headless" in vllm["args"]:  # an LWS worker: no API server, never a replica
             assert not any(selected.values()), _ident(owner)
             continue
@@ -428,7 +462,7 @@ def test_discovery_finds_each_serving_pod_where_it_listens(variant):
         vllm_port = int(flag(vllm["args"], "--port"))
         kv = json.loads(flag(vllm["args"], "--kv-events-config"))
         for name, cfg in configs.items():
-            r = pod_replica(pod, cfg.discovery)
+            r = pod_replica(pod, cfg.discovery, selects(cfg, pod["metadata"]["labels"])[1])
             assert r is not None and r.ready
             roles_seen.add(r.role)
             port = urlparse(r.url).port
@@ -642,6 +676,23 @@ def test_lws_overlay_runs_each_replica_across_nodes():
         assert strip(leader["args"]) == strip(worker["args"])
         assert lwt["leaderTemplate"]["metadata"]["labels"]["llm-d.ai/inferenceServing"] == "true"
         assert "llm-d.ai/inferenceServing" not in lwt["workerTemplate"]["metadata"]["labels"]
+
+
+def test_gie_overlay_makes_the_picker_the_pools_endpoint_picker():
+    base, gie = by_ident(render(K8S)), by_ident(render(KUSTOMIZATIONS["gie"]))
+    assert set(gie) - set(base) == {("InferencePool", "kvgate")}
+    assert {i for i in base if base[i] != gie[i]} == {("ConfigMap", "kvgate-extproc-config")}
+    pool = gie[("InferencePool", "kvgate")]
+    ref = pool["spec"]["endpointPickerRef"]
+    svc = gie[("Service", ref["name"])]
+    picker = gie[("Deployment", "kvgate-extproc")]["spec"]["template"]["spec"]["containers"][0]
+    assert svc["spec"]["selector"].items() <= gie[("Deployment", "kvgate-extproc")]["spec"]["template"]["metadata"]["labels"].items()
+    assert ref["port"]["number"] == int(flag(picker["args"], "--port")) in {p["port"] for p in svc["spec"]["ports"]}
+    ours, theirs = gateway_config(list(base.values()), "kvgate-extproc-config"), gateway_config(list(gie.values()), "kvgate-extproc-config")
+    assert theirs.discovery.inference_pool == "kvgate" and theirs.discovery.kind == "inferencepool"
+    # nothing else in the picker's config moved
+    strip = lambda c: {k: v for k, v in msgspec.to_builtins(c).items() if k != "discovery"}  # noqa: E731
+    assert strip(ours) == strip(theirs)
 
 
 # -- the tokenizer init container -------------------------------------------------------------------------
