@@ -40,6 +40,7 @@ pytest.importorskip("opentelemetry.sdk.trace", reason="the otel extra is not ins
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from gateway import tracing as tracing_mod
 from gateway.config import ConfigError, parse_config
 from gateway.sidecar import PREFILL_HEADER, sidecar_config
 from gateway.tracing import OTEL_MISSING, Tracing
@@ -343,6 +344,39 @@ def test_a_client_trace_is_continued(traced, collector):
     [sent] = _sent_to(proxies, rid)
     assert parse_traceparent(sent["headers"]["traceparent"])[:2] == (CLIENT_TRACE, hop.span_id)
     assert sent["headers"]["tracestate"] == "vendor=abc,other=1"
+
+
+def test_an_invalid_client_traceparent_starts_a_new_trace(traced, collector):
+    g, proxies = traced
+    bad = traceparent("0" * 32, CLIENT_SPAN)  # an all-zero trace id is invalid (W3C)
+    raw = client(g.url, traceparent=bad).completions.with_raw_response.create(model=MODEL, prompt="Bad parent", max_tokens=2)
+    rid = raw.headers["x-request-id"]
+    root, spans = collected(collector, g.gateway.tracing, rid, {"hop"})
+    assert root.parent == "" and root.trace_id != "0" * 32
+    [sent] = _sent_to(proxies, rid)
+    assert parse_traceparent(sent["headers"]["traceparent"])[:2] == (root.trace_id, by_name(spans, "hop")[0].span_id)
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        (traceparent(CLIENT_TRACE, CLIENT_SPAN), (int(CLIENT_TRACE, 16), int(CLIENT_SPAN, 16), True)),
+        (traceparent(CLIENT_TRACE, CLIENT_SPAN, "00"), (int(CLIENT_TRACE, 16), int(CLIENT_SPAN, 16), False)),
+        (traceparent(CLIENT_TRACE, CLIENT_SPAN, "03"), (int(CLIENT_TRACE, 16), int(CLIENT_SPAN, 16), True)),  # level 2's random flag
+        (f"01-{CLIENT_TRACE}-{CLIENT_SPAN}-01-later", (int(CLIENT_TRACE, 16), int(CLIENT_SPAN, 16), True)),  # a later version may append
+        (f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01-more", None),
+        (f"ff-{CLIENT_TRACE}-{CLIENT_SPAN}-01", None),
+        (traceparent(CLIENT_TRACE.upper(), CLIENT_SPAN), None),
+        (traceparent(CLIENT_TRACE, "0" * 16), None),
+        (traceparent(CLIENT_TRACE[:-1], CLIENT_SPAN), None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_traceparent_parsing_follows_w3c(value, parsed):
+    assert tracing_mod.parse_traceparent(value) == parsed
+    if parsed is not None:
+        assert tracing_mod.format_traceparent(parsed[0], parsed[1]) == traceparent(CLIENT_TRACE, CLIENT_SPAN)
 
 
 def test_a_client_trace_sampled_out_records_nothing_and_passes_unchanged(traced, collector):
