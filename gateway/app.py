@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from kvindex.backends import make_index
 from kvindex.index import KVIndex
+from kvindex.redis_index import RedisIndex
 from kvindex.subscriber import EventSubscriber, ReplicaSource
 from scorers.scheduler import Scheduler
 
@@ -38,6 +39,7 @@ from .metrics import GatewayMetrics, counter, gauge
 from .proxy import make_client
 from .request import CHAT, COMPLETIONS, DETOKENIZE, EMBEDDINGS, RESPONSES, TOKENIZE, ProxyRequest, req_log, request_id_from
 from .routing import Router
+from .shared_load import SharedLoad
 from .tracing import Tracing
 
 log = logging.getLogger("kvgate.app")
@@ -61,6 +63,10 @@ class Gateway:
         self.hops = Hops(cfg, self.forwarder, self.metrics)
         self.router = Router(cfg, self.fleet, self.index, self.scheduler, self.client, self.metrics, self.hops)
         self.front = FrontDoor(cfg, self.fleet, self.admission, self.metrics, self.router)
+        #: several gateways on one Redis index route like one: shared in-flight load and claims
+        self.shared: SharedLoad | None = None
+        if cfg.index.share_load and isinstance(self.index, RedisIndex):
+            self.shared = self.router.shared = SharedLoad(self.index, self.fleet, cfg.index)
         self.tracing = Tracing.from_config(cfg.tracing)  # None unless tracing.enabled
         self.started_at = time.time()
         self.metrics.add_live(self._live_metrics)
@@ -70,6 +76,8 @@ class Gateway:
     async def start(self) -> None:
         await self.forwarder.start()
         await self.fleet.start()
+        if self.shared is not None:
+            await self.shared.start()
         if self.cfg.index.ingest:
             sources = self._event_sources()
             if sources or self.cfg.discovery is not None:  # discovered pods subscribe as they come
@@ -87,6 +95,8 @@ class Gateway:
         if self.subscriber is not None:
             await self.subscriber.stop()
         await self.fleet.stop()
+        if self.shared is not None:
+            await self.shared.stop()  # withdraws this gateway's load at once
         with contextlib.suppress(Exception):
             await self.index.close()
         await self.client.aclose()
@@ -127,6 +137,23 @@ class Gateway:
         yield gauge("kvgate_replica_waiting", "Scraped vllm:num_requests_waiting", ["replica"], (([s.id], s.waiting) for s in states))
         yield gauge("kvgate_replica_running", "Scraped vllm:num_requests_running", ["replica"], (([s.id], s.running) for s in states))
         yield gauge("kvgate_replica_kv_usage", "Scraped vllm:kv_cache_usage_perc", ["replica"], (([s.id], s.kv_usage) for s in states))
+        shared = self.shared
+        if shared is not None:
+            yield gauge(
+                "kvgate_replica_peer_inflight_requests",
+                "Requests in flight per replica from the other gateways sharing the Redis index",
+                ["replica"],
+                (([s.id], s.peer_inflight_requests) for s in states),
+            )
+            yield gauge("kvgate_shared_peers", "Other gateways whose in-flight load this one reads (index.share_load)", [], [([], float(shared.peers))])
+            yield counter("kvgate_shared_claims", "Prompts claimed for a replica in Redis (shared speculative entries)", [], [([], float(shared.stats.claims))])
+            yield counter(
+                "kvgate_shared_waits",
+                "Requests whose prompt another gateway was deciding: routed after its claim (or WAIT_BUDGET_S)",
+                [],
+                [([], float(shared.stats.waits))],
+            )
+            yield counter("kvgate_shared_errors", "Exchanges of load or claims with Redis that failed", [], [([], float(shared.stats.errors))])
         yield gauge("kvgate_admission_waiting", "Requests waiting for admission", [], [([], self.admission.waiting)])
         yield gauge("kvgate_inflight_requests", "Requests admitted and not yet answered", [], [([], self.admission.inflight)])
         prompt = self.metrics.prompt_blocks._value.get()
@@ -384,6 +411,8 @@ class Routes:
                 "kv_usage": s.kv_usage,
                 "inflight_requests": s.inflight_requests,
                 "inflight_prefill_tokens": s.inflight_prefill_tokens,
+                "peer_inflight_requests": s.peer_inflight_requests,
+                "peer_inflight_prefill_tokens": s.peer_inflight_prefill_tokens,
                 "api_key": gw.fleet.has_key(s.id),  # whether one is configured, never the key
                 "auth_rejected": s.id in gw.fleet.auth_rejected,
             }
@@ -395,6 +424,7 @@ class Routes:
                 "index_blocks": await gw.index_blocks(),
                 "admission": {"inflight": gw.admission.inflight, "waiting": gw.admission.waiting},
                 "profiles": gw.scheduler.profile_names(),
+                "shared": None if gw.shared is None else {"instance": gw.shared.instance, "peers": gw.shared.peers},
             }
         )
 

@@ -129,6 +129,18 @@ class IndexConfig(_Base):
     #: how often the event subscriber asks the index whether it lost its data (Redis restarted
     #: empty) and, if so, rebuilds it from the replicas' replay buffers
     loss_check_s: float = 1.0
+    #: several gateways sharing a Redis index route like one (``gateway.shared_load``): each
+    #: publishes its in-flight load per replica and its "just routed here" entries, and reads
+    #: the others' in its lookup's round trip. Only with a Redis backend; off = each on its own
+    share_load: bool = True
+    #: a gateway's published load expires after this unless re-published (a crashed gateway's
+    #: load stops counting); it is re-published every third of it, and at each change
+    share_ttl_s: float = 3.0
+    #: longest delay between a change of this gateway's in-flight load and its publication
+    #: when no request's lookup carries it sooner
+    share_flush_ms: float = 20.0
+    #: how long a shared "just routed here" entry counts (between half this and this); 0 = not shared
+    share_speculative_s: float = 2.0
 
 
 class HealthConfig(_Base):
@@ -419,6 +431,8 @@ def _check(cfg: GatewayConfig) -> None:
         ("pd.decode_timeout_s", cfg.pd.decode_timeout_s if cfg.pd.decode_timeout_s is not None else 1.0),
         ("pd.lease_s", cfg.pd.lease_s),
         ("index.loss_check_s", cfg.index.loss_check_s),
+        ("index.share_ttl_s", cfg.index.share_ttl_s),
+        ("index.share_flush_ms", cfg.index.share_flush_ms),
     ):
         if value <= 0:
             raise ConfigError(f"config error at $.{path}: must be > 0, got {value}")
@@ -427,6 +441,8 @@ def _check(cfg: GatewayConfig) -> None:
     if cfg.discovery is not None:
         _check_discovery(cfg.discovery)
     _check_tracing(cfg.tracing)
+    if cfg.index.share_speculative_s < 0:
+        raise ConfigError(f"config error at $.index.share_speculative_s: must be >= 0, got {cfg.index.share_speculative_s}")
     backend = cfg.index.backend
     if backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"config error at $.index.backend: 'memory' or a redis:// URL, got {backend!r}")

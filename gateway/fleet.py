@@ -8,7 +8,9 @@ Three sources feed each replica's ``EndpointState``:
   healthy, and is flagged ``auth_rejected`` until it accepts the gateway's key;
 * a scraper of the replica's Prometheus ``/metrics`` (vLLM names: running, waiting, KV usage);
 * the gateway's own in-flight counters, changed at dispatch, first byte and completion on
-  every path (scraped gauges lag by a scrape interval; these do not).
+  every path (scraped gauges lag by a scrape interval; these do not); with several gateways
+  on one Redis index, the others' counts beside them (``peer_inflight_*``, set by
+  ``gateway.shared_load``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -35,6 +37,10 @@ _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 #: vLLM's request header choosing a data-parallel rank (read by its OpenAI serving code)
 DP_RANK_HEADER = "x-data-parallel-rank"
 _NO_AUTH: Mapping[str, str] = {}
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(slots=True)
@@ -128,6 +134,8 @@ class Fleet:
         self.unready: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.on_health_change: list = []  # callbacks (replica_id, healthy) → None
+        #: called at every change of the in-flight counts (gateway.shared_load publishes them)
+        self.load_changed: Callable[[], None] = _nothing
         for r in replicas:
             self.add(r)
 
@@ -389,6 +397,7 @@ class Fleet:
 
     def dispatched(self, rid: str, prefill_tokens: int, decode_tokens: int) -> None:
         s = self.states.get(rid)
+        self.load_changed()
         if s is not None:
             s.inflight_requests += 1
             s.inflight_prefill_tokens += prefill_tokens
@@ -396,11 +405,13 @@ class Fleet:
 
     def first_byte(self, rid: str, prefill_tokens: int) -> None:
         s = self.states.get(rid)
+        self.load_changed()
         if s is not None:
             s.inflight_prefill_tokens = max(0, s.inflight_prefill_tokens - prefill_tokens)
 
     def finished(self, rid: str, prefill_tokens_left: int, decode_tokens: int) -> None:
         s = self.states.get(rid)
+        self.load_changed()
         if s is not None:
             s.inflight_requests = max(0, s.inflight_requests - 1)
             s.inflight_prefill_tokens = max(0, s.inflight_prefill_tokens - prefill_tokens_left)

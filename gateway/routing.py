@@ -50,6 +50,7 @@ from .forward import RelayResponse
 from .hops import Hops, Plan
 from .metrics import GatewayMetrics
 from .request import COMPLETIONS, RESPONSES, UNROUTED, ProxyRequest, Trace, req_log
+from .shared_load import SharedLoad
 
 log = logging.getLogger("kvgate.routing")
 
@@ -196,6 +197,8 @@ class Router:
         self.client = client
         self.metrics = metrics
         self.hops = hops
+        #: several gateways on one Redis index: their load and claims (set by the Gateway)
+        self.shared: SharedLoad | None = None
         self._tokenizers: dict[str, CachingTokenizer | None] = {}
         tc = cfg.tokenize
         self.pool = TokenizePool(tc.workers, tc.max_pending, tc.max_pending_bytes)
@@ -231,12 +234,12 @@ class Router:
         if req.kind == RESPONSES and req.body.get("background"):
             pd = False  # generated after the answer, fetched later from the replica that ran it
         if not (pd and self.pd_applies(ctx)):
-            return Plan(self.decide(req, PHASE_ANY))
+            return Plan(self.decide_and_claim(req, PHASE_ANY))
         ranked = self.decide(req, PHASE_DECODE)
         if ctx.uncached_tokens(ranked[0].id) < self.cfg.pd.threshold:
             return Plan(ranked, pd=True)
         try:
-            return Plan(ranked, pd=True, prefill=self.decide(req, PHASE_PREFILL))
+            return Plan(ranked, pd=True, prefill=self.decide_and_claim(req, PHASE_PREFILL))
         except GatewayError as exc:  # no prefill replica: the hops fall back (or fail) as configured
             return Plan(ranked, pd=True, prefill=[], prefill_error=exc.message)
 
@@ -507,18 +510,28 @@ class Router:
         return block_keys(tokens, bs, model=base, lora=lora, salt=salt, lookahead=lookahead)
 
     async def lookup(self, keys: list[int], base_model: str) -> tuple[dict[str, PrefixMatch], bool]:
+        found, ok, _ = await self.lookup_with_claims(keys, base_model)
+        return found, ok
+
+    async def lookup_with_claims(self, keys: list[int], base_model: str) -> tuple[dict[str, PrefixMatch], bool, dict[str, int]]:
+        """The index lookup: (matches, index answered, claims). With several gateways on one
+        Redis index (``shared``) the same round trip publishes this gateway's in-flight load,
+        reads the others' into the fleet, and returns what gateways just routed where."""
         if not keys:
-            return {}, True
+            return {}, True, {}
         try:
+            if self.shared is not None:
+                found, claims = await asyncio.wait_for(self.shared.lookup(keys, base_model), self.cfg.index.lookup_timeout_ms / 1000)
+                return dict(found), True, claims
             found = await asyncio.wait_for(self.index.lookup(keys, model=base_model), self.cfg.index.lookup_timeout_ms / 1000)
-            return dict(found), True
+            return dict(found), True, {}
         except Exception as exc:  # Redis down, timeout, script error: degrade to load-only routing
             self.metrics.index_errors.inc()
             outage = getattr(self.index, "outage", None)  # RedisIndex: one log line per state change
             if outage is not None and not isinstance(exc, IndexUnavailableError):  # those the index logged itself
                 outage.down(f"lookup abandoned after {self.cfg.index.lookup_timeout_ms} ms ({type(exc).__name__})")
             log.debug("index lookup failed: %s", exc)
-            return {}, False
+            return {}, False, {}
 
     async def build_context(self, req: ProxyRequest) -> RequestContext:
         t0 = time.perf_counter()
@@ -529,7 +542,7 @@ class Router:
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         keys = self.request_keys(tokens, bs, base, lora, salt) if tokens else []
         t1 = time.perf_counter()
-        prefix, index_ok = await self.lookup(keys, base)
+        prefix, index_ok, claims = await self.lookup_with_claims(keys, base)
         t2 = time.perf_counter()
         self.metrics.sched_tokenize.observe(t1 - t0)
         self.metrics.sched_index.observe(t2 - t1)
@@ -546,11 +559,22 @@ class Router:
             phase=PHASE_ANY,
             headers=req.headers,
             index_ok=index_ok,
+            peer_prefix=claims,
         )
         if req.otel is not None:
             req.otel.tokenized(t0, t1, req.kind, ctx, remote=self.tokenizer_for(base) is None)
             req.otel.looked_up(t1, t2, prefix, index_ok, len(keys))
         return ctx
+
+    def decide_and_claim(self, req: ProxyRequest, phase: str) -> list[EndpointState]:
+        """``decide``, then (several gateways on one Redis index) claim the prompt for the chosen
+        replica in the background: a speculative entry the other gateways read with their
+        lookups, until the replica's KV events reach the index."""
+        ranked = self.decide(req, phase)
+        shared, ctx = self.shared, req.ctx
+        if shared is not None and ctx.block_keys and ctx.index_ok:
+            shared.remember(ctx.block_keys, ctx.model, ranked[0].id)
+        return ranked
 
     def decide(self, req: ProxyRequest, phase: str = PHASE_ANY) -> list[EndpointState]:
         """Ranked endpoints for one hop; raises 503 when nothing can serve it."""

@@ -34,6 +34,17 @@ engine hashes as hex too: 16 digits for the usual ints, the digest's hex for raw
   theirs. With ``maxmemory-policy`` ``allkeys-*`` the key could be evicted: a false alarm, which
   costs one replay (re-applying a buffer is harmless), never a wrong answer.
 
+* ``{ns}:gateways``, ``{ns}:load:{instance}``, ``{ns}:{model}:s:{bucket}`` — several gateways
+  sharing this Redis (``gateway.shared_load``): the set of gateway instances; each one's
+  in-flight load per replica (an opaque blob the gateway encodes, SET with a TTL of a few
+  seconds and re-published while the gateway lives, so a crashed gateway's load expires and
+  readers drop it from the set); and speculative claims, what some gateway just routed where:
+  hashes of our key -> replica in time buckets (Redis's clock) of ``width`` ms, written in the
+  current bucket and the next, read in the current one (a claim counts one to two widths), where a
+  lookup also marks the first key of its prompt that nothing covers yet (``~instance``: being
+  decided there). Each lookup publishes and reads all this in its own script run
+  (``lookup_shared``): no extra round trip.
+
 Bounded memory: every block key has a TTL (``ttl_s``) and the server should run with
 ``maxmemory`` + ``volatile-lru``. vLLM publishes nothing while a block merely stays cached,
 so a hot block would expire although still cached; with ``refresh_on_hit`` the lookups
@@ -65,6 +76,7 @@ import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -201,7 +213,7 @@ if bs > 0 then redis.call('HSET', KEYS[3], ARGV[4], bs) end
 return {removed, gen}
 """
 
-_LOOKUP_LUA = """
+_LOOKUP_BODY = """
 -- KEYS[1] epochs hash, KEYS[2] block-size hash, KEYS[3 ..] block keys whose TTL to re-arm.
 -- ARGV[1] block key prefix, ARGV[2] the request's keys as hex (16 per block), ARGV[3] ttl s,
 -- ARGV[4] model. Returns {block size or false} if the first block is unknown, else
@@ -224,6 +236,131 @@ for r, _ in pairs(cmsgpack.unpack(vals[1])) do names[#names + 1] = r end
 if #names == 0 then return {bs} end
 return {bs, names, redis.call('HMGET', KEYS[1], unpack(names)), vals}
 """
+_LOOKUP_LUA = _LOOKUP_BODY
+
+#: Several gateways sharing this Redis (``gateway.shared_load``): what one gateway sends along
+#: with a lookup, so that routing sees the others in the same round trip.
+_EXCHANGE_FN = """
+-- ARGV[5] set of gateway instances, ARGV[6] load key prefix, ARGV[7] this instance, ARGV[8] its
+-- in-flight load to publish ('' = unchanged), ARGV[9] that key's TTL ms, ARGV[10] claims
+-- bucket prefix, ARGV[11] bucket width ms (0 = no claims). Claims: hashes per time bucket
+-- (Redis's clock), our key as 16 hex digits -> the replica a gateway just routed that prompt
+-- to (the last one written), or '~' .. instance: a gateway is deciding a prompt whose new part
+-- starts there.
+local function bucket_now(width)
+  local t = redis.call('TIME')
+  return math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / width)
+end
+
+local function split16(blob)
+  local out = {}
+  for x = 1, #blob / 16 do out[x] = string.sub(blob, 16 * x - 15, 16 * x) end
+  return out
+end
+
+-- a claim is written in the current bucket and the next, so a read needs the current one only
+local function read_claims(bucket_prefix, b, fields)
+  local cur, n = {}, #fields
+  for j = 1, n, 1000 do
+    local last = math.min(j + 999, n)
+    local c = redis.call('HMGET', bucket_prefix .. b, unpack(fields, j, last))
+    for x = 1, last - j + 1 do cur[#cur + 1] = c[x] end
+  end
+  return cur
+end
+
+local function loads_exchange()
+  local me, lp, set = ARGV[7], ARGV[6], ARGV[5]
+  if ARGV[8] ~= '' then
+    redis.call('SET', lp .. me, ARGV[8], 'PX', ARGV[9])
+    redis.call('SADD', set, me)
+  end
+  local names, who, loads, gone = {}, {}, {}, {}
+  for _, m in ipairs(redis.call('SMEMBERS', set)) do
+    if m ~= me then names[#names + 1] = lp .. m; who[#who + 1] = m end
+  end
+  if #names > 0 then
+    local got = redis.call('MGET', unpack(names))
+    for i = 1, #names do
+      if got[i] then loads[#loads + 1] = got[i] else gone[#gone + 1] = who[i] end
+    end
+    if #gone > 0 then redis.call('SREM', set, unpack(gone)) end
+  end
+  return loads
+end
+"""
+
+#: The lookup with the exchange. Returns {{loads}, lookup reply} or, with claims on,
+#: {{loads, {replica, claimed depth, ..}, frontier, its holder}, lookup reply}:
+#: the frontier is the first of the request's keys neither the index nor a claim covers (0-based;
+#: false when all are covered); unless a gateway's mark is already there, this gateway marks it
+#: ('~' .. instance, HSETNX) and is its holder. A sibling arriving at another gateway meanwhile
+#: finds that mark and waits for the claim that replaces it. No keys (ARGV[2] ''): loads only.
+_SHARED_LOOKUP_LUA = (
+    _EXCHANGE_FN
+    + "local function index_lookup()\n"
+    + _LOOKUP_BODY
+    + """end
+local loads = loads_exchange()
+local blob = ARGV[2]
+if blob == '' then return {{loads}} end
+local idx = index_lookup()
+local width = tonumber(ARGV[11])
+if width == 0 then return {{loads}, idx} end
+local bucket = ARGV[10] .. bucket_now(width)
+local n = #blob / 16
+local function field(x) return string.sub(blob, 16 * x - 15, 16 * x) end
+local known = 0
+if #idx > 1 then
+  local vals = idx[4]
+  while known < n and vals[known + 1] do known = known + 1 end
+end
+-- the claim on the first key and how many leading keys carry it: {replica, depth} (one value
+-- per key, the last claim written: a later claim of the prompt for another replica overwrites)
+local claims, cur = {}, nil
+local r = redis.call('HGET', bucket, field(1))
+if r and string.sub(r, 1, 1) ~= '~' then
+  cur = read_claims(ARGV[10], bucket_now(width), split16(blob))
+  local depth = 1
+  while depth < n and cur[depth + 1] == r do depth = depth + 1 end
+  claims = {r, depth}
+  if depth > known then known = depth end
+end
+if known == n then return {{loads, claims, false, false}, idx} end
+local f = field(known + 1)
+local holder
+if known == 0 then holder = r elseif cur then holder = cur[known + 1] else holder = redis.call('HGET', bucket, f) end
+if not holder then
+  holder = '~' .. ARGV[7]
+  if redis.call('HSETNX', bucket, f, holder) == 1 then
+    redis.call('PEXPIRE', bucket, 2 * width + 1000)
+  else
+    holder = redis.call('HGET', bucket, f)
+  end
+end
+return {{loads, claims, known, holder}, idx}
+"""
+)
+
+#: A gateway's claim: every key of a prompt it just routed -> the replica, in the current bucket
+#: and the next (ARGV[5] 'set'), or a read of the claims on the keys ('read': the values).
+_CLAIM_LUA = (
+    _EXCHANGE_FN
+    + """
+-- ARGV[1] bucket prefix, ARGV[2] keys hex, ARGV[3] replica, ARGV[4] bucket width ms, ARGV[5] mode
+local width = tonumber(ARGV[4])
+local b = bucket_now(width)
+local fields = split16(ARGV[2])
+if ARGV[5] == 'read' then return read_claims(ARGV[1], b, fields) end
+local args = {}
+for x = 1, #fields do args[2 * x - 1] = fields[x]; args[2 * x] = ARGV[3] end
+for _, key in ipairs({ARGV[1] .. b, ARGV[1] .. (b + 1)}) do
+  for j = 1, #args, 1000 do redis.call('HSET', key, unpack(args, j, math.min(j + 999, #args))) end
+  if #args > 0 then redis.call('PEXPIRE', key, 3 * width + 1000) end
+end
+return 0
+"""
+)
 
 log = logging.getLogger("kvgate.redis_index")
 
@@ -345,6 +482,8 @@ class RedisIndex(KVIndex):
         self._redis = aioredis.Redis.from_pool(pool)
         self._apply_script = _Script(_APPLY_LUA)
         self._lookup_script = _Script(_LOOKUP_LUA)
+        self._shared_lookup_script = _Script(_SHARED_LOOKUP_LUA)
+        self._claim_script = _Script(_CLAIM_LUA)
         self._epochs_key = f"{namespace}:epochs"
         self._sizes_key = f"{namespace}:block_sizes"
         self._gen_key = f"{namespace}:generation"
@@ -543,17 +682,86 @@ class RedisIndex(KVIndex):
                 [self._epochs_key, self._sizes_key, *self._due_refreshes()],
                 (prefix, hex_keys(keys), self.ttl_s, model),
             )
-        if reply[0] is not None:  # learnt from the indexer, wherever it runs
-            self._note_geometry(model, int(reply[0]))
-        out = _walk(reply[1:], self._decode) if len(reply) > 1 else {}
-        if self.refresh_on_hit and out:
-            self._note_hits(prefix, keys[: max(m.blocks for m in out.values())], now)
+        out = self._lookup_reply(reply, keys, model, prefix, now)
         if ck is not None:
             cache = self._read_cache
             cache[ck] = (now + self.local_cache_ms / 1000.0, dict(out))
             if len(cache) > self.local_cache_entries:
                 evict_oldest(cache, self.local_cache_entries)
         return out
+
+    def _lookup_reply(self, reply: list[Any], keys: Sequence[int], model: str, prefix: str, now: float) -> dict[str, PrefixMatch]:
+        """The lookup script's reply as matches (noting the model's geometry and the hits to re-arm)."""
+        if reply[0] is not None:  # learnt from the indexer, wherever it runs
+            self._note_geometry(model, int(reply[0]))
+        out = _walk(reply[1:], self._decode) if len(reply) > 1 else {}
+        if self.refresh_on_hit and out:
+            self._note_hits(prefix, keys[: max(m.blocks for m in out.values())], now)
+        return out
+
+    # ---------------------------------------------------------------- several gateways
+
+    def _exchange_args(self, share: Share, model: str) -> tuple[Any, ...]:
+        return (
+            f"{self.namespace}:gateways",
+            f"{self.namespace}:load:",
+            share.instance,
+            share.load or b"",
+            share.load_ttl_ms,
+            self._claims_prefix(model),
+            share.claim_width_ms,
+        )
+
+    def _claims_prefix(self, model: str) -> str:
+        return f"{self.namespace}:{model}:s:"
+
+    async def lookup_shared(self, keys: Sequence[int], *, model: str, share: Share) -> tuple[dict[str, PrefixMatch], Shared]:
+        """``lookup`` and the exchange between gateways in ONE script run: publish this
+        gateway's in-flight load (``share.load``, when given), read the others', read the
+        claims on ``keys`` (what some gateway just routed where) and mark the prompt's frontier
+        (see ``_SHARED_LOOKUP_LUA``). No local read cache: the load must be fresh. ``keys``
+        empty: the load exchange alone."""
+        now = time.monotonic()
+        prefix = self._block_prefix(model)
+        blob = hex_keys(keys) if keys else ""
+        with self._reachable("lookup"):
+            reply = await self._shared_lookup_script(
+                self._redis,
+                [self._epochs_key, self._sizes_key, *(self._due_refreshes() if keys else ())],
+                (prefix, blob, self.ttl_s, model, *self._exchange_args(share, model)),
+            )
+        ex = reply[0]
+        shared = Shared(list(ex[0]))
+        if len(ex) > 1:
+            flat = ex[1]
+            shared.claims = {flat[j].decode(): int(flat[j + 1]) for j in range(0, len(flat), 2)}
+            if ex[2] is not None:
+                shared.frontier = int(ex[2])
+                holder = ex[3]
+                shared.holder = holder[1:].decode() if holder and holder[:1] == b"~" else None
+        out = self._lookup_reply(reply[1], keys, model, prefix, now) if len(reply) > 1 else {}
+        return out, shared
+
+    async def claim(self, keys: Sequence[int], *, model: str, replica: str, width_ms: int) -> None:
+        """Record that the prompt of ``keys`` was just routed to ``replica``: a claim every
+        gateway reads with its lookups for one to two ``width_ms``."""
+        with self._reachable("claim"):
+            await self._claim_script(self._redis, [], (self._claims_prefix(model), hex_keys(keys), replica, width_ms, "set"))
+
+    async def claims(self, keys: Sequence[int], *, model: str, width_ms: int) -> tuple[dict[str, int], list[bytes | None]]:
+        """The claims on ``keys``: the longest prefix per replica, and the raw value per key
+        (a replica, a gateway's mark, None) for a caller waiting on one key."""
+        with self._reachable("claims"):
+            cur = await self._claim_script(self._redis, [], (self._claims_prefix(model), hex_keys(keys), "", width_ms, "read"))
+        return claimed_prefix(cur), cur
+
+    async def leave(self, instance: str) -> None:
+        """Withdraw ``instance``'s published load at once (a clean shutdown; a crash lets it expire)."""
+        with self._reachable("leave"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.delete(f"{self.namespace}:load:{instance}")
+                pipe.srem(f"{self.namespace}:gateways", instance)
+                await pipe.execute()
 
     def _note_hits(self, prefix: str, keys: Sequence[int], now: float) -> None:
         """Queue a TTL re-arm for matched blocks this process has not re-armed in ttl/4."""
@@ -646,6 +854,45 @@ def plan_segment(events: Sequence[Any], start: int, local: dict[BlockHash, int])
                     seen.add(p)
             seen.update(ev.block_hashes)
     return len(events), need
+
+
+@dataclass(slots=True)
+class Share:
+    """What a gateway sends with a lookup when several share this Redis."""
+
+    #: this gateway process's name (its load key)
+    instance: str
+    #: its in-flight load to publish (opaque bytes), None = unchanged since the last publish
+    load: bytes | None
+    #: the load key's TTL: a gateway that dies stops counting after this
+    load_ttl_ms: int
+    #: speculative claims live one to two of these (0: not read)
+    claim_width_ms: int
+
+
+@dataclass(slots=True)
+class Shared:
+    """What comes back: the other gateways' published loads, and per replica the longest
+    prefix of the request's keys some gateway just routed there."""
+
+    loads: list[bytes] = field(default_factory=list)
+    claims: dict[str, int] = field(default_factory=dict)
+    #: the first key (0-based) of the request neither the index nor a claim covers, None if all are
+    frontier: int | None = None
+    #: the gateway instance whose mark is on it (this one when it just marked it), None: a claim is
+    holder: str | None = None
+
+
+def claimed_prefix(values: Sequence[bytes | None]) -> dict[str, int]:
+    """The claim on a prompt's first key and how many leading keys carry it (one value per key:
+    the last claim written; a gateway's mark, ``~instance``, is no claim)."""
+    first = values[0] if values else None
+    if not first or first[:1] == b"~":
+        return {}
+    depth = 1
+    while depth < len(values) and values[depth] == first:
+        depth += 1
+    return {first.decode(): depth}
 
 
 def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[str, PrefixMatch]:

@@ -36,7 +36,8 @@ class EndpointState:
 
     Scraped fields (``running``, ``waiting``, ``kv_usage``) lag by up to a scrape interval;
     the gateway's own ``inflight_*`` counters are exact at dispatch, which is why load
-    scorers should lean on them.
+    scorers should lean on them. With several gateways, ``peer_inflight_*`` hold the others'
+    counts; load scorers read ``total_inflight_*`` (own + peers) so the gateways do not herd.
     """
 
     id: str
@@ -57,9 +58,27 @@ class EndpointState:
     inflight_decode_tokens: int = 0  # tokens (prompt + max_tokens) of requests still generating
     prefill_tokens_per_s: float = 10_000.0  # prefill rate from the replica's config (estimated-ttft's unit)
     labels: Mapping[str, str] = field(default_factory=dict)
+    # the same three counts as the other gateways sharing this one's Redis published them
+    # (index.share_load; a few ms old): load scorers read the ``total_*`` sums
+    peer_inflight_requests: int = 0
+    peer_inflight_prefill_tokens: int = 0
+    peer_inflight_decode_tokens: int = 0
 
     def serves(self, model: str, lora: str | None = None) -> bool:
         return model in self.models and (lora is None or lora in self.loras)
+
+    @property
+    def total_inflight_requests(self) -> int:
+        """Requests in flight to this replica from every gateway (this one's exact count plus its peers')."""
+        return self.inflight_requests + self.peer_inflight_requests
+
+    @property
+    def total_inflight_prefill_tokens(self) -> int:
+        return self.inflight_prefill_tokens + self.peer_inflight_prefill_tokens
+
+    @property
+    def total_inflight_decode_tokens(self) -> int:
+        return self.inflight_decode_tokens + self.peer_inflight_decode_tokens
 
 
 @dataclass(slots=True)
@@ -80,6 +99,9 @@ class RequestContext:
     headers: Mapping[str, str] = field(default_factory=dict)
     #: when the index is unavailable (Redis down) precise-prefix scores 0 and load decides
     index_ok: bool = True
+    #: replica id → leading blocks of this prompt some gateway sharing the Redis index just
+    #: routed there (shared speculative entries; precise-prefix counts them as its own)
+    peer_prefix: Mapping[str, int] = field(default_factory=dict)
 
     def cached_tokens(self, endpoint_id: str) -> int:
         m = self.prefix.get(endpoint_id)

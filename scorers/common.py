@@ -29,7 +29,7 @@ def smoothed_inverse(values: dict[str, float], scale: float) -> dict[str, float]
 
 def est_queue_s(ctx: RequestContext, e: EndpointState) -> float:
     """Seconds of prefill work queued ahead of this request on ``e``, plus its own."""
-    return (e.inflight_prefill_tokens + ctx.uncached_tokens(e.id)) / max(e.prefill_tokens_per_s, 1.0)
+    return (e.total_inflight_prefill_tokens + ctx.uncached_tokens(e.id)) / max(e.prefill_tokens_per_s, 1.0)
 
 
 class SeededPicker(Picker):

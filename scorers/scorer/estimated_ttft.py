@@ -27,7 +27,7 @@ class EstimatedTTFTScorer(Scorer):
 
     def estimate(self, ctx: RequestContext, e: EndpointState) -> float:
         p = self.params
-        return max(p.floor_s, est_queue_s(ctx, e) + p.decode_penalty_s * max(e.inflight_requests, e.running + e.waiting))
+        return max(p.floor_s, est_queue_s(ctx, e) + p.decode_penalty_s * max(e.total_inflight_requests, e.running + e.waiting))
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
         est = {e.id: self.estimate(ctx, e) for e in endpoints}

@@ -11,7 +11,8 @@ from scorers.common import smoothed_inverse
 
 
 class InflightScorer(Scorer):
-    """The gateway's own in-flight count (exact at dispatch, unlike scraped gauges)."""
+    """The gateway's own in-flight count (exact at dispatch, unlike scraped gauges), plus what
+    the other gateways sharing its Redis index published (``index.share_load``)."""
 
     type_name = "inflight"
 
@@ -29,7 +30,7 @@ class InflightScorer(Scorer):
         # smoothed, not min..max: one request in flight against an idle replica is a small
         # difference, and must not outweigh a long cached prefix
         p = self.params
-        req = smoothed_inverse({e.id: float(e.inflight_requests) for e in endpoints}, p.requests_scale)
-        tok = smoothed_inverse({e.id: float(e.inflight_decode_tokens) for e in endpoints}, p.tokens_scale)
+        req = smoothed_inverse({e.id: float(e.total_inflight_requests) for e in endpoints}, p.requests_scale)
+        tok = smoothed_inverse({e.id: float(e.total_inflight_decode_tokens) for e in endpoints}, p.tokens_scale)
         w = p.token_weight
         return {k: (1 - w) * req[k] + w * tok[k] for k in req}

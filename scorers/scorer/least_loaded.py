@@ -12,4 +12,4 @@ class LeastLoadedScorer(Scorer):
     type_name = "least-loaded"
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
-        return relative_inverse({e.id: e.inflight_requests + e.waiting for e in endpoints})
+        return relative_inverse({e.id: e.total_inflight_requests + e.waiting for e in endpoints})

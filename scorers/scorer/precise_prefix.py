@@ -13,7 +13,8 @@ from scorers.memory import RoutedPrefixMemory
 
 class PrecisePrefixScorer(Scorer):
     """Cached fraction of the prompt per replica, from the KV-event index (GPU tier worth
-    more than CPU/storage), topped up by speculative entries for what was just dispatched."""
+    more than CPU/storage), topped up by speculative entries for what was just dispatched
+    (by this gateway, or by another one sharing its Redis index: ``ctx.peer_prefix``)."""
 
     type_name = "precise-prefix"
 
@@ -44,13 +45,14 @@ class PrecisePrefixScorer(Scorer):
             return {e.id: 0.0 for e in endpoints}
         gpu, cpu = self.params.gpu_weight, self.params.cpu_weight
         spec = self.speculative.match(ctx.block_keys) if self.speculative is not None else {}
+        peer = ctx.peer_prefix if self.speculative is not None else {}  # what gateways sharing the Redis index just routed
         out: dict[str, float] = {}
         for e in endpoints:
             m = ctx.prefix.get(e.id) if ctx.index_ok else None
             w = 0.0
             if m is not None:
                 w = m.blocks * (gpu if m.tier == "GPU" else cpu)
-            w = max(w, spec.get(e.id, 0) * gpu)
+            w = max(w, max(spec.get(e.id, 0), peer.get(e.id, 0)) * gpu)
             out[e.id] = min(1.0, w / (n * max(gpu, cpu, 1e-9)))
         return out
 

@@ -12,4 +12,4 @@ class TokenLoadScorer(Scorer):
     type_name = "token-load"
 
     def score(self, ctx: RequestContext, endpoints: list[EndpointState]) -> dict[str, float]:
-        return relative_inverse({e.id: float(e.inflight_prefill_tokens + ctx.uncached_tokens(e.id)) for e in endpoints})
+        return relative_inverse({e.id: float(e.total_inflight_prefill_tokens + ctx.uncached_tokens(e.id)) for e in endpoints})

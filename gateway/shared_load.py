@@ -1,0 +1,278 @@
+"""Several gateways on one Redis index route like one (``index.share_load``).
+
+N ``kvgate serve`` processes behind one Service share the KV-block index in Redis, but each
+knows only its own in-flight requests and its own "just routed here" entries: two gateways
+herd onto the replica each believes idle, and sibling requests of a new prefix that arrive at
+different gateways split across replicas before the replica's KV events reach the index.
+Both are shared here, through the same Redis (no cluster layer of our own):
+
+* **In-flight load.** Each gateway publishes its counts per replica (requests, uncached prompt
+  tokens before the first byte, prompt + max tokens still generating) as one small msgpack map
+  under its own key, with a TTL of ``share_ttl_s``. Absolute counts, not increments: nothing
+  drifts, and a gateway that crashes stops counting when its key expires (readers also drop it
+  from the set of gateways). Every index lookup publishes them when they changed and reads the
+  others' in the same script run (``RedisIndex.lookup_shared``: no extra round trip); between
+  requests a flusher publishes a change at once, then at most every ``share_flush_ms``, and
+  re-arms the TTL every third of it. The others' sums go to ``EndpointState.peer_inflight_*``;
+  this gateway's own counters stay exact and separate.
+* **Speculative entries.** After a decision the chosen replica is written as a claim on the
+  prompt's block keys (hashes in time buckets, living ``share_speculative_s`` / 2 to
+  ``share_speculative_s``), without holding the request; each lookup reads the claims on its
+  keys into ``RequestContext.peer_prefix``, which precise-prefix counts like its own
+  speculative memory. The lookup also marks the prompt's frontier, its first block that neither
+  the index nor a claim covers, as being decided by this gateway (HSETNX, same script run). A
+  sibling sharing that new part which reaches another gateway before the claim lands finds the
+  mark and waits for the claim (a few ms, bounded by ``WAIT_BUDGET_S``) before deciding: so
+  siblings arriving at two gateways at the same instant still land together, and the request
+  that decides first never waits (decision and dispatch stay one step, as with one gateway).
+
+Redis down: lookups fail as they did (load-only routing), peers' counts are dropped once no
+read succeeded for ``share_ttl_s``, writes are dropped rather than queued without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from kvindex.index import PrefixMatch
+from kvindex.redis_index import RedisIndex, Share, Shared
+
+from .config import IndexConfig
+from .fleet import Fleet
+
+log = logging.getLogger("kvgate.shared_load")
+
+#: fire-and-forget claim writes in flight at once; beyond, new ones are dropped (Redis slow or down)
+MAX_PENDING_WRITES = 64
+#: longest wait for another gateway's claim on a prompt it marked (its decision takes well
+#: under a millisecond and its claim one write): then the request is decided without it
+WAIT_BUDGET_S = 0.02
+
+_ENCODE = msgspec.msgpack.Encoder().encode
+_DECODE = msgspec.msgpack.Decoder(dict[str, tuple[int, int, int]]).decode
+
+
+@dataclass(slots=True)
+class SharedStats:
+    publishes: int = 0
+    errors: int = 0
+    claims: int = 0
+    #: requests that found another gateway deciding their prompt's new part, and waited for its claim
+    waits: int = 0
+    #: ... of which the claim did not come within WAIT_BUDGET_S
+    wait_timeouts: int = 0
+    dropped_writes: int = 0
+
+
+def instance_name() -> str:
+    """This gateway process's name in Redis: host, pid and a random part (a restarted process
+    with the same pid is another instance)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class SharedLoad:
+    """This gateway's side of the exchange: publishes its load and claims, applies the others'."""
+
+    def __init__(self, index: RedisIndex, fleet: Fleet, cfg: IndexConfig) -> None:
+        self.index = index
+        self.fleet = fleet
+        self.instance = instance_name()
+        self.ttl_s = cfg.share_ttl_s
+        self.ttl_ms = max(1, int(cfg.share_ttl_s * 1000))
+        self.refresh_s = cfg.share_ttl_s / 3
+        self.flush_s = cfg.share_flush_ms / 1000
+        #: claims are read in the current and previous bucket: they count one to two widths
+        self.claim_width_ms = int(cfg.share_speculative_s * 500)
+        self.timeout_s = cfg.lookup_timeout_ms / 1000
+        self.stats = SharedStats()
+        self.peers = 0  # other gateways whose load was read last
+        self._version = 0  # bumped by every change of the fleet's in-flight counts
+        self._published_version = -1
+        self._published_at = float("-inf")
+        self._sent = 0  # publishes sent, and how many are still awaiting their answer
+        self._outstanding = 0
+        self._peers_at = float("-inf")  # when the others' load was last read
+        self._peer_raw: list[bytes] | None = None
+        self._applied_n = -1
+        self._wake = asyncio.Event()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        fleet.load_changed = self._changed
+
+    # -- this gateway's load --------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._wake.set()
+
+    def _load(self, now: float) -> tuple[bytes | None, int]:
+        """This gateway's counts to publish, or None when Redis has them and the TTL is fresh."""
+        version = self._version
+        if version == self._published_version and now - self._published_at < self.refresh_s:
+            return None, version
+        load = {
+            s.id: (s.inflight_requests, s.inflight_prefill_tokens, s.inflight_decode_tokens)
+            for s in self.fleet.states.values()
+            if s.inflight_requests or s.inflight_prefill_tokens or s.inflight_decode_tokens
+        }
+        return _ENCODE(load), version
+
+    async def _exchange(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], Shared]:
+        """One script run: the index lookup (if ``keys``), this gateway's load out, the others'
+        load, the claims on ``keys`` and the frontier's holder back."""
+        now = time.monotonic()
+        blob, version = self._load(now)
+        seq = 0
+        if blob is not None:
+            self._sent += 1
+            seq = self._sent
+            self._outstanding += 1
+        try:
+            share = Share(self.instance, blob, self.ttl_ms, self.claim_width_ms if keys else 0)
+            found, shared = await self.index.lookup_shared(keys, model=model, share=share)
+        finally:
+            if blob is not None:
+                self._outstanding -= 1
+        if blob is not None:
+            self.stats.publishes += 1
+            # published for sure only if no other publish could have overtaken it in Redis
+            if seq == self._sent and self._outstanding == 0:
+                self._published_version, self._published_at = version, now
+        self._apply(shared.loads, now)
+        return found, shared
+
+    async def lookup(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], dict[str, int]]:
+        """The index lookup for a request, with the exchange: (matches, claims per replica).
+        When another gateway is deciding this prompt's new part, its claim is waited for.
+        Raises what the index raises (the router degrades to load-only routing)."""
+        try:
+            found, shared = await self._exchange(keys, model)
+        except Exception:
+            self.stats.errors += 1
+            raise
+        if shared.holder is None or shared.holder == self.instance or shared.frontier is None:
+            return found, shared.claims
+        return found, await self._await_claim(keys, model, shared.frontier, shared.claims)
+
+    async def _await_claim(self, keys: Sequence[int], model: str, frontier: int, claims: dict[str, int]) -> dict[str, int]:
+        """Poll the claims on ``keys`` until the frontier carries one (the other gateway decided)."""
+        self.stats.waits += 1
+        deadline = time.monotonic() + WAIT_BUDGET_S
+        pause = 0.0005
+        while time.monotonic() + pause < deadline:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.004)
+            try:
+                found, values = await self.index.claims(keys, model=model, width_ms=self.claim_width_ms)
+            except Exception as exc:
+                self.stats.errors += 1
+                log.debug("claims read failed: %s", exc)
+                return claims
+            mark = values[frontier]
+            if mark is None or mark[:1] != b"~":  # claimed (or the mark expired): decide now
+                return found
+            claims = found
+        self.stats.wait_timeouts += 1
+        return claims
+
+    # -- the others' load -----------------------------------------------------------------------
+
+    def _apply(self, blobs: list[bytes], now: float) -> None:
+        self._peers_at = now
+        states = self.fleet.states
+        if blobs == self._peer_raw and len(states) == self._applied_n:
+            return
+        totals: dict[str, list[int]] = {}
+        for blob in blobs:
+            try:
+                load = _DECODE(blob)
+            except msgspec.DecodeError:  # another version's format: not ours to read
+                continue
+            for rid, (req, pre, dec) in load.items():
+                t = totals.get(rid)
+                if t is None:
+                    totals[rid] = [req, pre, dec]
+                else:
+                    t[0] += req
+                    t[1] += pre
+                    t[2] += dec
+        for s in states.values():
+            t = totals.get(s.id)
+            if t is None:
+                s.peer_inflight_requests = s.peer_inflight_prefill_tokens = s.peer_inflight_decode_tokens = 0
+            else:
+                s.peer_inflight_requests, s.peer_inflight_prefill_tokens, s.peer_inflight_decode_tokens = t
+        self._peer_raw = blobs
+        self._applied_n = len(states)
+        self.peers = len(blobs)
+
+    def _forget_peers(self) -> None:
+        """No read for a TTL (Redis down): the others' last counts say nothing any more."""
+        if self._peer_raw:
+            self._apply([], self._peers_at)
+
+    # -- speculative claims -----------------------------------------------------------------------
+
+    @property
+    def claims_on(self) -> bool:
+        return self.claim_width_ms > 0
+
+    def remember(self, keys: Sequence[int], model: str, replica: str) -> None:
+        """Claim ``keys`` for ``replica`` in the background (the request is not held for it)."""
+        if not self.claims_on or not keys:
+            return
+        if len(self._pending) >= MAX_PENDING_WRITES:
+            self.stats.dropped_writes += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._write(list(keys), model, replica))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _write(self, keys: list[int], model: str, replica: str) -> None:
+        try:
+            await asyncio.wait_for(self.index.claim(keys, model=model, replica=replica, width_ms=self.claim_width_ms), self.ttl_s)
+            self.stats.claims += 1
+        except Exception as exc:  # Redis slow or down: a claim is only a hint
+            self.stats.errors += 1
+            log.debug("claim write failed: %s", exc)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for t in list(self._pending):
+            t.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.index.leave(self.instance), 1.0)  # peers stop counting us now
+
+    async def _run(self) -> None:
+        """Publish a change at once, then at most every ``flush_s``; re-arm the TTL meanwhile."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._exchange((), ""), max(self.timeout_s, self.refresh_s))
+            except Exception as exc:  # Redis down: the lookups say so in the log (the index's outage log)
+                self.stats.errors += 1
+                log.debug("load exchange failed: %s", exc)
+            if time.monotonic() - self._peers_at > self.ttl_s:
+                self._forget_peers()
+            await asyncio.sleep(self.flush_s)
