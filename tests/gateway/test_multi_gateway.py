@@ -1,6 +1,9 @@
-"""Two gateways on one Redis index route like one (index.share_load), as real processes.
+"""Two gateways on one Redis index route like one (index.share_load).
 
-On loopback: a redis-server, one ``kvgate indexer`` (KV events of every simulator into Redis),
+First the exchange itself on a real redis-server: load published and read in the lookup's one
+script run and expiring with its gateway, claims and marks, a sibling waiting for the claim of
+the gateway deciding its prompt, the load plugins adding peers' counts. Then, as real processes
+on loopback: a redis-server, one ``kvgate indexer`` (KV events of every simulator into Redis),
 two ``kvgate serve`` gateways (port 0, ingest off) whose fleet comes from the loopback
 Kubernetes API server (``discovery:``; each pod's annotations point at a simulator's ports),
 and four simulated replicas. Pods are added and removed through the API while both gateways
@@ -11,6 +14,7 @@ a killed gateway's load stops counting when its key expires.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import Counter
@@ -23,10 +27,170 @@ import httpx
 import pytest
 
 from benchmarks.bench_multi_gateway import KvgateProc, gateway_config, replica_entries
+from kvindex.hashing import block_keys
+from kvindex.redis_index import RedisIndex, Share, claimed_prefix
 from simulator.fleet import SimConfig, SimFleet
 from tests.helpers.gateway import MODEL, metric_value, wait_for
 from tests.helpers.kube_api import FakeKubeAPI, make_pod
 from tests.helpers.redis import RedisServer
+
+# -- the exchange, on a real redis-server (no gateway) ---------------------------------------------
+
+
+async def test_load_is_exchanged_in_the_lookups_script_run_and_expires(redis_url):
+    a, b = RedisIndex(redis_url), RedisIndex(redis_url)
+    keys = block_keys(list(range(64)), 16, model=MODEL)
+    try:
+        calls = await _evalsha_calls(b)
+        _, got = await b.lookup_shared(keys, model=MODEL, share=Share("B", b"load-b", 10_000, 1000))
+        assert got.loads == [] and await _evalsha_calls(b) == calls + 1  # one round trip, lookup included
+        await a.lookup_shared([], model=MODEL, share=Share("A", b"load-a", 300, 0))  # the load exchange alone
+        _, got = await b.lookup_shared(keys, model=MODEL, share=Share("B", None, 10_000, 1000))
+        assert got.loads == [b"load-a"]  # its own is never read back
+        await asyncio.sleep(0.4)  # A died: its key expired, and it leaves the set of gateways
+        _, got = await b.lookup_shared(keys, model=MODEL, share=Share("B", None, 10_000, 1000))
+        assert got.loads == [] and await b._redis.smembers("kvg:gateways") == {b"B"}
+        await a.lookup_shared([], model=MODEL, share=Share("A", b"load-a2", 10_000, 0))
+        await a.leave("A")  # a clean stop withdraws it at once
+        assert (await b.lookup_shared([], model=MODEL, share=Share("B", None, 10_000, 0)))[1].loads == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _evalsha_calls(idx: RedisIndex) -> int:
+    return int((await idx._redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_claims_marks_and_their_expiry(redis_url):
+    a, b = RedisIndex(redis_url), RedisIndex(redis_url)
+    shared_part = list(range(10 * 16))
+    first = block_keys(shared_part + [1] * 32, 16, model=MODEL)  # two siblings: 10 blocks in common
+    second = block_keys(shared_part + [2] * 32, 16, model=MODEL)
+    try:
+        # A's lookup finds nothing, marks its prompt's first block as being decided by A
+        _, got = await a.lookup_shared(first, model=MODEL, share=Share("A", None, 10_000, 200))
+        assert (got.claims, got.frontier, got.holder) == ({}, 0, "A")
+        # B's sibling arrives before A's claim: the same frontier, A's mark (B waits for the claim)
+        _, got = await b.lookup_shared(second, model=MODEL, share=Share("B", None, 10_000, 200))
+        assert (got.claims, got.frontier, got.holder) == ({}, 0, "A")
+        await a.claim(first, model=MODEL, replica="r2", width_ms=200)
+        _, got = await b.lookup_shared(second, model=MODEL, share=Share("B", None, 10_000, 200))
+        assert got.claims == {"r2": 10} and (got.frontier, got.holder) == (10, "B")  # B marks its own new part
+        assert (await b.claims(second, model=MODEL, width_ms=200))[0] == {"r2": 10}
+        # a claim counts one to two bucket widths
+        await asyncio.sleep(0.45)
+        _, got = await b.lookup_shared(second, model=MODEL, share=Share("B", None, 10_000, 200))
+        assert got.claims == {} and got.holder == "B"
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_claimed_prefix_reads_one_value_per_key():
+    assert claimed_prefix([b"r1", b"r1", b"r2", None]) == {"r1": 2}
+    assert claimed_prefix([b"~gw", b"r1"]) == {}  # a mark is no claim
+    assert claimed_prefix([None, b"r1"]) == {} and claimed_prefix([]) == {}
+
+
+async def test_a_sibling_waits_for_the_claim_of_the_gateway_deciding_it(redis_url):
+    from gateway.config import IndexConfig
+    from gateway.fleet import Fleet
+    from gateway.shared_load import WAIT_BUDGET_S, SharedLoad
+
+    a, b = RedisIndex(redis_url), RedisIndex(redis_url)
+    keys = block_keys(list(range(8 * 16)), 16, model=MODEL)
+    async with httpx.AsyncClient() as http:
+        fleet = Fleet([], http)
+        shared = SharedLoad(b, fleet, IndexConfig(backend=redis_url))
+        try:
+            await a.lookup_shared(keys, model=MODEL, share=Share("A", None, 10_000, shared.claim_width_ms))  # A marks it
+
+            async def decide_later() -> None:
+                await asyncio.sleep(0.003)
+                await a.claim(keys, model=MODEL, replica="r3", width_ms=shared.claim_width_ms)
+
+            task = asyncio.create_task(decide_later())
+            _, claims = await shared.lookup(keys, MODEL)
+            await task
+            assert claims == {"r3": 8} and shared.stats.waits == 1 and shared.stats.wait_timeouts == 0
+            # a mark whose claim never comes holds a sibling WAIT_BUDGET_S at most
+            other = block_keys(list(range(1000, 1000 + 8 * 16)), 16, model=MODEL)
+            await a.lookup_shared(other, model=MODEL, share=Share("A", None, 10_000, shared.claim_width_ms))
+            t0 = time.monotonic()
+            _, claims = await shared.lookup(other, MODEL)
+            assert claims == {} and shared.stats.wait_timeouts == 1 and time.monotonic() - t0 < WAIT_BUDGET_S + 0.05
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_peers_load_lands_beside_the_gateways_own_counts(redis_url):
+    from gateway.config import IndexConfig, ReplicaConfig
+    from gateway.fleet import Fleet
+    from gateway.shared_load import SharedLoad
+
+    idx_a, idx_b = RedisIndex(redis_url), RedisIndex(redis_url)
+    async with httpx.AsyncClient() as http:
+        fleets = [Fleet([ReplicaConfig(id=r, url=f"http://10.0.0.{i}:8000", models=[MODEL]) for i, r in enumerate(("r0", "r1"))], http) for _ in "ab"]
+        cfg = IndexConfig(backend=redis_url, share_ttl_s=0.6, share_flush_ms=5)
+        ga, gb = SharedLoad(idx_a, fleets[0], cfg), SharedLoad(idx_b, fleets[1], cfg)
+        await ga.start()
+        await gb.start()
+        try:
+            fleets[0].dispatched("r1", 300, 700)  # published at once by A's flusher
+            fleets[0].dispatched("r1", 100, 200)
+            fleets[1].dispatched("r1", 50, 60)
+            r1 = fleets[1].get("r1")
+            assert r1 is not None
+            await until(lambda: r1.peer_inflight_requests == 2)
+            assert (r1.inflight_requests, r1.total_inflight_requests, r1.total_inflight_prefill_tokens, r1.total_inflight_decode_tokens) == (1, 3, 450, 960)
+            fleets[0].first_byte("r1", 300)
+            fleets[0].finished("r1", 0, 700)
+            await until(lambda: (r1.peer_inflight_requests, r1.peer_inflight_prefill_tokens) == (1, 100))
+            await ga.stop()  # A leaves: its load is withdrawn
+            await until(lambda: r1.peer_inflight_requests == 0 and gb.peers == 0)
+        finally:
+            await gb.stop()
+            await idx_a.close()
+            await idx_b.close()
+
+
+async def until(cond, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_load_plugins_read_every_gateways_inflight():
+    from kvindex.index import PrefixMatch
+    from scorers.base import EndpointState, RequestContext
+    from scorers.filter.prefix_affinity import PrefixAffinityFilter
+    from scorers.scorer.estimated_ttft import EstimatedTTFTScorer
+    from scorers.scorer.inflight import InflightScorer
+    from scorers.scorer.least_loaded import LeastLoadedScorer
+    from scorers.scorer.precise_prefix import PrecisePrefixScorer
+    from scorers.scorer.token_load import TokenLoadScorer
+
+    # this gateway sends nothing to r0 and r1; its peers have 6 requests (4000 prefill tokens) on r0
+    eps = [
+        EndpointState(id="r0", url="u0", peer_inflight_requests=6, peer_inflight_prefill_tokens=4000, peer_inflight_decode_tokens=9000),
+        EndpointState(id="r1", url="u1"),
+    ]
+    ctx = RequestContext(request_id="x", model=MODEL, prompt_tokens=512, block_keys=list(range(32)))
+    for scorer in (InflightScorer(), LeastLoadedScorer(), TokenLoadScorer(), EstimatedTTFTScorer()):
+        s = scorer.score(ctx, eps)
+        assert s["r1"] > s["r0"], (scorer, s)
+    warm = RequestContext(request_id="x", model=MODEL, prompt_tokens=512, block_keys=list(range(32)), prefix={"r0": PrefixMatch(32, "GPU")})
+    assert [e.id for e in PrefixAffinityFilter(margin_s=0.1).filter(warm, eps)] == ["r0", "r1"]  # the peers' queue releases affinity
+    # what another gateway just routed counts like this gateway's own speculative entries
+    ctx.peer_prefix = {"r1": 24}
+    assert PrecisePrefixScorer().score(ctx, eps) == {"r0": 0.0, "r1": 0.75}
+    assert PrecisePrefixScorer(speculative_ttl_s=0).score(ctx, eps) == {"r0": 0.0, "r1": 0.0}
+
+
+# -- two gateways as processes ----------------------------------------------------------------------
 
 NAMES = [f"vllm-{i}" for i in range(4)]
 ADMIN = {"authorization": "Bearer adm"}
@@ -205,4 +369,7 @@ def test_a_killed_gateways_load_expires(stack):
         for f in streams:
             with pytest.raises(httpx.HTTPError):
                 f.result()
-    assert ask(httpx.Client(), b, unique(1, "after the kill")[0]) in {NAMES[0], NAMES[2]}
+    with httpx.Client() as client:
+        assert ask(client, b, unique(1, "after the kill")[0]) in set(fleet_ids(b))
+    a.start()  # the stack whole again for whatever runs next
+    wait_for(lambda: state(b)["shared"]["peers"] == 1, message="B reading the restarted A")
