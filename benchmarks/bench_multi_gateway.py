@@ -245,7 +245,7 @@ class Stack:
 
 def workloads(quick: bool) -> list[Workload]:
     if quick:
-        return [WORKLOADS["shared-prefix"](num_groups=12, num_prompts_per_group=8), WORKLOADS["multi-turn"](num_sessions=24, turns=4)]
+        return [WORKLOADS["shared-prefix"](num_prompts_per_group=10), WORKLOADS["multi-turn"](num_sessions=32, turns=4)]
     return [WORKLOADS["shared-prefix"](), WORKLOADS["multi-turn"]()]
 
 

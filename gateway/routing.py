@@ -521,7 +521,7 @@ class Router:
             return {}, True, {}
         try:
             if self.shared is not None:
-                found, claims = await asyncio.wait_for(self.shared.lookup(keys, base_model), self.cfg.index.lookup_timeout_ms / 1000)
+                found, claims = await self.shared.lookup(keys, base_model)  # its own deadlines
                 return dict(found), True, claims
             found = await asyncio.wait_for(self.index.lookup(keys, model=base_model), self.cfg.index.lookup_timeout_ms / 1000)
             return dict(found), True, {}

@@ -152,11 +152,12 @@ class SharedLoad:
         return found, shared
 
     async def lookup(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], dict[str, int]]:
-        """The index lookup for a request, with the exchange: (matches, claims per replica).
-        When another gateway is deciding this prompt's new part, its claim is waited for.
-        Raises what the index raises (the router degrades to load-only routing)."""
+        """The index lookup for a request, with the exchange: (matches, claims per replica),
+        within ``index.lookup_timeout_ms``. When another gateway is deciding this prompt's new
+        part, its claim is then waited for (``WAIT_BUDGET_S`` at most, or half the lookup
+        timeout). Raises what the index raises, TimeoutError (the router routes on load)."""
         try:
-            found, shared = await self._exchange(keys, model)
+            found, shared = await asyncio.wait_for(self._exchange(keys, model), self.timeout_s)
         except Exception:
             self.stats.errors += 1
             raise
@@ -167,7 +168,7 @@ class SharedLoad:
     async def _await_claim(self, keys: Sequence[int], model: str, frontier: int, claims: dict[str, int]) -> dict[str, int]:
         """Poll the claims on ``keys`` until the frontier carries one (the other gateway decided)."""
         self.stats.waits += 1
-        deadline = time.monotonic() + WAIT_BUDGET_S
+        deadline = time.monotonic() + min(WAIT_BUDGET_S, self.timeout_s / 2)
         pause = 0.0005
         while time.monotonic() + pause < deadline:
             await asyncio.sleep(pause)
@@ -268,11 +269,15 @@ class SharedLoad:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.refresh_s)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._exchange((), ""), max(self.timeout_s, self.refresh_s))
-            except Exception as exc:  # Redis down: the lookups say so in the log (the index's outage log)
-                self.stats.errors += 1
-                log.debug("load exchange failed: %s", exc)
+            now = time.monotonic()
+            # requests' lookups may have done it all already (busy gateway): then nothing to do
+            due = self._version != self._published_version or now - self._published_at >= self.refresh_s
+            if due or now - self._peers_at >= self.refresh_s:
+                try:
+                    await asyncio.wait_for(self._exchange((), ""), max(self.timeout_s, self.refresh_s))
+                except Exception as exc:  # Redis down: the lookups say so in the log (the index's outage log)
+                    self.stats.errors += 1
+                    log.debug("load exchange failed: %s", exc)
             if time.monotonic() - self._peers_at > self.ttl_s:
                 self._forget_peers()
             await asyncio.sleep(self.flush_s)
