@@ -456,6 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     figs: list[ArmFigures] = []
     fault: FaultRun | None = None
     cost: dict[str, float] = {}
+    if {"routing", "faults"} <= skip:  # the cost alone needs Redis only
+        with tempfile.TemporaryDirectory() as tmp:
+            redis = RedisProc(Path(tmp))
+            redis.start()
+            try:
+                cost = asyncio.run(lookup_cost(redis.url, 1000 if args.quick else 3000))
+            finally:
+                redis.stop()
+        print(markdown([], None, cost, {"name": "cost", "description": "the exchange's cost per lookup"}))
+        return 0
     with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp), setup) as stack:
         print(f"stack up: {setup.replicas} replicas, redis {stack.redis.url}, indexer, gateways {', '.join(f'{k} {g.url}' for k, g in stack.gateways.items())}")
         if "cost" not in skip:
