@@ -615,6 +615,13 @@ def print_tables(summary: list[dict[str, Any]], console: Console) -> None:
         console.print(table)
 
 
+READING = (
+    "TTFT and ITL are measured by the client (one Python process reading every stream). An ITL p50 below ~1 ms means tokens reached "
+    "the client in bursts: on 2 shared cores that happens in the fastest runs, when client, replicas and router together saturate the "
+    "machine, whichever router runs (the decode step is ~7.5 ms). Router CPU ms/req is what to compare the routers' cost on."
+)
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     out = [
@@ -630,7 +637,7 @@ def markdown(result: dict[str, Any]) -> str:
             wl if section == "closed" else "instant replicas (time scale 0, c=32, non-streaming chat; direct = client round-robin over the replicas)"
         )
         if section == "closed" and not any(line.startswith("## Closed") for line in out):
-            out += [f"## Closed loop: streaming chat, {meta['concurrency']} sessions, replicas at time scale {meta['time_scale']}", ""]
+            out += [f"## Closed loop: streaming chat, {meta['concurrency']} sessions, replicas at time scale {meta['time_scale']}", "", READING, ""]
         if section == "instant":
             out += ["## Instant replicas", ""]
         out += [head, "", "| " + " | ".join(_headers(section)) + " |", "|" + "---|" * len(_headers(section))]
@@ -640,7 +647,7 @@ def markdown(result: dict[str, Any]) -> str:
     for row in result["summary"]:
         calls = row.get("token_id_calls_per_req") or {}
         if calls:
-            what = ", ".join(f"{v:.1f} {k}" for k, v in calls.items())
+            what = ", ".join(f"{v:.3g} {k}" for k, v in calls.items() if v >= 0.005)
             notes.append(f"- {row['router']} ({row['workload']}): calls to workers for token ids per request (`vllm_router_kv_routing_inputs_total`): {what}")
     if notes:
         out += ["## Notes", "", *notes, ""]
