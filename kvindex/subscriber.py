@@ -163,6 +163,11 @@ class EventSubscriber:
         # itself (RedisIndex.outage: one line per change) and summed up here when it is back
         self._say = RateLimited(log)
         self._outage_lost: dict[str, int] = {}  # replica -> batches not applied while the index failed
+        # per replica, the first batch the index failed to take, and the last seq seen since: once
+        # the index answers, that range comes back from the replica's replay buffer, in order
+        # (what a failed apply missed is not lost while the replica still buffers it)
+        self._behind: dict[str, int] = {}
+        self._seen_upto: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -220,6 +225,8 @@ class EventSubscriber:
         self._expected.pop(replica, None)
         self._last_digest.pop(replica, None)
         self._run_base.pop(replica, None)
+        self._behind.pop(replica, None)
+        self._seen_upto.pop(replica, None)
         if forget:
             self._untrust_pending.discard(replica)
             self._rebuild_pending.discard(replica)
@@ -316,6 +323,13 @@ class EventSubscriber:
             else:
                 return  # the batch we applied last, delivered again
         elif expected is not None and seq > expected:
+            if rid in self._behind and self._index_failing:
+                # the index is still failing: keep the batch for the replay once it answers
+                self._seen_upto[rid] = max(seq, self._seen_upto.get(rid, seq))
+                self._last_digest[rid] = xxhash.xxh3_64_intdigest(payload)
+                st.index_errors += 1
+                self._outage_lost[rid] = self._outage_lost.get(rid, 0) + 1
+                return
             await self._repair_gap(src, expected, seq)
         elif expected is None and seq > 0 and src.replay_endpoint:
             # joined late: try to catch up on what is still in the replay buffer
@@ -353,7 +367,8 @@ class EventSubscriber:
             events.extend(batch.events)
             seqs.append(seq)
             if len(events) >= self.APPLY_CHUNK_EVENTS:
-                await self._send(src, events, seqs)
+                if not await self._send(src, events, seqs):
+                    return  # the rest comes back from the replay buffer, after this chunk
                 events, seqs = [], []
         await self._send(src, events, seqs)
 
@@ -379,29 +394,65 @@ class EventSubscriber:
             self._untrust_pending.add(rid)
         return batch
 
-    async def _send(self, src: ReplicaSource, events: list[KVEvent], seqs: list[int]) -> None:
-        """One index call for the events of batches ``seqs`` (consecutive, decoded), counted."""
+    async def _send(self, src: ReplicaSource, events: list[KVEvent], seqs: list[int]) -> bool:
+        """One index call for the events of batches ``seqs`` (consecutive, decoded), counted.
+
+        False if the index failed: the batches are then not counted as applied and the
+        replica's next expected seq stays at the first of them, so they come back from its
+        replay buffer once the index answers (``catch_up``; the gap repair untrusts the replica
+        only if the buffer no longer holds them)."""
         if not seqs:
-            return
+            return True
         rid = src.replica
         st = self.stats.replica(rid)
         await self._flush_untrust(rid, st)
         batch = EventBatch(ts=time.time(), events=events, data_parallel_rank=None)
         try:
             applied = await self.index.apply(rid, batch, model=src.model)
-        except Exception as exc:  # Redis down, script error: count, distrust, go on
+        except Exception as exc:
             self._note_index_failure()
             st.index_errors += len(seqs)
-            st.batches_lost += len(seqs)
             self._outage_lost[rid] = self._outage_lost.get(rid, 0) + len(seqs)
+            if isinstance(exc, IndexUnavailableError):  # unreachable: replay once it answers
+                self._index_trouble(exc, rid, "replica %s: KV-event batches %d..%d not applied (index error: %s); replayed once it answers", seqs[0], seqs[-1])
+                first = min(seqs[0], self._behind.get(rid, seqs[0]))
+                self._behind[rid] = first
+                self._seen_upto[rid] = max(seqs[-1], self._seen_upto.get(rid, seqs[-1]))
+                self._expected[rid] = first
+                return False
+            # it answered with an error (a script error, a full Redis): replaying the same
+            # batches would fail the same way, so they are lost and the replica distrusted
+            st.batches_lost += len(seqs)
             self._untrust_pending.add(rid)
+            self._behind.pop(rid, None)
             self._index_trouble(exc, rid, "replica %s: KV-event batches %d..%d not applied (index error: %s); its entries are untrusted", seqs[0], seqs[-1])
             self._expected[rid] = seqs[-1] + 1
-            return
+            return False
+        if seqs[-1] >= self._behind.get(rid, seqs[-1] + 1):
+            self._behind.pop(rid, None)  # what the index missed is in now
         self._count(st, len(seqs), batch, applied)
         st.last_seq = seqs[-1]
         st.last_event_time = time.time()
         self._expected[rid] = seqs[-1] + 1
+        return True
+
+    async def catch_up(self) -> None:
+        """Replay, for every replica the index fell behind on, the batches it missed (from the
+        replica's replay buffer, in order), now that the index answers. A replica that keeps
+        publishing catches up on its next batch anyway (a gap); this is for the quiet ones."""
+        for rid, first in list(self._behind.items()):
+            src = self.sources.get(rid)
+            if src is None:
+                self._behind.pop(rid, None)
+                continue
+            async with self._lock.setdefault(rid, asyncio.Lock()):
+                if self._behind.get(rid) != first or self._index_failing:
+                    continue  # caught up meanwhile by a live batch, or failing again
+                upto = self._seen_upto.get(rid, first) + 1
+                await self._repair_gap(src, first, upto)
+                if rid in self._behind and self._behind[rid] == first and not self._index_failing:
+                    self._behind.pop(rid, None)  # not replayable: _repair_gap untrusted it
+                    self._expected[rid] = upto
 
     def _index_trouble(self, exc: Exception, rid: str, msg: str, *args: object) -> None:
         """An index call failed: unreachable → debug (the index logs its own outage, once);
@@ -527,10 +578,12 @@ class EventSubscriber:
                         await self.rebuild_index()
                     elif self._rebuild_pending:
                         await self.rebuild_index(sorted(self._rebuild_pending), retry=True)
+                    if self._behind:  # after a rebuild: it replays up to the first batch missed
+                        await self.catch_up()
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # the watch must outlive any failure
-                    log.exception("KV index rebuild failed")
+                    log.exception("KV index rebuild or catch-up failed")
             delay = min(self.loss_check_s, 0.1) if self._index_failing else self.loss_check_s
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._index_failed.wait(), delay)
@@ -543,7 +596,7 @@ class EventSubscriber:
             "KV index back: %d KV-event batches were not applied while it failed (%s); %s",
             sum(counts.values()),
             ", ".join(f"{r}: {n}" for r, n in sorted(counts.items())),
-            "rebuilding from the replay buffers" if lost else "those replicas' older entries stay hidden until stored again",
+            "rebuilding from the replay buffers" if lost else "replaying them from the replicas' buffers",
         )
 
     async def rebuild_index(self, replicas: list[str] | None = None, *, retry: bool = False) -> None:

@@ -319,17 +319,52 @@ async def test_restart_with_lost_first_batches_replays_them(ctx):
 
 
 @pytest.mark.redis
-async def test_index_outage_is_survived_and_distrusts_the_replica(ctx, redis_url):
-    """Redis stops answering mid-stream (CLIENT PAUSE): the batch that cannot be applied is
-    counted, the receive loop keeps running, and once Redis answers again the replica's
-    earlier entries are hidden (the lost batch may have removed some) while new ones count."""
+async def test_index_outage_is_survived_and_the_missed_batches_replayed(ctx, redis_url):
+    """Redis stops answering mid-stream (CLIENT PAUSE, longer than the client's timeout): the
+    batch that cannot be applied is counted, the receive loop keeps running, and once Redis
+    answers again the missed batch comes back from the replica's replay buffer, in order:
+    older entries stay trusted, the missed prompt and later ones all match, nothing is lost."""
     import redis as redis_sync
 
     from kvindex.redis_index import RedisIndex
 
     index = RedisIndex(redis_url, socket_timeout=0.2, retries=0)
     pub = Publisher(ctx)
-    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx)
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx, loss_check_s=0.2)
+    await sub.start()
+    admin = redis_sync.Redis.from_url(redis_url)
+    try:
+        before = await warm_up(pub, sub, index, "r0")
+        st = sub.stats.replica("r0")
+        admin.execute_command("CLIENT", "PAUSE", 700, "ALL")
+        missed = list(range(8000, 8016))
+        await pub.publish(prompt_batch(missed))
+        await until(lambda: _true(st.index_errors >= 1))
+        await asyncio.sleep(0.8)  # pause over; the replica stays quiet: the loss check catches up
+        await until(lambda: _eq(matched(index, missed, "r0"), 1))
+        after = list(range(9000, 9016))
+        await pub.publish(prompt_batch(after))
+        await until(lambda: _eq(matched(index, after, "r0"), 1))
+        assert await matched(index, before, "r0") == 1  # never untrusted: nothing was lost
+        assert st.batches_lost == 0 and st.batches_replayed >= 1 and not sub._untrust_pending and not sub._behind
+    finally:
+        admin.close()
+        await asyncio.wait_for(sub.stop(), 2)
+        await pub.close()
+        await index.close()
+
+
+@pytest.mark.redis
+async def test_index_outage_past_the_replay_buffer_distrusts_the_replica(ctx, redis_url):
+    """The same outage, but the replica's buffer no longer holds the missed batch when Redis is
+    back: the replica's older entries are hidden (the batch may have removed some)."""
+    import redis as redis_sync
+
+    from kvindex.redis_index import RedisIndex
+
+    index = RedisIndex(redis_url, socket_timeout=0.2, retries=0)
+    pub = Publisher(ctx, buffer=2)
+    sub = EventSubscriber(index, [ReplicaSource("r0", MODEL, pub.endpoint, pub.replay_endpoint)], ctx=ctx, loss_check_s=5.0)
     await sub.start()
     admin = redis_sync.Redis.from_url(redis_url)
     try:
@@ -338,13 +373,14 @@ async def test_index_outage_is_survived_and_distrusts_the_replica(ctx, redis_url
         admin.execute_command("CLIENT", "PAUSE", 700, "ALL")
         await pub.publish(prompt_batch(list(range(8000, 8016))))
         await until(lambda: _true(st.index_errors >= 1))
-        assert st.batches_lost >= 1
-        await asyncio.sleep(0.8)  # pause over
-        after = list(range(9000, 9016))
-        await pub.publish(prompt_batch(after))
-        await until(lambda: _eq(matched(index, after, "r0"), 1))
-        assert await matched(index, before, "r0") == 0  # untrusted once Redis was back
-        assert not sub._untrust_pending
+        for k in range(3):  # still paused: these push the missed batch out of the 2-batch buffer
+            await pub.publish(prompt_batch(list(range(9000 + 100 * k, 9016 + 100 * k))))
+        await asyncio.sleep(0.8)
+        last = list(range(9300, 9316))
+        await pub.publish(prompt_batch(last))
+        await until(lambda: _eq(matched(index, last, "r0"), 1))
+        assert await matched(index, before, "r0") == 0  # untrusted: the gap could not be replayed
+        assert st.batches_lost >= 1 and not sub._behind
     finally:
         admin.close()
         await asyncio.wait_for(sub.stop(), 2)
