@@ -13,6 +13,7 @@ from scorers.picker.round_robin import RoundRobinPicker
 from scorers.picker.weighted_random import WeightedRandomPicker
 from scorers.registry import BUILTINS, REGISTRY, register
 from scorers.scorer.approx_prefix import ApproxPrefixScorer
+from scorers.scorer.approx_tree import ApproxTreeScorer
 from scorers.scorer.estimated_ttft import EstimatedTTFTScorer
 from scorers.scorer.inflight import InflightScorer
 from scorers.scorer.kv_usage import KVUsageScorer
@@ -26,6 +27,7 @@ __all__ = [
     "BUILTINS",
     "REGISTRY",
     "ApproxPrefixScorer",
+    "ApproxTreeScorer",
     "EstimatedTTFTScorer",
     "HealthyFilter",
     "InflightScorer",

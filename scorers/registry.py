@@ -17,6 +17,7 @@ from scorers.picker.random import RandomPicker
 from scorers.picker.round_robin import RoundRobinPicker
 from scorers.picker.weighted_random import WeightedRandomPicker
 from scorers.scorer.approx_prefix import ApproxPrefixScorer
+from scorers.scorer.approx_tree import ApproxTreeScorer
 from scorers.scorer.estimated_ttft import EstimatedTTFTScorer
 from scorers.scorer.inflight import InflightScorer
 from scorers.scorer.kv_usage import KVUsageScorer
@@ -35,6 +36,7 @@ BUILTINS: tuple[type[Plugin], ...] = (
     # scorers
     PrecisePrefixScorer,
     ApproxPrefixScorer,
+    ApproxTreeScorer,
     InflightScorer,
     QueueScorer,
     KVUsageScorer,
