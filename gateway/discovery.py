@@ -6,7 +6,11 @@ configured ports. A pod may override the ports with the annotations ``kvgate.io/
 ``kvgate.io/kv-events-port`` ("none": no events) and ``kvgate.io/replay-port``, and name its
 served models in ``kvgate.io/models`` (comma-separated; label values cannot hold the "/" of
 ``Qwen/Qwen2.5-7B``). Without models the pod's own /v1/models tells (the fleet's probe), and
-its KV events are indexed once that is known.
+its KV events are indexed once that is known. A pod whose vLLM runs several data-parallel
+ranks behind one API server says so in ``kvgate.io/data-parallel-size``: it becomes one
+replica per rank, ``<pod>-dp<rank>``, each with that rank's event and replay ports (vLLM adds
+the rank to the configured ports) and addressed with vLLM's ``X-data-parallel-rank`` header,
+as a static replica with ``data_parallel_size`` is.
 
 Readiness is the pod's ``Ready`` condition; a pod being deleted (``deletionTimestamp``) or not
 ``Running`` is not ready: it stays in the fleet, unroutable, so that requests already sent
@@ -36,6 +40,12 @@ are listed again under the new selector; the old set stays in force until that l
 ``kvgate extproc`` builds the same ``Gateway``, so as the pool's endpoint picker it routes to
 the pool's pods as they come and go.
 
+Three programs keep something equal to the discovered pods: the gateway (and ``kvgate
+extproc``: its fleet and KV-event subscriptions), ``kvgate indexer`` (its KV-event
+subscriptions, feeding the shared Redis index) and the decode pod's ``kvgate sidecar`` (the
+prefill endpoints it may call, ``roles``). Each hands ``Discovery`` what it has of a gateway
+(``DiscoveryHost``: config, fleet, subscriber, metrics registry).
+
 The client is ``kubernetes_asyncio`` (the optional extra ``k8s``): in cluster it reads the
 service-account token (re-read as it rotates) and CA from
 /var/run/secrets/kubernetes.io/serviceaccount and ``KUBERNETES_SERVICE_HOST``/``PORT``;
@@ -51,19 +61,20 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvindex.subscriber import ReplicaSource
 
-from .config import DiscoveryConfig, ReplicaConfig
+from .config import DiscoveryConfig, GatewayConfig, ReplicaConfig, offset_endpoint
 from .metrics import counter, gauge
 
 if TYPE_CHECKING:
+    from kvindex.subscriber import EventSubscriber
     from scorers.base import EndpointState
 
-    from .app import Gateway
+    from .fleet import Fleet
 
 log = logging.getLogger("kvgate.discovery")
 
@@ -71,6 +82,9 @@ ANN_PORT = "kvgate.io/port"
 ANN_EVENTS_PORT = "kvgate.io/kv-events-port"
 ANN_REPLAY_PORT = "kvgate.io/replay-port"
 ANN_MODELS = "kvgate.io/models"
+ANN_DP_SIZE = "kvgate.io/data-parallel-size"
+#: more ranks than this behind one API server is a typo, not a deployment
+MAX_DP_SIZE = 1024
 DEFAULT_POD_SELECTOR = "llm-d.ai/inferenceServing=true"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 ROLES = ("both", "prefill", "decode")
@@ -86,6 +100,29 @@ class Gone(Exception):
 
 class PodSkipped(ValueError):
     """A selected pod that cannot be a replica (bad annotation, unknown role); says why."""
+
+
+class LiveRegistry(Protocol):
+    """Where discovery registers its metrics, read at scrape time (``GatewayMetrics``)."""
+
+    def add_live(self, read: Callable[[], Iterable[Any]]) -> None: ...
+
+
+class DiscoveryHost(Protocol):
+    """What discovery keeps in step: a ``Gateway``, or the parts of one that ``kvgate indexer``
+    and ``kvgate sidecar`` have (read-only members, so a ``Gateway`` is one as it stands)."""
+
+    @property
+    def cfg(self) -> GatewayConfig: ...
+
+    @property
+    def fleet(self) -> Fleet: ...
+
+    @property
+    def subscriber(self) -> EventSubscriber | None: ...
+
+    @property
+    def metrics(self) -> LiveRegistry: ...
 
 
 # -- a pod as a replica ---------------------------------------------------------------------------
@@ -105,6 +142,10 @@ class PodReplica:
     labels: tuple[tuple[str, str], ...]
     ready: bool
     restarts: int
+    #: ranks behind this pod's API server (annotation kvgate.io/data-parallel-size); the
+    #: expansion (``expand_pod``) makes one replica per rank, each with its rank set
+    data_parallel_size: int = 1
+    data_parallel_rank: int | None = None
 
     @property
     def identity(self) -> tuple[str, str, str | None, str | None]:
@@ -120,6 +161,15 @@ def _port(value: str | None, default: int | None, what: str, allow_none: bool = 
         return None
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise PodSkipped(f"annotation {what}={value!r} is not a port")
+    return int(value)
+
+
+def _dp_size(value: str | None) -> int:
+    if value is None:
+        return 1
+    value = value.strip()
+    if not value.isdigit() or not 1 <= int(value) <= MAX_DP_SIZE:
+        raise PodSkipped(f"annotation {ANN_DP_SIZE}={value!r} is not a rank count (1..{MAX_DP_SIZE})")
     return int(value)
 
 
@@ -156,6 +206,10 @@ def pod_replica(pod: dict[str, Any], cfg: DiscoveryConfig, pool_port: int | None
         models = (labels[cfg.model_label],)
     else:
         models = tuple(cfg.models)
+    dp = _dp_size(ann.get(ANN_DP_SIZE))
+    for what, p in ((ANN_EVENTS_PORT, events), (ANN_REPLAY_PORT, replay)):
+        if p is not None and p + dp - 1 > 65535:
+            raise PodSkipped(f"{what} {p} plus {dp - 1} data-parallel ranks passes port 65535")
     host = _host(ip)
     restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
     return PodReplica(
@@ -169,7 +223,27 @@ def pod_replica(pod: dict[str, Any], cfg: DiscoveryConfig, pool_port: int | None
         labels=tuple(sorted(labels.items())),
         ready=pod_ready(pod),
         restarts=restarts,
+        data_parallel_size=dp,
     )
+
+
+def expand_pod(p: PodReplica) -> list[PodReplica]:
+    """One replica per data-parallel rank of the pod (the pod itself when it has one rank):
+    ``<pod>-dp<rank>``, events and replay on the ports plus the rank, as vLLM binds them
+    (``gateway.config.expand_data_parallel`` does the same for a static replica)."""
+    if p.data_parallel_size <= 1:
+        return [p]
+    return [
+        replace(
+            p,
+            id=f"{p.id}-dp{rank}",
+            kv_events=offset_endpoint(p.kv_events, rank),
+            replay=offset_endpoint(p.replay, rank),
+            data_parallel_size=1,
+            data_parallel_rank=rank,
+        )
+        for rank in range(p.data_parallel_size)
+    ]
 
 
 def pool_target(pool: dict[str, Any]) -> tuple[dict[str, str], int | None]:
@@ -382,12 +456,32 @@ class _Counts:
 
 
 class Discovery:
-    """Keeps ``gw.fleet`` (and the KV-event subscriber) equal to the selected pods."""
+    """Keeps ``gw.fleet`` (and the KV-event subscriber) equal to the selected pods.
 
-    def __init__(self, gw: Gateway) -> None:
-        assert gw.cfg.discovery is not None
+    ``cfg``: the discovery section (default: ``gw.cfg.discovery``). ``roles``: only pods of
+    these roles (the sidecar: prefill and both); others are not replicas here. ``data_parallel``:
+    expand pods with several ranks into one replica per rank (the sidecar calls a pod's API
+    server as a whole, leaving the rank to vLLM). ``reprobe``: ask a pod whose model is still
+    unknown again every health interval (the gateway's fleet probes every replica anyway; the
+    indexer's fleet has no probe loop). ``on_change`` callbacks run after every reconcile."""
+
+    def __init__(
+        self,
+        gw: DiscoveryHost,
+        *,
+        cfg: DiscoveryConfig | None = None,
+        roles: Collection[str] | None = None,
+        data_parallel: bool = True,
+        reprobe: bool = False,
+    ) -> None:
+        dcfg = cfg or gw.cfg.discovery
+        assert dcfg is not None
         self.gw = gw
-        self.cfg: DiscoveryConfig = gw.cfg.discovery
+        self.cfg: DiscoveryConfig = dcfg
+        self.roles = frozenset(roles) if roles is not None else None
+        self.data_parallel = data_parallel
+        self.reprobe = reprobe
+        self.on_change: list[Callable[[], None]] = []
         self.static_ids = {r.id for r in gw.cfg.replicas}
         self.namespace = self.cfg.namespace or "default"
         self.current: dict[str, PodReplica] = {}
@@ -403,6 +497,7 @@ class Discovery:
         self._api: Any = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._probes: set[asyncio.Task[None]] = set()
+        self._probing: dict[str, float] = {}  # replica -> when its last probe started (reprobe)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -431,6 +526,11 @@ class Discovery:
             log.warning(
                 "discovery: no pod list from the Kubernetes API after %.0f s; serving the replicas known so far, still trying", self.cfg.initial_sync_timeout_s
             )
+
+    @property
+    def synced(self) -> bool:
+        """The first pod list has been reconciled (or there is no pool, hence no pods)."""
+        return self._synced.is_set()
 
     async def stop(self) -> None:
         tasks = [*self._tasks.values(), *self._probes]
@@ -526,12 +626,14 @@ class Discovery:
             except PodSkipped as exc:
                 skipped[uid] = f"pod {pod['metadata'].get('name')} skipped: {exc}"
                 continue
-            if p is None:
+            if p is None or (self.roles is not None and p.role not in self.roles):
                 continue
-            if p.id in self.static_ids:
-                skipped[uid] = f"pod {p.id} skipped: a static replica has that id"
+            replicas = expand_pod(p) if self.data_parallel else [p]
+            clash = next((r.id for r in replicas if r.id in self.static_ids), None)
+            if clash is not None:
+                skipped[uid] = f"pod {p.id} skipped: a static replica has the id {clash}"
                 continue
-            out[p.id] = p
+            out.update((r.id, r) for r in replicas)
         for uid, why in skipped.items():
             if self.counts.skipped.get(uid) != why:
                 log.warning("discovery: %s", why)
@@ -572,6 +674,8 @@ class Discovery:
         await self._sync_sources()
         if self.pods is not None and self.pods.synced.is_set():
             self._synced.set()
+        for cb in self.on_change:
+            cb()
 
     def _replica_config(self, p: PodReplica) -> ReplicaConfig:
         return ReplicaConfig(
@@ -585,6 +689,7 @@ class Discovery:
             prefill_tokens_per_s=self.cfg.prefill_tokens_per_s,
             labels=dict(p.labels),
             api_key_env=self.cfg.api_key_env,
+            data_parallel_rank=p.data_parallel_rank,
         )
 
     def _add(self, p: PodReplica, carry: EndpointState | None = None) -> None:
@@ -606,6 +711,8 @@ class Discovery:
         """Probe a new or newly ready replica at once (models, health), then reconcile again
         (its KV-event subscription may wait for its models)."""
 
+        self._probing[rid] = time.monotonic()
+
         async def probe() -> None:
             await self.gw.fleet.probe(rid)
             self._dirty.set()
@@ -616,6 +723,7 @@ class Discovery:
 
     async def _remove(self, rid: str) -> EndpointState | None:
         self.current.pop(rid, None)
+        self._probing.pop(rid, None)
         state = self.gw.fleet.remove(rid)
         if self._sources.pop(rid, None) is not None and self.gw.subscriber is not None:
             await self.gw.subscriber.remove_source(rid, forget=True)  # stops ingestion, drops its index entries
@@ -631,8 +739,10 @@ class Discovery:
                 continue
             state = self.gw.fleet.get(rid)
             model = p.models[0] if p.models else (sorted(state.models)[0] if state is not None and state.models else None)
-            if model is None:
-                continue  # its /v1/models has not answered yet
+            if model is None:  # its /v1/models has not answered yet
+                if self.reprobe and p.ready and time.monotonic() - self._probing.get(rid, 0.0) >= self.gw.cfg.health.interval_s:
+                    self._probe(rid)
+                continue
             want = (p.kv_events, p.replay, model)
             have = self._sources.get(rid)
             if have == want:
