@@ -10,7 +10,11 @@ whichever hop is running, and a failing prefill falls back to prefilling locally
 
 Without the header the request goes straight to the local vLLM. The sidecar only ever calls
 prefill endpoints it was told about (``--prefill`` or the config's prefill replicas, by name
-or address): any other target is refused with 403 and nothing is sent — no open relay.
+or address, resolved once at start; and with a ``discovery:`` section in ``--config``, the
+pods Kubernetes lists with role prefill or both, at the address and port discovery gives them,
+followed live: a prefill pod added later is accepted as soon as its watch event arrives, one
+deleted or relabelled is refused from then on): any other target is refused with 403 and
+nothing is sent — no open relay.
 Client-sent ``kv_transfer_params`` are stripped at the front door. Every other path
 (``/v1/models``, ``/health``, ``/metrics``, ``/tokenize`` ...) passes through to the local vLLM.
 """
@@ -22,7 +26,7 @@ import contextlib
 import logging
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -34,10 +38,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from scorers.base import ROLE_DECODE, ROLE_PREFILL, EndpointState
+from scorers.base import ROLE_BOTH, ROLE_DECODE, ROLE_PREFILL, EndpointState
 
 from .app import Gateway, proxy_request
-from .config import ConfigError, GatewayConfig, load_config, parse_config
+from .config import ConfigError, DiscoveryConfig, GatewayConfig, load_config, parse_config
 from .errors import GatewayError, error_response
 from .forward import RelayResponse
 from .hops import Plan
@@ -57,7 +61,8 @@ _HOP_BY_HOP = frozenset(
 
 def sidecar_config(vllm_url: str, prefill: list[str], base: GatewayConfig | None = None) -> GatewayConfig:
     """The gateway configuration a sidecar runs with: the local vLLM as the one decode replica,
-    each allowed prefill endpoint as a prefill replica, no index (the picker routed already)."""
+    each allowed prefill endpoint as a prefill replica, no index (the picker routed already).
+    A ``discovery`` section of ``base`` stays: the sidecar follows its prefill pods."""
     data: dict[str, Any] = {} if base is None else _as_dict(base)
     prefills = [r for r in data.get("replicas", []) if r.get("role") == ROLE_PREFILL]
     for i, target in enumerate(prefill):
@@ -73,21 +78,36 @@ def _as_dict(cfg: GatewayConfig) -> dict[str, Any]:
     return msgspec.to_builtins(cfg)
 
 
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    u = urlparse(url)
+    return u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+
+
 class PrefillTargets:
     """The prefill endpoints this sidecar may call, by every name the picker may use for them:
-    ``host:port`` as configured and ``ip:port`` of what the host resolves to."""
+    ``host:port`` as configured and ``ip:port`` of what the host resolves to (resolved once,
+    here), plus the discovered ones (``follow``: pod IPs, nothing to resolve)."""
 
     def __init__(self, states: list[EndpointState]) -> None:
-        self.by_addr: dict[str, EndpointState] = {}
+        self.static: dict[str, EndpointState] = {}
         for s in states:
-            u = urlparse(s.url)
-            port = u.port or (443 if u.scheme == "https" else 80)
-            host = u.hostname or ""
-            self.by_addr[f"{host}:{port}"] = s
+            host, port = _host_port(s.url)
+            self.static[_addr(host, port)] = s
             with contextlib.suppress(OSError):
                 for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-                    ip = str(info[4][0])
-                    self.by_addr[f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"] = s
+                    self.static[_addr(str(info[4][0]), port)] = s
+        self.by_addr: dict[str, EndpointState] = dict(self.static)
+
+    def follow(self, discovered: Iterable[EndpointState]) -> None:
+        """The discovered prefill endpoints are now these (replacing the previous set)."""
+        by_addr = dict(self.static)
+        for s in discovered:
+            by_addr.setdefault(_addr(*_host_port(s.url)), s)
+        self.by_addr = by_addr
 
     def lookup(self, value: str) -> EndpointState | None:
         """The endpoint a header value names (first of a comma-separated list; scheme ignored)."""
@@ -101,20 +121,41 @@ class Sidecar:
     """The decode pod's proxy: the gateway's front door and hops, with a plan from the picker."""
 
     def __init__(self, cfg: GatewayConfig) -> None:
-        self.gw = Gateway(cfg)
+        # discovery is the sidecar's own (prefill pods only, whole API servers), not the
+        # gateway's (which would take in every serving pod)
+        self.discovery_cfg: DiscoveryConfig | None = cfg.discovery
+        self.gw = Gateway(msgspec.structs.replace(cfg, discovery=None))
         if self.gw.tracing is not None:  # its spans: the request, the prefill and decode hops, the relay
             self.gw.tracing.component = "sidecar"
         self.local = self.gw.fleet.get(LOCAL_ID)
         if self.local is None:
             raise ConfigError("sidecar: no local vLLM replica")
         self.targets = PrefillTargets([s for s in self.gw.fleet.all() if s.role == ROLE_PREFILL])
+        self.discovery: Any = None  # gateway.discovery.Discovery, with a discovery section
         self.passthrough: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         await self.gw.start()
         self.passthrough = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        if self.discovery_cfg is not None:
+            from .discovery import Discovery
+
+            # pods of role prefill or both, each its API server as a whole (the picker names
+            # host:port; vLLM balances a data-parallel pod's ranks itself)
+            self.discovery = Discovery(self.gw, cfg=self.discovery_cfg, roles=(ROLE_PREFILL, ROLE_BOTH), data_parallel=False)
+            self.discovery.on_change.append(self._follow)
+            await self.discovery.start()
+
+    def _follow(self) -> None:
+        """After each reconcile: the allowed prefill endpoints are the discovered ones (and the
+        static ones)."""
+        assert self.discovery is not None
+        fleet = self.gw.fleet
+        self.targets.follow(s for rid in self.discovery.current if (s := fleet.get(rid)) is not None)
 
     async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.passthrough is not None:
             await self.passthrough.close()
         await self.gw.stop()
@@ -225,7 +266,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT", help="a prefill endpoint this sidecar may call (repeatable)")
-    p.add_argument("--config", "-c", help="gateway YAML: limits, pd timeouts, auth, and prefill replicas (role: prefill) allowed as targets")
+    p.add_argument(
+        "--config",
+        "-c",
+        help="gateway YAML: limits, pd timeouts, auth, prefill replicas (role: prefill) allowed as targets, and a discovery: section whose prefill (and both) pods are allowed, live",
+    )
     args = p.parse_args(argv)
     try:
         base = load_config(args.config) if args.config else None
@@ -234,8 +279,8 @@ def main(argv: list[str]) -> int:
         print(f"kvgate sidecar: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, cfg.log_json)
-    if not any(r.role == ROLE_PREFILL for r in cfg.replicas):
-        log.warning("no prefill endpoint allowed (--prefill / config): every request is served locally")
+    if not any(r.role == ROLE_PREFILL for r in cfg.replicas) and cfg.discovery is None:
+        log.warning("no prefill endpoint allowed (--prefill / config replicas / discovery): every request is served locally")
     import uvicorn
 
     uvicorn.Server(uvicorn_config(build_sidecar_app(cfg), args.host, args.port, limits=cfg.limits)).run()
