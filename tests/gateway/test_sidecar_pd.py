@@ -17,12 +17,13 @@ import openai
 import pytest
 import uvicorn
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, parse_config
 from gateway.server import uvicorn_config
 from gateway.sidecar import PREFILL_HEADER, build_sidecar_app, sidecar_config
 from simulator.fleet import SimConfig, SimFleet
 from tests.helpers.envoy import ExtProcThread, envoy_binary, extproc_envoy
 from tests.helpers.gateway import MODEL, fleet_config, metric_value, replica_metric, wait_for
+from tests.helpers.kube_api import FakeKubeAPI, make_pod
 from tests.helpers.net import bound_socket
 
 MODES = ["buffered", "full-duplex"]
@@ -256,3 +257,75 @@ def test_a_client_cannot_pick_the_prefill_endpoint_through_envoy(envoy_pd, mode)
     )
     assert r.status_code == 200, r.text
     assert _prompts(prefill.url) == before
+
+
+# -- prefill targets from Kubernetes discovery, followed live ----------------------------------------
+
+
+def _pod(name: str, handle, role: str) -> dict:
+    """A serving pod on loopback: its simulator's HTTP port in kvgate.io/port, as the picker's
+    discovery would name it in the header."""
+    ann = {"kvgate.io/port": str(handle.config.port), "kvgate.io/models": MODEL, "kvgate.io/kv-events-port": "none"}
+    return make_pod(name, labels={"llm-d.ai/inferenceServing": "true", "llm-d.ai/role": role}, annotations=ann)
+
+
+def _two_hop(url: str, target: str, tag: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": doc(tag), "max_tokens": 2}, headers={PREFILL_HEADER: target}, timeout=30)
+
+
+def test_discovered_prefill_pods_are_allowed_as_they_come_and_refused_once_gone(pd, tmp_path):
+    pytest.importorskip("kubernetes_asyncio")
+    pre0, pre1, dec = pd.handles
+    with FakeKubeAPI() as kube:
+        kube.apply("pods", _pod("vllm-decode-0", dec, "decode"))
+        kube.apply("pods", _pod("vllm-prefill-0", pre0, "prefill"))
+        base = parse_config({"discovery": {"kubeconfig": str(kube.kubeconfig(tmp_path)), "backoff_s": 0.05, "backoff_max_s": 0.2, "initial_sync_timeout_s": 5}})
+        with SidecarThread(sidecar_config(dec.url, [], base)) as s:
+            targets = s.sidecar.targets
+            assert set(targets.by_addr) == {_addr(pre0)}  # decode pods are never targets
+            before = _prompts(pre0.url)
+            r = _two_hop(s.url, _addr(pre0), "disc-0")
+            assert r.status_code == 200, r.text
+            assert _prompts(pre0.url) > before  # hop 1 ran on the discovered prefill pod
+            # a prefill pod created after the sidecar started: refused until its watch event,
+            # then allowed, without a restart
+            r = _two_hop(s.url, _addr(pre1), "disc-early")
+            assert r.status_code == 403 and r.json()["error"]["code"] == "prefill_target_refused"
+            kube.apply("pods", _pod("vllm-prefill-1", pre1, "prefill"))
+            added = time.monotonic()
+            wait_for(lambda: targets.lookup(_addr(pre1)) is not None, timeout=5, message="the new prefill pod allowed")
+            assert time.monotonic() - added < 3
+            before = _prompts(pre1.url)
+            assert _two_hop(s.url, _addr(pre1), "disc-1").status_code == 200
+            assert _prompts(pre1.url) > before
+            # the decode pod's own address is discovered too, but not a prefill target
+            assert _two_hop(s.url, _addr(dec), "disc-dec").status_code == 403
+            # deleted: refused again, and never called
+            kube.delete("pods", "vllm-prefill-1")
+            wait_for(lambda: targets.lookup(_addr(pre1)) is None, timeout=5, message="the deleted pod refused")
+            before = _prompts(pre1.url)
+            r = _two_hop(s.url, _addr(pre1), "disc-gone")
+            assert r.status_code == 403 and r.json()["error"]["code"] == "prefill_target_refused"
+            # relabelled to decode: no longer a target; to both: a target again
+            kube.patch("pods", "vllm-prefill-0", lambda o: o["metadata"]["labels"].update({"llm-d.ai/role": "decode"}))
+            wait_for(lambda: targets.lookup(_addr(pre0)) is None, timeout=5, message="a decode pod refused")
+            kube.patch("pods", "vllm-prefill-0", lambda o: o["metadata"]["labels"].update({"llm-d.ai/role": "both"}))
+            wait_for(lambda: targets.lookup(_addr(pre0)) is not None, timeout=5, message="a both pod allowed")
+            assert _two_hop(s.url, _addr(pre0), "disc-both").status_code == 200
+            assert _prompts(pre1.url) == before
+            text = httpx.get(f"{s.url}/sidecar/metrics", timeout=5).text
+            assert metric_value(text, "kvgate_discovery_replicas", {"ready": "true"}) == 1  # prefill/both pods only
+            assert metric_value(text, "kvgate_discovery_changes_total", {"change": "removed"}) >= 2
+
+
+def test_static_prefill_targets_stay_beside_discovered_ones(pd, tmp_path):
+    """``--prefill`` and the config's discovery together: both sets are allowed; the API server
+    down at start leaves the static ones working."""
+    pytest.importorskip("kubernetes_asyncio")
+    pre0, pre1, dec = pd.handles
+    kube = FakeKubeAPI()
+    kube.sock.close()  # never started: its address refuses connections
+    base = parse_config({"discovery": {"kubeconfig": str(kube.kubeconfig(tmp_path)), "backoff_s": 0.05, "initial_sync_timeout_s": 0.3}})
+    with SidecarThread(sidecar_config(dec.url, [_addr(pre0)], base)) as s:
+        assert _two_hop(s.url, _addr(pre0), "static-0").status_code == 200
+        assert _two_hop(s.url, _addr(pre1), "static-1").status_code == 403
