@@ -27,6 +27,7 @@ from gateway.discovery import PodSkipped, Reflector, _bind, make_api_client, pod
 from simulator.fleet import SimConfig, SimFleet
 from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, get_metrics, metric_value, wait_for
 from tests.helpers.kube_api import FakeKubeAPI, make_pod, make_pool
+from tests.helpers.net import free_port
 
 # -- pods as replicas (no server) -----------------------------------------------------------------
 
@@ -544,3 +545,91 @@ def test_extproc_picks_the_pools_pods(sims, kube, tmp_path):
         assert asyncio.run(pick("extproc two " + PROMPT)) == f"127.0.0.1:{_port(b.url)}"
     finally:
         ep.stop()
+
+
+# -- data-parallel pods: one replica per rank ----------------------------------------------------
+
+
+def test_a_data_parallel_pod_expands_into_its_ranks():
+    ann = {"kvgate.io/data-parallel-size": "3", "kvgate.io/replay-port": "6000"}
+    p = pod_replica(make_pod("srv", ip="10.0.0.7", annotations=ann), dcfg())
+    assert p is not None and p.data_parallel_size == 3
+    got = [(r.id, r.url, r.kv_events, r.replay, r.data_parallel_rank) for r in disc.expand_pod(p)]
+    assert got == [
+        ("srv-dp0", "http://10.0.0.7:8000", "tcp://10.0.0.7:5557", "tcp://10.0.0.7:6000", 0),
+        ("srv-dp1", "http://10.0.0.7:8000", "tcp://10.0.0.7:5558", "tcp://10.0.0.7:6001", 1),
+        ("srv-dp2", "http://10.0.0.7:8000", "tcp://10.0.0.7:5559", "tcp://10.0.0.7:6002", 2),
+    ]
+    one = pod_replica(make_pod("one", annotations={"kvgate.io/data-parallel-size": "1"}), dcfg())
+    assert one is not None and disc.expand_pod(one) == [one] and one.data_parallel_rank is None
+    quiet = pod_replica(make_pod("quiet", annotations={**ann, "kvgate.io/kv-events-port": "none"}), dcfg())
+    assert quiet is not None and [(r.kv_events, r.replay) for r in disc.expand_pod(quiet)] == [(None, None)] * 3
+    for bad in ("0", "two", "-1", "5000"):
+        with pytest.raises(PodSkipped, match="data-parallel-size"):
+            pod_replica(make_pod("srv", annotations={"kvgate.io/data-parallel-size": bad}), dcfg())
+    with pytest.raises(PodSkipped, match="65535"):  # rank 1's events would be on port 65536
+        pod_replica(make_pod("srv", annotations={"kvgate.io/data-parallel-size": "2", "kvgate.io/kv-events-port": "65535"}), dcfg())
+
+
+def _consecutive_free_ports(n: int) -> int:
+    """The first of ``n`` consecutive loopback ports free right now (vLLM's rank offsets)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def test_data_parallel_pod_is_routed_and_indexed_per_rank(kube, tmp_path):
+    """A pod annotated kvgate.io/data-parallel-size: "2" in front of a vLLM-like DP server (two
+    engines, each publishing on the pod's ports plus its rank): two replicas <pod>-dp0/-dp1, each
+    subscribed at its rank's ports, requests carrying the rank header of the replica picked."""
+    from tests.gateway.test_data_parallel import DPFront
+
+    events, replay = _consecutive_free_ports(2), _consecutive_free_ports(2)
+    fleet = SimFleet([SimConfig(model=MODEL, seed=60 + i, time_scale=0.0, kv_events_port=events + i, replay_port=replay + i) for i in range(2)])
+    fleet.start()
+    try:
+        with DPFront([h.url for h in fleet.handles]) as front:
+            ann = {
+                "kvgate.io/port": str(front.port),
+                "kvgate.io/kv-events-port": str(events),
+                "kvgate.io/replay-port": str(replay),
+                "kvgate.io/models": MODEL,
+                "kvgate.io/data-parallel-size": "2",
+            }
+            kube.apply("pods", make_pod("srv", labels={"llm-d.ai/inferenceServing": "true"}, annotations=ann))
+            with GatewayThread(gateway_config(kube, tmp_path)) as g:
+                assert fleet_view(g) == {"srv-dp0": ("both", True, front.url), "srv-dp1": ("both", True, front.url)}
+                sub = g.gateway.subscriber
+                wait_for(lambda: len(sub.sources) == 2, message="both ranks subscribed")
+                assert {rid: (s.endpoint, s.replay_endpoint) for rid, s in sub.sources.items()} == {
+                    f"srv-dp{rank}": (f"tcp://127.0.0.1:{events + rank}", f"tcp://127.0.0.1:{replay + rank}") for rank in range(2)
+                }
+                assert [g.gateway.fleet.dp_rank(f"srv-dp{rank}") for rank in range(2)] == [0, 1]
+                landed = ask(g, PROMPT + " dp").headers["x-kvgate-replica"]
+                assert front.ranks_seen[-1] == landed.removeprefix("srv-dp")  # the rank header of the replica picked
+                other = ({"srv-dp0", "srv-dp1"} - {landed}).pop()
+                wait_for(lambda: sub.stats.replica(landed).batches_applied > 0, message="its rank's events indexed")
+                assert sub.stats.replica(other).batches_applied == 0  # the other rank's socket said nothing
+                wait_for(lambda: int(ask(g, PROMPT + f" dp {time.monotonic()}").headers["x-kvgate-prefix-blocks"]) > 0, message="prefix hits")
+                r = ask(g, PROMPT + " dp again")
+                assert r.headers["x-kvgate-replica"] == landed and front.ranks_seen[-1] == landed.removeprefix("srv-dp")
+                # resized to one rank: the per-rank replicas leave, the whole server is one replica
+                kube.patch("pods", "srv", lambda o: o["metadata"]["annotations"].update({"kvgate.io/data-parallel-size": "1"}))
+                wait_for(lambda: set(fleet_view(g)) == {"srv"}, message="one replica")
+                assert g.gateway.fleet.dp_rank("srv") is None
+    finally:
+        fleet.stop()
