@@ -193,8 +193,8 @@ def replica_entries(handles, ids: list[str]) -> list[dict[str, Any]]:
 class Stack:
     """Fleet, Redis, indexer, gateways A and B (sharing) and C and D (not sharing)."""
 
-    def __init__(self, tmp: Path, setup: Setup) -> None:
-        self.tmp, self.setup = tmp, setup
+    def __init__(self, tmp: Path, setup: Setup, index_extra: dict[str, Any] | None = None) -> None:
+        self.tmp, self.setup, self.index_extra = tmp, setup, index_extra or {}
         self.fleet = SimFleet(
             [SimConfig(model=MODEL, seed=i, time_scale=setup.time_scale, num_blocks=setup.num_blocks) for i in range(setup.replicas)], mode="process"
         )
@@ -212,7 +212,8 @@ class Stack:
                 "indexer", {"replicas": replicas, "index": {"backend": self.redis.url}}, self.tmp, "indexer", "--loss-check-every", "0.5"
             ).start()
             for name, share in (("A", True), ("B", True), ("C", False), ("D", False)):
-                self.gateways[name] = KvgateProc("serve", gateway_config(self.redis.url, share=share, replicas=replicas), self.tmp, f"gw-{name}")
+                cfg = gateway_config(self.redis.url, share=share, replicas=replicas, index=self.index_extra)
+                self.gateways[name] = KvgateProc("serve", cfg, self.tmp, f"gw-{name}")
             for g in self.gateways.values():
                 g.start()
         except BaseException:
@@ -268,10 +269,10 @@ class ArmFigures:
     requests: int
 
 
-def routing(stack: Stack, wls: list[Workload], rounds: int, settle_s: float) -> tuple[list[ArmFigures], list[Summary]]:
+def routing(stack: Stack, wls: list[Workload], rounds: int, settle_s: float, arms_run: tuple[str, ...] = ARMS) -> tuple[list[ArmFigures], list[Summary]]:
     runs: dict[tuple[str, str], list[Summary]] = {}
     for r in range(rounds):
-        arms = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]  # rotate the order each round
+        arms = arms_run[r % len(arms_run) :] + arms_run[: r % len(arms_run)]  # rotate the order each round
         for wl in wls:
             for arm in arms:
                 stack.reset_caches(settle_s)
@@ -444,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-blocks", type=int, default=768)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: routing, faults, cost")
+    ap.add_argument("--workloads", default="", help="comma-separated subset of: shared-prefix, multi-turn")
+    ap.add_argument("--arms", default="", help="comma-separated subset of the arms by number: 1 one gateway, 2 two shared, 3 two not shared")
+    ap.add_argument("--share-flush-ms", type=float, default=None, help="the gateways' index.share_flush_ms (default: the gateway's)")
     ap.add_argument("--json", type=Path, help="write the figures here as JSON")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the Markdown report goes")
     args = ap.parse_args(argv)
@@ -466,13 +470,16 @@ def main(argv: list[str] | None = None) -> int:
                 redis.stop()
         print(markdown([], None, cost, {"name": "cost", "description": "the exchange's cost per lookup"}))
         return 0
-    with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp), setup) as stack:
+    index_extra = {} if args.share_flush_ms is None else {"share_flush_ms": args.share_flush_ms}
+    arms = tuple(ARMS[int(i) - 1] for i in args.arms.split(",")) if args.arms else ARMS
+    with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp), setup, index_extra) as stack:
         print(f"stack up: {setup.replicas} replicas, redis {stack.redis.url}, indexer, gateways {', '.join(f'{k} {g.url}' for k, g in stack.gateways.items())}")
         if "cost" not in skip:
             cost = asyncio.run(lookup_cost(stack.redis.url, 1000 if args.quick else 3000))
             print("exchange cost:", cost)
         if "routing" not in skip:
-            figs, _ = routing(stack, workloads(args.quick), rounds, settle_s=2.5)
+            wls = [w for w in workloads(args.quick) if not args.workloads or w.name in args.workloads.split(",")]
+            figs, _ = routing(stack, wls, rounds, settle_s=2.5, arms_run=arms)
         if "faults" not in skip:
             fault = faults(stack, hold_s=2.0 if args.quick else 4.0, quick=args.quick)
             print(f"faults: {fault.requests} requests, lost {fault.lost} {fault.errors}")

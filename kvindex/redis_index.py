@@ -39,8 +39,9 @@ engine hashes as hex too: 16 digits for the usual ints, the digest's hex for raw
   in-flight load per replica (an opaque blob the gateway encodes, SET with a TTL of a few
   seconds and re-published while the gateway lives, so a crashed gateway's load expires and
   readers drop it from the set); and speculative claims, what some gateway just routed where:
-  hashes of our key -> replica in time buckets (Redis's clock) of ``width`` ms, written in the
-  current bucket and the next, read in the current one (a claim counts one to two widths), where a
+  hashes of our key -> the replicas it was routed to (newline-separated, the latest first, at
+  most ``MAX_CLAIMS``) in time buckets (Redis's clock) of ``width`` ms, written in the current
+  bucket and the next, read in the current one (a claim counts one to two widths), where a
   lookup also marks the first key of its prompt that nothing covers yet (``~instance``: being
   decided there). Each lookup publishes and reads all this in its own script run
   (``lookup_shared``): no extra round trip.
@@ -244,9 +245,9 @@ _EXCHANGE_FN = """
 -- ARGV[5] set of gateway instances, ARGV[6] load key prefix, ARGV[7] this instance, ARGV[8] its
 -- in-flight load to publish ('' = unchanged), ARGV[9] that key's TTL ms, ARGV[10] claims
 -- bucket prefix, ARGV[11] bucket width ms (0 = no claims). Claims: hashes per time bucket
--- (Redis's clock), our key as 16 hex digits -> the replica a gateway just routed that prompt
--- to (the last one written), or '~' .. instance: a gateway is deciding a prompt whose new part
--- starts there.
+-- (Redis's clock), our key as 16 hex digits -> the replicas gateways just routed a prompt with
+-- that block to (newline-separated, the latest first), or '~' .. instance: a gateway is deciding
+-- a prompt whose new part starts there.
 local function bucket_now(width)
   local t = redis.call('TIME')
   return math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / width)
@@ -315,16 +316,28 @@ if #idx > 1 then
   local vals = idx[4]
   while known < n and vals[known + 1] do known = known + 1 end
 end
--- the claim on the first key and how many leading keys carry it: {replica, depth} (one value
--- per key, the last claim written: a later claim of the prompt for another replica overwrites)
+-- per replica claiming the first key, how many leading keys it claims: {r1, d1, r2, d2, ..}
 local claims, cur = {}, nil
 local r = redis.call('HGET', bucket, field(1))
 if r and string.sub(r, 1, 1) ~= '~' then
   cur = read_claims(ARGV[10], bucket_now(width), split16(blob))
-  local depth = 1
-  while depth < n and cur[depth + 1] == r do depth = depth + 1 end
-  claims = {r, depth}
-  if depth > known then known = depth end
+  local live, depth, last = {}, 1, r
+  for x in string.gmatch(r, '[^\\n]+') do live[x] = true end
+  while next(live) ~= nil and depth < n do
+    local v = cur[depth + 1]
+    if v ~= last then  -- along one claimed prompt the lists repeat: checked once
+      local padded = v and ('\\n' .. v .. '\\n')
+      for x, _ in pairs(live) do
+        if not padded or not string.find(padded, '\\n' .. x .. '\\n', 1, true) then
+          claims[#claims + 1] = x; claims[#claims + 1] = depth; live[x] = nil
+          if depth > known then known = depth end
+        end
+      end
+      last = v
+    end
+    depth = depth + 1
+  end
+  for x, _ in pairs(live) do claims[#claims + 1] = x; claims[#claims + 1] = depth; known = math.max(known, depth) end
 end
 if known == n then return {{loads, claims, false, false}, idx} end
 local f = field(known + 1)
@@ -347,14 +360,36 @@ return {{loads, claims, known, holder}, idx}
 _CLAIM_LUA = (
     _EXCHANGE_FN
     + """
--- ARGV[1] bucket prefix, ARGV[2] keys hex, ARGV[3] replica, ARGV[4] bucket width ms, ARGV[5] mode
+-- ARGV[1] bucket prefix, ARGV[2] keys hex, ARGV[3] replica, ARGV[4] bucket width ms, ARGV[5]
+-- mode, ARGV[6] most replicas one key keeps
 local width = tonumber(ARGV[4])
 local b = bucket_now(width)
 local fields = split16(ARGV[2])
 if ARGV[5] == 'read' then return read_claims(ARGV[1], b, fields) end
-local args = {}
-for x = 1, #fields do args[2 * x - 1] = fields[x]; args[2 * x] = ARGV[3] end
-for _, key in ipairs({ARGV[1] .. b, ARGV[1] .. (b + 1)}) do
+-- each key's value: the replicas that claim it, newline-separated, this claim first, at most
+-- MAX_CLAIMS (a mark is replaced); keys whose list does not change are not rewritten
+local me, cap = ARGV[3], tonumber(ARGV[6])
+for _, bucket in ipairs({b, b + 1}) do
+  local cur = read_claims(ARGV[1], bucket, fields)
+  local args, last, last_new = {}, nil, nil
+  for x = 1, #fields do
+    local v = cur[x]
+    local new
+    if x > 1 and v == last then
+      new = last_new
+    else
+      new = me
+      if v and string.sub(v, 1, 1) ~= '~' then
+        local count = 1
+        for r in string.gmatch(v, '[^\\n]+') do
+          if r ~= me and count < cap then new = new .. '\\n' .. r; count = count + 1 end
+        end
+      end
+    end
+    if new ~= v then args[#args + 1] = fields[x]; args[#args + 1] = new end
+    last, last_new = v, new
+  end
+  local key = ARGV[1] .. bucket
   for j = 1, #args, 1000 do redis.call('HSET', key, unpack(args, j, math.min(j + 999, #args))) end
   if #args > 0 then redis.call('PEXPIRE', key, 3 * width + 1000) end
 end
@@ -377,6 +412,10 @@ def _redacted(url: str) -> str:
     scheme, _, _ = head.partition("://")
     return f"{scheme}://***@{tail}"
 
+
+#: A block's speculative claim names at most this many replicas (the latest routed first), as
+#: the gateway's own speculative memory keeps every replica a block was routed to.
+MAX_CLAIMS = 8
 
 #: At most this many TTL refreshes ride along with one lookup.
 REFRESH_PER_LOOKUP = 64
@@ -746,13 +785,13 @@ class RedisIndex(KVIndex):
         """Record that the prompt of ``keys`` was just routed to ``replica``: a claim every
         gateway reads with its lookups for one to two ``width_ms``."""
         with self._reachable("claim"):
-            await self._claim_script(self._redis, [], (self._claims_prefix(model), hex_keys(keys), replica, width_ms, "set"))
+            await self._claim_script(self._redis, [], (self._claims_prefix(model), hex_keys(keys), replica, width_ms, "set", MAX_CLAIMS))
 
     async def claims(self, keys: Sequence[int], *, model: str, width_ms: int) -> tuple[dict[str, int], list[bytes | None]]:
         """The claims on ``keys``: the longest prefix per replica, and the raw value per key
         (a replica, a gateway's mark, None) for a caller waiting on one key."""
         with self._reachable("claims"):
-            cur = await self._claim_script(self._redis, [], (self._claims_prefix(model), hex_keys(keys), "", width_ms, "read"))
+            cur = await self._claim_script(self._redis, [], (self._claims_prefix(model), hex_keys(keys), "", width_ms, "read", MAX_CLAIMS))
         return claimed_prefix(cur), cur
 
     async def leave(self, instance: str) -> None:
@@ -884,15 +923,26 @@ class Shared:
 
 
 def claimed_prefix(values: Sequence[bytes | None]) -> dict[str, int]:
-    """The claim on a prompt's first key and how many leading keys carry it (one value per key:
-    the last claim written; a gateway's mark, ``~instance``, is no claim)."""
+    """Per replica claiming a prompt's first key, how many leading keys it claims (each value
+    lists replicas, newline-separated; a gateway's mark, ``~instance``, is no claim)."""
     first = values[0] if values else None
     if not first or first[:1] == b"~":
         return {}
+    live = set(first.split(b"\n"))
+    out: dict[str, int] = {}
     depth = 1
-    while depth < len(values) and values[depth] == first:
+    last: bytes | None = first
+    while live and depth < len(values):
+        v = values[depth]
+        if v != last:
+            here = set(v.split(b"\n")) if v else set()
+            for r in live - here:
+                out[r.decode()] = depth
+            live &= here
+            last = v
         depth += 1
-    return {first.decode(): depth}
+    out.update((r.decode(), depth) for r in live)
+    return out
 
 
 def _walk(reply: list[Any], decode: Callable[[bytes], dict[str, int]]) -> dict[str, PrefixMatch]:

@@ -77,7 +77,10 @@ async def test_claims_marks_and_their_expiry(redis_url):
         await a.claim(first, model=MODEL, replica="r2", width_ms=200)
         _, got = await b.lookup_shared(second, model=MODEL, share=Share("B", None, 10_000, 200))
         assert got.claims == {"r2": 10} and (got.frontier, got.holder) == (10, "B")  # B marks its own new part
-        assert (await b.claims(second, model=MODEL, width_ms=200))[0] == {"r2": 10}
+        # every replica a block was just routed to counts, as in a gateway's own speculative memory
+        await b.claim(second, model=MODEL, replica="r0", width_ms=200)
+        assert (await a.lookup_shared(first, model=MODEL, share=Share("A", None, 10_000, 200)))[1].claims == {"r2": 12, "r0": 10}
+        assert (await b.claims(second, model=MODEL, width_ms=200))[0] == {"r0": 12, "r2": 10}
         # a claim counts one to two bucket widths
         await asyncio.sleep(0.45)
         _, got = await b.lookup_shared(second, model=MODEL, share=Share("B", None, 10_000, 200))
@@ -87,8 +90,9 @@ async def test_claims_marks_and_their_expiry(redis_url):
         await b.close()
 
 
-def test_claimed_prefix_reads_one_value_per_key():
+def test_claimed_prefix_walks_each_replica_along_the_keys():
     assert claimed_prefix([b"r1", b"r1", b"r2", None]) == {"r1": 2}
+    assert claimed_prefix([b"r2\nr1", b"r2\nr1", b"r2", b"r2\nr3"]) == {"r1": 2, "r2": 4}
     assert claimed_prefix([b"~gw", b"r1"]) == {}  # a mark is no claim
     assert claimed_prefix([None, b"r1"]) == {} and claimed_prefix([]) == {}
 
