@@ -351,7 +351,9 @@ def faults(stack: Stack, hold_s: float, quick: bool) -> FaultRun:
             break
     injector.join()
     samples = [s for r in results for s in r.samples]
-    errors = Counter(s.error for s in samples if s.error is not None)
+    # a failure is an exception (a non-200, an SSE error event, a cut connection) or a 200 stream
+    # that ended without its usage chunk (incomplete)
+    errors = Counter(s.error if s.error is not None else "incomplete" for s in samples if s.error is not None or s.prompt_tokens == 0)
     return FaultRun(len(samples), len(samples) - sum(errors.values()), sum(errors.values()), dict(errors), events, round(time.monotonic() - t0, 1))
 
 
