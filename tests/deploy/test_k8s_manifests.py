@@ -358,7 +358,7 @@ def test_rbac_covers_what_discovery_calls(variant):
     assert pool_groups == {"inference.networking.k8s.io", "inference.networking.x-k8s.io"}
     needed = [("", "pods", v) for v in ("get", "list", "watch")] + [(g, "inferencepools", v) for g in pool_groups for v in ("get", "list", "watch")]
     users = {c["name"]: tpl["spec"].get("serviceAccountName") for _, tpl, c, _ in _discovering(objs)}
-    assert {"gateway", "extproc", "indexer"} <= set(users)
+    assert {"gateway", "extproc", "indexer", "sidecar"} <= set(users)
     for container, account in users.items():
         assert account, f"{container} discovers pods but runs without a service account"
         roles = [
@@ -389,9 +389,12 @@ def test_gateway_configs_parse_and_point_at_real_things(variant):
         else:
             assert d.kind == "pods" and (d.label_selector or DEFAULT_POD_SELECTOR) == "llm-d.ai/inferenceServing=true"
         assert d.role_label == "llm-d.ai/role" and d.namespace is None  # the pod's own namespace
+        if c["name"] == "sidecar":  # the decode pod's sidecar: no index, no tokenizer (sidecar_config)
+            assert cfg.index == parse_config({}).index and not cfg.models
+            continue
         # the shared index: the Redis Service, on its port
         u = urlparse(cfg.index.backend)
-        assert u.scheme == "redis" and cfg.index.ingest is False
+        assert u.scheme == "redis" and (cfg.index.ingest is False or c["name"] == "indexer")  # the indexer ingests whatever it says
         svc = idx[("Service", u.hostname)]
         assert u.port in {p["port"] for p in svc["spec"]["ports"]}
         redis = next(c for _, t, c in containers(objs) if svc["spec"]["selector"].items() <= t["metadata"]["labels"].items())
@@ -414,6 +417,25 @@ def test_gateway_configs_parse_and_point_at_real_things(variant):
     for _, _, c in containers(objs):
         if c["image"].startswith("kvgate"):
             check_kvgate_args(c["args"])
+
+
+@ALL
+def test_the_indexer_follows_the_gateways_pods_and_is_scraped(variant):
+    """The indexer's own config finds the gateways' pods under the gateways' ids and keys them as
+    the gateways look them up; Prometheus scrapes its /metrics, Kubernetes probes its /health."""
+    objs = render(KUSTOMIZATIONS[variant])
+    by_name = {c["name"]: (tpl, c, cfg) for _, tpl, c, cfg in _discovering(objs)}
+    tpl, c, indexer = by_name["indexer"]
+    gateway = by_name["gateway"][2]
+    assert indexer.discovery == gateway.discovery  # the same pods, the same replica ids (pod names)
+    assert indexer.index.backend == gateway.index.backend and indexer.index.ttl_s == gateway.index.ttl_s
+    keying = lambda cfg: {m: (mc.block_size, mc.prefix_hash_algo, mc.prefix_hash_seed) for m, mc in cfg.models.items()}  # noqa: E731
+    assert keying(indexer) == keying(gateway)
+    port = int(flag(c["args"], "--metrics-port"))
+    assert {"name": "metrics", "containerPort": port} in c["ports"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
+    ann = tpl["metadata"]["annotations"]
+    assert (ann["prometheus.io/scrape"], ann["prometheus.io/port"], ann["prometheus.io/path"]) == ("true", str(port), "/metrics")
 
 
 def test_the_image_can_discover():
@@ -466,6 +488,12 @@ def test_discovery_finds_each_serving_pod_where_it_listens(variant):
             assert r is not None and r.ready
             roles_seen.add(r.role)
             port = urlparse(r.url).port
+            if name == "sidecar":  # allowed prefill targets: where the picker names the prefill pods
+                if r.role in ("prefill", "both"):
+                    picker = pod_replica(pod, configs["extproc"].discovery, selects(configs["extproc"], pod["metadata"]["labels"])[1])
+                    assert picker is not None and r.url == picker.url and port == vllm_port
+                assert r.kv_events is None  # the sidecar subscribes to nothing
+                continue
             if name == "extproc" and r.role == "decode":
                 assert sidecar is not None and port == int(flag(sidecar["args"], "--port")), "the picker must reach decode pods through their sidecar"
             else:
@@ -575,15 +603,21 @@ def test_decode_pods_sidecar_reaches_local_vllm_and_prefill_pods(variant):
         assert urlparse(flag(side["args"], "--vllm")).port == int(flag(vllm["args"], "--port"))
         assert int(flag(side["args"], "--port")) in {p["containerPort"] for p in side["ports"]}
         assert side["readinessProbe"]["httpGet"]["path"] == "/sidecar/health"
-        # --prefill: a headless Service of the prefill pods (it resolves to their IPs), on vLLM's port
-        host, port = flag(side["args"], "--prefill").split(":")
-        svc = idx[("Service", host)]
-        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
-        prefill = [t for _, t in pod_templates(objs) if svc["spec"]["selector"].items() <= t["metadata"]["labels"].items()]
-        assert prefill and all(t["metadata"]["labels"]["llm-d.ai/role"] == "prefill" for t in prefill)
-        for t in prefill:
-            [pv] = [c for c in t["spec"]["containers"] if c["name"] == "vllm"]
-            assert int(port) == int(flag(pv["args"], "--port")) and "--headless" not in pv["args"]
+        # the prefill pods it may call come from its discovery, live (no --prefill list resolved once)
+        assert flag(side["args"], "--prefill") is None
+        [(_, _, _, cfg)] = [d for d in _discovering(objs) if d[2] is side]
+        assert cfg.discovery is not None and cfg.discovery.kind == "pods"
+        # its service account's token reaches the sidecar only: vLLM gets none
+        spec = tpl["spec"]
+        assert spec["automountServiceAccountToken"] is False and ("ServiceAccount", spec["serviceAccountName"]) in idx
+        sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+        [mount] = [m for m in side["volumeMounts"] if m["mountPath"] == sa_dir]
+        [vol] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        sources = vol["projected"]["sources"]
+        assert {"path": "token", "expirationSeconds": 3607} in [x.get("serviceAccountToken") for x in sources]
+        assert any(x.get("configMap", {}).get("name") == "kube-root-ca.crt" for x in sources)
+        assert any(i["path"] == "namespace" for x in sources for i in x.get("downwardAPI", {}).get("items", []))
+        assert all(m["mountPath"] != sa_dir for c in spec["containers"] if c["name"] != "sidecar" for m in c.get("volumeMounts", []))
 
 
 # -- autoscaling -----------------------------------------------------------------------------------------------
