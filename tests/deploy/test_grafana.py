@@ -1,17 +1,21 @@
-"""deploy/grafana/kvgate.json against a running gateway's /metrics.
+"""deploy/grafana/kvgate.json against a running gateway's and a running indexer's /metrics.
 
 A real gateway (GatewayThread) in front of a simulated prefill and decode replica, found through
 Kubernetes discovery (the loopback API server of tests/helpers/kube_api.py), so that every family
 the gateway can export is on its /metrics: request, latency, P/D, index, replica, admission and
-discovery metrics. Every metric the dashboard's PromQL names must be a series of that scrape (a
-counter as ``_total``, a histogram as ``_bucket``/``_sum``/``_count``, a gauge as is), and every
-``kvgate_*`` family of the scrape must be on some panel.
+discovery metrics; beside it a ``kvgate indexer`` (in process) following the same pods into a
+real redis-server, for the families only an indexer exports. Every metric the dashboard's PromQL
+names must be a series of those scrapes (a counter as ``_total``, a histogram as
+``_bucket``/``_sum``/``_count``, a gauge as is), and every ``kvgate_*`` family of either scrape
+must be on some panel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -20,6 +24,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.config import parse_config
+from gateway.indexer import Indexer
 from simulator.config import SimConfig
 from simulator.fleet import SimFleet
 from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, get_metrics, metric_value, wait_for
@@ -66,10 +72,34 @@ def sim_pod(name: str, handle, role: str) -> dict[str, Any]:
     return make_pod(name, labels={"llm-d.ai/inferenceServing": "true", "llm-d.ai/role": role}, annotations=ann)
 
 
+class IndexerThread:
+    """``kvgate indexer``'s runner (gateway.indexer.Indexer) on its own event loop in a thread,
+    its /metrics on a port the kernel picks."""
+
+    def __init__(self, cfg) -> None:
+        self.indexer = Indexer(cfg, metrics_host="127.0.0.1", metrics_port=0, loss_check_s=0.5)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> IndexerThread:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.indexer.start(), self.loop).result(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.indexer.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.indexer.metrics_port}"
+
+
 @pytest.fixture(scope="module")
-def scrape(tmp_path_factory) -> str:
+def scrape(tmp_path_factory, redis_server) -> dict[str, str]:
     """/metrics of a gateway that has discovered a prefill and a decode pod and served one- and
-    two-hop requests, a refused one and an unknown model."""
+    two-hop requests, a refused one and an unknown model; and of an indexer on the same pods."""
     fleet = SimFleet(
         [SimConfig(model=MODEL, seed=1, time_scale=0.02, num_blocks=1024, role=role) for role in ("prefill", "decode")],
     )
@@ -79,12 +109,11 @@ def scrape(tmp_path_factory) -> str:
         for role, h in zip(("prefill", "decode"), handles):
             kube.apply("pods", sim_pod(f"vllm-{role}", h, role))
         kc = kube.kubeconfig(tmp_path_factory.mktemp("kube"))
-        cfg = fleet_config(
-            [],
-            discovery={"kubeconfig": str(kc), "backoff_s": 0.05, "backoff_max_s": 0.2, "initial_sync_timeout_s": 5},
-            pd={"enabled": True, "threshold": 32},
-        )
-        with GatewayThread(cfg) as g:
+        discovery = {"kubeconfig": str(kc), "backoff_s": 0.05, "backoff_max_s": 0.2, "initial_sync_timeout_s": 5}
+        cfg = fleet_config([], discovery=discovery, pd={"enabled": True, "threshold": 32})
+        redis_db = redis_server.url.rsplit("/", 1)[0] + "/7"  # a database of its own on the session's server
+        indexer_cfg = parse_config({"discovery": discovery, "index": {"backend": redis_db}, "health": {"interval_s": 0.3}})
+        with GatewayThread(cfg) as g, IndexerThread(indexer_cfg) as ix:
             wait_for(lambda: len(g.gateway.fleet.all()) == 2 and all(s.healthy for s in g.gateway.fleet.all()), message="both pods in the fleet")
             long_prompt = "Summarise the following notes carefully. " + " ".join(f"note {i} says item {i * 7} is fine;" for i in range(80))
             for i in range(3):
@@ -94,9 +123,12 @@ def scrape(tmp_path_factory) -> str:
             assert r.status_code == 200
             assert httpx.post(f"{g.url}/v1/completions", json={"model": "no-such-model", "prompt": "x"}, timeout=10).status_code == 404
             wait_for(lambda: metric_value(get_metrics(g.url), "kvgate_kv_events_applied_total") > 0, message="KV events in the index")
-            text = get_metrics(g.url)
-        assert metric_value(text, "kvgate_pd_requests_total", {"path": "two_hop"}) >= 1, "the long prompts went through prefill → decode"
-        assert metric_value(text, "kvgate_discovery_replicas", {"ready": "true"}) == 2
+            wait_for(lambda: metric_value(get_metrics(ix.url), "kvgate_kv_events_applied_total") > 0, message="KV events in Redis")
+            text = {"gateway": get_metrics(g.url), "indexer": get_metrics(ix.url)}
+        assert metric_value(text["gateway"], "kvgate_pd_requests_total", {"path": "two_hop"}) >= 1, "the long prompts went through prefill → decode"
+        for t in text.values():
+            assert metric_value(t, "kvgate_discovery_replicas", {"ready": "true"}) == 2
+        assert metric_value(text["indexer"], "kvgate_kv_subscriptions") == 2
         return text
     finally:
         kube.stop()
@@ -115,12 +147,14 @@ def families(text: str) -> dict[str, tuple[str, set[str]]]:
 
 
 def test_every_dashboard_metric_is_served_and_every_family_is_shown(scrape):
-    fams = families(scrape)
+    fams = families(scrape["gateway"])
     assert len(fams) >= 40, sorted(fams)
+    for name, fam in families(scrape["indexer"]).items():
+        assert fams.setdefault(name, fam)[0] == fam[0], f"{name} has another type at the indexer"
     series = {name: fam for fam, (_, names) in fams.items() for name in names}
     used = {m for q in queries(dashboard()) for m in METRIC.findall(q)}
     unknown = sorted(used - set(series))
-    assert not unknown, f"the dashboard queries series the gateway does not export: {unknown}"
+    assert not unknown, f"the dashboard queries series neither the gateway nor the indexer exports: {unknown}"
     shown = {series[m] for m in used}
     missing = sorted(set(fams) - shown)
     assert not missing, f"exported families on no panel: {missing}"
