@@ -400,7 +400,7 @@ def test_pods_appear_are_routed_indexed_then_leave(sims, kube, tmp_path):
             other = ({"vllm-a", "vllm-b"} - {first}).pop()
             wait_for(lambda: set(fleet_view(g)) == {other}, message="the pod gone from the fleet")
             rest = "".join(chunks)
-        assert "data: [DONE]" in head + rest and rest.count("data: {") > 1
+        assert "data: [DONE]" in head + rest and (head + rest).count("data: {") > 1  # one read may already hold the whole stream on a busy machine
         wait_for(lambda: first not in sub.sources and first not in g.gateway.index._epochs, message="its subscription and index entries gone")
         for i in range(4):
             r = ask(g, PROMPT + f" after {i}")
