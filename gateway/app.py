@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -69,6 +70,8 @@ class Gateway:
             self.shared = self.router.shared = SharedLoad(self.index, self.fleet, cfg.index)
         self.tracing = Tracing.from_config(cfg.tracing)  # None unless tracing.enabled
         self.started_at = time.time()
+        #: this process's slot under ``kvgate serve --workers N`` (None: the only process)
+        self.worker: int | None = None
         self.metrics.add_live(self._live_metrics)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -124,6 +127,8 @@ class Gateway:
 
     def _live_metrics(self):
         states = self.fleet.all()
+        if self.worker is not None:  # with --workers, a scrape reaches one process: which one
+            yield gauge("kvgate_worker_info", "This worker process (kvgate serve --workers)", ["worker", "pid"], [([str(self.worker), str(os.getpid())], 1.0)])
         yield gauge("kvgate_replica_healthy", "1 if the replica's circuit is closed", ["replica"], (([s.id], float(s.healthy)) for s in states))
         yield gauge(
             "kvgate_replica_inflight_requests", "Gateway-counted requests in flight per replica", ["replica"], (([s.id], s.inflight_requests) for s in states)
@@ -425,6 +430,7 @@ class Routes:
                 "admission": {"inflight": gw.admission.inflight, "waiting": gw.admission.waiting},
                 "profiles": gw.scheduler.profile_names(),
                 "shared": None if gw.shared is None else {"instance": gw.shared.instance, "peers": gw.shared.peers},
+                "worker": {"slot": gw.worker, "pid": os.getpid()},
             }
         )
 

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="index backend: memory or redis://host:port/db (overrides index.backend)")
     p.add_argument("--log-level", help="debug|info|warning|error (overrides log_level)")
     p.add_argument("--debug-headers", action="store_true", help="add x-kvgate-replica / x-kvgate-prefix-blocks headers")
+    p.add_argument("--workers", type=int, default=1, help="gateway processes sharing the listening socket (gateway.workers); 1: this process serves")
     return p
 
 
@@ -122,6 +123,20 @@ def main(argv: list[str]) -> int:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, cfg.log_json)
+    if args.workers < 1:
+        print("kvgate: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        from scorers.scheduler import Scheduler
+
+        from .workers import run_workers
+
+        try:  # what the workers would each refuse at start, refused once here
+            Scheduler.from_config(cfg.scheduling or None)
+        except ValueError as exc:
+            print(f"kvgate: config error: {exc}", file=sys.stderr)
+            return 2
+        return run_workers(cfg, argv, args.workers)
     import uvicorn
 
     from .app import build_app
