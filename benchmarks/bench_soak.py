@@ -87,7 +87,7 @@ def bad_requests(rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
         ("negative-max-tokens", {"method": "POST", "url": "/v1/completions", "json": {**ok_body, "max_tokens": -5}, "headers": auth}),
         ("messages-not-a-list", {"method": "POST", "url": "/v1/chat/completions", "json": {"model": MODEL, "messages": "hello"}, "headers": auth}),
         ("message-without-role", {"method": "POST", "url": "/v1/chat/completions", "json": {"model": MODEL, "messages": [{"content": "x"}]}, "headers": auth}),
-        ("n-is-2", {"method": "POST", "url": "/v1/completions", "json": {**ok_body, "n": 2}, "headers": auth}),
+        ("n-is-0", {"method": "POST", "url": "/v1/completions", "json": {**ok_body, "n": 0}, "headers": auth}),
         ("prompt-too-long", {"method": "POST", "url": "/v1/completions", "json": {**ok_body, "prompt": long_prompt}, "headers": auth}),
         ("stream-not-bool", {"method": "POST", "url": "/v1/completions", "json": {**ok_body, "stream": "yes"}, "headers": auth}),
         ("unknown-route", {"method": "POST", "url": "/v1/nothing-here", "json": ok_body, "headers": auth}),
