@@ -8,6 +8,7 @@ client round-robining straight over the replicas with no gateway at all. Results
 
     kvgate bench            # the full comparison (a few minutes on 2 cores)
     kvgate bench --quick    # a reduced one (under two minutes)
+    kvgate bench --scenarios multi-gateway,restart,eviction [--quick]   # precise vs approximate (bench_scenarios)
 """
 
 from __future__ import annotations
@@ -173,7 +174,17 @@ def run_one(setup: Setup, workload: Workload, policy: str, tmp: Path, on_done, r
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if any(a == "--scenarios" or a.startswith("--scenarios=") for a in args_in):  # precise vs approximate: its own harness
+        from .bench_scenarios import main as scenarios_main
+
+        return scenarios_main(args_in)
     ap = argparse.ArgumentParser(prog="kvgate bench", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--scenarios",
+        metavar="multi-gateway,restart,eviction",
+        help="instead of the policy comparison: precise vs approximate routing where approximate cannot see (benchmarks.bench_scenarios; its own options)",
+    )
     ap.add_argument("--quick", action="store_true", help="reduced comparison, under two minutes")
     ap.add_argument("--policies", help="comma-separated subset of: " + ", ".join(ALL_POLICIES))
     ap.add_argument("--workloads", help="comma-separated subset of: " + ", ".join(WORKLOADS))
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sweep", action="store_true", help="skip the throughput-vs-rate sweep")
     ap.add_argument("--scheduling", type=Path, help="YAML with a `scheduling:` section (custom profiles to compare by name)")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
+    args = ap.parse_args(args_in)
     extra = None
     custom: list[str] = []
     if args.scheduling:
