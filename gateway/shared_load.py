@@ -107,6 +107,7 @@ class SharedLoad:
         self._wake = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         fleet.load_changed = self._changed
 
     # -- this gateway's load --------------------------------------------------------------------
@@ -180,8 +181,10 @@ class SharedLoad:
                 log.debug("claims read failed: %s", exc)
                 return claims
             mark = values[frontier]
-            if mark is None or mark[:1] != b"~":  # claimed (or the mark expired): decide now
+            if mark is not None and mark[:1] != b"~":  # claimed: decide now
                 return found
+            # still marked; or no value: the mark's time bucket ended (the claim goes to the next
+            # one too), or the request that marked it failed (then this waits out the budget)
             claims = found
         self.stats.wait_timeouts += 1
         return claims
@@ -250,9 +253,13 @@ class SharedLoad:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        # the flag too: on Python 3.11 a wait_for finishing as the cancel arrives swallows it
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -265,10 +272,12 @@ class SharedLoad:
 
     async def _run(self) -> None:
         """Publish a change at once, then at most every ``flush_s``; re-arm the TTL meanwhile."""
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.refresh_s)
             self._wake.clear()
+            if self._stopping:
+                return
             now = time.monotonic()
             # requests' lookups may have done it all already (busy gateway): then nothing to do
             due = self._version != self._published_version or now - self._published_at >= self.refresh_s

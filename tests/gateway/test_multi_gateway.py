@@ -110,14 +110,11 @@ async def test_a_sibling_waits_for_the_claim_of_the_gateway_deciding_it(redis_ur
         try:
             await a.lookup_shared(keys, model=MODEL, share=Share("A", None, 10_000, shared.claim_width_ms))  # A marks it
 
-            async def decide_later() -> None:
-                await asyncio.sleep(0.003)
-                await a.claim(keys, model=MODEL, replica="r3", width_ms=shared.claim_width_ms)
-
-            task = asyncio.create_task(decide_later())
-            _, claims = await shared.lookup(keys, MODEL)
-            await task
-            assert claims == {"r3": 8} and shared.stats.waits == 1 and shared.stats.wait_timeouts == 0
+            waiting = asyncio.create_task(shared.lookup(keys, MODEL))
+            await until(lambda: shared.stats.waits == 1, timeout=1, every=0.0005)  # B found A's mark and waits
+            await a.claim(keys, model=MODEL, replica="r3", width_ms=shared.claim_width_ms)  # A decided
+            _, claims = await waiting
+            assert claims == {"r3": 8} and shared.stats.wait_timeouts == 0
             # a mark whose claim never comes holds a sibling WAIT_BUDGET_S at most
             other = block_keys(list(range(1000, 1000 + 8 * 16)), 16, model=MODEL)
             await a.lookup_shared(other, model=MODEL, share=Share("A", None, 10_000, shared.claim_width_ms))
@@ -160,11 +157,11 @@ async def test_peers_load_lands_beside_the_gateways_own_counts(redis_url):
             await idx_b.close()
 
 
-async def until(cond, timeout: float = 3.0) -> None:
+async def until(cond, timeout: float = 3.0, every: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(every)
 
 
 def test_load_plugins_read_every_gateways_inflight():
