@@ -319,14 +319,15 @@ sys.exit(main())
 
 class Replica:
     """One simulated replica, ``python -m simulator.cli`` as ``SimFleet(mode="process")`` starts
-    it (``simulator.fleet.cli_args``), at time scale 0 with KV events, dying with this process."""
+    it (``simulator.fleet.cli_args``), with KV events, dying with this process; at time scale 0
+    it answers at once, at 1 it paces prefill and decode steps like the GPU it stands for."""
 
-    def __init__(self, i: int) -> None:
+    def __init__(self, i: int, time_scale: float = 0.0) -> None:
         from simulator.fleet import SimConfig, cli_args
 
         for _attempt in range(3):  # a port picked free may be taken before the replica binds it
             port = _free_port()
-            cfg = SimConfig(model=MODEL, seed=i, time_scale=0.0, port=port, kv_events=True, kv_events_port=_free_port(), replay_port=_free_port())
+            cfg = SimConfig(model=MODEL, seed=i, time_scale=time_scale, port=port, kv_events=True, kv_events_port=_free_port(), replay_port=_free_port())
             cfg.engine_id = f"sim-{port}"
             self.url = f"http://127.0.0.1:{port}"
             self.events, self.replay = f"tcp://127.0.0.1:{cfg.kv_events_port}", f"tcp://127.0.0.1:{cfg.replay_port}"
@@ -351,23 +352,32 @@ class Replica:
                 self.proc.wait()
 
 
-class Stack:
-    """Simulated replicas (one process each) and ``kvgate serve`` (a process) in front of them."""
+def start_replicas(n: int, time_scale: float) -> list[Replica]:
+    """``n`` simulated replicas (one process each), stopped again if one fails to start."""
+    out: list[Replica] = []
+    try:
+        for i in range(n):
+            out.append(Replica(i, time_scale))
+    except BaseException:
+        for r in out:
+            r.stop()
+        raise
+    return out
 
-    def __init__(self, tmp: Path, root: Path, replicas: int, cprofile: bool, nice: int = 0, extra: dict[str, Any] | None = None) -> None:
+
+class Stack:
+    """``kvgate serve`` (a process) in front of the simulated replicas; with ``--compare-root``
+    two of them, from two source trees, in front of the same replicas."""
+
+    def __init__(self, tmp: Path, root: Path, replicas: list[Replica], cprofile: bool, nice: int = 0, extra: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.nice = nice
         self.extra = extra or {}
         self.cprofile_out = tmp / "cprofile.out" if cprofile else None
         self.gw: subprocess.Popen[bytes] | None = None
-        self.replicas: list[Replica] = []
-        try:
-            for i in range(replicas):
-                self.replicas.append(Replica(i))
-            self._start_gateway(root)
-        except BaseException:
-            self.stop()
-            raise
+        self.replicas = replicas
+        self._start_gateway(root)
 
     def _start_gateway(self, root: Path) -> None:
         self.log = self.tmp / "gateway.log"
@@ -438,8 +448,6 @@ class Stack:
 
     def stop(self) -> None:
         self._stop_gateway()
-        for r in self.replicas:
-            r.stop()
 
 
 # -- CPU clocks ----------------------------------------------------------------------------------
@@ -919,117 +927,222 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+@dataclass
+class Side:
+    """One gateway under test: its source tree, its process, its profiler and its results."""
+
+    label: str
+    root: Path
+    stack: Stack
+    results: dict[str, ScenarioResult]
+    profiler: PySpy | CProfileSwitch | None = None
+    niceness: int = 0
+    policy: str = "SCHED_OTHER"
+    idle_ms_per_s: float = 0.0
+
+
+def open_side(label: str, root: Path, tmp: Path, replicas: list[Replica], args: argparse.Namespace, clf: Classifier) -> Side:
+    """Start a gateway from ``root`` in front of ``replicas`` with its profiler (py-spy, else
+    the gateway restarted under cProfile; none with ``--no-profile``)."""
+    stack = Stack(tmp / label, root, replicas, cprofile=args.profile and args.profiler == "cprofile", nice=args.nice, extra=args.config)
+    results = {sc.name: ScenarioResult(sc) for sc in SCENARIOS if not args.scenarios or sc.name in args.scenarios}
+    try:
+        why = None if not args.profile or args.profiler == "cprofile" else PySpy.unavailable(stack.pid, stack.tmp)
+        if why is not None:
+            print(f"py-spy unavailable ({why}); restarting the {label} gateway under cProfile", flush=True)
+            stack.stop()
+            stack = Stack(tmp / label, root, replicas, cprofile=True, nice=args.nice, extra=args.config)
+        side = Side(label, root, stack, results, niceness=stack.niceness(), policy=stack.make_realtime(args.rt_prio))
+        if not args.profile:
+            side.profiler = None
+        elif stack.cprofile_out is not None:
+            side.profiler = CProfileSwitch(stack.pid, stack.cprofile_out, clf)
+        else:
+            side.profiler = PySpy(stack.pid, args.rate, stack.tmp, rt_prio=args.rt_prio + 10 if side.policy.startswith("SCHED_FIFO") else 0)
+    except BaseException:
+        stack.stop()
+        raise
+    return side
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     n = args.requests
     clf = Classifier()
-    results = {sc.name: ScenarioResult(sc) for sc in SCENARIOS if not args.scenarios or sc.name in args.scenarios}
     prompts = Prompts()
     load_start = loadavg()
     print(f"machine: {machine()}", flush=True)
     print(f"load average at start: {load_start}", flush=True)
+    roots = [("main", args.root)] + ([("compare", args.compare_root)] if args.compare_root else [])
+    sides: list[Side] = []
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as td:
         tmp = Path(td)
-        stack = Stack(tmp, args.root, args.replicas, cprofile=args.profiler == "cprofile", nice=args.nice, extra=args.config)
+        replicas = start_replicas(args.replicas, args.time_scale)
         try:
-            profiler: PySpy | CProfileSwitch
-            why = None if args.profiler == "cprofile" else PySpy.unavailable(stack.pid, tmp)
-            if why is not None:
-                print(f"py-spy unavailable ({why}); restarting the gateway under cProfile", flush=True)
-                stack.stop()
-                stack = Stack(tmp, args.root, args.replicas, cprofile=True, nice=args.nice, extra=args.config)
-            niceness = stack.niceness()
-            policy = stack.make_realtime(args.rt_prio)
-            if stack.cprofile_out is not None:
-                profiler = CProfileSwitch(stack.pid, stack.cprofile_out, clf)
-            else:
-                profiler = PySpy(stack.pid, args.rate, tmp, rt_prio=args.rt_prio + 10 if policy.startswith("SCHED_FIFO") else 0)
-            print(f"profiler: {profiler.name}; gateway nice {niceness}, its event loop thread {policy}", flush=True)
-            print(f"{len(results)} scenarios x {args.rounds} rounds x (measured + profiled pass) x {n} requests, concurrency {args.concurrency}", flush=True)
+            for label, root in roots:
+                sides.append(open_side(label, root, tmp, replicas, args, clf))
+            for side in sides:
+                prof = side.profiler.name if side.profiler is not None else "none (--no-profile)"
+                print(f"{side.label} gateway ({side.root}): profiler {prof}; nice {side.niceness}, its event loop thread {side.policy}", flush=True)
+            scenarios = list(sides[0].results)
+            passes = "measured + profiled pass" if args.profile else "measured pass"
+            print(
+                f"{len(scenarios)} scenarios x {args.rounds} rounds x {len(sides)} gateways x ({passes}) x {n} requests, concurrency {args.concurrency}",
+                flush=True,
+            )
             # idle cost (health probes, scrapes): part of every figure below, shown for scale
-            clock = CpuClock(stack.pid)
-            time.sleep(args.idle_s)
-            idle_ms_per_s = clock.read().total_s * 1e3 / args.idle_s
-            # warm-up: every scenario once (templates compiled, connections pooled, documents cached)
-            for res in results.values():
-                bodies = [prompts.body(res.scenario, args.max_tokens) for _ in range(max(16, n // 5))]
-                res.tokens = prompt_tokens(res.scenario, bodies[:50])
-                res.encode_us_per_req = 1e6 * encode_cpu_s(res.scenario, bodies[:50])
-                warm = asyncio.run(drive(stack.url, res.scenario, bodies, args.concurrency, stack.pid))
-                if warm.errors:
-                    raise RuntimeError(f"{res.scenario.name}: {warm.errors} of {warm.requests} warm-up requests failed")
+            for side in sides:
+                clock = CpuClock(side.stack.pid)
+                time.sleep(args.idle_s)
+                side.idle_ms_per_s = clock.read().total_s * 1e3 / args.idle_s
+            # warm-up: every scenario once per gateway (templates compiled, connections pooled, documents cached)
+            for name in scenarios:
+                sc = sides[0].results[name].scenario
+                bodies = [prompts.body(sc, args.max_tokens) for _ in range(max(16, n // 5))]
+                tokens = prompt_tokens(sc, bodies[:50])
+                encode_us = 1e6 * encode_cpu_s(sc, bodies[:50])
+                for side in sides:
+                    res = side.results[name]
+                    res.tokens, res.encode_us_per_req = tokens, encode_us
+                    warm = asyncio.run(drive(side.stack.url, sc, bodies, args.concurrency, side.stack.pid))
+                    if warm.errors:
+                        raise RuntimeError(f"{side.label}: {sc.name}: {warm.errors} of {warm.requests} warm-up requests failed")
             for rnd in range(args.rounds):
-                for res in results.values():
-                    sc = res.scenario
-                    kv0 = kv_events_applied(stack.url)
-                    m = asyncio.run(drive(stack.url, sc, [prompts.body(sc, args.max_tokens) for _ in range(n)], args.concurrency, stack.pid))
-                    m.kv_events = kv_events_applied(stack.url) - kv0
-                    bodies = [prompts.body(sc, args.max_tokens) for _ in range(n)]
-                    python_threads = profiler.python_threads() if isinstance(profiler, PySpy) else {}
-                    profiler.start()
-                    try:
-                        p = asyncio.run(drive(stack.url, sc, bodies, args.concurrency, stack.pid))
-                    finally:
-                        prof = profiler.stop()
-                    res.measured.append(m)
-                    res.profiled.append(p)
-                    res.add_profile(prof, p, clf, args.rate if isinstance(profiler, PySpy) else None, python_threads)
-                    if m.errors or p.errors:
-                        print(f"  warning: {sc.name}: {m.errors + p.errors} failed requests", flush=True)
-                    print(
-                        f"  round {rnd + 1}/{args.rounds}  {sc.name:<24} {m.cpu_ms_per_req:6.3f} CPU ms/req {m.rps:6.0f} req/s"
-                        f"   profiled: {p.cpu_ms_per_req:6.3f} CPU ms/req, {prof.samples:.0f} samples"
-                        + (
-                            f"; loop thread: {100 * res.quality[-1]['loop_gil_share']:.0f}% of its CPU with the GIL,"
-                            f" runqueue wait {100 * res.quality[-1]['loop_wait_per_cpu']:.0f}% of its CPU"
-                            if res.quality
-                            else ""
-                        ),
-                        flush=True,
-                    )
+                for name in scenarios:
+                    # the gateways take turns going first, so neither always runs on a fresher machine
+                    for side in sides if rnd % 2 == 0 else sides[::-1]:
+                        run_pass(side, side.results[name], rnd, args, prompts, clf)
         except BaseException:
-            with contextlib.suppress(OSError):
-                print(f"gateway log tail:\n{stack.log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
+            for side in sides:
+                with contextlib.suppress(OSError):
+                    print(f"{side.label} gateway log tail:\\n{side.stack.log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
             raise
         finally:
-            stack.stop()
+            for side in sides:
+                side.stack.stop()
+            for r in replicas:
+                r.stop()
     load_end = loadavg()
     print(f"load average at end: {load_end}", flush=True)
-    if isinstance(profiler, PySpy):
-        for res in results.values():
-            res.split_inline_encode(res.encode_us_per_req / 1e6)
-    if args.stacks:
-        args.stacks.mkdir(parents=True, exist_ok=True)
-        for res in results.values():
-            text = "".join(f"{';'.join([f'thread {name}', *(fr.label for fr in stack)])} {k}\n" for (name, stack), k in res.stacks.most_common())
-            (args.stacks / (res.scenario.name.replace(" ", "_") + ".txt")).write_text(text)
-    return {
+    reports = [side_report(side, args) for side in sides]
+    rep = {
         "machine": machine(),
         "load_average_start": load_start,
         "load_average_end": load_end,
-        "profiler": profiler.name,
         "requests_per_pass": n,
         "rounds": args.rounds,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
-        "idle_cpu_ms_per_s": idle_ms_per_s,
+        "time_scale": args.time_scale,
         "gateway_config_extra": args.config,
-        "gateway_nice": niceness,
-        "gateway_loop_thread_policy": policy,
         "stages": STAGES,
-        "scenarios": [res.summary() for res in results.values()],
+        **reports[0],  # the main gateway's figures at the top level, as before --compare-root
+        "sides": reports,
+    }
+    if len(sides) == 2:
+        rep["comparison"] = compare(sides[0], sides[1])
+    return rep
+
+
+def run_pass(side: Side, res: ScenarioResult, rnd: int, args: argparse.Namespace, prompts: Prompts, clf: Classifier) -> None:
+    """One measured pass of one scenario on one gateway, then (unless ``--no-profile``) a profiled one."""
+    sc, n, stack, profiler = res.scenario, args.requests, side.stack, side.profiler
+    kv0 = kv_events_applied(stack.url)
+    m = asyncio.run(drive(stack.url, sc, [prompts.body(sc, args.max_tokens) for _ in range(n)], args.concurrency, stack.pid))
+    m.kv_events = kv_events_applied(stack.url) - kv0
+    res.measured.append(m)
+    line = f"  round {rnd + 1}/{args.rounds}  {side.label:<8} {sc.name:<24} {m.cpu_ms_per_req:6.3f} CPU ms/req {m.rps:6.0f} req/s"
+    errors = m.errors
+    if profiler is not None:
+        bodies = [prompts.body(sc, args.max_tokens) for _ in range(n)]
+        python_threads = profiler.python_threads() if isinstance(profiler, PySpy) else {}
+        profiler.start()
+        try:
+            p = asyncio.run(drive(stack.url, sc, bodies, args.concurrency, stack.pid))
+        finally:
+            prof = profiler.stop()
+        res.profiled.append(p)
+        res.add_profile(prof, p, clf, args.rate if isinstance(profiler, PySpy) else None, python_threads)
+        errors += p.errors
+        line += f"   profiled: {p.cpu_ms_per_req:6.3f} CPU ms/req, {prof.samples:.0f} samples"
+        if res.quality:
+            q = res.quality[-1]
+            line += f"; loop thread: {100 * q['loop_gil_share']:.0f}% of its CPU with the GIL, runqueue wait {100 * q['loop_wait_per_cpu']:.0f}% of its CPU"
+    if errors:
+        print(f"  warning: {side.label}: {sc.name}: {errors} failed requests", flush=True)
+    print(line, flush=True)
+
+
+def side_report(side: Side, args: argparse.Namespace) -> dict[str, Any]:
+    """One gateway's figures (stacks written to ``--stacks``, under ``compare/`` for the second)."""
+    if isinstance(side.profiler, PySpy):
+        for res in side.results.values():
+            res.split_inline_encode(res.encode_us_per_req / 1e6)
+    if args.stacks and side.profiler is not None:
+        where = args.stacks if side.label == "main" else args.stacks / side.label
+        where.mkdir(parents=True, exist_ok=True)
+        for res in side.results.values():
+            text = "".join(f"{';'.join([f'thread {name}', *(fr.label for fr in stack)])} {k}\\n" for (name, stack), k in res.stacks.most_common())
+            (where / (res.scenario.name.replace(" ", "_") + ".txt")).write_text(text)
+    return {
+        "label": side.label,
+        "root": str(side.root),
+        "profiler": side.profiler.name if side.profiler is not None else "none (--no-profile)",
+        "idle_cpu_ms_per_s": side.idle_ms_per_s,
+        "gateway_nice": side.niceness,
+        "gateway_loop_thread_policy": side.policy,
+        "scenarios": [res.summary() for res in side.results.values()],
     }
 
 
+def compare(main: Side, other: Side) -> list[dict[str, Any]]:
+    """Per scenario: main / compare CPU ms per request, round by round (the passes of a round
+    ran back to back), and the median ratio."""
+    out = []
+    for name, res in main.results.items():
+        ratios = [a.cpu_ms_per_req / b.cpu_ms_per_req for a, b in zip(res.measured, other.results[name].measured, strict=True) if b.cpu_ms_per_req]
+        out.append(
+            {
+                "name": name,
+                "main_cpu_ms_per_req": statistics.median(p.cpu_ms_per_req for p in res.measured),
+                "compare_cpu_ms_per_req": statistics.median(p.cpu_ms_per_req for p in other.results[name].measured),
+                "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios} if ratios else None,
+            }
+        )
+    return out
+
+
 def print_report(rep: dict[str, Any], top_for: list[str]) -> None:
-    stages = list(STAGES)
     print()
     print(f"machine: {rep['machine']}; load average {rep['load_average_start']} at start, {rep['load_average_end']} at end")
     print(
-        f"profiler: {rep['profiler']}; {rep['rounds']} rounds x {rep['requests_per_pass']} requests per pass, concurrency {rep['concurrency']}, "
-        f"max_tokens {rep['max_tokens']}; idle gateway: {rep['idle_cpu_ms_per_s']:.1f} CPU ms/s (probes, scrapes: the background column)"
+        f"{rep['rounds']} rounds x {rep['requests_per_pass']} requests per pass, concurrency {rep['concurrency']}, "
+        f"max_tokens {rep['max_tokens']}, replicas at time scale {rep.get('time_scale', 0.0):g}"
     )
     if rep.get("gateway_config_extra"):
         print(f"gateway config added: {json.dumps(rep['gateway_config_extra'])}")
+    for side in rep.get("sides", [rep]):
+        print_side(side, top_for, several="sides" in rep and len(rep["sides"]) > 1)
+    if rep.get("comparison"):
+        main, other = rep["sides"][0]["root"], rep["sides"][1]["root"]
+        print()
+        print(f"main ({main}) against compare ({other}): CPU ms/request, medians over rounds; ratio = main / compare, per round (passes back to back)")
+        print()
+        print("| scenario | main | compare | ratio median (min–max) |")
+        print("|---|---|---|---|")
+        for c in rep["comparison"]:
+            r = c["ratio"]
+            ratio = f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})" if r else "-"
+            print(f"| {c['name']} | {c['main_cpu_ms_per_req']:.3f} | {c['compare_cpu_ms_per_req']:.3f} | {ratio} |")
+
+
+def print_side(rep: dict[str, Any], top_for: list[str], several: bool = False) -> None:
+    """One gateway's tables: CPU per request by stage, top functions, profile quality, suspects."""
+    stages = list(STAGES)
+    print()
+    if several:
+        print(f"## {rep['label']} gateway: {rep['root']}")
+        print()
+    print(f"profiler: {rep['profiler']}; idle gateway: {rep['idle_cpu_ms_per_s']:.1f} CPU ms/s (probes, scrapes: the background column)")
     print()
     print("| scenario | prompt tokens | CPU ms/request (min–max) | " + " | ".join(stages) + " | requests/s | relay µs/SSE event |")
     print("|---|---|---|" + "---|" * len(stages) + "---|---|")
@@ -1037,13 +1150,15 @@ def print_report(rep: dict[str, Any], top_for: list[str]) -> None:
         c, r = s["cpu_ms_per_req"], s["requests_per_s"]
         shares = " | ".join(f"{s['share_pct'][k]:.1f}" for k in stages)
         ev = s["sse_events_per_req"]
-        relay = f"{1000 * s['stage_ms_per_req']['relay'] / ev:.1f}" if ev else "-"
+        relay = f"{1000 * s['stage_ms_per_req']['relay'] / ev:.1f}" if ev and s["samples"] else "-"
         print(
             f"| {s['name']} | {s['prompt_tokens']:.0f} | {c['median']:.3f} ({c['min']:.3f}–{c['max']:.3f}) | {shares} "
             f"| {r['median']:.0f} ({r['min']:.0f}–{r['max']:.0f}) | {relay} |"
         )
     print()
     print("stage columns: % of the gateway's CPU. " + "; ".join(f"{k}: {v}" for k, v in STAGES.items()))
+    if not any(s["samples"] for s in rep["scenarios"]):
+        return
     for s in rep["scenarios"]:
         if s["name"] not in top_for:
             continue
@@ -1063,8 +1178,8 @@ def print_report(rep: dict[str, Any], top_for: list[str]) -> None:
         q = s["loop_thread_sampling"]
         gil = f"{100 * statistics.median(x['loop_gil_share'] for x in q):.0f}%" if q else "-"
         wait = f"{100 * statistics.median(x['loop_wait_per_cpu'] for x in q):.0f}%" if q else "-"
-        prof = statistics.median(s["profiled_cpu_ms_per_req"])
-        print(f"| {s['name']} | {s['sse_events_per_req']:.1f} | {s['kv_events_per_req']:.1f} | {prof:.3f} | {gil} | {wait} | {s['samples']:.0f} |")
+        prof = f"{statistics.median(s['profiled_cpu_ms_per_req']):.3f}" if s["profiled_cpu_ms_per_req"] else "-"
+        print(f"| {s['name']} | {s['sse_events_per_req']:.1f} | {s['kv_events_per_req']:.1f} | {prof} | {gil} | {wait} | {s['samples']:.0f} |")
     print()
     print("named suspects, CPU µs/request (inclusive: everything below them):")
     print()
@@ -1083,6 +1198,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (a stream carries one SSE event per token)")
     ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.0,
+        help="the replicas' time scale: 0 answers at once (the gateway's cost per request, nothing else); 1 paces decode steps as a GPU would, "
+        "so a stream's events arrive one step apart, each relayed on its own wake-up, and KV events one batch per step",
+    )
     ap.add_argument("--rate", type=int, default=400, help="py-spy samples per second")
     ap.add_argument(
         "--nice",
@@ -1106,6 +1228,14 @@ def main(argv: list[str] | None = None) -> int:
         help='top-level sections added to the gateway\'s config, as JSON (a what-if: \'{"tokenize": {"inline_max_bytes": 4096}}\')',
     )
     ap.add_argument("--root", type=Path, default=ROOT, help="source tree of the gateway to run (e.g. a git archive of another commit)")
+    ap.add_argument(
+        "--compare-root",
+        type=Path,
+        default=None,
+        help="a second gateway from this source tree, in front of the same replicas: every pass runs on both, back to back (who goes first alternates "
+        "by round); the report adds main/compare CPU ratios per round",
+    )
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="measured passes only (CPU per request, no stage split): quicker A/B runs")
     ap.add_argument("--json", type=Path, help="write every figure (per round, per stage, top functions) here")
     ap.add_argument("--stacks", type=Path, help="keep each scenario's collapsed stacks here (flamegraph.pl / speedscope input)")
     args = ap.parse_args(argv)

@@ -517,12 +517,16 @@ class GatewayApp:
                     started = True
                     await send(message)
 
+                response: Response | RelayResponse | None = None
                 try:
                     response = await proxy_request(self.gw, Request(scope, receive), kind, path)
-                    await response(scope, receive, tracking_send)
+                    if isinstance(response, RelayResponse):  # uvicorn's own send: it writes chunks past it
+                        await response(scope, receive, send)
+                    else:
+                        await response(scope, receive, tracking_send)
                 except Exception:
                     log.exception("unhandled error")
-                    if not started:
+                    if not started and not (isinstance(response, RelayResponse) and response.started):
                         await error_response(GatewayError(500, "internal gateway error", "internal_error"))(scope, receive, send)
                 return
         await self.app(scope, receive, send)

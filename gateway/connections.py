@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as _HttpToolsCycle
 
 from .errors import error_body
 
@@ -89,3 +91,80 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(error_bytes(408, f"request headers not received within {self.header_timeout_s:g}s", "header_timeout"))
             self.transport.close()
+
+
+class ChunkWriter:
+    """Writes a started chunked response's body straight to the client's transport.
+
+    uvicorn's ``send`` does per body message what an ASGI server must (type checks, a dict
+    lookup per key, HEAD and content-length handling), then one ``transport.write``; for a
+    relayed stream of one-event chunks that is most of the per-event Python work, and it has
+    to run in a task. Once ``http.response.start`` went through uvicorn and it chose chunked
+    encoding (the relayed headers never carry a length), each chunk needs only its framing
+    and the write, which ``sink`` does from any callback (the upstream parser's, with no task
+    woken per chunk). The end of the body still goes through uvicorn's ``send``, which
+    finishes the cycle (the terminating chunk, keep-alive). Flow control and a client that
+    left are honoured as uvicorn does: nothing is written once the client is gone, and the
+    writer says when the transport's buffer is above its high-water mark (``drain`` waits).
+    """
+
+    __slots__ = ("_cycle", "_flow", "_write", "last")
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+        self._flow = cycle.flow
+        self._write = cycle.transport.write
+        self.last = b""  # the last chunk written
+
+    @classmethod
+    def for_send(cls, send: Any) -> ChunkWriter | None:
+        """The writer for ``send`` — uvicorn's httptools ``RequestResponseCycle.send`` after a
+        chunked response start — else None (another server, a wrapped send, a HEAD request,
+        a length-framed response): the caller then sends body messages as usual."""
+        cycle = getattr(send, "__self__", None)
+        if type(cycle) is not _HttpToolsCycle or cycle.chunked_encoding is not True or cycle.scope["method"] == "HEAD":
+            return None
+        if not cycle.response_started or cycle.response_complete:
+            return None
+        return cls(cycle)
+
+    async def drain(self) -> None:
+        """Until the client's transport takes more (or the client is gone)."""
+        if self._flow.write_paused and not self._cycle.disconnected:
+            await self._flow.drain()
+
+    async def write(self, chunk: bytes) -> None:
+        """One body chunk (non-empty), once the transport takes more."""
+        await self.drain()
+        self.put(chunk)
+
+    def put(self, chunk: bytes) -> bool:
+        """Write one body chunk (non-empty) now; True if the transport is full (``drain``)."""
+        self.last = chunk
+        if not self._cycle.disconnected:
+            self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        return self._flow.write_paused
+
+    def sink(self, feed: Callable[[bytes], object] | None = None) -> Callable[[bytes], bool]:
+        """``put`` as one closure (a parser callback calls it per chunk), telling ``feed``
+        about each chunk first."""
+        cycle, flow, write = self._cycle, self._flow, self._write
+        me = self
+        if feed is None:
+
+            def put(chunk: bytes) -> bool:
+                me.last = chunk
+                if not cycle.disconnected:
+                    write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                return flow.write_paused
+
+        else:
+
+            def put(chunk: bytes) -> bool:
+                me.last = chunk
+                feed(chunk)
+                if not cycle.disconnected:
+                    write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                return flow.write_paused
+
+        return put

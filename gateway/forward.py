@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -29,6 +28,7 @@ from scorers.base import EndpointState, RequestContext
 from scorers.scheduler import Scheduler
 
 from .config import GatewayConfig
+from .connections import ChunkWriter
 from .errors import GatewayError, normalize_error, sse_error_event
 from .fleet import Fleet
 from .metrics import GatewayMetrics
@@ -36,6 +36,7 @@ from .proxy import (
     FORWARDED_REQUEST_HEADERS,
     UpstreamBroken,
     UpstreamConnectError,
+    UpstreamPool,
     UpstreamResponse,
     UpstreamTimeout,
     forward_headers,
@@ -175,34 +176,55 @@ class RelayResponse:
         self.watch = watch
         self.on_broken = on_broken
         self.on_close = on_close
+        self.started = False  # the response start was handed to the server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ok = False
         end = self.end
         last = self.first or b""  # the last chunk relayed
+        direct: ChunkWriter | None = None
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": _raw_headers(self.headers)})
+            start = {"type": "http.response.start", "status": self.status_code, "headers": _raw_headers(self.headers)}
+            self.started = True
+            await send(start)
+            # uvicorn's own cycle: the body goes straight to the client's transport, each chunk
+            # from the upstream parser's callback (no task wake-up, no ASGI message per chunk)
+            direct = ChunkWriter.for_send(send)
             if self.first:
                 if end is not None:
                     end.feed(self.first)
-                await send({"type": "http.response.body", "body": self.first, "more_body": True})
+                if direct is not None:
+                    await direct.write(self.first)
+                else:
+                    await send({"type": "http.response.body", "body": self.first, "more_body": True})
                 if self.otel is not None:
                     self.otel.client_first_byte()
             try:
-                async for chunk in self.upstream.aiter_raw():
-                    if end is not None:
-                        end.feed(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    last = chunk
+                if direct is not None:
+                    await self.upstream.relay(direct.sink(end.feed if end is not None else None), direct.drain)
+                else:
+                    async for chunk in self.upstream.aiter_raw():
+                        if end is not None:
+                            end.feed(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        last = chunk
                 ok = True if end is None else end.whole()
             except (UpstreamBroken, UpstreamTimeout) as exc:
-                await send({"type": "http.response.body", "body": self.on_broken(exc), "more_body": True})
+                event = self.on_broken(exc)
+                if direct is not None:
+                    last, direct.last = direct.last, b""  # the error event is ours, not the replica's
+                    await direct.write(event)
+                    direct = None
+                else:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
             if self.watch is not None:
                 self.watch.finishing = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             # a client that closes as soon as it reads the final event (the SDK does) leaves
             # before the replica's EOF: the answer was whole all the same
+            if direct is not None:
+                last = direct.last
             ok = last.endswith(SSE_DONE) if end is None else end.whole()
             if self.watch is None or not self.watch.absorb():
                 raise
@@ -224,10 +246,10 @@ class Forwarder:
         self.scheduler = scheduler
         self.metrics = metrics
         self.forwarded = FORWARDED_REQUEST_HEADERS | frozenset(cfg.forward_headers)
-        self._session: aiohttp.ClientSession | None = None
+        self._session: UpstreamPool | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
+    def session(self) -> UpstreamPool:
         """The keep-alive pool to the replicas, opened by ``start`` (it needs the running loop)."""
         if self._session is None:
             raise RuntimeError("the forwarder is not started")
