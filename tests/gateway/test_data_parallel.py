@@ -13,25 +13,17 @@ engines' metrics under ``engine`` labels.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 
-import httpx
 import openai
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from gateway.config import ConfigError, expand_data_parallel, offset_endpoint, parse_config
 from gateway.fleet import parse_vllm_metrics
 from simulator.fleet import SimConfig, SimFleet
+from tests.helpers.dp import DPFront
 from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, wait_for
-from tests.helpers.net import bound_socket
 
 
 def test_a_server_expands_into_one_target_per_rank() -> None:
@@ -91,75 +83,6 @@ def test_metrics_are_read_per_engine_label() -> None:
 
 
 # -- one DP server: a front dispatching on the rank header to one engine per rank ------------------
-
-
-class DPFront:
-    """What vLLM's API server does with ``--data-parallel-size N`` (internal load balancing),
-    reduced to what the gateway can observe: requests go to the engine the rank header names
-    (no header: rank 0 here), and ``/metrics`` holds every engine's series with ``engine``."""
-
-    def __init__(self, engines: list[str]) -> None:
-        self.engines = engines
-        self.ranks_seen: list[str | None] = []
-        self.sock = bound_socket("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-
-        async def metrics(request: Request) -> Response:
-            parts = []
-            async with httpx.AsyncClient() as c:
-                for rank, url in enumerate(self.engines):
-                    text = (await c.get(f"{url}/metrics")).text
-                    for line in text.splitlines():
-                        if line.startswith("vllm:") and 'engine="' in line:  # the simulator labels its one engine 0
-                            line = line.replace('engine="0"', f'engine="{rank}"', 1)
-                        elif line.startswith("vllm:") and "{" in line:
-                            line = line.replace("{", f'{{engine="{rank}",', 1)
-                        elif line.startswith("vllm:"):
-                            name, _, value = line.partition(" ")
-                            line = f'{name}{{engine="{rank}"}} {value}'
-                        elif rank:
-                            continue  # HELP/TYPE once
-                        parts.append(line)
-            return Response("\n".join(parts) + "\n", media_type="text/plain")
-
-        async def forward(request: Request) -> Response:
-            rank_header = request.headers.get("x-data-parallel-rank")
-            self.ranks_seen.append(rank_header)
-            target = self.engines[int(rank_header or 0)]
-            raw = await request.body()
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-            client = httpx.AsyncClient(timeout=30)
-            up = await client.send(client.build_request(request.method, target + request.url.path, content=raw, headers=headers), stream=True)
-            out = {k: v for k, v in up.headers.items() if k.lower() not in ("content-length", "transfer-encoding", "connection")}
-
-            async def body() -> object:
-                try:
-                    async for chunk in up.aiter_raw():
-                        yield chunk
-                finally:
-                    await up.aclose()
-                    await client.aclose()
-
-            return StreamingResponse(body(), status_code=up.status_code, headers=out)
-
-        app = Starlette(routes=[Route("/metrics", metrics), Route("/{path:path}", forward, methods=["GET", "POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", loop="none"))
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> DPFront:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -596,7 +596,7 @@ def test_data_parallel_pod_is_routed_and_indexed_per_rank(kube, tmp_path):
     """A pod annotated kvgate.io/data-parallel-size: "2" in front of a vLLM-like DP server (two
     engines, each publishing on the pod's ports plus its rank): two replicas <pod>-dp0/-dp1, each
     subscribed at its rank's ports, requests carrying the rank header of the replica picked."""
-    from tests.gateway.test_data_parallel import DPFront
+    from tests.helpers.dp import DPFront
 
     events, replay = _consecutive_free_ports(2), _consecutive_free_ports(2)
     fleet = SimFleet([SimConfig(model=MODEL, seed=60 + i, time_scale=0.0, kv_events_port=events + i, replay_port=replay + i) for i in range(2)])
