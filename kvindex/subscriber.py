@@ -59,14 +59,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import xxhash
 import zmq
 import zmq.asyncio
 
 from .events import BlockRemoved, BlockStored, EventBatch, EventDecodeError, EventDecoder, KVEvent
-from .index import IndexUnavailableError, KVIndex
+from .index import ApplyStats, IndexUnavailableError, KVIndex
 from .outage import RateLimited
 
 log = logging.getLogger("kvgate.subscriber")
@@ -115,7 +117,10 @@ class SubscriberStats:
     index_losses: int = 0  # times the index reported its whole contents lost (Redis restarted empty)
 
     def replica(self, rid: str) -> ReplicaStats:
-        return self.per_replica.setdefault(rid, ReplicaStats())
+        st = self.per_replica.get(rid)  # not setdefault: that builds a ReplicaStats per call (several per batch)
+        if st is None:
+            st = self.per_replica[rid] = ReplicaStats()
+        return st
 
     def total(self, name: str) -> int:
         return sum(getattr(s, name) for s in self.per_replica.values())
@@ -260,9 +265,7 @@ class EventSubscriber:
             log.error("replica %s: cannot subscribe to KV events at %s: %s", src.replica, endpoint, exc)
             return
         try:
-            while True:
-                frames = await sock.recv_multipart()
-                await self._guarded(src, frames)
+            await _receive(sock, lambda frames: self._guarded(src, frames))
         finally:
             sock.close(0)
 
@@ -277,19 +280,21 @@ class EventSubscriber:
             self._say.log_at(logging.ERROR, (src.replica, "unexpected"), "replica %s: KV-event message not applied", src.replica, exc_info=True)
 
     async def _run_bound(self, sock: zmq.asyncio.Socket) -> None:
+
+        async def on_message(frames: list[bytes]) -> None:
+            if len(frames) != 3:
+                self.stats.malformed_frames += 1
+                return
+            topic = frames[0].decode(errors="replace")
+            rid = self.topic_map.get(topic, topic)
+            src = self.sources.get(rid)
+            if src is None:
+                self.stats.malformed_frames += 1
+                return
+            await self._guarded(src, frames)
+
         try:
-            while True:
-                frames = await sock.recv_multipart()
-                if len(frames) != 3:
-                    self.stats.malformed_frames += 1
-                    continue
-                topic = frames[0].decode(errors="replace")
-                rid = self.topic_map.get(topic, topic)
-                src = self.sources.get(rid)
-                if src is None:
-                    self.stats.malformed_frames += 1
-                    continue
-                await self._guarded(src, frames)
+            await _receive(sock, on_message)
         finally:
             sock.close(0)
 
@@ -471,6 +476,11 @@ class EventSubscriber:
     def _count(st: ReplicaStats, batches: int, batch: EventBatch, applied) -> None:
         st.batches_applied += batches
         st.events_applied += len(batch.events)
+        if isinstance(applied, ApplyStats):  # the index counted them (the fallback below walks the events)
+            st.blocks_stored += applied.stored
+            st.blocks_removed += applied.removed
+            st.orphaned_blocks += applied.orphaned
+            return
         st.blocks_stored += getattr(applied, "stored", sum(len(e.block_hashes) for e in batch.events if isinstance(e, BlockStored)))
         st.blocks_removed += getattr(applied, "removed", sum(len(e.block_hashes) for e in batch.events if isinstance(e, BlockRemoved)))
         st.orphaned_blocks += getattr(applied, "orphaned", 0)
@@ -731,6 +741,50 @@ class EventSubscriber:
                         out[int.from_bytes(seq_b, "big")] = payload
         finally:
             sock.close(0)
+
+
+#: plain ints: the enum members cost a Python-level Flag operation per test
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+async def _receive(sock: zmq.asyncio.Socket, on_message: Callable[[list[bytes]], Awaitable[None]]) -> None:
+    """Every message of ``sock``, in order, to ``on_message`` (awaited one at a time); never returns.
+
+    Waits on the socket's file descriptor and, at each wake-up, takes every message already
+    queued (a replica publishes one batch per engine step; several often wait together).
+    zmq.asyncio's ``recv_multipart`` costs a future, an io-state update and several EVENTS
+    reads per message. ZMQ's descriptor is edge-like: it signals that the socket's state may
+    have changed, and reading ZMQ_EVENTS re-arms it, so EVENTS is read before each receive
+    and in the reader callback (which would otherwise fire on every loop pass while a slow
+    ``on_message`` runs).
+    """
+    sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+    loop = asyncio.get_running_loop()
+    fd = sync.FD
+    waiting: list[asyncio.Future[None]] = []
+
+    def readable() -> None:
+        sync.get(_EVENTS)  # re-arms the descriptor; the loop below reads the state again
+        if waiting and not waiting[0].done():
+            waiting[0].set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        while True:
+            while cast(int, sync.get(_EVENTS)) & _POLLIN:
+                try:
+                    frames = sync.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                await on_message(frames)
+            fut = loop.create_future()
+            waiting.append(fut)
+            try:
+                await fut
+            finally:
+                waiting.clear()
+    finally:
+        loop.remove_reader(fd)
 
 
 def _first_hole(got: dict[int, bytes], start: int, upto: int) -> int | None:
