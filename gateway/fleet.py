@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from scorers.base import EndpointState
 
@@ -88,23 +87,85 @@ class ModelInfo:
 
 def parse_vllm_metrics(text: str, engine: int | None = None) -> tuple[float, float, float]:
     """(running, waiting, kv_usage) summed over a replica's engines from Prometheus text; with
-    ``engine``, only that data-parallel rank's series (vLLM labels each with ``engine``)."""
+    ``engine``, only that data-parallel rank's series (vLLM labels each with ``engine``).
+
+    A line scan for the three families, not a full exposition parser: a vLLM ``/metrics`` body
+    is a few hundred lines (histograms) scraped every second per replica, and prometheus_client's
+    parser spent most of the gateway's background CPU on lines nobody reads. A wanted line that
+    does not parse raises ValueError (the scrape is skipped, as before).
+    """
     running = waiting = 0.0
     kv: list[float] = []
     only = None if engine is None else str(engine)
-    for family in text_string_to_metric_families(text):
-        name = family.name
-        for sample in family.samples:
-            if only is not None and sample.labels.get("engine", only) != only:
-                continue
-            if sample.name in _RUNNING or name in _RUNNING:
-                running += sample.value
-            elif sample.name in _WAITING or name in _WAITING:
-                waiting += sample.value
-            elif sample.name in _KV_USAGE or name in _KV_USAGE:
-                kv.append(sample.value)
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        end = len(line)
+        for stop in ("{", " ", "\t"):
+            i = line.find(stop, 0, end)
+            if i != -1:
+                end = i
+        name = line[:end]
+        if name in _RUNNING:
+            which = 0
+        elif name in _WAITING:
+            which = 1
+        elif name in _KV_USAGE:
+            which = 2
+        else:
+            continue
+        rest = line[end:]
+        labels: dict[str, str] = {}
+        if rest.startswith("{"):
+            labels, rest = _labels(rest)
+        if only is not None and labels.get("engine", only) != only:
+            continue
+        fields = rest.split()
+        if not fields:
+            raise ValueError(f"no value: {line!r}")
+        value = float(fields[0])
+        if which == 0:
+            running += value
+        elif which == 1:
+            waiting += value
+        else:
+            kv.append(value)
     kv_usage = max(kv) if kv else 0.0
     return running, waiting, kv_usage
+
+
+_ESCAPES = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def _labels(rest: str) -> tuple[dict[str, str], str]:
+    """``{a="x",b="y"} value`` → ({a: x, b: y}, " value"); values may hold escaped quotes."""
+    out: dict[str, str] = {}
+    i, n = 1, len(rest)
+    while True:
+        while i < n and rest[i] in " ,":
+            i += 1
+        if i < n and rest[i] == "}":
+            return out, rest[i + 1 :]
+        eq = rest.find("=", i)
+        if eq == -1 or eq + 1 >= n or rest[eq + 1] != '"':
+            raise ValueError(f"bad labels: {rest!r}")
+        key = rest[i:eq].strip()
+        j = eq + 2
+        chars: list[str] = []
+        while True:
+            if j >= n:
+                raise ValueError(f"unterminated label value: {rest!r}")
+            c = rest[j]
+            if c == '"':
+                break
+            if c == "\\" and j + 1 < n:
+                chars.append(_ESCAPES.get(rest[j : j + 2], rest[j + 1]))
+                j += 2
+                continue
+            chars.append(c)
+            j += 1
+        out[key] = "".join(chars)
+        i = j + 1
 
 
 class Fleet:
