@@ -85,8 +85,8 @@ STAGES: dict[str, str] = {
     "block_keys": "kvgate block keys (kvindex/hashing.py)",
     "index": "index lookup (memory index)",
     "schedule": "scheduler: filters, scorers, picker, dispatch/complete hooks (scorers/)",
-    "upstream": "upstream connect/send: the aiohttp request to the replica (headers, body write) up to its response headers",
-    "relay": "relay: reading the replica's answer (aiohttp parser, stream reader) and writing it to the client, chunk by chunk",
+    "upstream": "upstream connect/send: the request to the replica (pool, head, body write) up to its response headers",
+    "relay": "relay: reading the replica's answer (HTTP parser callbacks, buffers) and writing it to the client, chunk by chunk",
     "metrics": "Prometheus client (counters, histograms, label lookups)",
     "logging": "logging",
     "ingest": "KV-event ingest: ZMQ (its I/O thread too), event decode, index apply",
@@ -105,7 +105,7 @@ STAGE_RULES: list[tuple[str, str, str | None]] = [
     ("logging", r"(^|/)logging/", None),
     ("logging", r"gateway/server\.py", r"^format$"),
     # background work, not per request: health probes and metric scrapes (httpx), their parsing
-    ("background", r"gateway/fleet\.py", r"^(probe|probe_all|scrape|scrape_all|parse_vllm_metrics|_apply_discovery|_loop|start)$"),
+    ("background", r"gateway/fleet\.py", r"^(probe|probe_all|scrape|scrape_all|parse_vllm_metrics|_labels|_apply_discovery|_loop|start)$"),
     ("background", r"prometheus_client/parser\.py", None),
     ("background", r"(^|/)(httpx|httpcore|h11|anyio|sniffio|certifi|idna)/", None),
     ("background", r"(^|/)(http/cookiejar|urllib/request|urllib/parse|ipaddress)\.py", None),
@@ -137,11 +137,18 @@ STAGE_RULES: list[tuple[str, str, str | None]] = [
     ("schedule", r"gateway/routing\.py", r"^decide$"),
     # the replica side: the answer read and relayed, the request sent
     ("relay", r"gateway/forward\.py", r"^(__call__|broken|relay|_raw_headers)$"),
-    ("relay", r"gateway/proxy\.py", r"^(aiter_raw|first_chunk|aread|relay_headers|aclose)$"),
+    # the upstream client (gateway/proxy.py): its protocol's callbacks are mostly the body
+    (
+        "relay",
+        r"gateway/proxy\.py",
+        r"^(aiter_raw|first_chunk|aread|relay|relay_headers|aclose|data_received|on_body|on_message_complete|on_header|on_headers_complete"
+        r"|_head|_eof|_error|_wake|_wait|_take|_raise|_complete|_fail|_abort|pause|resume|_on_timer|set_timeout|_stop_timer|connection_lost)$",
+    ),
+    ("relay", r"gateway/connections\.py", r"^(put|drain|write|sink|for_send)$"),
     ("relay", r"aiohttp/(streams|client_proto|_http_parser|http_parser|helpers)\.py", None),
     ("relay", r"aiohttp/client_reqrep\.py", r"^(read|release|close|_release_connection|_response_eof|_notify_content|_cleanup_writer|text|json)$"),
     ("relay", r"starlette/responses\.py", None),
-    ("upstream", r"gateway/proxy\.py", r"^(open_upstream|forward_headers|set_read_timeout)$"),
+    ("upstream", r"gateway/proxy\.py", None),
     ("upstream", r"gateway/forward\.py", r"^(attempt|send)$"),
     ("upstream", r"(^|/)aiohttp/", None),
     ("upstream", r"(^|/)(yarl|multidict|aiohappyeyeballs|propcache)/", None),
@@ -369,8 +376,18 @@ class Stack:
     """``kvgate serve`` (a process) in front of the simulated replicas; with ``--compare-root``
     two of them, from two source trees, in front of the same replicas."""
 
-    def __init__(self, tmp: Path, root: Path, replicas: list[Replica], cprofile: bool, nice: int = 0, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        root: Path,
+        replicas: list[Replica],
+        cprofile: bool,
+        nice: int = 0,
+        extra: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.tmp = tmp
+        self.env = env or {}
         tmp.mkdir(parents=True, exist_ok=True)
         self.nice = nice
         self.extra = extra or {}
@@ -391,7 +408,7 @@ class Stack:
             }
             path = self.tmp / "gateway.yaml"
             path.write_text(json.dumps(cfg))
-            env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(root)}
+            env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(root), **self.env}
             serve = ["serve", "--config", str(path)]
             if self.cprofile_out is not None:
                 env["KVGATE_BENCH_CPROFILE"] = str(self.cprofile_out)
@@ -912,6 +929,10 @@ SUSPECTS: dict[str, tuple[str, bool]] = {
     ),
     "token cache key (json.dumps of the chat)": (r"\(json/", True),
     "forward_headers + relay_headers": (r"(^|\.)(forward_headers|relay_headers) \(gateway/proxy\.py\)", True),
+    "upstream protocol callbacks": (
+        r"^UpstreamProtocol\.(data_received|on_body|on_header|on_headers_complete|on_message_complete) \(gateway/proxy\.py\)",
+        True,
+    ),
     "request id (uuid4)": (r"^uuid4 \(uuid\.py\)", True),
 }
 
@@ -944,14 +965,15 @@ class Side:
 def open_side(label: str, root: Path, tmp: Path, replicas: list[Replica], args: argparse.Namespace, clf: Classifier) -> Side:
     """Start a gateway from ``root`` in front of ``replicas`` with its profiler (py-spy, else
     the gateway restarted under cProfile; none with ``--no-profile``)."""
-    stack = Stack(tmp / label, root, replicas, cprofile=args.profile and args.profiler == "cprofile", nice=args.nice, extra=args.config)
+    env = dict(args.env) if label == "main" else {}
+    stack = Stack(tmp / label, root, replicas, cprofile=args.profile and args.profiler == "cprofile", nice=args.nice, extra=args.config, env=env)
     results = {sc.name: ScenarioResult(sc) for sc in SCENARIOS if not args.scenarios or sc.name in args.scenarios}
     try:
         why = None if not args.profile or args.profiler == "cprofile" else PySpy.unavailable(stack.pid, stack.tmp)
         if why is not None:
             print(f"py-spy unavailable ({why}); restarting the {label} gateway under cProfile", flush=True)
             stack.stop()
-            stack = Stack(tmp / label, root, replicas, cprofile=True, nice=args.nice, extra=args.config)
+            stack = Stack(tmp / label, root, replicas, cprofile=True, nice=args.nice, extra=args.config, env=env)
         side = Side(label, root, stack, results, niceness=stack.niceness(), policy=stack.make_realtime(args.rt_prio))
         if not args.profile:
             side.profiler = None
@@ -1034,6 +1056,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "time_scale": args.time_scale,
         "gateway_config_extra": args.config,
+        "main_gateway_env": dict(args.env),
         "stages": STAGES,
         **reports[0],  # the main gateway's figures at the top level, as before --compare-root
         "sides": reports,
@@ -1120,6 +1143,8 @@ def print_report(rep: dict[str, Any], top_for: list[str]) -> None:
     )
     if rep.get("gateway_config_extra"):
         print(f"gateway config added: {json.dumps(rep['gateway_config_extra'])}")
+    if rep.get("main_gateway_env"):
+        print(f"main gateway's environment added: {json.dumps(rep['main_gateway_env'])}")
     for side in rep.get("sides", [rep]):
         print_side(side, top_for, several="sides" in rep and len(rep["sides"]) > 1)
     if rep.get("comparison"):
@@ -1234,6 +1259,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a second gateway from this source tree, in front of the same replicas: every pass runs on both, back to back (who goes first alternates "
         "by round); the report adds main/compare CPU ratios per round",
+    )
+    ap.add_argument(
+        "--env",
+        type=lambda kv: tuple(kv.split("=", 1)),
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the main gateway only (repeatable): a what-if against --compare-root",
     )
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="measured passes only (CPU per request, no stage split): quicker A/B runs")
     ap.add_argument("--json", type=Path, help="write every figure (per round, per stage, top functions) here")
