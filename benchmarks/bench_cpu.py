@@ -1036,7 +1036,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except BaseException:
             for side in sides:
                 with contextlib.suppress(OSError):
-                    print(f"{side.label} gateway log tail:\\n{side.stack.log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
+                    print(f"{side.label} gateway log tail:\n{side.stack.log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
             raise
         finally:
             for side in sides:
@@ -1104,7 +1104,7 @@ def side_report(side: Side, args: argparse.Namespace) -> dict[str, Any]:
         where = args.stacks if side.label == "main" else args.stacks / side.label
         where.mkdir(parents=True, exist_ok=True)
         for res in side.results.values():
-            text = "".join(f"{';'.join([f'thread {name}', *(fr.label for fr in stack)])} {k}\\n" for (name, stack), k in res.stacks.most_common())
+            text = "".join(f"{';'.join([f'thread {name}', *(fr.label for fr in stack)])} {k}\n" for (name, stack), k in res.stacks.most_common())
             (where / (res.scenario.name.replace(" ", "_") + ".txt")).write_text(text)
     return {
         "label": side.label,
