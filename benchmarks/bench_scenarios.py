@@ -24,7 +24,7 @@ nor pay for the events. Scenarios:
   index forgets the replica's blocks as soon as its events restart; the approximate memories
   keep sending its prefixes there.
 * ``eviction``: one gateway, caches small against the working set (each replica holds about
-  two of the system prompts, the fleet about half): prefixes are evicted all the time, and
+  four of the 32 system prompts, the fleet about half): prefixes are evicted all the time, and
   only the events say which.
 
 Per run: TTFT p50/p90 and output tokens/s from the client after the warm-up (the first
@@ -110,8 +110,8 @@ def scenarios(quick: bool, gateways: int, tiny: bool = False) -> dict[str, Scena
     return {
         "multi-gateway": Scenario("multi-gateway", lambda: sp(seed=21), gateways=gateways),
         "restart": Scenario("restart", lambda: sp(seed=22), restarts=(0.25, 0.5, 0.75)),
-        # 512 blocks hold a replica's running batch at 4 sessions each (admission waits for blocks, as vLLM's does), and about
-        # 4 of the 32 system prompts besides: the fleet caches about half of them
+        # 512 blocks: about 4 of the 32 system prompts (~114 blocks each) with the running requests, so the fleet caches about
+        # half of them; 4 sessions per replica keep the running batch within the blocks (admission waits for blocks, as vLLM's)
         "eviction": Scenario("eviction", lambda: sp(num_groups=32, num_prompts_per_group=10, seed=23), num_blocks=512, concurrency=16),
     }
 
