@@ -523,6 +523,9 @@ class Router:
             if self.shared is not None:
                 found, claims = await self.shared.lookup(keys, base_model)  # its own deadlines
                 return dict(found), True, claims
+            lookup_now = getattr(self.index, "lookup_now", None)
+            if lookup_now is not None:  # the memory index answers at once: no task and timer (wait_for's)
+                return dict(lookup_now(keys)), True, {}
             found = await asyncio.wait_for(self.index.lookup(keys, model=base_model), self.cfg.index.lookup_timeout_ms / 1000)
             return dict(found), True, {}
         except Exception as exc:  # Redis down, timeout, script error: degrade to load-only routing
