@@ -582,10 +582,14 @@ def test_envoy_sends_the_replica_key_never_the_clients(tmp_path, mode):
             assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"n{i}"}], max_tokens=2).choices[0].message.content
         with pytest.raises(openai.AuthenticationError):  # the picker still checks the client's key
             openai.OpenAI(base_url=f"{envoy.url}/v1", api_key=REPLICA_KEY, max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=1)
+        served = []
         for proxy, expected in zip(proxies, (f"Bearer {REPLICA_KEY}", None)):
             posts = [(path, headers, status) for method, path, headers, status in proxy.seen if method == "POST"]
-            assert sorted(p for p, _, _ in posts) == ["/v1/chat/completions"] * 4 + ["/v1/completions"] * 2
+            # round-robin gives each about half; a health probe that times out on a busy machine can skip a turn
+            assert {p for p, _, _ in posts} == {"/v1/chat/completions", "/v1/completions"}, posts
             assert all(status == 200 and headers.get("authorization") == expected for _, headers, status in posts)
+            served += [p for p, _, _ in posts]
+        assert sorted(served) == ["/v1/chat/completions"] * 8 + ["/v1/completions"] * 4
             assert CLIENT_KEY not in json.dumps([headers for _, _, headers, _ in proxy.seen])
         # a picker holding the wrong key: Envoy's client gets the 502, not the replica's 401
         wait_for(lambda: bad.call(lambda: bad.server.gateway.fleet.get("r0").healthy), message="healthy")
