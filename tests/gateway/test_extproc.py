@@ -589,8 +589,8 @@ def test_envoy_sends_the_replica_key_never_the_clients(tmp_path, mode):
             assert {p for p, _, _ in posts} == {"/v1/chat/completions", "/v1/completions"}, posts
             assert all(status == 200 and headers.get("authorization") == expected for _, headers, status in posts)
             served += [p for p, _, _ in posts]
-        assert sorted(served) == ["/v1/chat/completions"] * 8 + ["/v1/completions"] * 4
             assert CLIENT_KEY not in json.dumps([headers for _, _, headers, _ in proxy.seen])
+        assert sorted(served) == ["/v1/chat/completions"] * 8 + ["/v1/completions"] * 4
         # a picker holding the wrong key: Envoy's client gets the 502, not the replica's 401
         wait_for(lambda: bad.call(lambda: bad.server.gateway.fleet.get("r0").healthy), message="healthy")
         r = httpx.post(f"{bad_envoy.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}, timeout=30)
