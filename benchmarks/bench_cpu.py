@@ -2,7 +2,10 @@
 
 ``kvgate serve`` runs in its own process (memory index, KV-event ingestion on) in front of 4
 simulated replicas (one process each, KV events and replay on) at time scale 0, so the
-replicas answer as fast as Python can and the gateway's own cost is what is measured. The load
+replicas answer as fast as Python can and the gateway's own cost is what is measured; with
+``--time-scale 1`` they pace prefill and decode steps as the GPU would, so a stream's events
+arrive one decode step apart (each relayed on its own wake-up) and KV events one batch per
+engine step per replica, as in the peer benchmark. The load
 generator (asyncio + aiohttp, in this process) sends a fixed number of requests per pass at a
 fixed concurrency. Scenarios: short (~50 tokens) and long (~2.4k tokens) prompts, chat and
 completions, streaming and not. Every prompt is unique (the gateway's token cache never hits);
@@ -36,7 +39,11 @@ it), and the sampled GIL time is checked against the loop thread's CPU every pas
 
 Rounds are interleaved (round 1: every scenario, round 2: every scenario, ...) so every
 scenario sees the same drift of the machine; the table gives medians over rounds and their
-range. Stage shares pool the profiled passes; stage milliseconds are share × the measured
+range. ``--compare-root DIR`` runs a second gateway from another source tree (e.g. a ``git
+archive`` of the commit before a change) in front of the same replicas: each pass runs on both
+gateways back to back, the first one alternating by round, and the ratio of the two passes of
+a round (main / compare) is what a change is judged by: the machine drifts less within a round
+than across runs. Stage shares pool the profiled passes; stage milliseconds are share × the measured
 CPU ms per request. The measured passes never run with the profiler attached, so CPU per
 request is not inflated by it (the profiled passes' own CPU is printed next to it).
 
@@ -46,6 +53,7 @@ signals, CPU-time clock); stages then come from the loop thread's self times (bu
 charged to their callers), the other threads by name. Coarser, and the output says so.
 
     python -m benchmarks.bench_cpu [--quick] [--requests N] [--rounds R] [--json PATH] [--stacks DIR]
+        [--time-scale 1 --concurrency 32] [--compare-root DIR] [--no-profile] [--env KEY=VALUE]
 """
 
 from __future__ import annotations
