@@ -37,7 +37,7 @@ from .forward import Forwarder, RelayResponse
 from .hops import Hops
 from .intake import FrontDoor, key_matches, require_client_key
 from .metrics import GatewayMetrics, counter, gauge
-from .proxy import make_client
+from .proxy import ProbeClient, make_client
 from .request import CHAT, COMPLETIONS, DETOKENIZE, EMBEDDINGS, RESPONSES, TOKENIZE, ProxyRequest, req_log, request_id_from
 from .routing import Router
 from .shared_load import SharedLoad
@@ -55,7 +55,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.scheduler = Scheduler.from_config(cfg.scheduling or None)
         self.client = make_client(cfg.limits)
-        self.fleet = Fleet(cfg.replicas, self.client, cfg.health, cfg.scrape)
+        self.probes = ProbeClient(cfg.limits)  # the fleet's probes and scrapes: httpx cost ~0.75 ms each
+        self.fleet = Fleet(cfg.replicas, self.probes, cfg.health, cfg.scrape)
         self.index: KVIndex = make_index(cfg.index.backend, root_checks=cfg.root_checks(), **self._index_options())
         self.subscriber: EventSubscriber | None = None  # only when some replica publishes events
         self.discovery: Any = None  # gateway.discovery.Discovery, with a discovery section
@@ -103,6 +104,7 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self.index.close()
         await self.client.aclose()
+        await self.probes.aclose()
         await self.forwarder.stop()
         if self.tracing is not None:  # export what is pending (blocking: off the loop)
             await asyncio.to_thread(self.tracing.shutdown)

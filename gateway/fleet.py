@@ -27,6 +27,7 @@ import httpx
 from scorers.base import EndpointState
 
 from .config import HealthConfig, ReplicaConfig, ScrapeConfig
+from .proxy import ProbeClient
 
 log = logging.getLogger("kvgate.endpoints")
 
@@ -174,7 +175,7 @@ class Fleet:
     def __init__(
         self,
         replicas: Iterable[ReplicaConfig],
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | ProbeClient,
         health: HealthConfig | None = None,
         scrape: ScrapeConfig | None = None,
     ) -> None:
