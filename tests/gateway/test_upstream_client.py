@@ -12,11 +12,14 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import httpx
 import pytest
 import uvloop
 
+from gateway.config import LimitsConfig
 from gateway.fleet import parse_vllm_metrics
 from gateway.proxy import (
+    ProbeClient,
     UpstreamBroken,
     UpstreamConnectError,
     UpstreamPool,
@@ -371,3 +374,31 @@ def test_metrics_line_scan_reads_only_its_families_with_labels_and_timestamps() 
     assert parse_vllm_metrics(text, 1) == (3.0, 4.0, 0.5)
     with pytest.raises(ValueError):
         parse_vllm_metrics("vllm:num_requests_waiting{engine=0} 1\n")
+
+
+def test_the_probe_client_answers_like_httpx_for_what_the_fleet_reads(run) -> None:
+    run(_the_probe_client_answers_like_httpx_for_what_the_fleet_reads())
+
+
+async def _the_probe_client_answers_like_httpx_for_what_the_fleet_reads() -> None:
+    async def answer(conn: int, n: int, w: asyncio.StreamWriter) -> None:
+        if n == 3:
+            await asyncio.sleep(2)  # too slow for the caller's timeout
+            return
+        body = b'{"data": [{"id": "m"}]}' if n == 1 else b"vllm:num_requests_running 2\n"
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    client = ProbeClient(LimitsConfig(upstream_keepalive_s=4.0))
+    async with Scripted(answer) as srv:
+        r = await client.get(srv.url + "/v1/models", headers={"authorization": "Bearer k"}, timeout=1.0)
+        assert r.status_code == 200 and r.json() == {"data": [{"id": "m"}]}
+        assert "authorization: Bearer k\r\n" in srv.heads[0].decode() and srv.heads[0].startswith(b"GET /v1/models HTTP/1.1\r\n")
+        r = await client.get(srv.url + "/metrics", timeout=1.0)
+        assert parse_vllm_metrics(r.text) == (2.0, 0.0, 0.0)
+        assert srv.connections == 1  # kept alive between probes
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get(srv.url + "/metrics", timeout=0.2)
+        url = srv.url
+    with pytest.raises(httpx.ConnectError):
+        await client.get(url + "/metrics", timeout=1.0)
+    await client.aclose()
