@@ -35,6 +35,7 @@ from .errors import GatewayError, error_response, normalize_error
 from .fleet import Fleet
 from .forward import Forwarder, RelayResponse
 from .hops import Hops
+from .indexer import SUBSCRIBER_COUNTERS
 from .intake import FrontDoor, key_matches, require_client_key
 from .metrics import GatewayMetrics, counter, gauge
 from .proxy import ProbeClient, make_client
@@ -175,17 +176,7 @@ class Gateway:
         if sub is not None:
             st = sub.stats
             per = getattr(st, "per_replica", {}) or {}
-            for name, attr, doc in (
-                ("kvgate_kv_events_applied", "events_applied", "KV events applied to the index"),
-                ("kvgate_kv_batches_lost", "batches_lost", "KV-event batches lost and not recovered by replay"),
-                ("kvgate_kv_batches_replayed", "batches_replayed", "KV-event batches recovered by replay"),
-                ("kvgate_kv_decode_errors", "decode_errors", "Malformed KV-event messages skipped"),
-                ("kvgate_kv_index_apply_errors", "index_errors", "KV-event batches the index failed to apply (index unreachable)"),
-                ("kvgate_kv_replica_restarts", "restarts_detected", "Replica restarts seen in the KV-event sequence"),
-                ("kvgate_index_rebuilds", "rebuilds", "Times a replica's entries were re-applied from its replay buffer after the index lost its data"),
-                ("kvgate_index_rebuild_failures", "rebuild_failures", "Rebuilds whose replay could not be fetched"),
-                ("kvgate_index_batches_unrecoverable", "batches_unrecoverable", "At a rebuild: batches older than the replica's replay buffer"),
-            ):
+            for name, attr, doc in SUBSCRIBER_COUNTERS:
                 yield counter(name, doc, ["replica"], (([rid], float(getattr(s, attr, 0))) for rid, s in per.items()))
             yield counter(
                 "kvgate_index_losses", "Times the index reported its whole contents lost (e.g. Redis restarted empty)", [], [([], float(st.index_losses))]
