@@ -14,6 +14,8 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,bench]'
+	# xds-protos carries an older copy of opentelemetry-proto's modules: the real one goes last
+	$(BIN)/pip install -q --force-reinstall --no-deps "$$($(BIN)/pip freeze | grep -i '^opentelemetry-proto==')"
 	touch $(STAMP)
 
 install: $(STAMP)

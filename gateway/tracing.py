@@ -274,7 +274,15 @@ def _exporter(cfg: TracingConfig) -> Any:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         return HttpExporter(endpoint=cfg.otlp_endpoint)
-    except ImportError:
+    except ImportError as e:
+        if "opentelemetry.proto" in str(e):
+            # xds-protos (the envoy extra) ships its own, older copy of opentelemetry-proto's
+            # modules; whichever wheel pip unpacks last wins, and the exporters need the new ones
+            raise ConfigError(
+                f"tracing: opentelemetry-proto's modules were overwritten by an older copy ({e}); "
+                "xds-protos ships one: reinstall it last with "
+                "pip install --force-reinstall --no-deps opentelemetry-proto"
+            ) from None
         package = "opentelemetry-exporter-otlp-proto-" + ("grpc" if cfg.protocol == "grpc" else "http")
         raise ConfigError(f"tracing.protocol {cfg.protocol} needs {package} (pip install 'kvgate[otel]')") from None
 
