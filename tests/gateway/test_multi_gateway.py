@@ -321,15 +321,17 @@ def test_two_gateways_route_like_one(stack):
     # -- one gateway's in-flight requests count in the other's routing ---------------------------
     with httpx.Client() as client, ThreadPoolExecutor(3) as pool:
         long = [
-            pool.submit(lambda p: client.post(f"{a.url}/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 300}, timeout=60), p)
+            pool.submit(lambda p: client.post(f"{a.url}/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 800}, timeout=60), p)
             for p in unique(3, "long")
         ]
         wait_for(lambda: sum(peer_inflight(b).values()) == 3, timeout=5, message="B reading A's three requests in flight")
         held = Counter(peer_inflight(b))
-        busy = {rid for rid, n in held.items() if n}
-        assert sum(held.values()) == 3 and len(busy) == 3, held  # A spread them
-        idle = (set(NAMES) - busy).pop()
-        assert ask(client, b, unique(1, "beside")[0]) == idle  # B routes around A's load
+        assert sum(held.values()) == 3 and sum(1 for n in held.values() if n) == 3, held  # A spread them
+        picked = ask(client, b, unique(1, "beside")[0])
+        # B routes around A's load: to the replica A left idle, or to one whose long request
+        # had already ended (a busy machine can be that slow); never to one A still held
+        still = {rid for rid, n in peer_inflight(b).items() if n}
+        assert still and picked not in still, (picked, held, state(b)["replicas"])
         responses = [f.result() for f in long]
     assert all(r.status_code == 200 for r in responses)
     wait_for(lambda: sum(peer_inflight(b).values()) == 0, timeout=5, message="A's load back to zero in B's view")
