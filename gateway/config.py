@@ -103,8 +103,13 @@ class TokenizeConfig(_Base):
     max_pending: int = 1024
     #: the request bodies of those jobs, summed; beyond it 429 (an idle pool takes any one job)
     max_pending_bytes: int = 32 * 1024 * 1024
-    #: bodies up to this size are tokenized on the event loop (a thread hop, ~50 µs, costs more)
+    #: bodies up to this size are tokenized on the event loop, whatever the cache holds
     inline_max_bytes: int = 256
+    #: larger bodies up to this size are rendered and looked up in the token cache on the event
+    #: loop, and finished there when little is left to encode; beyond it (or 0) straight to the pool
+    inline_try_max_bytes: int = 64 * 1024
+    #: ... "little": at most this many characters not in the cache (~0.2 ms of encoding)
+    inline_encode_max_chars: int = 1024
     #: token cache per model, in bytes (4 per token + ~300 per entry)
     cache_bytes: int = 64 * 1024 * 1024
     #: a request-supplied chat template's render: its process is killed after this

@@ -62,7 +62,16 @@ class GatewayMetrics:
         self.pd_prefill_share = Histogram(
             "kvgate_pd_prefill_ttft_share", "Share of the client's TTFT spent in the prefill hop", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0), registry=r
         )
+        self.tokenize_jobs = Counter(
+            "kvgate_tokenize_jobs",
+            "Prompts tokenized by the gateway, by where: inline (event loop), inline_then_pool (too much left uncached), pool",
+            ["where"],
+            registry=r,
+        )
         # label children resolved once: .labels() costs a lock and a dict lookup per call
+        self.tokenize_inline = self.tokenize_jobs.labels("inline")
+        self.tokenize_inline_then_pool = self.tokenize_jobs.labels("inline_then_pool")
+        self.tokenize_pool = self.tokenize_jobs.labels("pool")
         self.sched_tokenize = self.sched.labels("tokenize")
         self.sched_index = self.sched.labels("index")
         self.sched_schedule = self.sched.labels("schedule")

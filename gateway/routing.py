@@ -30,6 +30,7 @@ from kvindex.tokenize import (
     CachingTokenizer,
     ChatOptions,
     ChatTemplateError,
+    OverBudget,
     PoolBusy,
     PromptTooLong,
     TemplateLimitError,
@@ -305,18 +306,34 @@ class Router:
         return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
     async def _tokenize(self, req: ProxyRequest, fn: Callable[..., T], *args: Any, inline: bool = True) -> T:
-        """``fn(*args)`` on the event loop for a small body, else in the tokenize pool.
+        """``fn(*args)`` on the event loop when it is cheap, else in the tokenize pool.
 
-        Measured (demo BPE tokenizer, 2 shared cores, a throwaway timing script): a
-        round trip to a pool thread costs ~49 µs (median, trivial job). Inline, with no cache
-        hit, a 100-character prompt tokenizes in ~25 µs, 200 in ~43 µs, 500 in ~103 µs, 1000 in
-        ~196 µs; a chat body of 241 B renders and encodes in ~54 µs, 641 B in ~134 µs, 1 KiB in
-        ~213 µs (a cache hit: 7-11 µs). The hop costs more than the work up to ~250 bytes of
-        body, so bodies up to ``tokenize.inline_max_bytes`` (256) stay inline, holding the loop
-        ~50 µs at most; anything larger hops, and a long prompt never holds the loop."""
+        The hop to a pool thread and back is not cheap: ~50 µs of wall time for a trivial job
+        (demo BPE tokenizer, 2 shared cores, a throwaway timing script) but 0.3-0.35 ms of CPU
+        per request under load (``bench_cpu``'s short chats: futex wake-ups and GIL hand-overs
+        on both threads), where the encode itself was ~0.04 ms. Encoding costs ~0.2 ms per 1,000
+        uncached characters; a chat's render ~17 µs for 10 KB, and its pieces seen before (system
+        prompt, documents, earlier turns: ``CachingTokenizer``) cost a lookup each. So: bodies
+        up to ``tokenize.inline_max_bytes`` are done inline; larger ones up to
+        ``inline_try_max_bytes`` are tried inline with at most ``inline_encode_max_chars``
+        characters left to encode (``fn`` takes ``budget=``), else run again in the pool
+        (the render done twice then: ~1-3% of such a job); a long new prompt never holds
+        the loop. A request's own chat template (``inline=False``) always goes to the pool."""
         weight = len(req.raw)
-        if inline and weight <= self.cfg.tokenize.inline_max_bytes:
+        cfg = self.cfg.tokenize
+        if inline and weight <= cfg.inline_max_bytes:
+            self.metrics.tokenize_inline.inc()
             return fn(*args)
+        if inline and weight <= cfg.inline_try_max_bytes:
+            try:
+                tokens = fn(*args, budget=cfg.inline_encode_max_chars)
+            except OverBudget:
+                self.metrics.tokenize_inline_then_pool.inc()
+            else:
+                self.metrics.tokenize_inline.inc()
+                return tokens
+        else:
+            self.metrics.tokenize_pool.inc()
         try:
             return await self.pool.run(fn, *args, weight=weight)
         except PoolBusy:

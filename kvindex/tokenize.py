@@ -94,6 +94,11 @@ class TextTooLong(ValueError):
         self.limit = limit
 
 
+class OverBudget(Exception):
+    """Raised by a ``budget``-bound encode when more text than the budget is not in the cache:
+    the caller runs the job again, unbounded, in the tokenize pool."""
+
+
 class PoolBusy(RuntimeError):
     """The tokenize pool's backlog is full; the caller should shed the request."""
 
@@ -899,11 +904,14 @@ class CachingTokenizer:
             raise PromptTooLong(max_tokens + 1, max_tokens)
         return ids.tolist()
 
-    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None, *, budget: int | None = None) -> list[int]:
+        """``budget``: at most this many characters are encoded here, else ``OverBudget``."""
         key = _digest("p", b"\x01" if add_special_tokens else b"\x00", text)
         entry = self._get(key)
         if entry is not None:
             return self._checked(entry, None, max_tokens)
+        if budget is not None and len(text) > budget:
+            raise OverBudget
         ids = self.tokenizer.encode(text, add_special_tokens, max_tokens)
         self._put(key, ids, len(text))
         return ids
@@ -920,20 +928,23 @@ class CachingTokenizer:
         )
         return self.chat_tokens(messages, opts, trusted_template=template)
 
-    def _encode_rendered(self, text: str, add_special_tokens: bool, max_tokens: int | None) -> list[int]:
+    def _encode_rendered(self, text: str, add_special_tokens: bool, max_tokens: int | None, budget: int | None) -> list[int]:
         """A rendered chat's ids, its pieces between added tokens taken from the cache when
         seen before (``SpecialSplitter``: the same ids as encoding it whole)."""
         splitter = self.tokenizer.splitter
         if splitter is None or add_special_tokens or (max_tokens is not None and len(text) > PROBE_CHARS_PER_TOKEN * (max_tokens + 1)):
+            if budget is not None and len(text) > budget:
+                raise OverBudget
             return self.tokenizer.encode(text, add_special_tokens, max_tokens)
-        ids = splitter.encode(text, self._pieces)
+        ids = splitter.encode(text, self._pieces if budget is None else functools.partial(self._pieces, budget=budget))
         if max_tokens is not None and len(ids) > max_tokens:
             raise PromptTooLong(max_tokens + 1, max_tokens)
         return ids
 
-    def _pieces(self, pieces: list[str]) -> list[list[int]]:
+    def _pieces(self, pieces: list[str], budget: int | None = None) -> list[list[int]]:
         """Each piece's ids: cached ones from the LRU, the others encoded in one batch. Pieces
-        shorter than ``PIECE_CACHE_MIN_CHARS`` are encoded every time (cheaper than a lookup)."""
+        shorter than ``PIECE_CACHE_MIN_CHARS`` are encoded every time (cheaper than a lookup).
+        ``budget``: ``OverBudget`` when the pieces to encode pass that many characters."""
         out: list[list[int] | None] = [None] * len(pieces)
         missing: list[int] = []
         keys: list[bytes | None] = [None] * len(pieces)
@@ -948,6 +959,8 @@ class CachingTokenizer:
             else:
                 out[i] = entry[0].tolist()
         if missing:
+            if budget is not None and sum(len(pieces[i]) for i in missing) > budget:
+                raise OverBudget
             fresh = self.tokenizer.encode_pieces([pieces[i] for i in missing])
             for i, ids in zip(missing, fresh, strict=True):
                 out[i] = ids
@@ -964,11 +977,15 @@ class CachingTokenizer:
         max_chars: int | None = None,
         max_tokens: int | None = None,
         trusted_template: str | None = None,
+        budget: int | None = None,
     ) -> list[int]:
         """A chat's tokens: the template rendered (a request's own in the sandbox), then encoded.
 
         Raises ``ChatTemplateError`` (``TemplateLimitError`` past a sandbox cap), ``TextTooLong``
-        when the rendered text is longer than ``max_chars``, ``PromptTooLong`` past ``max_tokens``.
+        when the rendered text is longer than ``max_chars``, ``PromptTooLong`` past ``max_tokens``,
+        ``OverBudget`` when ``budget`` is set and more characters than it are not in the cache
+        (the render costs little next to encoding: the caller, on the event loop, finds out here
+        whether the rest is cheap enough to do there too).
         """
         template = opts.chat_template or trusted_template or self.tokenizer.template_for(opts.tools)
         if not template:
@@ -995,6 +1012,8 @@ class CachingTokenizer:
             "template_kwargs": dict(opts.template_kwargs),
         }
         if opts.chat_template is not None:
+            if budget is not None:
+                raise OverBudget  # a request's own template renders in the sandbox, never inline
             if self.sandbox is None:
                 raise ChatTemplateError("request chat templates are not enabled")
             rendered = self.sandbox.render_prompt(template, messages, **render_kwargs)
@@ -1003,7 +1022,9 @@ class CachingTokenizer:
         text = rendered.text
         if max_chars is not None and len(text) > max_chars:
             raise TextTooLong(len(text), max_chars)
-        ids = self._encode_rendered(text, opts.add_special_tokens, max_tokens)
+        if budget is not None and rendered.prefix and len(rendered.prefix) > budget:
+            raise OverBudget
+        ids = self._encode_rendered(text, opts.add_special_tokens, max_tokens, budget)
         if rendered.prefix is not None:
             # media: predict only the tokens before the first media message (RenderedChat)
             sure = self.tokenizer.encode(rendered.prefix, opts.add_special_tokens) if rendered.prefix else []

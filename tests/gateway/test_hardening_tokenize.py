@@ -356,11 +356,11 @@ def test_saturated_tokenizer_sheds_with_429(fleet):
             time.sleep(0.01)
         c = openai.OpenAI(base_url=f"{g.url}/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.RateLimitError) as e:
-            c.completions.create(model=MODEL, prompt="a prompt long enough to need the pool " * 10, max_tokens=2)
+            c.completions.create(model=MODEL, prompt="a prompt long enough to need the pool " * 40, max_tokens=2)
         assert e.value.response.headers["retry-after"] == "1"
         assert e.value.code == "tokenizer_busy"
         # a body small enough to be tokenized inline does not need the pool
         assert c.completions.create(model=MODEL, prompt="tiny", max_tokens=2).choices
         t.join(30)
         assert held["r"].status_code == 400 and "longer than 2.0 s" in _err(held["r"])["message"]
-        assert c.completions.create(model=MODEL, prompt="a prompt long enough to need the pool " * 10, max_tokens=2).choices
+        assert c.completions.create(model=MODEL, prompt="a prompt long enough to need the pool " * 40, max_tokens=2).choices

