@@ -254,14 +254,25 @@ def run_arm(stack: Stack, wl: Workload, arm: str) -> RunResult:
     return asyncio.run(run_workload(wl, stack.urls(arm), concurrency=stack.setup.concurrency, warmup=warmup_requests(wl, stack.setup, None)))
 
 
+def load_spread(run: RunResult, replicas: list[str]) -> float:
+    """Max/min requests per replica after the warm-up, over EVERY replica of the fleet: one
+    that served nothing makes it infinite (``report.summarize`` counts only the replicas that
+    served something, which hid an idle replica beside an overloaded one)."""
+    per = Counter(s.replica.split(",")[-1] for s in run.measured() if s.error is None)
+    counts = [per.get(r, 0) for r in replicas]
+    if not counts or max(counts) == 0:
+        return float("nan")
+    return max(counts) / min(counts) if min(counts) else float("inf")
+
+
 @dataclass
 class ArmFigures:
     workload: str
     arm: str
     rounds: int
-    hit_ratio: float  # mean over rounds
+    hit_ratio: float  # median over rounds
     hit_ratio_rounds: list[float]
-    load_spread: float  # mean over rounds
+    load_spread: float  # median over rounds (every replica counted: inf when one served nothing)
     load_spread_rounds: list[float]
     ttft_p50_ms: float
     ttft_p90_ms: float
@@ -277,7 +288,9 @@ def routing(stack: Stack, wls: list[Workload], rounds: int, settle_s: float, arm
             for arm in arms:
                 stack.reset_caches(settle_s)
                 t0 = time.perf_counter()
-                s = summarize(wl.name, arm, run_arm(stack, wl, arm))
+                run = run_arm(stack, wl, arm)
+                s = summarize(wl.name, arm, run)
+                s.load_spread = load_spread(run, stack.ids)
                 runs.setdefault((wl.name, arm), []).append(s)
                 print(
                     f"  round {r + 1} {wl.name:13} {arm:26} hit {s.hit_ratio:6.1%}  spread {s.load_spread:5.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True
@@ -289,9 +302,9 @@ def routing(stack: Stack, wls: list[Workload], rounds: int, settle_s: float, arm
                 wl_name,
                 arm,
                 len(ss),
-                statistics.mean(s.hit_ratio for s in ss),
+                statistics.median(s.hit_ratio for s in ss),
                 [round(s.hit_ratio, 4) for s in ss],
-                statistics.mean(s.load_spread for s in ss),
+                statistics.median(s.load_spread for s in ss),
                 [round(s.load_spread, 3) for s in ss],
                 statistics.median(s.ttft_p50_ms for s in ss),
                 statistics.median(s.ttft_p90_ms for s in ss),
@@ -411,12 +424,13 @@ async def lookup_cost(redis_url: str, rounds: int = 3000) -> dict[str, float]:
 
 def markdown(figs: list[ArmFigures], fault: FaultRun | None, cost: dict[str, float], meta: dict[str, Any]) -> str:
     out = [f"# Several gateways on one Redis index ({meta['name']})", "", meta["description"], ""]
-    out += ["| workload | arm | rounds | prefix-hit ratio | per round | load spread max/min | per round | TTFT p50 ms | TTFT p90 ms | errors |"]
+    out += ["| workload | arm | rounds | prefix-hit ratio, median (min-max) | per round | load spread max/min, median (min-max) | per round | TTFT p50 ms | TTFT p90 ms | errors |"]
     out += ["|---|---|---|---|---|---|---|---|---|---|"]
     for f in figs:
+        hr, ls = f.hit_ratio_rounds, f.load_spread_rounds
         out.append(
-            f"| {f.workload} | {f.arm} | {f.rounds} | {f.hit_ratio:.1%} | {', '.join(f'{x:.1%}' for x in f.hit_ratio_rounds)} | "
-            f"{f.load_spread:.2f} | {', '.join(f'{x:.2f}' for x in f.load_spread_rounds)} | {f.ttft_p50_ms:.0f} | {f.ttft_p90_ms:.0f} | {f.errors}/{f.requests} |"
+            f"| {f.workload} | {f.arm} | {f.rounds} | {f.hit_ratio:.1%} ({min(hr):.1%}-{max(hr):.1%}) | {', '.join(f'{x:.1%}' for x in hr)} | "
+            f"{f.load_spread:.2f} ({min(ls):.2f}-{max(ls):.2f}) | {', '.join(f'{x:.2f}' for x in ls)} | {f.ttft_p50_ms:.0f} | {f.ttft_p90_ms:.0f} | {f.errors}/{f.requests} |"
         )
     out.append("")
     for wl in dict.fromkeys(f.workload for f in figs):
@@ -491,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{setup.replicas} simulated replicas (processes; {setup.num_blocks} KV blocks of 16 tokens), one redis-server, one kvgate indexer, "
             f"kvgate serve gateways on the Redis index (ingest off, default profile); closed loop at {setup.concurrency} sessions, the client "
             f"round-robining over the arm's gateways; {rounds} interleaved rounds, caches reset before each run. Hit ratio = cached / prompt "
-            "tokens as the replicas report them; spread = max/min requests per replica (after warm-up)."
+            "tokens as the replicas report them; spread = max/min requests per replica after warm-up, every replica counted (inf: one "
+            f"served nothing); medians over rounds. Load average {load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end."
         ),
         "command": "python -m benchmarks.bench_multi_gateway" + (" --quick" if args.quick else ""),
         "wall_s": round(time.perf_counter() - t0, 1),

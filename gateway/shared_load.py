@@ -54,9 +54,13 @@ log = logging.getLogger("kvgate.shared_load")
 
 #: fire-and-forget claim writes in flight at once; beyond, new ones are dropped (Redis slow or down)
 MAX_PENDING_WRITES = 64
-#: longest wait for another gateway's claim on a prompt it marked (its decision takes well
-#: under a millisecond and its claim one write): then the request is decided without it
+#: longest wait for another gateway's claim on a prompt it marked, or for its cold placement
+#: (its decision takes well under a millisecond and its claim one write): then the request is
+#: decided without it
 WAIT_BUDGET_S = 0.02
+#: a cold placement whose claim never comes (the request failed before it) holds the other
+#: gateways' cold placements this long at most
+PLACING_LEASE_MS = 50
 
 _ENCODE = msgspec.msgpack.Encoder().encode
 _DECODE = msgspec.msgpack.Decoder(dict[str, tuple[int, int, int]]).decode
@@ -71,6 +75,10 @@ class SharedStats:
     waits: int = 0
     #: ... of which the claim did not come within WAIT_BUDGET_S
     wait_timeouts: int = 0
+    #: cold placements that found another gateway placing one, and waited for its claim
+    placement_waits: int = 0
+    #: ... of which that placement did not end within WAIT_BUDGET_S
+    placement_timeouts: int = 0
     dropped_writes: int = 0
 
 
@@ -116,10 +124,10 @@ class SharedLoad:
         self._version += 1
         self._wake.set()
 
-    def _load(self, now: float) -> tuple[bytes | None, int]:
+    def _load(self, now: float, force: bool = False) -> tuple[bytes | None, int]:
         """This gateway's counts to publish, or None when Redis has them and the TTL is fresh."""
         version = self._version
-        if version == self._published_version and now - self._published_at < self.refresh_s:
+        if not force and version == self._published_version and now - self._published_at < self.refresh_s:
             return None, version
         load = {
             s.id: (s.inflight_requests, s.inflight_prefill_tokens, s.inflight_decode_tokens)
@@ -128,43 +136,91 @@ class SharedLoad:
         }
         return _ENCODE(load), version
 
-    async def _exchange(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], Shared]:
-        """One script run: the index lookup (if ``keys``), this gateway's load out, the others'
-        load, the claims on ``keys`` and the frontier's holder back."""
-        now = time.monotonic()
-        blob, version = self._load(now)
-        seq = 0
-        if blob is not None:
-            self._sent += 1
-            seq = self._sent
-            self._outstanding += 1
-        try:
-            share = Share(self.instance, blob, self.ttl_ms, self.claim_width_ms if keys else 0)
-            found, shared = await self.index.lookup_shared(keys, model=model, share=share)
-        finally:
-            if blob is not None:
-                self._outstanding -= 1
-        if blob is not None:
+    def _sending(self, blob: bytes | None) -> int:
+        """A publish of ``blob`` starts: its sequence number (0 when nothing is published)."""
+        if blob is None:
+            return 0
+        self._sent += 1
+        self._outstanding += 1
+        return self._sent
+
+    def _sent_back(self, seq: int, version: int, now: float, ok: bool) -> None:
+        """A publish started by ``_sending`` returned (``ok``: Redis has it)."""
+        if seq == 0:
+            return
+        self._outstanding -= 1
+        if ok:
             self.stats.publishes += 1
             # published for sure only if no other publish could have overtaken it in Redis
             if seq == self._sent and self._outstanding == 0:
                 self._published_version, self._published_at = version, now
+
+    @staticmethod
+    def placing_token(keys: Sequence[int]) -> str:
+        """Names a request's cold placement among this gateway's (the same prompt twice at once
+        at one gateway shares it: the second follows the first anyway)."""
+        return f"{len(keys)}:{keys[-1]:016x}" if keys else ""
+
+    def _share(self, blob: bytes | None, keys: Sequence[int]) -> Share:
+        token = self.placing_token(keys) if keys and self.claims_on else ""
+        return Share(self.instance, blob, self.ttl_ms, self.claim_width_ms if keys else 0, token, PLACING_LEASE_MS if token else 0)
+
+    async def _exchange(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], Shared]:
+        """One script run: the index lookup (if ``keys``), this gateway's load out, the others'
+        load, the claims on ``keys``, the frontier's holder and the cold placement back."""
+        now = time.monotonic()
+        blob, version = self._load(now)
+        seq = self._sending(blob)
+        ok = False
+        try:
+            found, shared = await self.index.lookup_shared(keys, model=model, share=self._share(blob, keys))
+            ok = True
+        finally:
+            self._sent_back(seq, version, now, ok)
         self._apply(shared.loads, now)
         return found, shared
 
     async def lookup(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], dict[str, int]]:
         """The index lookup for a request, with the exchange: (matches, claims per replica),
         within ``index.lookup_timeout_ms``. When another gateway is deciding this prompt's new
-        part, its claim is then waited for (``WAIT_BUDGET_S`` at most, or half the lookup
-        timeout). Raises what the index raises, TimeoutError (the router routes on load)."""
+        part, its claim is then waited for; when this request is a cold placement and another
+        gateway is placing one at this instant, that one's claim (and the load it publishes) is
+        waited for, so the two do not both pick the replica each believes idle. Either wait is
+        ``WAIT_BUDGET_S`` at most, or half the lookup timeout. Raises what the index raises,
+        TimeoutError (the router routes on load)."""
         try:
             found, shared = await asyncio.wait_for(self._exchange(keys, model), self.timeout_s)
         except Exception:
             self.stats.errors += 1
             raise
-        if shared.holder is None or shared.holder == self.instance or shared.frontier is None:
-            return found, shared.claims
-        return found, await self._await_claim(keys, model, shared.frontier, shared.claims)
+        if shared.frontier is not None and shared.holder is not None and shared.holder != self.instance:
+            return found, await self._await_claim(keys, model, shared.frontier, shared.claims)
+        if shared.placing is not None:
+            return found, await self._await_placement(keys, model, shared.claims)
+        return found, shared.claims
+
+    async def _await_placement(self, keys: Sequence[int], model: str, claims: dict[str, int]) -> dict[str, int]:
+        """Poll until no other gateway is placing a cold prompt (then this one takes the
+        placement, the others' loads applied as they were at that instant), or the budget ends."""
+        self.stats.placement_waits += 1
+        deadline = time.monotonic() + min(WAIT_BUDGET_S, self.timeout_s / 2)
+        share = self._share(None, keys)
+        pause = 0.0005
+        while time.monotonic() + pause < deadline:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.004)
+            try:
+                found, _, placing, loads = await self.index.poll_shared(keys, model=model, share=share)
+            except Exception as exc:
+                self.stats.errors += 1
+                log.debug("placement poll failed: %s", exc)
+                return claims
+            self._apply(loads, time.monotonic())
+            claims = found
+            if placing is None:
+                return claims
+        self.stats.placement_timeouts += 1
+        return claims
 
     async def _await_claim(self, keys: Sequence[int], model: str, frontier: int, claims: dict[str, int]) -> dict[str, int]:
         """Poll the claims on ``keys`` until the frontier carries one (the other gateway decided)."""
@@ -243,12 +299,22 @@ class SharedLoad:
         task.add_done_callback(self._pending.discard)
 
     async def _write(self, keys: list[int], model: str, replica: str) -> None:
+        """The claim, this gateway's load (the request is dispatched by now: it counts) and the
+        end of the request's cold placement, if it was one, in one script run."""
+        now = time.monotonic()
+        blob, version = self._load(now, force=True)
+        seq = self._sending(blob)
+        ok = False
         try:
-            await asyncio.wait_for(self.index.claim(keys, model=model, replica=replica, width_ms=self.claim_width_ms), self.ttl_s)
+            share = self._share(blob, keys)
+            await asyncio.wait_for(self.index.claim(keys, model=model, replica=replica, width_ms=self.claim_width_ms, share=share), self.ttl_s)
+            ok = True
             self.stats.claims += 1
         except Exception as exc:  # Redis slow or down: a claim is only a hint
             self.stats.errors += 1
             log.debug("claim write failed: %s", exc)
+        finally:
+            self._sent_back(seq, version, now, ok)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

@@ -270,10 +270,10 @@ local function read_claims(bucket_prefix, b, fields)
   return cur
 end
 
-local function loads_exchange()
-  local me, lp, set = ARGV[7], ARGV[6], ARGV[5]
-  if ARGV[8] ~= '' then
-    redis.call('SET', lp .. me, ARGV[8], 'PX', ARGV[9])
+-- publish this instance's load (blob '' = unchanged) and read the others'
+local function loads_exchange(set, lp, me, blob, ttl)
+  if blob ~= '' then
+    redis.call('SET', lp .. me, blob, 'PX', ttl)
     redis.call('SADD', set, me)
   end
   local names, who, loads, gone = {}, {}, {}, {}
@@ -289,20 +289,48 @@ local function loads_exchange()
   end
   return loads
 end
+
+-- Cold placements (most of a prompt new: where it lands is the load's decision) are taken one
+-- gateway at a time. A hash of 'instance|token' -> lease end (ms, Redis's clock): a gateway's
+-- placement in progress, deleted by its claim (which publishes its load in the same run).
+-- Returns another instance with a live placement (the caller waits for it), else takes one
+-- for this instance and returns false. Expired leases (a claim that never came) are dropped.
+local function take_placement(key, me, token, lease)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local all = redis.call('HGETALL', key)
+  local mine = me .. '|'
+  for i = 1, #all, 2 do
+    local f = all[i]
+    if tonumber(all[i + 1]) < now then
+      redis.call('HDEL', key, f)
+    elseif string.sub(f, 1, #mine) ~= mine then
+      return string.match(f, '^(.*)|') or f
+    end
+  end
+  redis.call('HSET', key, mine .. token, now + lease)
+  redis.call('PEXPIRE', key, lease + 1000)
+  return false
+end
 """
 
 #: The lookup with the exchange. Returns {{loads}, lookup reply} or, with claims on,
-#: {{loads, {replica, claimed depth, ..}, frontier, its holder}, lookup reply}:
-#: the frontier is the first of the request's keys neither the index nor a claim covers (0-based;
-#: false when all are covered); unless a gateway's mark is already there, this gateway marks it
-#: ('~' .. instance, HSETNX) and is its holder. A sibling arriving at another gateway meanwhile
-#: finds that mark and waits for the claim that replaces it. No keys (ARGV[2] ''): loads only.
+#: {{loads, {replica, claimed depth, ..}, frontier, its holder, placing}, lookup reply}:
+#: the frontier is the first of the request's keys neither the index (a replica's entry of its
+#: current epoch: entries left from before a cache reset or restart do not count) nor a claim
+#: covers (0-based; false when all are covered); unless a gateway's mark is already there, this
+#: gateway marks it ('~' .. instance, HSETNX) and is its holder. A sibling arriving at another
+#: gateway meanwhile finds that mark and waits for the claim that replaces it. When this gateway
+#: holds the frontier and less than half the prompt is covered, the request is a cold placement
+#: (ARGV[12] placements hash, ARGV[13] token, '' = none asked, ARGV[14] lease ms): ``placing`` is
+#: another gateway placing one at this instant (the caller waits for its claim and load), or
+#: false. No keys (ARGV[2] ''): loads only.
 _SHARED_LOOKUP_LUA = (
     _EXCHANGE_FN
     + "local function index_lookup()\n"
     + _LOOKUP_BODY
     + """end
-local loads = loads_exchange()
+local loads = loads_exchange(ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 local blob = ARGV[2]
 if blob == '' then return {{loads}} end
 local idx = index_lookup()
@@ -311,10 +339,35 @@ if width == 0 then return {{loads}, idx} end
 local bucket = ARGV[10] .. bucket_now(width)
 local n = #blob / 16
 local function field(x) return string.sub(blob, 16 * x - 15, 16 * x) end
+-- the longest prefix some replica holds under its current epoch (the walk the gateway makes
+-- of the reply; a value is decoded only when its bytes differ from the previous block's)
 local known = 0
 if #idx > 1 then
-  local vals = idx[4]
-  while known < n and vals[known + 1] do known = known + 1 end
+  local names, epochs, vals = idx[2], idx[3], idx[4]
+  local live, any = {}, false
+  local first = cmsgpack.unpack(vals[1])
+  for i = 1, #names do
+    local e, v = tonumber(epochs[i]) or 0, first[names[i]]
+    if v and v % 8 ~= 0 and math.floor(v / 8) == e then live[names[i]] = e; any = true end
+  end
+  if any then
+    known = 1
+    local last = vals[1]
+    while known < n do
+      local raw = vals[known + 1]
+      if not raw then break end
+      if raw ~= last then
+        local d, kept = cmsgpack.unpack(raw), false
+        for r, e in pairs(live) do
+          local v = d[r]
+          if v and v % 8 ~= 0 and math.floor(v / 8) == e then kept = true else live[r] = nil end
+        end
+        if not kept then break end
+        last = raw
+      end
+      known = known + 1
+    end
+  end
 end
 -- per replica claiming the first key, how many leading keys it claims: {r1, d1, r2, d2, ..}
 local claims, cur = {}, nil
@@ -339,7 +392,7 @@ if r and string.sub(r, 1, 1) ~= '~' then
   end
   for x, _ in pairs(live) do claims[#claims + 1] = x; claims[#claims + 1] = depth; known = math.max(known, depth) end
 end
-if known == n then return {{loads, claims, false, false}, idx} end
+if known == n then return {{loads, claims, false, false, false}, idx} end
 local f = field(known + 1)
 local holder
 if known == 0 then holder = r elseif cur then holder = cur[known + 1] else holder = redis.call('HGET', bucket, f) end
@@ -351,21 +404,36 @@ if not holder then
     holder = redis.call('HGET', bucket, f)
   end
 end
-return {{loads, claims, known, holder}, idx}
+local placing = false
+if ARGV[13] ~= '' and 2 * known < n and holder == '~' .. ARGV[7] then
+  placing = take_placement(ARGV[12], ARGV[7], ARGV[13], tonumber(ARGV[14]))
+end
+return {{loads, claims, known, holder, placing}, idx}
 """
 )
 
 #: A gateway's claim: every key of a prompt it just routed -> the replica, in the current bucket
-#: and the next (ARGV[5] 'set'), or a read of the claims on the keys ('read': the values).
+#: and the next (ARGV[5] 'set'; with a placement token, its cold placement ends and its load is
+#: published in the same run), a read of the claims on the keys ('read': the values), or a
+#: waiter's poll ('wait': {the values, another gateway placing or false (then this one took the
+#: placement), the others' loads}).
 _CLAIM_LUA = (
     _EXCHANGE_FN
     + """
 -- ARGV[1] bucket prefix, ARGV[2] keys hex, ARGV[3] replica, ARGV[4] bucket width ms, ARGV[5]
--- mode, ARGV[6] most replicas one key keeps
+-- mode, ARGV[6] most replicas one key keeps; 'set' and 'wait' also: ARGV[7] placements hash,
+-- ARGV[8] this instance, ARGV[9] placement token ('' = none), ARGV[10] lease ms, ARGV[11] set
+-- of gateway instances, ARGV[12] load key prefix, ARGV[13] load to publish ('' = none),
+-- ARGV[14] its TTL ms
 local width = tonumber(ARGV[4])
 local b = bucket_now(width)
 local fields = split16(ARGV[2])
 if ARGV[5] == 'read' then return read_claims(ARGV[1], b, fields) end
+if ARGV[5] == 'wait' then
+  local placing = false
+  if ARGV[9] ~= '' then placing = take_placement(ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])) end
+  return {read_claims(ARGV[1], b, fields), placing, loads_exchange(ARGV[11], ARGV[12], ARGV[8], '', ARGV[14])}
+end
 -- each key's value: the replicas that claim it, newline-separated, this claim first, at most
 -- MAX_CLAIMS (a mark is replaced); keys whose list does not change are not rewritten
 local me, cap = ARGV[3], tonumber(ARGV[6])
@@ -393,6 +461,11 @@ for _, bucket in ipairs({b, b + 1}) do
   for j = 1, #args, 1000 do redis.call('HSET', key, unpack(args, j, math.min(j + 999, #args))) end
   if #args > 0 then redis.call('PEXPIRE', key, 3 * width + 1000) end
 end
+if ARGV[13] and ARGV[13] ~= '' then
+  redis.call('SET', ARGV[12] .. ARGV[8], ARGV[13], 'PX', ARGV[14])
+  redis.call('SADD', ARGV[11], ARGV[8])
+end
+if ARGV[9] and ARGV[9] ~= '' then redis.call('HDEL', ARGV[7], ARGV[8] .. '|' .. ARGV[9]) end
 return 0
 """
 )
@@ -749,10 +822,16 @@ class RedisIndex(KVIndex):
             share.load_ttl_ms,
             self._claims_prefix(model),
             share.claim_width_ms,
+            self._placing_key(model),
+            share.placing_token,
+            share.placing_lease_ms,
         )
 
     def _claims_prefix(self, model: str) -> str:
         return f"{self.namespace}:{model}:s:"
+
+    def _placing_key(self, model: str) -> str:
+        return f"{self.namespace}:{model}:placing"
 
     async def lookup_shared(self, keys: Sequence[int], *, model: str, share: Share) -> tuple[dict[str, PrefixMatch], Shared]:
         """``lookup`` and the exchange between gateways in ONE script run: publish this
@@ -778,14 +857,36 @@ class RedisIndex(KVIndex):
                 shared.frontier = int(ex[2])
                 holder = ex[3]
                 shared.holder = holder[1:].decode() if holder and holder[:1] == b"~" else None
+                if len(ex) > 4 and ex[4] is not None:
+                    shared.placing = ex[4].decode()
         out = self._lookup_reply(reply[1], keys, model, prefix, now) if len(reply) > 1 else {}
         return out, shared
 
-    async def claim(self, keys: Sequence[int], *, model: str, replica: str, width_ms: int) -> None:
+    async def claim(self, keys: Sequence[int], *, model: str, replica: str, width_ms: int, share: Share | None = None) -> None:
         """Record that the prompt of ``keys`` was just routed to ``replica``: a claim every
-        gateway reads with its lookups for one to two ``width_ms``."""
+        gateway reads with its lookups for one to two ``width_ms``. With ``share``, the same
+        run publishes ``share.load`` (when given) and then ends the placement of
+        ``share.placing_token`` (when given): a gateway waiting for it reads the load that
+        includes this request."""
+        args: tuple[Any, ...] = (self._claims_prefix(model), hex_keys(keys), replica, width_ms, "set", MAX_CLAIMS)
+        if share is not None:
+            args += self._placement_args(share, model)
         with self._reachable("claim"):
-            await self._claim_script(self._redis, [], (self._claims_prefix(model), hex_keys(keys), replica, width_ms, "set", MAX_CLAIMS))
+            await self._claim_script(self._redis, [], args)
+
+    def _placement_args(self, share: Share, model: str) -> tuple[Any, ...]:
+        ns = self.namespace
+        return (self._placing_key(model), share.instance, share.placing_token, share.placing_lease_ms, f"{ns}:gateways", f"{ns}:load:", share.load or b"", share.load_ttl_ms)
+
+    async def poll_shared(self, keys: Sequence[int], *, model: str, share: Share) -> tuple[dict[str, int], list[bytes | None], str | None, list[bytes]]:
+        """A waiting gateway's poll, one script run: the claims on ``keys`` (per replica, and
+        the raw value per key), whether another gateway is still placing a cold prompt (its
+        instance; else None, and this one took the placement of ``share.placing_token`` when
+        given), and the others' loads."""
+        args = (self._claims_prefix(model), hex_keys(keys), "", share.claim_width_ms, "wait", MAX_CLAIMS, *self._placement_args(share, model))
+        with self._reachable("claims"):
+            cur, placing, loads = await self._claim_script(self._redis, [], args)
+        return claimed_prefix(cur), cur, placing.decode() if placing is not None else None, list(loads)
 
     async def claims(self, keys: Sequence[int], *, model: str, width_ms: int) -> tuple[dict[str, int], list[bytes | None]]:
         """The claims on ``keys``: the longest prefix per replica, and the raw value per key
@@ -907,6 +1008,10 @@ class Share:
     load_ttl_ms: int
     #: speculative claims live one to two of these (0: not read)
     claim_width_ms: int
+    #: names this request's cold placement, if it is one ('' = placements not serialised)
+    placing_token: str = ""
+    #: a placement whose claim never comes stops holding the others after this
+    placing_lease_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -920,6 +1025,9 @@ class Shared:
     frontier: int | None = None
     #: the gateway instance whose mark is on it (this one when it just marked it), None: a claim is
     holder: str | None = None
+    #: another gateway placing a cold prompt at this instant (this request, cold too, waits for
+    #: its claim); None: none, or this request is no cold placement, or it took the placement
+    placing: str | None = None
 
 
 def claimed_prefix(values: Sequence[bytes | None]) -> dict[str, int]:
