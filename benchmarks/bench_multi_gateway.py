@@ -464,13 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="", help="comma-separated subset of: shared-prefix, multi-turn")
     ap.add_argument("--arms", default="", help="comma-separated subset of the arms by number: 1 one gateway, 2 two shared, 3 two not shared")
     ap.add_argument("--share-flush-ms", type=float, default=None, help="the gateways' index.share_flush_ms (default: the gateway's)")
+    ap.add_argument("--name", default="", help="the report's file name under --out (default multi_gateway, or multi_gateway_quick)")
     ap.add_argument("--json", type=Path, help="write the figures here as JSON")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the Markdown report goes")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     rounds = args.rounds or (2 if args.quick else 3)
     setup = Setup(replicas=args.replicas, num_blocks=args.num_blocks, concurrency=args.concurrency)
-    name = "multi_gateway_quick" if args.quick else "multi_gateway"
+    name = args.name or ("multi_gateway_quick" if args.quick else "multi_gateway")
     t0 = time.perf_counter()
     load_at_start = os.getloadavg()[0]
     figs: list[ArmFigures] = []
