@@ -424,7 +424,9 @@ async def lookup_cost(redis_url: str, rounds: int = 3000) -> dict[str, float]:
 
 def markdown(figs: list[ArmFigures], fault: FaultRun | None, cost: dict[str, float], meta: dict[str, Any]) -> str:
     out = [f"# Several gateways on one Redis index ({meta['name']})", "", meta["description"], ""]
-    out += ["| workload | arm | rounds | prefix-hit ratio, median (min-max) | per round | load spread max/min, median (min-max) | per round | TTFT p50 ms | TTFT p90 ms | errors |"]
+    out += [
+        "| workload | arm | rounds | prefix-hit ratio, median (min-max) | per round | load spread max/min, median (min-max) | per round | TTFT p50 ms | TTFT p90 ms | errors |"
+    ]
     out += ["|---|---|---|---|---|---|---|---|---|---|"]
     for f in figs:
         hr, ls = f.hit_ratio_rounds, f.load_spread_rounds

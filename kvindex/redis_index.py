@@ -876,7 +876,16 @@ class RedisIndex(KVIndex):
 
     def _placement_args(self, share: Share, model: str) -> tuple[Any, ...]:
         ns = self.namespace
-        return (self._placing_key(model), share.instance, share.placing_token, share.placing_lease_ms, f"{ns}:gateways", f"{ns}:load:", share.load or b"", share.load_ttl_ms)
+        return (
+            self._placing_key(model),
+            share.instance,
+            share.placing_token,
+            share.placing_lease_ms,
+            f"{ns}:gateways",
+            f"{ns}:load:",
+            share.load or b"",
+            share.load_ttl_ms,
+        )
 
     async def poll_shared(self, keys: Sequence[int], *, model: str, share: Share) -> tuple[dict[str, int], list[bytes | None], str | None, list[bytes]]:
         """A waiting gateway's poll, one script run: the claims on ``keys`` (per replica, and

@@ -126,6 +126,113 @@ async def test_a_sibling_waits_for_the_claim_of_the_gateway_deciding_it(redis_ur
             await b.close()
 
 
+async def test_the_frontier_skips_only_blocks_a_replica_holds_now(redis_url):
+    """Entries left from before a replica's cache was reset (an older epoch) cover nothing: the
+    frontier, and the mark siblings wait on, stay at the first block no replica holds now. (They
+    once counted: after a reset or a restart no prompt the fleet had seen was ever marked, so
+    siblings at two gateways were decided apart.)"""
+    from tests.helpers.index import MODEL as IMODEL
+    from tests.helpers.index import Prompt, apply, make_tokens
+
+    a, b = RedisIndex(redis_url), RedisIndex(redis_url)
+    p = Prompt(make_tokens(12, 70))
+    try:
+        await apply(a, "r1", p.stored(0, 8))
+        _, got = await a.lookup_shared(p.keys, model=IMODEL, share=Share("A", None, 10_000, 200))
+        assert (got.frontier, got.holder) == (8, "A")  # r1 holds 8 blocks: the new part starts after them
+        await a.mark_untrusted("r1")  # as a reset (AllBlocksCleared) or a restart: r1's entries are old now
+        _, got = await b.lookup_shared(p.keys, model=IMODEL, share=Share("B", None, 10_000, 200))
+        assert (got.frontier, got.holder) == (0, "B")  # nothing held now: B marks the first block
+        _, got = await a.lookup_shared(p.keys, model=IMODEL, share=Share("A", None, 10_000, 200))
+        assert (got.frontier, got.holder) == (0, "B")  # and A's sibling finds B deciding it
+        await apply(a, "r2", p.stored(0, 4))  # another replica, current epoch
+        await apply(a, "r1", p.stored(0, 12))  # r1 again, under its new epoch
+        _, got = await b.lookup_shared(p.keys, model=IMODEL, share=Share("B", None, 10_000, 200))
+        assert (got.frontier, got.holder) == (None, None)  # all held now
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_cold_placements_are_taken_one_gateway_at_a_time(redis_url):
+    """A prompt mostly new is placed by load: two gateways placing such prompts at the same
+    instant would each pick the replica it believes idle. The lookup takes the placement (A),
+    another gateway's cold lookup finds it taken (B waits), A's claim publishes A's load and
+    ends it in one run, and B's poll then reads that load and takes the placement itself."""
+    a, b = RedisIndex(redis_url), RedisIndex(redis_url)
+    cold = [block_keys(list(range(i * 1000, i * 1000 + 8 * 16)), 16, model=MODEL) for i in range(4)]
+    lease = 300
+
+    def share(me: str, keys: list[int], load: bytes | None = None) -> Share:
+        return Share(me, load, 10_000, 200, f"{len(keys)}:{keys[-1]:016x}", lease)
+
+    try:
+        _, got = await a.lookup_shared(cold[0], model=MODEL, share=share("A", cold[0]))
+        assert (got.frontier, got.holder, got.placing) == (0, "A", None)  # A places it
+        _, got = await a.lookup_shared(cold[1], model=MODEL, share=share("A", cold[1]))
+        assert got.placing is None  # a gateway's own placements never wait on each other
+        _, got = await b.lookup_shared(cold[2], model=MODEL, share=share("B", cold[2]))
+        assert (got.holder, got.placing) == ("B", "A")  # B's is cold too: A is placing
+        _, _, placing, _ = await b.poll_shared(cold[2], model=MODEL, share=share("B", cold[2]))
+        assert placing == "A"
+        await a.claim(cold[0], model=MODEL, replica="r0", width_ms=200, share=share("A", cold[0], b"A's load, r0 counted"))
+        _, _, placing, _ = await b.poll_shared(cold[2], model=MODEL, share=share("B", cold[2]))
+        assert placing == "A"  # A's second placement still runs
+        await a.claim(cold[1], model=MODEL, replica="r1", width_ms=200, share=share("A", cold[1], b"A's load, r0 and r1 counted"))
+        _, _, placing, loads = await b.poll_shared(cold[2], model=MODEL, share=share("B", cold[2]))
+        assert placing is None and loads == [b"A's load, r0 and r1 counted"]  # B took it, with A's load as of its claim
+        _, got = await a.lookup_shared(cold[3], model=MODEL, share=share("A", cold[3]))
+        assert got.placing == "B"  # now A waits for B
+        # a prompt mostly cached (here: claimed) is no placement: it follows its prefix, never waits
+        warm = cold[0] + block_keys(list(range(5000, 5000 + 2 * 16)), 16, model=MODEL)[:2]
+        _, got = await a.lookup_shared(warm, model=MODEL, share=share("A", warm))
+        assert got.claims == {"r0": 8} and got.frontier == 8 and got.placing is None
+        # no claims (speculative entries off) or no token: nothing is serialised
+        _, got = await a.lookup_shared(cold[3], model=MODEL, share=Share("A", None, 10_000, 200))
+        assert got.placing is None
+        # a placement whose claim never comes ends with its lease
+        await asyncio.sleep(lease / 1000 + 0.05)
+        _, got = await a.lookup_shared(cold[3], model=MODEL, share=share("A", cold[3]))
+        assert got.placing is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_cold_placement_waits_for_the_other_gateways_and_sees_its_load(redis_url):
+    """Through SharedLoad on both sides: A places a cold prompt and dispatches it; B's cold
+    prompt, looked up meanwhile, waits for A's claim and decides with A's request counted."""
+    from gateway.config import IndexConfig, ReplicaConfig
+    from gateway.fleet import Fleet
+    from gateway.shared_load import WAIT_BUDGET_S, SharedLoad
+
+    idx_a, idx_b = RedisIndex(redis_url), RedisIndex(redis_url)
+    pa, pb = (block_keys(list(range(i * 1000, i * 1000 + 8 * 16)), 16, model=MODEL) for i in (1, 2))
+    async with httpx.AsyncClient() as http:
+        fleets = [Fleet([ReplicaConfig(id=r, url=f"http://10.0.0.{i}:8000", models=[MODEL]) for i, r in enumerate(("r0", "r1"))], http) for _ in "ab"]
+        cfg = IndexConfig(backend=redis_url, lookup_timeout_ms=200)
+        ga, gb = SharedLoad(idx_a, fleets[0], cfg), SharedLoad(idx_b, fleets[1], cfg)
+        try:
+            await ga.lookup(pa, MODEL)  # A's cold placement
+            waiting = asyncio.create_task(gb.lookup(pb, MODEL))
+            await until(lambda: gb.stats.placement_waits == 1, timeout=1, every=0.0005)
+            fleets[0].dispatched("r0", 128, 144)  # A decided and dispatched (its flusher is not running here)
+            ga.remember(pa, MODEL, "r0")  # the claim, with A's load, ends A's placement
+            await waiting
+            r0 = fleets[1].get("r0")
+            assert r0 is not None and r0.peer_inflight_requests == 1 and gb.stats.placement_timeouts == 0
+            gb.remember(pb, MODEL, "r1")  # B decided: its claim ends its placement
+            await until(lambda: gb.stats.claims == 1, timeout=1, every=0.001)
+            # a placement whose claim never comes holds the other gateway WAIT_BUDGET_S at most
+            await ga.lookup(block_keys(list(range(7000, 7000 + 8 * 16)), 16, model=MODEL), MODEL)
+            t0 = time.monotonic()
+            await gb.lookup(block_keys(list(range(8000, 8000 + 8 * 16)), 16, model=MODEL), MODEL)
+            assert gb.stats.placement_timeouts == 1 and time.monotonic() - t0 < WAIT_BUDGET_S + 0.05
+        finally:
+            await idx_a.close()
+            await idx_b.close()
+
+
 async def test_peers_load_lands_beside_the_gateways_own_counts(redis_url):
     from gateway.config import IndexConfig, ReplicaConfig
     from gateway.fleet import Fleet
