@@ -25,6 +25,20 @@ Both are shared here, through the same Redis (no cluster layer of our own):
   mark and waits for the claim (a few ms, bounded by ``WAIT_BUDGET_S``) before deciding: so
   siblings arriving at two gateways at the same instant still land together, and the request
   that decides first never waits (decision and dispatch stay one step, as with one gateway).
+  Only blocks a replica holds under its current epoch count as known there: entries left from
+  before a cache reset or a restart once pushed the frontier past every prompt the fleet had
+  seen, so nothing was marked and siblings were decided apart.
+* **Cold placements.** A prompt whose larger part nothing covers is placed by load alone, and
+  two gateways placing such prompts at the same instant each pick the replica it believes idle
+  (the load each publishes is a round trip old): measured, two of four new system prompts
+  landed on one replica and one replica stayed idle for the whole run, as the prefix kept
+  every later session where its system prompt was. So a lookup that marks the frontier of a
+  cold prompt also takes the placement (same script run); a cold lookup at another gateway
+  meanwhile finds it taken and polls until that gateway's claim ends it. The claim publishes
+  that gateway's load in the same run, so the waiter decides with the placed request counted,
+  and takes the placement in the poll that finds it free. One gateway never waits on its own
+  placements; a placement whose claim never comes ends after ``PLACING_LEASE_MS``; a wait
+  lasts ``WAIT_BUDGET_S`` at most. Warm requests (most of the prompt known) never wait.
 
 Redis down: lookups fail as they did (load-only routing), peers' counts are dropped once no
 read succeeded for ``share_ttl_s``, writes are dropped rather than queued without bound.

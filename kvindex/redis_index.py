@@ -44,7 +44,11 @@ engine hashes as hex too: 16 digits for the usual ints, the digest's hex for raw
   bucket and the next, read in the current one (a claim counts one to two widths), where a
   lookup also marks the first key of its prompt that nothing covers yet (``~instance``: being
   decided there). Each lookup publishes and reads all this in its own script run
-  (``lookup_shared``): no extra round trip.
+  (``lookup_shared``): no extra round trip. ``{ns}:{model}:placing`` — hash,
+  ``instance|token`` -> ``ticket:lease end`` (ms, Redis's clock; tickets numbered by
+  ``{ns}:{model}:placing:n``): cold placements asked for or in progress, taken one gateway at
+  a time in ticket order (asked by a lookup, waited for by polls, ended by that request's
+  claim, which publishes the gateway's load in the same run).
 
 Bounded memory: every block key has a TTL (``ttl_s``) and the server should run with
 ``maxmemory`` + ``volatile-lru``. vLLM publishes nothing while a block merely stays cached,
@@ -291,26 +295,39 @@ local function loads_exchange(set, lp, me, blob, ttl)
 end
 
 -- Cold placements (most of a prompt new: where it lands is the load's decision) are taken one
--- gateway at a time. A hash of 'instance|token' -> lease end (ms, Redis's clock): a gateway's
--- placement in progress, deleted by its claim (which publishes its load in the same run).
--- Returns another instance with a live placement (the caller waits for it), else takes one
--- for this instance and returns false. Expired leases (a claim that never came) are dropped.
+-- gateway at a time, in the order they were asked for (a ticket lock: a busy gateway's stream
+-- of placements cannot starve another's). A hash of 'instance|token' -> 'ticket:lease end'
+-- (ms, Redis's clock): a gateway's placement asked for or in progress, deleted by its claim
+-- (which publishes its load in the same run); key .. ':n' numbers the tickets. Returns another
+-- instance holding an earlier ticket (the caller waits for it: a waiter's poll keeps its own
+-- ticket), else false: this placement's turn. Expired leases (no claim came) are dropped.
 local function take_placement(key, me, token, lease)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local all = redis.call('HGETALL', key)
-  local mine = me .. '|'
+  local mine, field = me .. '|', me .. '|' .. token
+  local ticket, others = nil, {}
   for i = 1, #all, 2 do
     local f = all[i]
-    if tonumber(all[i + 1]) < now then
+    local n, ends = string.match(all[i + 1], '^(%d+):(%d+)$')
+    if not n or tonumber(ends) < now then
       redis.call('HDEL', key, f)
+    elseif f == field then
+      ticket = tonumber(n)
     elseif string.sub(f, 1, #mine) ~= mine then
-      return string.match(f, '^(.*)|') or f
+      others[#others + 1] = f; others[#others + 1] = tonumber(n)
     end
   end
-  redis.call('HSET', key, mine .. token, now + lease)
-  redis.call('PEXPIRE', key, lease + 1000)
-  return false
+  if not ticket then
+    ticket = redis.call('INCR', key .. ':n')
+    redis.call('HSET', key, field, ticket .. ':' .. (now + lease))
+    redis.call('PEXPIRE', key, lease + 1000)
+  end
+  local first = false
+  for i = 1, #others, 2 do
+    if others[i + 1] < ticket then first = string.match(others[i], '^(.*)|') or others[i] end
+  end
+  return first
 end
 """
 

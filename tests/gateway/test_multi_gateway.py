@@ -160,7 +160,7 @@ async def test_cold_placements_are_taken_one_gateway_at_a_time(redis_url):
     another gateway's cold lookup finds it taken (B waits), A's claim publishes A's load and
     ends it in one run, and B's poll then reads that load and takes the placement itself."""
     a, b = RedisIndex(redis_url), RedisIndex(redis_url)
-    cold = [block_keys(list(range(i * 1000, i * 1000 + 8 * 16)), 16, model=MODEL) for i in range(4)]
+    cold = [block_keys(list(range(i * 1000, i * 1000 + 8 * 16)), 16, model=MODEL) for i in range(5)]
     lease = 300
 
     def share(me: str, keys: list[int], load: bytes | None = None) -> Share:
@@ -178,11 +178,18 @@ async def test_cold_placements_are_taken_one_gateway_at_a_time(redis_url):
         await a.claim(cold[0], model=MODEL, replica="r0", width_ms=200, share=share("A", cold[0], b"A's load, r0 counted"))
         _, _, placing, _ = await b.poll_shared(cold[2], model=MODEL, share=share("B", cold[2]))
         assert placing == "A"  # A's second placement still runs
+        # turns go in the order they were asked for: A's next one comes after B's (a busy
+        # gateway's stream of cold prompts cannot starve another gateway's)
+        _, got = await a.lookup_shared(cold[3], model=MODEL, share=share("A", cold[3]))
+        assert got.placing == "B"
         await a.claim(cold[1], model=MODEL, replica="r1", width_ms=200, share=share("A", cold[1], b"A's load, r0 and r1 counted"))
         _, _, placing, loads = await b.poll_shared(cold[2], model=MODEL, share=share("B", cold[2]))
-        assert placing is None and loads == [b"A's load, r0 and r1 counted"]  # B took it, with A's load as of its claim
-        _, got = await a.lookup_shared(cold[3], model=MODEL, share=share("A", cold[3]))
-        assert got.placing == "B"  # now A waits for B
+        assert placing is None and loads == [b"A's load, r0 and r1 counted"]  # B's turn, with A's load as of its claim
+        _, _, placing, _ = await a.poll_shared(cold[3], model=MODEL, share=share("A", cold[3]))
+        assert placing == "B"  # A waits for B
+        await b.claim(cold[2], model=MODEL, replica="r2", width_ms=200, share=share("B", cold[2], b"B's load"))
+        _, _, placing, loads = await a.poll_shared(cold[3], model=MODEL, share=share("A", cold[3]))
+        assert placing is None and loads == [b"B's load"]
         # a prompt mostly cached (here: claimed) is no placement: it follows its prefix, never waits
         warm = cold[0] + block_keys(list(range(5000, 5000 + 2 * 16)), 16, model=MODEL)[:2]
         _, got = await a.lookup_shared(warm, model=MODEL, share=share("A", warm))
@@ -191,9 +198,11 @@ async def test_cold_placements_are_taken_one_gateway_at_a_time(redis_url):
         _, got = await a.lookup_shared(cold[3], model=MODEL, share=Share("A", None, 10_000, 200))
         assert got.placing is None
         # a placement whose claim never comes ends with its lease
+        _, got = await b.lookup_shared(cold[4], model=MODEL, share=share("B", cold[4]))
+        assert got.placing == "A"  # A's cold[3] is never claimed
         await asyncio.sleep(lease / 1000 + 0.05)
-        _, got = await a.lookup_shared(cold[3], model=MODEL, share=share("A", cold[3]))
-        assert got.placing is None
+        _, _, placing, _ = await b.poll_shared(cold[4], model=MODEL, share=share("B", cold[4]))
+        assert placing is None
     finally:
         await a.close()
         await b.close()
