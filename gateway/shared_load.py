@@ -33,12 +33,13 @@ Both are shared here, through the same Redis (no cluster layer of our own):
   (the load each publishes is a round trip old): measured, two of four new system prompts
   landed on one replica and one replica stayed idle for the whole run, as the prefix kept
   every later session where its system prompt was. So a lookup that marks the frontier of a
-  cold prompt also takes the placement (same script run); a cold lookup at another gateway
-  meanwhile finds it taken and polls until that gateway's claim ends it. The claim publishes
-  that gateway's load in the same run, so the waiter decides with the placed request counted,
-  and takes the placement in the poll that finds it free. One gateway never waits on its own
-  placements; a placement whose claim never comes ends after ``PLACING_LEASE_MS``; a wait
-  lasts ``WAIT_BUDGET_S`` at most. Warm requests (most of the prompt known) never wait.
+  cold prompt also asks for the placement (same script run: a ticket); a cold lookup at
+  another gateway with a later ticket polls until the earlier placements' claims end them.
+  A claim publishes its gateway's load in the same run, so the waiter decides with the placed
+  requests counted. Turns go in ticket order (a gateway's stream of cold prompts cannot starve
+  another's); one gateway never waits on its own placements; a placement whose claim never
+  comes ends after ``PLACING_LEASE_MS``; a wait lasts ``WAIT_BUDGET_S`` at most. Warm
+  requests (most of the prompt known) never wait.
 
 Redis down: lookups fail as they did (load-only routing), peers' counts are dropped once no
 read succeeded for ``share_ttl_s``, writes are dropped rather than queued without bound.
