@@ -81,17 +81,19 @@ class RouterSpec:
 
     kind: str
     policy: str = ""
+    #: kvgate only: ``kvgate serve --workers N`` (``kvgate:default@2``)
+    workers: int = 1
 
     @property
     def name(self) -> str:
         if self.kind == "direct":
             return "direct"
         label = {"kvgate": "kvgate", "sglang": "sglang-router", "vllm": "vllm-router"}[self.kind]
-        return f"{label} {self.policy}"
+        return f"{label} {self.policy}" + (f" ×{self.workers} workers" if self.workers > 1 else "")
 
     @property
     def key(self) -> str:
-        return self.kind if self.kind == "direct" else f"{self.kind}:{self.policy}"
+        return self.kind if self.kind == "direct" else f"{self.kind}:{self.policy}" + (f"@{self.workers}" if self.workers > 1 else "")
 
     def available(self) -> bool:
         if self.kind in PEER_MODULES:
@@ -105,7 +107,10 @@ class RouterSpec:
             return cls("direct")
         if kind not in ("kvgate", "sglang", "vllm") or not policy:
             raise ValueError(f"router {key!r}: expected direct or kvgate|sglang|vllm:POLICY")
-        return cls(kind, policy)
+        policy, at, workers = policy.partition("@")
+        if at and (kind != "kvgate" or not workers.isdigit() or int(workers) < 1):
+            raise ValueError(f"router {key!r}: @N (workers) is for kvgate only, N >= 1")
+        return cls(kind, policy, int(workers) if at else 1)
 
 
 def peer_command(spec: RouterSpec, handles: list[SimHandle], port: int, metrics_port: int) -> list[str]:
@@ -205,7 +210,7 @@ def start_router(spec: RouterSpec, handles: list[SimHandle], tmp: Path) -> Runni
     if spec.kind == "direct":
         return Running(None, None, [], lambda: None)
     if spec.kind == "kvgate":
-        gw = GatewayProcess(handles, spec.policy, tmp, extra=KVGATE_DEFAULTS)
+        gw = GatewayProcess(handles, spec.policy, tmp, extra=KVGATE_DEFAULTS, workers=spec.workers)
         return Running(gw.url, gw.proc.pid, kvgate_command(gw), gw.stop)
     peer = PeerProcess(spec, handles, tmp)
     return Running(peer.url, peer.proc.pid, peer.command, peer.stop, peer.metrics)
@@ -723,7 +728,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--instant", action="store_true", help="only the instant-replica section (merged into an existing peers.json)")
     ap.add_argument("--closed", action="store_true", help="only the closed-loop section")
-    ap.add_argument("--routers", help="comma-separated kind:policy (kvgate|sglang|vllm:POLICY, direct); default: " + ",".join(DEFAULT_ROUTERS))
+    ap.add_argument(
+        "--routers",
+        help="comma-separated kind:policy (kvgate|sglang|vllm:POLICY, direct; kvgate:POLICY@N runs kvgate serve --workers N); default: "
+        + ",".join(DEFAULT_ROUTERS),
+    )
     ap.add_argument("--workloads", help="closed-loop workloads, comma-separated (default shared-prefix,multi-turn,long-doc-qa; --quick: shared-prefix)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--instant-requests", type=int, default=1000, help="measured requests per instant run")

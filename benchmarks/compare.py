@@ -78,8 +78,9 @@ class GatewayProcess:
     """`kvgate serve` in its own process, in front of a fleet, with one default profile. It
     listens on port 0 (a free port it binds itself), read back from /proc once it listens."""
 
-    def __init__(self, handles, policy: str, tmp: Path, extra: dict | None = None) -> None:
+    def __init__(self, handles, policy: str, tmp: Path, extra: dict | None = None, workers: int = 1) -> None:
         self.policy = policy
+        self.workers = workers
         self.log = tmp / f"gw-{policy}.log"
         cfg = {
             "replicas": [
@@ -105,7 +106,10 @@ class GatewayProcess:
     def _start(self, config: Path) -> bool:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
+                [sys.executable, "-m", "gateway.cli", "serve", *(["--workers", str(self.workers)] if self.workers > 1 else []), "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ},
             )
         deadline = time.monotonic() + 30
         try:

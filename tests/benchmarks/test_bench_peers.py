@@ -30,7 +30,7 @@ def test_tiny_round_kvgate_direct_and_installed_peers(tmp_path):
     setup = Setup(replicas=2, num_blocks=256, time_scale=0.05, concurrency=4)
     wl = shared_prefix(num_groups=2, num_prompts_per_group=5, system_prompt_len=120, question_len=10, output_len=8)
     closed = [RouterSpec("kvgate", "default"), RouterSpec("direct")]
-    instant = PEERS or [RouterSpec("kvgate", "round-robin")]  # three fresh fleets in all
+    instant = [*PEERS, RouterSpec("kvgate", "round-robin", workers=2)]  # kvgate serve --workers 2
     records, commands = run_all(closed, [wl], setup, rounds=1, instant=instant, instant_setup=Setup(2, 256, 0.0, 4), instant_requests=30, instant_workload=wl)
     assert [(r.section, r.key) for r in records] == [("closed", s.key) for s in closed] + [("instant", s.key) for s in instant]
     for r in records:
@@ -49,6 +49,7 @@ def test_tiny_round_kvgate_direct_and_installed_peers(tmp_path):
     assert set(commands) == {s.key for s in [*closed, *instant] if s.kind != "direct"}
     for spec in PEERS:
         assert "--policy" in commands[spec.key] and spec.policy in commands[spec.key]
+    assert " --workers 2 " in " ".join(commands["kvgate:round-robin@2"])
 
     result = build_result(
         records, commands, {"command": "test", "description": "tiny", "machine": "-", "peers": "-", "render": "-", "concurrency": 4, "time_scale": 0.05}
@@ -115,6 +116,11 @@ def test_plan_interleaves_rounds_and_rotates_order():
     ]
     with pytest.raises(ValueError):
         RouterSpec.parse("nginx")
+    assert RouterSpec.parse("kvgate:default@4") == RouterSpec("kvgate", "default", 4)
+    assert RouterSpec("kvgate", "default", 4).key == "kvgate:default@4" and RouterSpec("kvgate", "default").key == "kvgate:default"
+    for bad in ("sglang:cache_aware@2", "kvgate:default@0", "kvgate:default@x"):
+        with pytest.raises(ValueError):
+            RouterSpec.parse(bad)
 
 
 def test_tree_cpu_counts_this_process():
