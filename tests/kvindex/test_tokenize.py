@@ -343,3 +343,34 @@ def test_remote_tokenize_speaks_vllm_json(tok):
     finally:
         server.should_exit = True
         t.join(5)
+
+
+def test_chat_cache_key_tells_every_option_apart(tok):
+    """A cached chat is reused only for the same messages and options: each option changed is a
+    miss with the tokens of its own render, never the cached ones."""
+    c = CachingTokenizer(tok, max_bytes=1 << 20)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    variants = [
+        ChatOptions(),
+        ChatOptions(add_generation_prompt=False),
+        ChatOptions(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ChatOptions(template_kwargs={"enable_thinking": True}),
+        ChatOptions(documents=[{"title": "t", "text": "d"}]),
+    ]
+    for opts in variants:
+        assert c.chat_tokens(msgs, opts) == c.tokenizer.encode(
+            c.tokenizer.apply_chat_template(
+                msgs,
+                add_generation_prompt=opts.add_generation_prompt,
+                tools=opts.tools,
+                documents=opts.documents,
+                **dict(opts.template_kwargs),
+            ),
+            add_special_tokens=False,
+        )
+    hits = c.hits
+    assert c.chat_tokens(msgs, ChatOptions()) == c.chat_tokens([dict(m) for m in msgs], ChatOptions())  # same material: hits
+    assert c.hits == hits + 2
+    # key order inside a message does not matter; a value does
+    assert c.chat_tokens([{"content": "be brief", "role": "system"}, msgs[1]], ChatOptions()) == c.chat_tokens(msgs, ChatOptions())
+    assert c.chat_tokens([msgs[0], {"role": "user", "content": "hi!"}], ChatOptions()) != c.chat_tokens(msgs, ChatOptions())
