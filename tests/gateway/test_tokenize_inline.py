@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 
+from gateway.routing import INLINE_TRY_MAX_MESSAGES
 from simulator.fleet import SimConfig, SimFleet
 from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, get_metrics, metric_value
 
@@ -75,6 +76,12 @@ def test_cached_or_short_prompts_are_tokenized_on_the_loop_long_new_ones_in_the_
         assert delta(before, jobs(g)) == {"inline_then_pool": 1}
         before = jobs(g)
         complete(g, "A body past inline_try_max_bytes. " * 250)  # ~8.5 KB
+        assert delta(before, jobs(g)) == {"pool": 1}
+        # a chat of many messages is never rendered on the loop (its render alone is long)
+        many = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(INLINE_TRY_MAX_MESSAGES + 1)]
+        before = jobs(g)
+        r = httpx.post(f"{g.url}/v1/chat/completions", json={"model": MODEL, "messages": many, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200, r.text
         assert delta(before, jobs(g)) == {"pool": 1}
 
 
