@@ -125,6 +125,7 @@ class SharedLoad:
         self._sent = 0  # publishes sent, and how many are still awaiting their answer
         self._outstanding = 0
         self._peers_at = float("-inf")  # when the others' load was last read
+        self._applied_issued = float("-inf")  # when the call whose read was applied last was sent
         self._peer_raw: list[bytes] | None = None
         self._applied_n = -1
         self._wake = asyncio.Event()
@@ -176,9 +177,9 @@ class SharedLoad:
         at one gateway shares it: the second follows the first anyway)."""
         return f"{len(keys)}:{keys[-1]:016x}" if keys else ""
 
-    def _share(self, blob: bytes | None, keys: Sequence[int]) -> Share:
+    def _share(self, blob: bytes | None, keys: Sequence[int], version: int = 0) -> Share:
         token = self.placing_token(keys) if keys and self.claims_on else ""
-        return Share(self.instance, blob, self.ttl_ms, self.claim_width_ms if keys else 0, token, PLACING_LEASE_MS if token else 0)
+        return Share(self.instance, blob, self.ttl_ms, self.claim_width_ms if keys else 0, token, PLACING_LEASE_MS if token else 0, version)
 
     async def _exchange(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], Shared]:
         """One script run: the index lookup (if ``keys``), this gateway's load out, the others'
@@ -188,11 +189,11 @@ class SharedLoad:
         seq = self._sending(blob)
         ok = False
         try:
-            found, shared = await self.index.lookup_shared(keys, model=model, share=self._share(blob, keys))
+            found, shared = await self.index.lookup_shared(keys, model=model, share=self._share(blob, keys, version))
             ok = True
         finally:
             self._sent_back(seq, version, now, ok)
-        self._apply(shared.loads, now)
+        self._apply(shared.loads, time.monotonic(), issued=now)
         return found, shared
 
     async def lookup(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], dict[str, int]]:
@@ -224,13 +225,14 @@ class SharedLoad:
         while time.monotonic() + pause < deadline:
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.004)
+            issued = time.monotonic()
             try:
                 found, _, placing, loads = await self.index.poll_shared(keys, model=model, share=share)
             except Exception as exc:
                 self.stats.errors += 1
                 log.debug("placement poll failed: %s", exc)
                 return claims
-            self._apply(loads, time.monotonic())
+            self._apply(loads, time.monotonic(), issued=issued)
             claims = found
             if placing is None:
                 return claims
@@ -262,7 +264,14 @@ class SharedLoad:
 
     # -- the others' load -----------------------------------------------------------------------
 
-    def _apply(self, blobs: list[bytes], now: float) -> None:
+    def _apply(self, blobs: list[bytes], now: float, issued: float | None = None) -> None:
+        """The others' loads as read by a call sent at ``issued``: skipped when a call sent
+        later was applied already (answers on different connections can arrive out of order,
+        and an older read would stand until the next one)."""
+        if issued is not None:
+            if issued < self._applied_issued:
+                return
+            self._applied_issued = issued
         self._peers_at = now
         states = self.fleet.states
         if blobs == self._peer_raw and len(states) == self._applied_n:
@@ -321,7 +330,7 @@ class SharedLoad:
         seq = self._sending(blob)
         ok = False
         try:
-            share = self._share(blob, keys)
+            share = self._share(blob, keys, version)
             await asyncio.wait_for(self.index.claim(keys, model=model, replica=replica, width_ms=self.claim_width_ms, share=share), self.ttl_s)
             ok = True
             self.stats.claims += 1

@@ -274,12 +274,21 @@ local function read_claims(bucket_prefix, b, fields)
   return cur
 end
 
+-- publish this instance's load, numbered ``ver`` by its gateway: a count computed before the
+-- one Redis holds (its script ran later: a connection was slow to come) is dropped, or it would
+-- stand until the next change. The number is kept beside the load, with the same TTL.
+local function publish(set, lp, me, blob, ttl, ver)
+  local vk = lp .. me .. '#v'
+  local cur = tonumber(redis.call('GET', vk))
+  if cur and cur > ver then return end
+  redis.call('SET', lp .. me, blob, 'PX', ttl)
+  redis.call('SET', vk, ver, 'PX', ttl)
+  redis.call('SADD', set, me)
+end
+
 -- publish this instance's load (blob '' = unchanged) and read the others'
-local function loads_exchange(set, lp, me, blob, ttl)
-  if blob ~= '' then
-    redis.call('SET', lp .. me, blob, 'PX', ttl)
-    redis.call('SADD', set, me)
-  end
+local function loads_exchange(set, lp, me, blob, ttl, ver)
+  if blob ~= '' then publish(set, lp, me, blob, ttl, ver) end
   local names, who, loads, gone = {}, {}, {}, {}
   for _, m in ipairs(redis.call('SMEMBERS', set)) do
     if m ~= me then names[#names + 1] = lp .. m; who[#who + 1] = m end
@@ -339,7 +348,8 @@ end
 #: gateway marks it ('~' .. instance, HSETNX) and is its holder. A sibling arriving at another
 #: gateway meanwhile finds that mark and waits for the claim that replaces it. When this gateway
 #: holds the frontier and less than half the prompt is covered, the request is a cold placement
-#: (ARGV[12] placements hash, ARGV[13] token, '' = none asked, ARGV[14] lease ms): ``placing`` is
+#: (ARGV[12] placements hash, ARGV[13] token, '' = none asked, ARGV[14] lease ms; ARGV[15] the
+#: published load's number): ``placing`` is
 #: another gateway placing one at this instant (the caller waits for its claim and load), or
 #: false. No keys (ARGV[2] ''): loads only.
 _SHARED_LOOKUP_LUA = (
@@ -347,7 +357,7 @@ _SHARED_LOOKUP_LUA = (
     + "local function index_lookup()\n"
     + _LOOKUP_BODY
     + """end
-local loads = loads_exchange(ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+local loads = loads_exchange(ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[15]) or 0)
 local blob = ARGV[2]
 if blob == '' then return {{loads}} end
 local idx = index_lookup()
@@ -441,7 +451,7 @@ _CLAIM_LUA = (
 -- mode, ARGV[6] most replicas one key keeps; 'set' and 'wait' also: ARGV[7] placements hash,
 -- ARGV[8] this instance, ARGV[9] placement token ('' = none), ARGV[10] lease ms, ARGV[11] set
 -- of gateway instances, ARGV[12] load key prefix, ARGV[13] load to publish ('' = none),
--- ARGV[14] its TTL ms
+-- ARGV[14] its TTL ms, ARGV[15] its number (see publish)
 local width = tonumber(ARGV[4])
 local b = bucket_now(width)
 local fields = split16(ARGV[2])
@@ -449,7 +459,7 @@ if ARGV[5] == 'read' then return read_claims(ARGV[1], b, fields) end
 if ARGV[5] == 'wait' then
   local placing = false
   if ARGV[9] ~= '' then placing = take_placement(ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])) end
-  return {read_claims(ARGV[1], b, fields), placing, loads_exchange(ARGV[11], ARGV[12], ARGV[8], '', ARGV[14])}
+  return {read_claims(ARGV[1], b, fields), placing, loads_exchange(ARGV[11], ARGV[12], ARGV[8], '', ARGV[14], 0)}
 end
 -- each key's value: the replicas that claim it, newline-separated, this claim first, at most
 -- MAX_CLAIMS (a mark is replaced); keys whose list does not change are not rewritten
@@ -478,10 +488,7 @@ for _, bucket in ipairs({b, b + 1}) do
   for j = 1, #args, 1000 do redis.call('HSET', key, unpack(args, j, math.min(j + 999, #args))) end
   if #args > 0 then redis.call('PEXPIRE', key, 3 * width + 1000) end
 end
-if ARGV[13] and ARGV[13] ~= '' then
-  redis.call('SET', ARGV[12] .. ARGV[8], ARGV[13], 'PX', ARGV[14])
-  redis.call('SADD', ARGV[11], ARGV[8])
-end
+if ARGV[13] and ARGV[13] ~= '' then publish(ARGV[11], ARGV[12], ARGV[8], ARGV[13], ARGV[14], tonumber(ARGV[15]) or 0) end
 if ARGV[9] and ARGV[9] ~= '' then redis.call('HDEL', ARGV[7], ARGV[8] .. '|' .. ARGV[9]) end
 return 0
 """
@@ -842,6 +849,7 @@ class RedisIndex(KVIndex):
             self._placing_key(model),
             share.placing_token,
             share.placing_lease_ms,
+            share.load_version,
         )
 
     def _claims_prefix(self, model: str) -> str:
@@ -902,6 +910,7 @@ class RedisIndex(KVIndex):
             f"{ns}:load:",
             share.load or b"",
             share.load_ttl_ms,
+            share.load_version,
         )
 
     async def poll_shared(self, keys: Sequence[int], *, model: str, share: Share) -> tuple[dict[str, int], list[bytes | None], str | None, list[bytes]]:
@@ -1038,6 +1047,9 @@ class Share:
     placing_token: str = ""
     #: a placement whose claim never comes stops holding the others after this
     placing_lease_ms: int = 0
+    #: ``load``'s number among this gateway's publishes (rising): an older one reaching Redis
+    #: after a newer is dropped
+    load_version: int = 0
 
 
 @dataclass(slots=True)

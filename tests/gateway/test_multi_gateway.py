@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+import msgspec
 import pytest
 
 from benchmarks.bench_multi_gateway import KvgateProc, gateway_config, replica_entries
@@ -56,6 +57,39 @@ async def test_load_is_exchanged_in_the_lookups_script_run_and_expires(redis_url
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_older_count_never_replaces_a_newer_one(redis_url):
+    """Each publish carries the gateway's count number: one computed earlier but run later in
+    Redis (its connection was slow to come, as in a burst on a fresh gateway) is dropped; read
+    side, an answer to a call sent before one already applied is not applied."""
+    from gateway.config import IndexConfig, ReplicaConfig
+    from gateway.fleet import Fleet
+    from gateway.shared_load import SharedLoad
+
+    a, b = RedisIndex(redis_url), RedisIndex(redis_url)
+    try:
+        await a.lookup_shared([], model=MODEL, share=Share("A", b"two in flight", 10_000, 0, load_version=7))
+        await a.lookup_shared([], model=MODEL, share=Share("A", b"none in flight", 10_000, 0, load_version=6))  # late
+        assert (await b.lookup_shared([], model=MODEL, share=Share("B", None, 10_000, 0)))[1].loads == [b"two in flight"]
+        keys = block_keys(list(range(3000, 3000 + 4 * 16)), 16, model=MODEL)
+        await a.claim(keys, model=MODEL, replica="r0", width_ms=200, share=Share("A", b"three in flight", 10_000, 200, load_version=8))
+        await a.lookup_shared([], model=MODEL, share=Share("A", b"three in flight", 10_000, 0, load_version=8))  # a TTL refresh
+        assert (await b.lookup_shared([], model=MODEL, share=Share("B", None, 10_000, 0)))[1].loads == [b"three in flight"]
+    finally:
+        await a.close()
+        await b.close()
+    async with httpx.AsyncClient() as http:
+        fleet = Fleet([ReplicaConfig(id="r0", url="http://10.0.0.1:8000", models=[MODEL])], http)
+        shared = SharedLoad(RedisIndex(redis_url), fleet, IndexConfig(backend=redis_url))
+        try:
+            r0 = fleet.get("r0")
+            assert r0 is not None
+            shared._apply([msgspec.msgpack.encode({"r0": (2, 0, 0)})], 10.0, issued=9.0)
+            shared._apply([msgspec.msgpack.encode({"r0": (0, 0, 0)})], 10.1, issued=8.0)  # sent before: stale
+            assert r0.peer_inflight_requests == 2
+        finally:
+            await shared.index.close()
 
 
 async def _evalsha_calls(idx: RedisIndex) -> int:
