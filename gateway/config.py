@@ -155,6 +155,10 @@ class HealthConfig(_Base):
     failure_threshold: int = 3
     #: how long an open circuit stays open before a probe may close it
     cooldown_s: float = 5.0
+    #: when every replica that could serve a request has its circuit open (probes timing out on a
+    #: saturated fleet, say), try them anyway rather than answer 503 (Envoy's panic routing); a
+    #: replica not ready (discovery) is never tried. The HTTP gateway only: ext-proc answers 503
+    panic: bool = True
 
 
 class ScrapeConfig(_Base):

@@ -628,6 +628,9 @@ class ExtProcServer:
     def __init__(self, cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 9002, fallbacks: int = 0) -> None:
         self.cfg = cfg
         self.gateway = Gateway(cfg)
+        # no panic routing here: with nothing healthy the protocol's answer is a 503 (Envoy
+        # cannot move a request the picker sent to a dead endpoint on to another)
+        self.gateway.router.panic = False
         if self.gateway.tracing is not None:
             self.gateway.tracing.component = "extproc"
         self.service = ExtProcService(self.gateway, fallbacks=fallbacks)

@@ -268,6 +268,11 @@ class Fleet:
         if circuit is not None:
             self._set_health(rid, not circuit.is_open)
 
+    def circuit_open(self) -> list[EndpointState]:
+        """Replicas unhealthy only because their circuit is open (ready, if discovery says so):
+        what panic routing may still try."""
+        return [s for s in self.states.values() if not s.healthy and s.id not in self.unready and (c := self.circuits.get(s.id)) is not None and c.is_open]
+
     def reset_circuit(self, rid: str) -> None:
         """Forget failures (the replica restarted: what failed before says nothing now)."""
         circuit = self.circuits.get(rid)

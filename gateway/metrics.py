@@ -62,6 +62,11 @@ class GatewayMetrics:
         self.pd_prefill_share = Histogram(
             "kvgate_pd_prefill_ttft_share", "Share of the client's TTFT spent in the prefill hop", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0), registry=r
         )
+        self.panic_routes = Counter(
+            "kvgate_panic_routes",
+            "Requests routed to replicas whose circuit was open, because no replica that could serve them was healthy (health.panic)",
+            registry=r,
+        )
         self.tokenize_jobs = Counter(
             "kvgate_tokenize_jobs",
             "Prompts tokenized by the gateway, by where: inline (event loop), inline_then_pool (too much left uncached), pool",

@@ -40,7 +40,7 @@ from kvindex.tokenize import (
     load_tokenizer,
     remote_tokenize,
 )
-from scorers.base import PHASE_ANY, PHASE_DECODE, PHASE_PREFILL, ROLE_PREFILL, EndpointState, RequestContext
+from scorers.base import PHASE_ANY, PHASE_DECODE, PHASE_PREFILL, ROLE_PREFILL, Decision, EndpointState, RequestContext
 from scorers.scheduler import Scheduler
 
 from . import responses
@@ -213,6 +213,9 @@ class Router:
         #: several gateways on one Redis index: their load and claims (set by the Gateway)
         self.shared: SharedLoad | None = None
         self._tokenizers: dict[str, CachingTokenizer | None] = {}
+        #: health.panic (the ext-proc picker turns it off: its protocol answers 503)
+        self.panic = cfg.health.panic
+        self._panic_logged = float("-inf")
         tc = cfg.tokenize
         self.pool = TokenizePool(tc.workers, tc.max_pending, tc.max_pending_bytes)
         # request-supplied chat templates (models with trust_request_chat_template); a process is
@@ -608,12 +611,40 @@ class Router:
             shared.remember(ctx.block_keys, ctx.model, ranked[0].id)
         return ranked
 
+    def _panic(self, ctx: RequestContext, profile: str | None) -> Decision | None:
+        """Nothing healthy can serve the request: schedule it over the replicas whose circuit is
+        open too (``health.panic``). Circuits open on probe timeouts, and a fleet saturated at
+        peak answers its probes late, all of its replicas at once; a 503 for every request
+        then would turn a slow fleet into a dead one. A replica really down refuses the
+        connection and the request moves on to the next (as any connection failure does); one
+        that answers closes its circuit. No prefill phase: without a prefill replica the
+        request is served in one hop, which is no outage."""
+        opened = self.fleet.circuit_open()
+        if not opened:
+            return None
+        for s in opened:  # seen healthy by the filters for this one decision (no await in between)
+            s.healthy = True
+        try:
+            decision = self.scheduler.schedule(ctx, self.fleet.all(), profile)
+        finally:
+            for s in opened:
+                s.healthy = False
+        if decision.ranked:
+            self.metrics.panic_routes.inc()
+            now = time.monotonic()
+            if now - self._panic_logged >= 10.0:
+                self._panic_logged = now
+                log.warning("no healthy replica for %s: routing to replicas with open circuits (health.panic)", ctx.lora or ctx.model)
+        return decision
+
     def decide(self, req: ProxyRequest, phase: str = PHASE_ANY) -> list[EndpointState]:
         """Ranked endpoints for one hop; raises 503 when nothing can serve it."""
         ctx = req.ctx
         ctx.phase = phase
         t0 = time.perf_counter()
         decision = self.scheduler.schedule(ctx, self.fleet.all(), req.profile)
+        if not decision.ranked and self.panic and phase != PHASE_PREFILL:
+            decision = self._panic(ctx, req.profile) or decision
         t1 = time.perf_counter()
         self.metrics.sched_schedule.observe(t1 - t0)
         if req.otel is not None:
