@@ -12,7 +12,8 @@ off (C, D), all with the default routing profile.
   rounds (the arms' order rotates each round). Before each run every replica's prefix cache is
   reset (``POST /reset_prefix_cache``; its AllBlocksCleared event clears the index) and the
   speculative entries are let expire, so no run inherits another's warm cache. Per arm: the
-  prefix-hit ratio the replicas report, the load spread (max/min requests per replica), TTFT.
+  prefix-hit ratio the replicas report, the load spread (max/min requests per replica, every
+  replica of the fleet counted: infinite when one served nothing), TTFT; medians over rounds.
   Targets: two shared gateways within 3 points of one gateway's hit ratio, spread <= 1.3.
 * **Faults.** Load through A and B; Redis is SIGKILLed mid-run and restarted empty after a
   hold, then the indexer is SIGKILLed and restarted. Every request that is not a complete 200
@@ -21,6 +22,8 @@ off (C, D), all with the default routing profile.
   in this process): ``RedisIndex.lookup`` against ``lookup_shared`` publishing the load, and not.
 
     python -m benchmarks.bench_multi_gateway [--quick] [--rounds N] [--json PATH]
+    python -m benchmarks.bench_multi_gateway --workloads multi-turn --arms 1,2 --rounds 1 \
+        --skip faults,cost --num-blocks 1024 --name NAME --out DIR   # one slice
 """
 
 from __future__ import annotations
