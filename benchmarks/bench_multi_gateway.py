@@ -247,10 +247,17 @@ class Stack:
 # -- routing quality ----------------------------------------------------------------------------------
 
 
-def workloads(quick: bool) -> list[Workload]:
+def workloads(quick: bool, names: list[str] | None = None) -> list[Workload]:
+    """shared-prefix and multi-turn by default; ``names`` picks among every workload (no-reuse:
+    every prompt a cold placement, what serialising cold placements costs)."""
     if quick:
-        return [WORKLOADS["shared-prefix"](num_prompts_per_group=10), WORKLOADS["multi-turn"](num_sessions=32, turns=4)]
-    return [WORKLOADS["shared-prefix"](), WORKLOADS["multi-turn"]()]
+        chosen = [WORKLOADS["shared-prefix"](num_prompts_per_group=10), WORKLOADS["multi-turn"](num_sessions=32, turns=4)]
+    else:
+        chosen = [WORKLOADS["shared-prefix"](), WORKLOADS["multi-turn"]()]
+    if not names:
+        return chosen
+    extra = [WORKLOADS[n]() for n in names if n in WORKLOADS and n not in {w.name for w in chosen}]
+    return [w for w in chosen if w.name in names] + extra
 
 
 def run_arm(stack: Stack, wl: Workload, arm: str) -> RunResult:
@@ -466,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-blocks", type=int, default=768)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: routing, faults, cost")
-    ap.add_argument("--workloads", default="", help="comma-separated subset of: shared-prefix, multi-turn")
+    ap.add_argument("--workloads", default="", help="comma-separated: shared-prefix, multi-turn (the default), no-reuse, long-doc-qa")
     ap.add_argument("--arms", default="", help="comma-separated subset of the arms by number: 1 one gateway, 2 two shared, 3 two not shared")
     ap.add_argument("--share-flush-ms", type=float, default=None, help="the gateways' index.share_flush_ms (default: the gateway's)")
     ap.add_argument("--name", default="", help="the report's file name under --out (default multi_gateway, or multi_gateway_quick)")
@@ -500,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             cost = asyncio.run(lookup_cost(stack.redis.url, 1000 if args.quick else 3000))
             print("exchange cost:", cost)
         if "routing" not in skip:
-            wls = [w for w in workloads(args.quick) if not args.workloads or w.name in args.workloads.split(",")]
+            wls = workloads(args.quick, [n for n in args.workloads.split(",") if n])
             figs, _ = routing(stack, wls, rounds, settle_s=2.5, arms_run=arms)
         if "faults" not in skip:
             fault = faults(stack, hold_s=2.0 if args.quick else 4.0, quick=args.quick)
