@@ -161,6 +161,21 @@ class Gateway:
                 [],
                 [([], float(shared.stats.waits))],
             )
+            yield counter(
+                "kvgate_shared_wait_timeouts", "... of which the claim did not come within the wait budget", [], [([], float(shared.stats.wait_timeouts))]
+            )
+            yield counter(
+                "kvgate_shared_placement_waits",
+                "Cold placements that found another gateway placing one and waited for its claim (placements take turns)",
+                [],
+                [([], float(shared.stats.placement_waits))],
+            )
+            yield counter(
+                "kvgate_shared_placement_timeouts",
+                "... of which that placement did not end within the wait budget",
+                [],
+                [([], float(shared.stats.placement_timeouts))],
+            )
             yield counter("kvgate_shared_errors", "Exchanges of load or claims with Redis that failed", [], [([], float(shared.stats.errors))])
         yield gauge("kvgate_admission_waiting", "Requests waiting for admission", [], [([], self.admission.waiting)])
         yield gauge("kvgate_inflight_requests", "Requests admitted and not yet answered", [], [([], self.admission.inflight)])

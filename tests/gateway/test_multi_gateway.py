@@ -494,6 +494,14 @@ def test_two_gateways_route_like_one(stack):
         assert len({rid for _, rid in landed}) == 1, landed
     # the claims went through Redis (a sibling that found the other gateway deciding waited for its claim)
     assert sum(metric_value(httpx.get(f"{g.url}/metrics", timeout=5).text, "kvgate_shared_claims_total") for g in (a, b)) > 0
+    # the waits are exported (counts depend on timing: present, and timeouts never above waits)
+    for g in (a, b):
+        text = httpx.get(f"{g.url}/metrics", timeout=5).text
+        for name in ("waits", "placement_waits"):
+            assert f"kvgate_shared_{name}_total " in text
+        assert metric_value(text, "kvgate_shared_wait_timeouts_total") <= metric_value(text, "kvgate_shared_waits_total")
+        assert metric_value(text, "kvgate_shared_placement_timeouts_total") <= metric_value(text, "kvgate_shared_placement_waits_total")
+        assert "kvgate_shared_wait_timeouts_total " in text and "kvgate_shared_placement_timeouts_total " in text
 
     # -- load spread over the four replicas, traffic split over the two gateways -----------------
     per_replica = Counter(rid for _, rid in burst(stack, unique(24, "spread"), max_tokens=24))
