@@ -121,9 +121,10 @@ def test_openai_requests_reach_the_picked_replica_with_prefix_affinity(stack, mo
 
     tag = f"{mode}-{time.monotonic_ns()}"
     systems = [s.replace("{tag}", tag) for s in SYSTEMS]  # differ from the first token on
-    # cold prefixes sent together: in-flight load spreads them over the fleet
+    # cold prefixes sent together: in-flight load spreads them over the fleet (long answers, so
+    # each is still in flight when the next is decided even on a busy machine)
     with concurrent.futures.ThreadPoolExecutor(len(systems)) as pool:
-        list(pool.map(lambda s: c.completions.create(model=MODEL, prompt=s + " warm", max_tokens=40), systems))
+        list(pool.map(lambda s: c.completions.create(model=MODEL, prompt=s + " warm", max_tokens=200), systems))
     wait_for(lambda: _idle(ep), message="warm-up accounted")
     homes = {}
     for g, system in enumerate(systems):

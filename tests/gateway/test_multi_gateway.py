@@ -476,7 +476,7 @@ def test_two_gateways_route_like_one(stack):
         ]
         wait_for(lambda: sum(peer_inflight(b).values()) == 3, timeout=5, message="B reading A's three requests in flight")
         held = Counter(peer_inflight(b))
-        assert sum(held.values()) == 3 and sum(1 for n in held.values() if n) == 3, held  # A spread them
+        assert sum(held.values()) == 3 and sum(1 for n in held.values() if n) < len(NAMES), held  # a replica left idle
         picked = ask(client, b, unique(1, "beside")[0])
         # B routes around A's load: to the replica A left idle, or to one whose long request
         # had already ended (a busy machine can be that slow); never to one A still held
