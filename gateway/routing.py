@@ -26,6 +26,7 @@ from starlette.responses import Response
 
 from kvindex.hashing import block_keys
 from kvindex.index import IndexUnavailableError, KVIndex, PrefixMatch
+from kvindex.outage import RateLimited
 from kvindex.tokenize import (
     CachingTokenizer,
     ChatOptions,
@@ -215,7 +216,7 @@ class Router:
         self._tokenizers: dict[str, CachingTokenizer | None] = {}
         #: health.panic (the ext-proc picker turns it off: its protocol answers 503)
         self.panic = cfg.health.panic
-        self._panic_logged = float("-inf")
+        self._say = RateLimited(log, every_s=10.0)
         tc = cfg.tokenize
         self.pool = TokenizePool(tc.workers, tc.max_pending, tc.max_pending_bytes)
         # request-supplied chat templates (models with trust_request_chat_template); a process is
@@ -631,10 +632,8 @@ class Router:
                 s.healthy = False
         if decision.ranked:
             self.metrics.panic_routes.inc()
-            now = time.monotonic()
-            if now - self._panic_logged >= 10.0:
-                self._panic_logged = now
-                log.warning("no healthy replica for %s: routing to replicas with open circuits (health.panic)", ctx.lora or ctx.model)
+            model = ctx.lora or ctx.model
+            self._say.warning(("panic", model), "no healthy replica for %s: routing to replicas with open circuits (health.panic)", model)
         return decision
 
     def decide(self, req: ProxyRequest, phase: str = PHASE_ANY) -> list[EndpointState]:
