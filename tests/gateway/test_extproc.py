@@ -19,10 +19,10 @@ import msgspec
 import openai
 import pytest
 
-from benchmarks.envoy_stack import Envoy, free_port, render
+from benchmarks.envoy_stack import Envoy, render
 from simulator.fleet import SimConfig, SimFleet
 from tests.helpers.envoy import ExtProcThread, envoy_binary, extproc_envoy
-from tests.helpers.gateway import MODEL, fleet_config, metric_value, wait_for
+from tests.helpers.gateway import MODEL, RecordingProxy, fleet_config, metric_value, wait_for
 
 MODES = ["buffered", "full-duplex"]
 SYSTEMS = [f"System {g} " + "{tag}: " + " ".join(f"policy {g}-{i} covers case {i * 11};" for i in range(50)) for g in range(4)]
@@ -497,63 +497,6 @@ def test_picker_sets_the_replica_key_and_removes_the_clients_grpc(tmp_path):
         fleet.stop()
 
 
-class _HeaderRecorder:
-    """A pass-through HTTP proxy that records the request headers a replica receives.
-
-    (gateway_harness.RecordingProxy forwards ``transfer-encoding``, which breaks on the chunked
-    bodies Envoy sends in full-duplex mode; this one drops hop-by-hop headers.)"""
-
-    HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "upgrade"})
-
-    def __init__(self, target: str) -> None:
-        import threading
-
-        import uvicorn
-        from starlette.applications import Starlette
-        from starlette.responses import Response, StreamingResponse
-        from starlette.routing import Route
-
-        self.seen: list[tuple[str, str, dict[str, str], int]] = []  # method, path, headers, status
-        self.port = free_port()
-
-        async def forward(request):
-            raw = await request.body()
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in self.HOP}
-            client = httpx.AsyncClient(timeout=30)
-            up = await client.send(client.build_request(request.method, target + request.url.path, content=raw, headers=headers), stream=True)
-            self.seen.append((request.method, request.url.path, dict(request.headers), up.status_code))
-            out = {k: v for k, v in up.headers.items() if k.lower() not in self.HOP}
-
-            async def body():
-                try:
-                    async for chunk in up.aiter_raw():
-                        yield chunk
-                finally:
-                    await up.aclose()
-                    await client.aclose()
-
-            if "text/event-stream" in up.headers.get("content-type", ""):
-                return StreamingResponse(body(), status_code=up.status_code, headers=out)
-            content = await up.aread()
-            await up.aclose()
-            await client.aclose()
-            return Response(content, status_code=up.status_code, headers=out)
-
-        app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", loop="none"))
-        self.thread = threading.Thread(target=lambda: __import__("asyncio").run(self.server.serve()), daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, message="recorder up")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_envoy_sends_the_replica_key_never_the_clients(tmp_path, mode):
     """Through a real Envoy: the keyed replica (vLLM --api-key) answers because the picker set its
@@ -561,7 +504,7 @@ def test_envoy_sends_the_replica_key_never_the_clients(tmp_path, mode):
     envoy_binary()
     fleet = SimFleet([SimConfig(model=MODEL, time_scale=0.0, api_key=REPLICA_KEY), SimConfig(model=MODEL, time_scale=0.0)])
     fleet.start()
-    proxies = [_HeaderRecorder(h.url) for h in fleet.handles]
+    proxies = [RecordingProxy(h.url).start() for h in fleet.handles]
     cfg = fleet_config(fleet.handles, auth={"api_keys": [CLIENT_KEY]}, scheduling={"default_profile": "round-robin"})
     for r, p in zip(cfg.replicas, proxies):
         r.url = p.url
@@ -585,12 +528,12 @@ def test_envoy_sends_the_replica_key_never_the_clients(tmp_path, mode):
             openai.OpenAI(base_url=f"{envoy.url}/v1", api_key=REPLICA_KEY, max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=1)
         served = []
         for proxy, expected in zip(proxies, (f"Bearer {REPLICA_KEY}", None)):
-            posts = [(path, headers, status) for method, path, headers, status in proxy.seen if method == "POST"]
+            posts = [(e["path"], e["headers"], e["status"]) for e in proxy.exchanges if e["method"] == "POST"]
             # round-robin gives each about half; a health probe that times out on a busy machine can skip a turn
             assert {p for p, _, _ in posts} == {"/v1/chat/completions", "/v1/completions"}, posts
             assert all(status == 200 and headers.get("authorization") == expected for _, headers, status in posts)
             served += [p for p, _, _ in posts]
-            assert CLIENT_KEY not in json.dumps([headers for _, _, headers, _ in proxy.seen])
+            assert CLIENT_KEY not in json.dumps([e["headers"] for e in proxy.exchanges])
         assert sorted(served) == ["/v1/chat/completions"] * 8 + ["/v1/completions"] * 4
         # a picker holding the wrong key: Envoy's client gets the 502, not the replica's 401
         wait_for(lambda: bad.call(lambda: bad.server.gateway.fleet.get("r0").healthy), message="healthy")

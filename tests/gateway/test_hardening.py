@@ -18,17 +18,12 @@ import openai
 import pytest
 
 from simulator.fleet import SimConfig, SimFleet
-from tests.helpers.gateway import MODEL, GatewayThread, RecordingProxy, fleet_config, get_metrics, metric_value, recorded_gateway, wait_for
+from tests.helpers.gateway import MODEL, GatewayThread, RecordingProxy, fleet_config, fleet_fixture, get_metrics, metric_value, recorded_gateway, wait_for
 
 LONG_DOC = " ".join(f"clause {i} says item {i} costs {i * 3} coins;" for i in range(120))
 
 
-@pytest.fixture(scope="module")
-def fleet():
-    f = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=0.02) for i in range(2)])
-    f.start()
-    yield f
-    f.stop()
+fleet = fleet_fixture(2, time_scale=0.02)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from simulator.fleet import SimConfig, SimFleet
-from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, get_metrics, metric_value
+from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, fleet_fixture, get_metrics, metric_value
 
 L = 8192  # the simulator's default max_model_len, reported on /v1/models
 UNTRUSTED = "Chat template is passed with request, but --trust-request-chat-template is not set. Refused request with untrusted chat template."
@@ -50,12 +50,7 @@ def _models_known(g: GatewayThread, max_len: int) -> None:
     raise AssertionError("the gateway never learned max_model_len")
 
 
-@pytest.fixture(scope="module")
-def fleet():
-    f = SimFleet([SimConfig(model=MODEL, seed=0, time_scale=0.01)])
-    f.start()
-    yield f
-    f.stop()
+fleet = fleet_fixture(1, time_scale=0.01)
 
 
 @pytest.fixture(scope="module")

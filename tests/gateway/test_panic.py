@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import httpx
 import openai
-import pytest
 
-from simulator.fleet import SimConfig, SimFleet
-from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, get_metrics, metric_value, wait_for
+from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, fleet_fixture, get_metrics, metric_value, wait_for
 
 SLOW_PROBES = {"interval_s": 60.0, "timeout_s": 1.0, "failure_threshold": 1, "cooldown_s": 60.0}
 
 
-@pytest.fixture(scope="module")
-def fleet():
-    f = SimFleet([SimConfig(model=MODEL, seed=i, time_scale=0.01) for i in range(2)])
-    f.start()
-    yield f
-    f.stop()
+fleet = fleet_fixture(2, time_scale=0.01)
 
 
 async def _open_all(g: GatewayThread) -> None:

@@ -14,21 +14,14 @@ from __future__ import annotations
 import time
 
 import httpx
-import pytest
 
 from gateway.routing import INLINE_TRY_MAX_MESSAGES
-from simulator.fleet import SimConfig, SimFleet
-from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, get_metrics, metric_value
+from tests.helpers.gateway import MODEL, GatewayThread, fleet_config, fleet_fixture, get_metrics, metric_value
 
 DOCUMENT = "Clause 7 binds the parties to arbitration in Geneva under Swiss law. " * 60  # ~4 KB
 
 
-@pytest.fixture(scope="module")
-def fleet():
-    f = SimFleet([SimConfig(model=MODEL, seed=0, time_scale=0.01)])
-    f.start()
-    yield f
-    f.stop()
+fleet = fleet_fixture(1, time_scale=0.01)
 
 
 def jobs(g: GatewayThread) -> dict[str, float]:

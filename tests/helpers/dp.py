@@ -10,10 +10,11 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.helpers.net import bound_socket
+from tests.helpers.relay import relay
 
 
 class DPFront:
@@ -49,22 +50,8 @@ class DPFront:
             rank_header = request.headers.get("x-data-parallel-rank")
             if request.method == "POST":  # the requests, not the gateway's health probes
                 self.ranks_seen.append(rank_header)
-            target = self.engines[int(rank_header or 0)]
-            raw = await request.body()
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-            client = httpx.AsyncClient(timeout=30)
-            up = await client.send(client.build_request(request.method, target + request.url.path, content=raw, headers=headers), stream=True)
-            out = {k: v for k, v in up.headers.items() if k.lower() not in ("content-length", "transfer-encoding", "connection")}
-
-            async def body() -> object:
-                try:
-                    async for chunk in up.aiter_raw():
-                        yield chunk
-                finally:
-                    await up.aclose()
-                    await client.aclose()
-
-            return StreamingResponse(body(), status_code=up.status_code, headers=out)
+            # streamed whatever it is: a client leaving mid-answer closes the engine's connection
+            return await relay(request, self.engines[int(rank_header or 0)], buffer=False)
 
         app = Starlette(routes=[Route("/metrics", metrics), Route("/{path:path}", forward, methods=["GET", "POST"])])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", loop="none"))

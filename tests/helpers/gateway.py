@@ -10,13 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 import uvloop
 
 from gateway.app import build_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.server import uvicorn_config
+from simulator.fleet import SimConfig, SimFleet
 from tests.helpers.net import bound_socket
+from tests.helpers.relay import relay
 
 MODEL = "kvgate/demo-8b"
 
@@ -50,6 +53,18 @@ def fleet_config(handles, *, roles: list[str] | None = None, **overrides: Any) -
         else:
             data[key] = value
     return parse_config(data)
+
+
+def fleet_fixture(replicas: int, *, time_scale: float):
+    """A module-scoped ``fleet`` fixture: ``replicas`` simulated replicas of MODEL with seeds
+    0, 1, ... (``fleet = fleet_fixture(2, time_scale=0.01)`` at a test module's top level)."""
+
+    @pytest.fixture(scope="module")
+    def fleet() -> Iterator[SimFleet]:
+        with SimFleet([SimConfig(model=MODEL, seed=i, time_scale=time_scale) for i in range(replicas)]) as f:
+            yield f
+
+    return fleet
 
 
 class GatewayThread:
@@ -147,7 +162,7 @@ class RecordingProxy:
 
         from starlette.applications import Starlette
         from starlette.requests import Request
-        from starlette.responses import Response, StreamingResponse
+        from starlette.responses import StreamingResponse
         from starlette.routing import Route
 
         self.target = target.rstrip("/")
@@ -167,31 +182,15 @@ class RecordingProxy:
                 "headers": {k.lower(): v for k, v in request.headers.items()},
                 "body": parsed,
             }
-            self.exchanges.append(rec)
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-            client = httpx.AsyncClient(timeout=60)
-            upstream = await client.send(client.build_request(request.method, self.target + request.url.path, content=raw, headers=headers), stream=True)
-            rec["status"] = upstream.status_code
-            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in ("content-length", "transfer-encoding", "connection")}
-            if "text/event-stream" in upstream.headers.get("content-type", ""):
-
-                async def body():
-                    try:
-                        async for chunk in upstream.aiter_raw():
-                            yield chunk
-                    finally:
-                        await upstream.aclose()
-                        await client.aclose()
-
-                return StreamingResponse(body(), status_code=upstream.status_code, headers=out_headers)
-            content = await upstream.aread()
-            await upstream.aclose()
-            await client.aclose()
-            try:
-                rec["response"] = json.loads(content)
-            except ValueError:
-                rec["response"] = content
-            return Response(content, status_code=upstream.status_code, headers=out_headers)
+            self.exchanges.append(rec)  # before the answer: a test sees what is in flight
+            response = await relay(request, self.target, timeout=60)
+            rec["status"] = response.status_code
+            if not isinstance(response, StreamingResponse):
+                try:
+                    rec["response"] = json.loads(response.body)
+                except ValueError:
+                    rec["response"] = response.body
+            return response
 
         app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="off", loop="none"))
