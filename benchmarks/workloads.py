@@ -108,6 +108,8 @@ class Sample:
     replica: str
     error: str | None = None
     start: float = 0.0
+    #: the session's system prompt head (which prefix family the request belongs to)
+    family: str = ""
 
 
 @dataclass
@@ -193,6 +195,7 @@ async def run_workload(
             headers = {"x-bench-replica": f"direct-{idx}"} if len(clients) > 1 else {}
             msgs = [*history, {"role": "user", "content": q}]
             sample, answer = await _one(clients[idx], msgs, s.max_tokens, headers)
+            sample.family = s.system[:40]
             result.samples.append(sample)
             if on_done:
                 on_done()

@@ -70,6 +70,7 @@ class Gateway:
         self.shared: SharedLoad | None = None
         if cfg.index.share_load and isinstance(self.index, RedisIndex):
             self.shared = self.router.shared = SharedLoad(self.index, self.fleet, cfg.index)
+            self.shared.placements = self.scheduler.placement_counts
         self.tracing = Tracing.from_config(cfg.tracing)  # None unless tracing.enabled
         self.started_at = time.time()
         #: this process's slot under ``kvgate serve --workers N`` (None: the only process)

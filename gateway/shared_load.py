@@ -54,7 +54,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -78,7 +78,9 @@ WAIT_BUDGET_S = 0.02
 PLACING_LEASE_MS = 50
 
 _ENCODE = msgspec.msgpack.Encoder().encode
-_DECODE = msgspec.msgpack.Decoder(dict[str, tuple[int, int, int]]).decode
+#: replica → (requests, prefill tokens, decode tokens, placements); read with any length, so
+#: a gateway of the release before (three numbers, no placements) is still counted
+_DECODE = msgspec.msgpack.Decoder(dict[str, tuple[int, ...]]).decode
 
 
 @dataclass(slots=True)
@@ -118,6 +120,9 @@ class SharedLoad:
         self.claim_width_ms = int(cfg.share_speculative_s * 500)
         self.timeout_s = cfg.lookup_timeout_ms / 1000
         self.stats = SharedStats()
+        #: this gateway's recent new-prefix placements per replica (the app wires the
+        #: scheduler's ``placement_counts``); published with the load
+        self.placements: Callable[[], Mapping[str, int]] = dict
         self.peers = 0  # other gateways whose load was read last
         self._version = 0  # bumped by every change of the fleet's in-flight counts
         self._published_version = -1
@@ -145,10 +150,11 @@ class SharedLoad:
         version = self._version
         if not force and version == self._published_version and now - self._published_at < self.refresh_s:
             return None, version
+        placed = self.placements()
         load = {
-            s.id: (s.inflight_requests, s.inflight_prefill_tokens, s.inflight_decode_tokens)
+            s.id: (s.inflight_requests, s.inflight_prefill_tokens, s.inflight_decode_tokens, placed.get(s.id, 0))
             for s in self.fleet.states.values()
-            if s.inflight_requests or s.inflight_prefill_tokens or s.inflight_decode_tokens
+            if s.inflight_requests or s.inflight_prefill_tokens or s.inflight_decode_tokens or s.id in placed
         }
         return _ENCODE(load), version
 
@@ -282,20 +288,20 @@ class SharedLoad:
                 load = _DECODE(blob)
             except msgspec.DecodeError:  # another version's format: not ours to read
                 continue
-            for rid, (req, pre, dec) in load.items():
+            for rid, counts in load.items():
+                if len(counts) < 3:
+                    continue
                 t = totals.get(rid)
                 if t is None:
-                    totals[rid] = [req, pre, dec]
-                else:
-                    t[0] += req
-                    t[1] += pre
-                    t[2] += dec
+                    t = totals[rid] = [0, 0, 0, 0]
+                for i, n in enumerate(counts[:4]):
+                    t[i] += n
         for s in states.values():
             t = totals.get(s.id)
             if t is None:
-                s.peer_inflight_requests = s.peer_inflight_prefill_tokens = s.peer_inflight_decode_tokens = 0
+                s.peer_inflight_requests = s.peer_inflight_prefill_tokens = s.peer_inflight_decode_tokens = s.peer_placements = 0
             else:
-                s.peer_inflight_requests, s.peer_inflight_prefill_tokens, s.peer_inflight_decode_tokens = t
+                s.peer_inflight_requests, s.peer_inflight_prefill_tokens, s.peer_inflight_decode_tokens, s.peer_placements = t
         self._peer_raw = blobs
         self._applied_n = len(states)
         self.peers = len(blobs)

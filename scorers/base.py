@@ -63,6 +63,9 @@ class EndpointState:
     peer_inflight_requests: int = 0
     peer_inflight_prefill_tokens: int = 0
     peer_inflight_decode_tokens: int = 0
+    #: of the other gateways' latest new-prefix placements, how many went to this replica
+    #: (published with their load; the ``placement`` scorer adds its own)
+    peer_placements: int = 0
 
     def serves(self, model: str, lora: str | None = None) -> bool:
         return model in self.models and (lora is None or lora in self.loras)

@@ -18,6 +18,7 @@ from scorers.scorer.estimated_ttft import EstimatedTTFTScorer
 from scorers.scorer.inflight import InflightScorer
 from scorers.scorer.kv_usage import KVUsageScorer
 from scorers.scorer.least_loaded import LeastLoadedScorer
+from scorers.scorer.placement import PlacementScorer
 from scorers.scorer.precise_prefix import PrecisePrefixScorer
 from scorers.scorer.queue import QueueScorer
 from scorers.scorer.session import SessionScorer
@@ -35,6 +36,7 @@ __all__ = [
     "LeastLoadedScorer",
     "MaxPicker",
     "ModelFilter",
+    "PlacementScorer",
     "PrecisePrefixScorer",
     "PrefixAffinityFilter",
     "QueueScorer",

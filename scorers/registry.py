@@ -22,6 +22,7 @@ from scorers.scorer.estimated_ttft import EstimatedTTFTScorer
 from scorers.scorer.inflight import InflightScorer
 from scorers.scorer.kv_usage import KVUsageScorer
 from scorers.scorer.least_loaded import LeastLoadedScorer
+from scorers.scorer.placement import PlacementScorer
 from scorers.scorer.precise_prefix import PrecisePrefixScorer
 from scorers.scorer.queue import QueueScorer
 from scorers.scorer.session import SessionScorer
@@ -44,6 +45,7 @@ BUILTINS: tuple[type[Plugin], ...] = (
     TokenLoadScorer,
     EstimatedTTFTScorer,
     SessionScorer,
+    PlacementScorer,
     # pickers
     MaxPicker,
     WeightedRandomPicker,

@@ -307,6 +307,54 @@ async def test_peers_load_lands_beside_the_gateways_own_counts(redis_url):
             await idx_b.close()
 
 
+async def test_new_prefix_placements_are_shared(redis_url):
+    """Gateway A's placements of new prefixes reach B with its load: B's next new prefix goes to
+    the replica neither placed one on (one gateway would do the same). A gateway of the release
+    before publishes three numbers per replica: still read."""
+    from gateway.config import IndexConfig, ReplicaConfig
+    from gateway.fleet import Fleet
+    from gateway.shared_load import SharedLoad
+    from scorers.base import RequestContext
+    from scorers.scheduler import Scheduler
+
+    idx_a, idx_b = RedisIndex(redis_url), RedisIndex(redis_url)
+    async with httpx.AsyncClient() as http:
+        fleets = [Fleet([ReplicaConfig(id=r, url=f"http://10.0.0.{i}:8000", models=[MODEL]) for i, r in enumerate(("r0", "r1", "r2"))], http) for _ in "ab"]
+        scheds = [Scheduler.from_config(None) for _ in "ab"]
+        cfg = IndexConfig(backend=redis_url, share_ttl_s=0.6, share_flush_ms=5)
+        ga, gb = SharedLoad(idx_a, fleets[0], cfg), SharedLoad(idx_b, fleets[1], cfg)
+        ga.placements, gb.placements = scheds[0].placement_counts, scheds[1].placement_counts
+        await ga.start()
+        await gb.start()
+
+        def new_prompt(n: int) -> RequestContext:
+            keys = block_keys(list(range(n * 10_000, n * 10_000 + 8 * 16)), 16, model=MODEL)
+            return RequestContext(request_id=str(n), model=MODEL, prompt_tokens=128, block_keys=keys)
+
+        try:
+            for n, rid in ((1, "r0"), (2, "r1")):  # A places two new prefixes
+                r = fleets[0].get(rid)
+                assert r is not None
+                scheds[0].on_dispatch(new_prompt(n), r)
+                fleets[0].dispatched(rid, 128, 144)  # (the dispatch that publishes)
+            b_states = {s.id: s for s in fleets[1].all()}
+            await until(lambda: (b_states["r0"].peer_placements, b_states["r1"].peer_placements) == (1, 1))
+            for rid in ("r0", "r1"):  # A's requests end: no load left, the placements stay
+                fleets[0].first_byte(rid, 128)
+                fleets[0].finished(rid, 0, 144)
+            await until(lambda: sum(s.peer_inflight_requests for s in b_states.values()) == 0)
+            assert (b_states["r0"].peer_placements, b_states["r1"].peer_placements) == (1, 1)
+            for _ in range(5):  # not a tie broken at random
+                assert scheds[1].schedule(new_prompt(3), fleets[1].all()).chosen.id == "r2"
+            gb._apply([msgspec.msgpack.encode({"r2": (1, 2, 3)})], time.monotonic())  # three numbers
+            assert (b_states["r2"].peer_inflight_requests, b_states["r2"].peer_placements) == (1, 0)
+        finally:
+            await ga.stop()
+            await gb.stop()
+            await idx_a.close()
+            await idx_b.close()
+
+
 async def until(cond, timeout: float = 3.0, every: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

@@ -22,7 +22,7 @@ def test_every_builtin_is_registered_under_its_type():
     assert REGISTRY == {cls.type_name: cls for cls in BUILTINS}
     assert sorted(k for k, v in REGISTRY.items() if issubclass(v, Filter)) == ["healthy", "model", "prefix-affinity", "role"]
     assert sorted(k for k, v in REGISTRY.items() if issubclass(v, Scorer)) == [
-        "approx-prefix", "approx-tree", "estimated-ttft", "inflight", "kv-usage", "least-loaded", "precise-prefix", "queue", "session", "token-load",
+        "approx-prefix", "approx-tree", "estimated-ttft", "inflight", "kv-usage", "least-loaded", "placement", "precise-prefix", "queue", "session", "token-load",
     ]  # fmt: skip
     assert sorted(k for k, v in REGISTRY.items() if issubclass(v, Picker)) == ["max", "random", "round-robin", "weighted-random"]
 

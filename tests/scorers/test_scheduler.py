@@ -95,7 +95,7 @@ def test_builtin_profiles_build_as_specified():
     assert s.profile_names() == sorted(BUILTIN_PROFILES) and s.default_profile == "default"
     d = s.profiles["default"]
     assert [f.name for f in d.filters] == ["healthy", "role", "model"]
-    assert [(sc.name, w) for sc, w in d.scorers] == [("precise-prefix", 3.0), ("estimated-ttft", 2.0), ("inflight", 1.0), ("session", 0.5)]
+    assert [(sc.name, w) for sc, w in d.scorers] == [("precise-prefix", 3.0), ("estimated-ttft", 2.0), ("inflight", 1.0), ("session", 0.5), ("placement", 2.0)]
     assert d.picker.name == "max"
     assert [f.name for f in s.profiles["llm-d"].filters][-1] == "prefix-affinity"
     # a user profile of the same name replaces the built-in one
