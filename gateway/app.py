@@ -143,6 +143,13 @@ class Gateway:
             ["replica"],
             (([s.id], s.inflight_prefill_tokens) for s in states),
         )
+        placed = self.scheduler.placement_counts()
+        yield gauge(
+            "kvgate_replica_new_prefixes",
+            "Of this gateway's latest new-prefix placements (the placement scorer's window), how many went to each replica",
+            ["replica"],
+            (([s.id], placed.get(s.id, 0)) for s in states),
+        )
         yield gauge("kvgate_replica_waiting", "Scraped vllm:num_requests_waiting", ["replica"], (([s.id], s.waiting) for s in states))
         yield gauge("kvgate_replica_running", "Scraped vllm:num_requests_running", ["replica"], (([s.id], s.running) for s in states))
         yield gauge("kvgate_replica_kv_usage", "Scraped vllm:kv_cache_usage_perc", ["replica"], (([s.id], s.kv_usage) for s in states))
@@ -412,6 +419,7 @@ class Routes:
             check_admin_auth(gw, request)
         except GatewayError as exc:
             return error_response(exc)
+        placed = gw.scheduler.placement_counts()
         replicas = [
             {
                 "id": s.id,
@@ -427,6 +435,8 @@ class Routes:
                 "inflight_prefill_tokens": s.inflight_prefill_tokens,
                 "peer_inflight_requests": s.peer_inflight_requests,
                 "peer_inflight_prefill_tokens": s.peer_inflight_prefill_tokens,
+                "new_prefixes": placed.get(s.id, 0),
+                "peer_new_prefixes": s.peer_placements,
                 "api_key": gw.fleet.has_key(s.id),  # whether one is configured, never the key
                 "auth_rejected": s.id in gw.fleet.auth_rejected,
             }

@@ -7,7 +7,8 @@ different gateways split across replicas before the replica's KV events reach th
 Both are shared here, through the same Redis (no cluster layer of our own):
 
 * **In-flight load.** Each gateway publishes its counts per replica (requests, uncached prompt
-  tokens before the first byte, prompt + max tokens still generating) as one small msgpack map
+  tokens before the first byte, prompt + max tokens still generating, and how many of its
+  latest new-prefix placements went there: the ``placement`` scorer's) as one small msgpack map
   under its own key, with a TTL of ``share_ttl_s``. Absolute counts, not increments: nothing
   drifts, and a gateway that crashes stops counting when its key expires (readers also drop it
   from the set of gateways). Every index lookup publishes them when they changed and reads the
