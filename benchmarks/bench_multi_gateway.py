@@ -275,6 +275,17 @@ def load_spread(run: RunResult, replicas: list[str]) -> float:
     return max(counts) / min(counts) if min(counts) else float("inf")
 
 
+def families_per_replica(run: RunResult, replicas: list[str]) -> list[int]:
+    """How many prefix families (system prompts, documents) have most of their requests on
+    each replica: where a new prefix lands decides the run's balance."""
+    fam: dict[str, Counter[str]] = {}
+    for s in run.samples:
+        if s.error is None and s.family:
+            fam.setdefault(s.family, Counter())[s.replica.split(",")[-1]] += 1
+    owners = Counter(c.most_common(1)[0][0] for c in fam.values())
+    return [owners.get(r, 0) for r in replicas]
+
+
 @dataclass
 class ArmFigures:
     workload: str
@@ -302,8 +313,10 @@ def routing(stack: Stack, wls: list[Workload], rounds: int, settle_s: float, arm
                 s = summarize(wl.name, arm, run)
                 s.load_spread = load_spread(run, stack.ids)
                 runs.setdefault((wl.name, arm), []).append(s)
+                fams = families_per_replica(run, stack.ids)
                 print(
-                    f"  round {r + 1} {wl.name:13} {arm:26} hit {s.hit_ratio:6.1%}  spread {s.load_spread:5.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True
+                    f"  round {r + 1} {wl.name:13} {arm:26} hit {s.hit_ratio:6.1%}  spread {s.load_spread:5.2f}  families per replica {fams}  ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
                 )
     out = []
     for (wl_name, arm), ss in runs.items():

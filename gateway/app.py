@@ -59,6 +59,7 @@ class Gateway:
         self.probes = ProbeClient(cfg.limits)  # the fleet's probes and scrapes: httpx cost ~0.75 ms each
         self.fleet = Fleet(cfg.replicas, self.probes, cfg.health, cfg.scrape)
         self.index: KVIndex = make_index(cfg.index.backend, root_checks=cfg.root_checks(), **self._index_options())
+        self.index.cache_lost = self.scheduler.on_cache_lost  # a cleared/restarted cache voids what routing built on it
         self.subscriber: EventSubscriber | None = None  # only when some replica publishes events
         self.discovery: Any = None  # gateway.discovery.Discovery, with a discovery section
         self.admission = Admission(cfg.limits.max_inflight, cfg.limits.max_queue, cfg.limits.queue_timeout_s)

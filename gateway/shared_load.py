@@ -77,6 +77,9 @@ WAIT_BUDGET_S = 0.02
 #: a cold placement whose claim never comes (the request failed before it) holds the other
 #: gateways' cold placements this long at most
 PLACING_LEASE_MS = 50
+#: how often the replicas' epochs are read (a cache cleared or a replica restarted, as the
+#: indexer applied it, ends what routing built on that cache: the placement counts)
+EPOCH_CHECK_S = 1.0
 
 _ENCODE = msgspec.msgpack.Encoder().encode
 #: replica → (requests, prefill tokens, decode tokens, placements); read with any length, so
@@ -133,6 +136,7 @@ class SharedLoad:
         self._peers_at = float("-inf")  # when the others' load was last read
         self._applied_issued = float("-inf")  # when the call whose read was applied last was sent
         self._peer_raw: list[bytes] | None = None
+        self._epochs_at = float("-inf")  # when check_epochs ran last
         self._applied_n = -1
         self._wake = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
@@ -386,4 +390,10 @@ class SharedLoad:
                     log.debug("load exchange failed: %s", exc)
             if time.monotonic() - self._peers_at > self.ttl_s:
                 self._forget_peers()
+            if now - self._epochs_at >= EPOCH_CHECK_S:
+                self._epochs_at = now
+                try:  # a replica's cache cleared or restarted, as the indexer applied it
+                    await asyncio.wait_for(self.index.check_epochs(), max(self.timeout_s, self.refresh_s))
+                except Exception as exc:
+                    log.debug("epoch check failed: %s", exc)
             await asyncio.sleep(self.flush_s)

@@ -20,7 +20,7 @@ replica restart forget everything of that replica.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -84,6 +84,10 @@ class ApplyStats:
     orphaned: int = 0  # BlockStored blocks whose parent hash was unknown: cannot be keyed
 
 
+def _ignore(replica: str) -> None:
+    pass
+
+
 class KVIndex(abc.ABC):
     """Backend-neutral index operations. All are coroutines so the Redis backend fits."""
 
@@ -132,6 +136,12 @@ class KVIndex(abc.ABC):
         self._block_sizes: dict[str, int] = {}
         self._lookaheads: dict[str, int] = {}
         self._root_checks: dict[str, Any] = {}
+        #: called with a replica id when what the index knew of its cache stopped counting (its
+        #: cache cleared, the replica restarted or removed, its entries untrusted): routing
+        #: state built on that cache (where new prefixes were placed, speculative entries) goes
+        #: too. The memory backend calls it as it applies the change; the Redis backend when
+        #: ``check_epochs`` finds the replica's epoch moved (another process may have moved it).
+        self.cache_lost: Callable[[str], None] = _ignore
 
     def set_root_check(self, model: str, check: Any) -> None:
         """Verify ``model``'s prompt starts that carry no extra keys against its replicas' hash

@@ -185,7 +185,8 @@ class MemoryIndex(KVIndex):
 
     def _forget(self, replica: str) -> None:
         self._replicas.pop(replica, None)
-        self._epochs.pop(replica, None)
+        if self._epochs.pop(replica, None) is not None:
+            self.cache_lost(replica)
 
     def _evict(self) -> None:
         """Down to ``max_blocks - max_blocks // 32`` entries, oldest first, except that entries
@@ -215,6 +216,7 @@ class MemoryIndex(KVIndex):
         st = self._replicas.get(replica)
         if st is not None:
             st.epoch = self._epochs[replica] = self._new_epoch()
+            self.cache_lost(replica)
 
     # ---------------------------------------------------------------- reads
 

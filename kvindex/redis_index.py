@@ -621,6 +621,7 @@ class RedisIndex(KVIndex):
         self._shared_lookup_script = _Script(_SHARED_LOOKUP_LUA)
         self._claim_script = _Script(_CLAIM_LUA)
         self._epochs_key = f"{namespace}:epochs"
+        self._epochs_seen: dict[str, int] | None = None  # check_epochs' reference
         self._sizes_key = f"{namespace}:block_sizes"
         self._gen_key = f"{namespace}:generation"
         self._generation: bytes | None = None  # the marker's token as this process first saw it
@@ -796,6 +797,21 @@ class RedisIndex(KVIndex):
         with self._reachable("mark_untrusted"):
             await self._redis.hincrby(self._epochs_key, replica, 1)
         self._read_cache.clear()
+
+    async def check_epochs(self) -> list[str]:
+        """Read every replica's epoch; call ``cache_lost`` for (and return) each one whose epoch
+        moved since the previous call, by whichever process moved it (an indexer applying an
+        AllBlocksCleared, a restart, a distrust). The first call only takes the reference."""
+        with self._reachable("check_epochs"):
+            raw = await self._redis.hgetall(self._epochs_key)
+        now = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+        seen, self._epochs_seen = self._epochs_seen, now
+        if seen is None:
+            return []
+        moved = [r for r, e in now.items() if e != seen.get(r, 0)]  # no field yet: epoch 0
+        for r in moved:
+            self.cache_lost(r)
+        return moved
 
     # ---------------------------------------------------------------- reads
 

@@ -177,6 +177,10 @@ class Plugin:
     def on_complete(self, ctx: RequestContext, endpoint: EndpointState, ok: bool) -> None:
         """Called when the request finished on ``endpoint`` (ok False on error)."""
 
+    def on_cache_lost(self, endpoint_id: str) -> None:
+        """Called when the replica's prefix cache is known gone (cleared, restarted, removed,
+        its index entries untrusted): state about what it caches is void."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, params={self.params!r})"
 

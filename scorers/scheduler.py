@@ -212,6 +212,12 @@ class Scheduler:
                     out[rid] = out.get(rid, 0) + n
         return out
 
+    def on_cache_lost(self, endpoint_id: str) -> None:
+        """The replica's prefix cache is gone: every profile's plugins drop what they built on it."""
+        for prof in self.profiles.values():
+            for p in prof.plugins():
+                p.on_cache_lost(endpoint_id)
+
     def on_dispatch(self, ctx: RequestContext, endpoint: EndpointState, profile: str | None = None) -> None:
         for p in self.profiles[profile or self.default_profile].plugins():
             p.on_dispatch(ctx, endpoint)

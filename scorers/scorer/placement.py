@@ -27,7 +27,8 @@ class PlacementScorer(Scorer):
     so warm routing is left exactly as it was. Counts are by placements, not by load: the
     load scorers still keep a new prefix off a replica that is busy now. With several gateways
     on one Redis index each publishes its counts with its load, read into
-    ``EndpointState.peer_placements``.
+    ``EndpointState.peer_placements``. A replica whose cache is cleared, restarts or leaves
+    loses its count (``on_cache_lost``): what was placed there is gone.
     """
 
     type_name = "placement"
@@ -98,3 +99,9 @@ class PlacementScorer(Scorer):
     def on_complete(self, ctx: RequestContext, endpoint: EndpointState, ok: bool) -> None:
         if not ok:  # its cache is in doubt: siblings of what it was given place afresh
             self._placed.forget(endpoint.id)
+
+    def on_cache_lost(self, endpoint_id: str) -> None:
+        """The prefixes placed there are gone with its cache: they no longer count against it."""
+        self._placed.forget(endpoint_id)
+        if self._counts.pop(endpoint_id, None) is not None:
+            self._recent = deque(r for r in self._recent if r != endpoint_id)

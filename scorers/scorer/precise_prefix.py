@@ -63,3 +63,7 @@ class PrecisePrefixScorer(Scorer):
     def on_complete(self, ctx: RequestContext, endpoint: EndpointState, ok: bool) -> None:
         if not ok and self.speculative is not None:
             self.speculative.forget(endpoint.id)
+
+    def on_cache_lost(self, endpoint_id: str) -> None:
+        if self.speculative is not None:
+            self.speculative.forget(endpoint_id)

@@ -346,6 +346,12 @@ async def test_new_prefix_placements_are_shared(redis_url):
             assert (b_states["r0"].peer_placements, b_states["r1"].peer_placements) == (1, 1)
             for _ in range(5):  # not a tie broken at random
                 assert scheds[1].schedule(new_prompt(3), fleets[1].all()).chosen.id == "r2"
+            # r0's cache is cleared, as an indexer applies it (its epoch moves in Redis): A's
+            # placement there no longer counts, at A and, through A's next publish, at B
+            ga.index.cache_lost = scheds[0].on_cache_lost
+            await idx_b.mark_untrusted("r0")  # (any process moving it: A reads the epochs)
+            await until(lambda: b_states["r0"].peer_placements == 0 and b_states["r1"].peer_placements == 1, timeout=5)
+            assert scheds[0].placement_counts() == {"r1": 1}
             gb._apply([msgspec.msgpack.encode({"r2": (1, 2, 3)})], time.monotonic())  # three numbers
             assert (b_states["r2"].peer_inflight_requests, b_states["r2"].peer_placements) == (1, 0)
         finally:

@@ -3,7 +3,8 @@
 A real gateway on loopback in front of four simulated replicas, the real ``openai`` SDK as the
 client. New system prompts sent one after another find every replica idle: load alone cannot
 tell the replicas apart, so where each lands is the placement term's decision; the follow-ups
-of each prompt stay with it, and the counts show on /metrics and /admin/state.
+of each prompt stay with it, the counts show on /metrics and /admin/state, and a replica
+whose cache is reset loses its count.
 """
 
 from __future__ import annotations
@@ -50,3 +51,10 @@ def test_new_system_prompts_spread_evenly_and_their_followups_stay(fleet):
             assert metric_value(metrics, "kvgate_replica_new_prefixes", {"replica": rid}) == 2
         state = httpx.get(f"{g.url}/admin/state", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=5).json()
         assert {r["id"]: r["new_prefixes"] for r in state["replicas"]} == Counter(placed)
+        # a replica's cache is reset (its AllBlocksCleared event reaches the index): the prefixes
+        # placed there are gone, so is its count, and the next new prefix goes there
+        emptied = placed[0]
+        url = next(s.url for s in g.gateway.fleet.all() if s.id == emptied)
+        assert httpx.post(f"{url}/reset_prefix_cache", timeout=5).status_code == 200
+        wait_for(lambda: metric_value(get_metrics(g.url), "kvgate_replica_new_prefixes", {"replica": emptied}) == 0, message="count dropped")
+        assert ask(system_prompt(rng, 99), "first question") == emptied

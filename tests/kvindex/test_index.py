@@ -191,6 +191,34 @@ async def test_drop_replica(index: KVIndex) -> None:
     await index.drop_replica("never-seen")  # harmless
 
 
+async def test_a_lost_cache_is_reported(index: KVIndex) -> None:
+    """``cache_lost`` names a replica whose cache stopped counting (routing drops what it built
+    on it): the memory backend as it applies the change, Redis when ``check_epochs`` reads the
+    epochs another process (the indexer) may have moved."""
+    lost: list[str] = []
+    index.cache_lost = lost.append
+    check = index.check_epochs if isinstance(index, RedisIndex) else None
+
+    async def reported() -> list[str]:
+        if check is not None:
+            await check()
+        return lost
+
+    if check is not None:
+        assert await check() == []  # the first read is the reference
+    p = Prompt(make_tokens(4, 21))
+    await apply(index, "r1", p.stored())
+    await apply(index, "r2", p.stored())
+    assert await reported() == []  # stores are no loss
+    await apply(index, "r1", AllBlocksCleared())
+    assert await reported() == ["r1"]
+    await index.mark_untrusted("r2")
+    assert await reported() == ["r1", "r2"]
+    await index.drop_replica("r1")
+    assert await reported() == ["r1", "r2", "r1"]
+    assert await reported() == ["r1", "r2", "r1"]  # nothing moved since
+
+
 async def test_mark_untrusted_hides_old_entries_and_keeps_chaining(index: KVIndex) -> None:
     p = Prompt(make_tokens(8, 13))
     await apply(index, "r1", p.stored(0, 4))

@@ -128,3 +128,26 @@ def test_scheduler_sums_every_profiles_placements():
     assert sched.placement_counts() == {"e0": 2}
     # the default profile places the next new prefix on the other replica
     assert sched.schedule(ctx(block_keys=keys(3)), fleet, profile).chosen.id == "e1"
+
+
+def test_a_lost_cache_takes_its_placements_along():
+    sc, fleet = PlacementScorer(), eps(2)
+    for f in range(3):
+        sc.on_dispatch(ctx(block_keys=keys(f)), fleet[f % 2])
+    sibling = ctx(block_keys=keys(0))
+    assert sc.score(sibling, fleet) == {"e0": 1.0, "e1": 1.0}  # warm: its family was just placed on e0
+    sc.on_cache_lost("e0")  # cleared or restarted: what was placed there is gone
+    assert dict(sc.counts()) == {"e1": 1}
+    assert sc.score(sibling, fleet) == {"e0": 1.0, "e1": 0.5}  # a new prefix again, e0 the emptier
+    sc.on_cache_lost("e9")  # never placed on: nothing happens
+    assert dict(sc.counts()) == {"e1": 1}
+
+
+def test_the_scheduler_passes_a_lost_cache_to_every_profile():
+    sched = Scheduler.from_config({"profiles": {"mine": {"scorers": [{"type": "placement"}], "picker": {"type": "max"}}}})
+    fleet = eps(2)
+    sched.on_dispatch(ctx(block_keys=keys(1)), fleet[0], "default")
+    sched.on_dispatch(ctx(block_keys=keys(2)), fleet[0], "mine")
+    sched.on_dispatch(ctx(block_keys=keys(3)), fleet[1], "mine")
+    sched.on_cache_lost("e0")
+    assert sched.placement_counts() == {"e1": 1}

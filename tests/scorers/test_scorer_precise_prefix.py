@@ -74,6 +74,9 @@ def test_speculative_entries_cover_event_lag_then_expire():
     sc.on_dispatch(c, fleet[2])
     sc.on_complete(c, fleet[2], ok=False)  # a failed dispatch is forgotten
     assert sc.score(ctx(), fleet)["e2"] == 0.0
+    sc.on_dispatch(c, fleet[0])
+    sc.on_cache_lost("e0")  # its cache cleared or restarted before the events came: forgotten too
+    assert sc.score(ctx(), fleet)["e0"] == 0.0
 
 
 def test_speculative_off_and_decode_hops_not_remembered():
