@@ -27,7 +27,7 @@ _BASE_FILTERS = [{"type": "healthy"}, {"type": "role"}, {"type": "model"}]
 #: and throughput on all three once `inflight` was smoothed (2/2/2 and 2/3/1 lost 2–20 points
 #: of hit ratio on long documents by spreading a document's first burst). ``placement`` (2)
 #: spreads new prefixes by count: 16 system prompts on 4 replicas settled 4/4/4/4 in 6 of 6
-#: runs where the others alone left 5/4/3/4-like splits (load spread 1.67-2.5); it scores 1
+#: runs where the others alone split them unevenly in 5 of 6 (load spread 1.67-2.5); it scores 1
 #: everywhere for any request some replica already holds half of.
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     "default": {
