@@ -40,8 +40,10 @@ def test_tiny_round_kvgate_direct_and_installed_peers(tmp_path):
         assert 0.0 <= r.hit_ratio <= 1.0, r
         if r.key == "direct":
             assert r.router_cpu_s == 0.0
-        else:  # a router that relayed requests used CPU doing it
+        elif r.key.startswith("kvgate"):  # a router that relayed requests used CPU doing it
             assert r.router_cpu_s > 0 and r.router_cores > 0 and r.router_cpu_ms_per_req > 0, r
+        else:  # a Rust router's ~0.3 ms per request over 30 requests can stay below one clock tick (10 ms)
+            assert r.router_cpu_s >= 0 and r.router_cpu_ms_per_req >= 0, r
         assert r.replica_cpu_ms_per_req > 0, r
     kv_closed = records[0]
     assert kv_closed.ttft_p50_ms > 0 and kv_closed.ttft_p90_ms >= kv_closed.ttft_p50_ms and kv_closed.tok_s > 0
