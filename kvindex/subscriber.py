@@ -829,6 +829,12 @@ def _now(coro: Coroutine[Any, Any, _T]) -> _T:
     raise RuntimeError("a synchronous index call suspended")
 
 
+def _drop(handed: Awaitable[None]) -> None:
+    """A message's handling that will never be awaited (the receiving task was stopped)."""
+    if asyncio.iscoroutine(handed):
+        handed.close()
+
+
 async def _receive(sock: zmq.asyncio.Socket, on_message: Callable[[list[bytes]], Awaitable[None] | None]) -> None:
     """Every message of ``sock``, in order, to ``on_message``; never returns.
 
@@ -877,11 +883,15 @@ async def _receive(sock: zmq.asyncio.Socket, on_message: Callable[[list[bytes]],
                 pending = on_message(frames)
                 if pending is not None:
                     waiting.clear()
-                    fut.set_result(pending)
+                    if fut.done():  # the task was cancelled meanwhile
+                        _drop(pending)
+                    else:
+                        fut.set_result(pending)
                     return
         except Exception as exc:  # raised in the task, as it would have been there
             waiting.clear()
-            fut.set_exception(exc)
+            if not fut.done():
+                fut.set_exception(exc)
 
     loop.add_reader(fd, readable)
     try:
@@ -894,6 +904,11 @@ async def _receive(sock: zmq.asyncio.Socket, on_message: Callable[[list[bytes]],
             waiting.append(fut)
             try:
                 pending = await fut
+            except asyncio.CancelledError:
+                # stopped with a message handed over but not started: drop it quietly
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    _drop(fut.result())
+                raise
             finally:
                 waiting.clear()
             await pending

@@ -9,6 +9,7 @@ each, must leave both in the same state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import msgspec
@@ -213,3 +214,35 @@ def test_zmq_frames_say_more_like_rcvmore():
         pull.close(0)
     finally:
         c.term()
+
+
+async def test_a_message_handed_over_as_the_task_stops_is_dropped_quietly(ctx):
+    """The reader callback hands a message's handling to the receiving task, which is
+    cancelled before it runs (a source removed at that moment): the handling never starts and
+    nothing warns that a coroutine was never awaited; the reader is removed."""
+    from kvindex.subscriber import _receive
+
+    pub, sub_sock = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    pub.bind("inproc://handover")
+    sub_sock.connect("inproc://handover")
+    loop = asyncio.get_running_loop()
+    started: list[list[bytes]] = []
+    handed = []
+
+    async def handle(frames: list[bytes]) -> None:
+        started.append(frames)
+
+    def on_message(frames: list[bytes]):
+        loop.call_soon(task.cancel)  # runs before the task's wake-up
+        handed.append(handle(frames))
+        return handed[-1]
+
+    task = asyncio.ensure_future(_receive(sub_sock, on_message))
+    await asyncio.sleep(0.05)  # parked, waiting on the descriptor
+    await pub.send_multipart([b"t", b"x"])
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    assert task.cancelled() and started == []
+    assert len(handed) == 1 and handed[0].cr_frame is None  # closed (else: "never awaited" at its collection)
+    pub.close(0)
+    sub_sock.close(0)
