@@ -23,7 +23,7 @@ Both are shared here, through the same Redis (no cluster layer of our own):
   speculative memory. The lookup also marks the prompt's frontier, its first block that neither
   the index nor a claim covers, as being decided by this gateway (HSETNX, same script run). A
   sibling sharing that new part which reaches another gateway before the claim lands finds the
-  mark and waits for the claim (a few ms, bounded by ``WAIT_BUDGET_S``) before deciding: so
+  mark and waits for the claim (a few ms, bounded by ``index.share_wait_ms``) before deciding: so
   siblings arriving at two gateways at the same instant still land together, and the request
   that decides first never waits (decision and dispatch stay one step, as with one gateway).
   Only blocks a replica holds under its current epoch count as known there: entries left from
@@ -39,7 +39,7 @@ Both are shared here, through the same Redis (no cluster layer of our own):
   A claim publishes its gateway's load in the same run, so the waiter decides with the placed
   requests counted. Turns go in ticket order (a gateway's stream of cold prompts cannot starve
   another's); one gateway never waits on its own placements; a placement whose claim never
-  comes ends after ``PLACING_LEASE_MS``; a wait lasts ``WAIT_BUDGET_S`` at most. Warm
+  comes ends after ``PLACING_LEASE_MS``; a placement wait lasts ``WAIT_BUDGET_S`` at most. Warm
   requests (most of the prompt known) never wait.
 
 Redis down: lookups fail as they did (load-only routing), peers' counts are dropped once no
@@ -70,9 +70,10 @@ log = logging.getLogger("kvgate.shared_load")
 
 #: fire-and-forget claim writes in flight at once; beyond, new ones are dropped (Redis slow or down)
 MAX_PENDING_WRITES = 64
-#: longest wait for another gateway's claim on a prompt it marked, or for its cold placement
-#: (its decision takes well under a millisecond and its claim one write): then the request is
-#: decided without it
+#: longest wait for another gateway's cold placement (its decision takes well under a
+#: millisecond and its claim one write): then the request is placed without it. (A sibling
+#: waiting for the claim on its prompt waits ``index.share_wait_ms``: longer, since placing
+#: it apart from its prompt costs a whole prefill and splits the prompt over two replicas.)
 WAIT_BUDGET_S = 0.02
 #: a cold placement whose claim never comes (the request failed before it) holds the other
 #: gateways' cold placements this long at most
@@ -94,13 +95,23 @@ class SharedStats:
     claims: int = 0
     #: requests that found another gateway deciding their prompt's new part, and waited for its claim
     waits: int = 0
-    #: ... of which the claim did not come within WAIT_BUDGET_S
+    #: ... of which the claim did not come within ``index.share_wait_ms``
     wait_timeouts: int = 0
     #: cold placements that found another gateway placing one, and waited for its claim
     placement_waits: int = 0
     #: ... of which that placement did not end within WAIT_BUDGET_S
     placement_timeouts: int = 0
     dropped_writes: int = 0
+
+
+@dataclass(slots=True)
+class _Deciding:
+    """A request of this gateway deciding a new prompt part (it holds the part's mark)."""
+
+    decided: asyncio.Future[str]  # the replica it chose
+    keys: list[int]
+    token: str
+    since: float
 
 
 def instance_name() -> str:
@@ -123,6 +134,7 @@ class SharedLoad:
         #: claims are read in the current and previous bucket: they count one to two widths
         self.claim_width_ms = int(cfg.share_speculative_s * 500)
         self.timeout_s = cfg.lookup_timeout_ms / 1000
+        self.claim_wait_s = cfg.share_wait_ms / 1000
         self.stats = SharedStats()
         #: this gateway's recent new-prefix placements per replica (the app wires the
         #: scheduler's ``placement_counts``); published with the load
@@ -137,6 +149,10 @@ class SharedLoad:
         self._applied_issued = float("-inf")  # when the call whose read was applied last was sent
         self._peer_raw: list[bytes] | None = None
         self._epochs_at = float("-inf")  # when check_epochs ran last
+        #: this gateway's requests deciding a new prompt part (keyed by its first block), and
+        #: which part each request's placing token decides
+        self._deciding: dict[int, _Deciding] = {}
+        self._decider_of: dict[str, int] = {}
         self._applied_n = -1
         self._wake = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
@@ -212,9 +228,11 @@ class SharedLoad:
         within ``index.lookup_timeout_ms``. When another gateway is deciding this prompt's new
         part, its claim is then waited for; when this request is a cold placement and another
         gateway is placing one at this instant, that one's claim (and the load it publishes) is
-        waited for, so the two do not both pick the replica each believes idle. Either wait is
-        ``WAIT_BUDGET_S`` at most, or half the lookup timeout. Raises what the index raises,
-        TimeoutError (the router routes on load)."""
+        waited for, so the two do not both pick the replica each believes idle; when another
+        request of this gateway is deciding the same new part, its decision is waited for. A
+        sibling's wait lasts ``index.share_wait_ms`` at most, a placement's ``WAIT_BUDGET_S``
+        or half the lookup timeout. Raises what the index raises, TimeoutError (the router
+        routes on load)."""
         try:
             found, shared = await asyncio.wait_for(self._exchange(keys, model), self.timeout_s)
         except Exception:
@@ -222,9 +240,49 @@ class SharedLoad:
             raise
         if shared.frontier is not None and shared.holder is not None and shared.holder != self.instance:
             return found, await self._await_claim(keys, model, shared.frontier, shared.claims)
+        if shared.frontier is not None and shared.holder == self.instance and keys:
+            # this gateway holds the mark: another of its requests may be deciding this very
+            # prompt (waiting for another gateway's placement, say); follow its decision
+            fkey = keys[shared.frontier]
+            sibling = self._deciding.get(fkey)
+            if sibling is not None:
+                return found, await self._await_local(sibling, keys, shared.claims)
+            self._decides(fkey, keys)
         if shared.placing is not None:
             return found, await self._await_placement(keys, model, shared.claims)
         return found, shared.claims
+
+    def _decides(self, fkey: int, keys: Sequence[int]) -> None:
+        """This request decides the prompt part starting at ``fkey`` for this gateway: its
+        siblings arriving here meanwhile wait for its ``remember``. Entries whose request never
+        decided (it failed first) are dropped once older than a second."""
+        now = time.monotonic()
+        if len(self._deciding) > 64:
+            for k, d in list(self._deciding.items()):
+                if now - d.since > 1.0:
+                    del self._deciding[k]
+                    self._decider_of.pop(d.token, None)
+        token = self.placing_token(keys)
+        self._deciding[fkey] = _Deciding(asyncio.get_running_loop().create_future(), list(keys), token, now)
+        self._decider_of[token] = fkey
+
+    async def _await_local(self, sibling: _Deciding, keys: Sequence[int], claims: dict[str, int]) -> dict[str, int]:
+        """Wait for the decision of this gateway's request deciding the same new part, then
+        count it as a claim on the prefix the two prompts share."""
+        self.stats.waits += 1
+        try:
+            replica = await asyncio.wait_for(asyncio.shield(sibling.decided), self.claim_wait_s)
+        except TimeoutError:
+            self.stats.wait_timeouts += 1
+            return claims
+        depth = 0
+        for a, b in zip(sibling.keys, keys, strict=False):
+            if a != b:
+                break
+            depth += 1
+        out = dict(claims)
+        out[replica] = max(out.get(replica, 0), depth)
+        return out
 
     async def _await_placement(self, keys: Sequence[int], model: str, claims: dict[str, int]) -> dict[str, int]:
         """Poll until no other gateway is placing a cold prompt (then this one takes the
@@ -253,24 +311,26 @@ class SharedLoad:
     async def _await_claim(self, keys: Sequence[int], model: str, frontier: int, claims: dict[str, int]) -> dict[str, int]:
         """Poll the claims on ``keys`` until the frontier carries one (the other gateway decided)."""
         self.stats.waits += 1
-        deadline = time.monotonic() + min(WAIT_BUDGET_S, self.timeout_s / 2)
+        deadline = time.monotonic() + self.claim_wait_s
         pause = 0.0005
         while time.monotonic() + pause < deadline:
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.004)
-            try:
-                found, values = await self.index.claims(keys, model=model, width_ms=self.claim_width_ms)
+            try:  # the frontier's value alone: a burst's waiters poll one field each, not the prompt
+                _, values = await self.index.claims(keys[frontier : frontier + 1], model=model, width_ms=self.claim_width_ms)
+                mark = values[0]
+                if mark is not None and mark[:1] != b"~":  # claimed: decide now, on every claim
+                    found, _ = await self.index.claims(keys, model=model, width_ms=self.claim_width_ms)
+                    return found
             except Exception as exc:
                 self.stats.errors += 1
                 log.debug("claims read failed: %s", exc)
                 return claims
-            mark = values[frontier]
-            if mark is not None and mark[:1] != b"~":  # claimed: decide now
-                return found
             # still marked; or no value: the mark's time bucket ended (the claim goes to the next
             # one too), or the request that marked it failed (then this waits out the budget)
-            claims = found
         self.stats.wait_timeouts += 1
+        with contextlib.suppress(Exception):  # whatever other claims came meanwhile
+            claims, _ = await self.index.claims(keys, model=model, width_ms=self.claim_width_ms)
         return claims
 
     # -- the others' load -----------------------------------------------------------------------
@@ -323,7 +383,14 @@ class SharedLoad:
         return self.claim_width_ms > 0
 
     def remember(self, keys: Sequence[int], model: str, replica: str) -> None:
-        """Claim ``keys`` for ``replica`` in the background (the request is not held for it)."""
+        """Claim ``keys`` for ``replica`` in the background (the request is not held for it);
+        siblings waiting here for this request's decision follow it at once."""
+        if self._decider_of and keys:
+            fkey = self._decider_of.pop(self.placing_token(keys), None)
+            if fkey is not None:
+                d = self._deciding.pop(fkey, None)
+                if d is not None and not d.decided.done():
+                    d.decided.set_result(replica)
         if not self.claims_on or not keys:
             return
         if len(self._pending) >= MAX_PENDING_WRITES:
