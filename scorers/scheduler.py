@@ -156,6 +156,9 @@ class Scheduler:
         self.profiles = profiles
         self.default_profile = default_profile
         self.allow_header_override = allow_header_override
+        #: every profile's ``placement`` scorers, found once: their counts are read with each
+        #: load publish (per request with several gateways) and each scrape
+        self._placement = [sc for prof in profiles.values() for sc, _ in prof.scorers if isinstance(sc, PlacementScorer)]
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> Scheduler:
@@ -204,12 +207,9 @@ class Scheduler:
         """Per replica, this gateway's recent new-prefix placements (every profile's
         ``placement`` scorers summed): what it publishes to the gateways sharing its Redis."""
         out: dict[str, int] = {}
-        for prof in self.profiles.values():
-            for scorer, _ in prof.scorers:
-                if not isinstance(scorer, PlacementScorer):
-                    continue
-                for rid, n in scorer.counts().items():
-                    out[rid] = out.get(rid, 0) + n
+        for scorer in self._placement:
+            for rid, n in scorer.counts().items():
+                out[rid] = out.get(rid, 0) + n
         return out
 
     def on_cache_lost(self, endpoint_id: str) -> None:
