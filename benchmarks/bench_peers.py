@@ -56,6 +56,8 @@ from rich.table import Table
 from simulator.fleet import SimFleet, SimHandle
 
 from .compare import GatewayProcess, Setup, start_fleet, warmup_requests
+from .cpucap import CpuCap, children
+from .cpucap import available as cpucap_available
 from .envoy_stack import free_port
 from .procports import listening_ports
 from .report import percentile, summarize
@@ -206,14 +208,60 @@ def kvgate_command(gw: GatewayProcess) -> list[str]:
     return [*args[:-1], path.name, "#", f"{path.name}:", json.dumps(cfg, separators=(",", ":"))]
 
 
-def start_router(spec: RouterSpec, handles: list[SimHandle], tmp: Path) -> Running:
+def start_router(spec: RouterSpec, handles: list[SimHandle], tmp: Path, cpu_cap: float | None = None) -> Running:
+    """``cpu_cap``: every process that serves (each kvgate worker; a peer router's one process)
+    is held to that many cores, in a cgroup of its own (``benchmarks/cpucap.py``)."""
     if spec.kind == "direct":
         return Running(None, None, [], lambda: None)
     if spec.kind == "kvgate":
         gw = GatewayProcess(handles, spec.policy, tmp, extra=KVGATE_DEFAULTS, workers=spec.workers)
-        return Running(gw.url, gw.proc.pid, kvgate_command(gw), gw.stop)
-    peer = PeerProcess(spec, handles, tmp)
-    return Running(peer.url, peer.proc.pid, peer.command, peer.stop, peer.metrics)
+        running = Running(gw.url, gw.proc.pid, kvgate_command(gw), gw.stop)
+    else:
+        peer = PeerProcess(spec, handles, tmp)
+        running = Running(peer.url, peer.proc.pid, peer.command, peer.stop, peer.metrics)
+    if cpu_cap:
+        try:
+            cap = capped(running.pid, spec, cpu_cap)
+        except BaseException:
+            running.stop()
+            raise
+        stop = running.stop
+
+        def stop_and_release() -> None:
+            try:
+                stop()
+            finally:
+                cap.release()
+
+        running.stop = stop_and_release
+    return running
+
+
+def capped(pid: int | None, spec: RouterSpec, cores: float) -> CpuCap:
+    """The cap on a started router's serving processes: kvgate ``--workers N``'s N workers (the
+    supervisor only watches them), else the router's own process."""
+    assert pid is not None
+    if spec.kind == "kvgate" and spec.workers > 1:
+        workers = [c for c in children(pid) if b"resource_tracker" not in _cmdline(c)]
+        if len(workers) != spec.workers:
+            raise RuntimeError(f"expected {spec.workers} kvgate workers under pid {pid}, found {workers}")
+    else:
+        workers = [pid]
+    cap = CpuCap(cores)
+    try:
+        for w in workers:
+            cap.add(w)
+    except BaseException:
+        cap.release()
+        raise
+    return cap
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 # -- what is measured ----------------------------------------------------------------------------
@@ -349,12 +397,12 @@ def _measured_rate(run: RunResult) -> float:
 # -- closed loop ---------------------------------------------------------------------------------
 
 
-def closed_run(spec: RouterSpec, workload: Workload, setup: Setup, tmp: Path, rnd: int, commands: dict[str, list[str]]) -> Record:
+def closed_run(spec: RouterSpec, workload: Workload, setup: Setup, tmp: Path, rnd: int, commands: dict[str, list[str]], cpu_cap: float | None = None) -> Record:
     rec = Record("closed", workload.name, spec.name, spec.key, rnd)
     fleet = start_fleet(setup)
     router: Running | None = None
     try:
-        router = start_router(spec, fleet.handles, tmp)
+        router = start_router(spec, fleet.handles, tmp, cpu_cap)
         if router.command:
             commands.setdefault(spec.key, router.command)
         urls = [router.url] if router.url else [h.url for h in fleet.handles]
@@ -432,12 +480,14 @@ async def closed_load(urls: list[str], bodies: list[dict[str, Any]], n: int, con
         return lat, errors, time.perf_counter() - t0
 
 
-def instant_run(spec: RouterSpec, bodies: list[dict[str, Any]], n: int, setup: Setup, tmp: Path, rnd: int, commands: dict[str, list[str]]) -> Record:
+def instant_run(
+    spec: RouterSpec, bodies: list[dict[str, Any]], n: int, setup: Setup, tmp: Path, rnd: int, commands: dict[str, list[str]], cpu_cap: float | None = None
+) -> Record:
     rec = Record("instant", "instant", spec.name, spec.key, rnd)
     fleet = start_fleet(setup)
     router: Running | None = None
     try:
-        router = start_router(spec, fleet.handles, tmp)
+        router = start_router(spec, fleet.handles, tmp, cpu_cap)
         if router.command:
             commands.setdefault(spec.key, router.command)
         urls = [router.url] if router.url else [h.url for h in fleet.handles]
@@ -500,6 +550,7 @@ def run_all(
     instant_requests: int = 1000,
     instant_workload: Workload | None = None,
     on_run: Callable[[Record], None] | None = None,
+    cpu_cap: float | None = None,
 ) -> tuple[list[Record], dict[str, list[str]]]:
     """Every run of the plan, in order; returns the records and each router's command line."""
     records: list[Record] = []
@@ -510,9 +561,9 @@ def run_all(
         for rnd, section, wl, spec in plan(routers, workloads, rounds, instant or []):
             if section == "closed":
                 assert wl is not None
-                rec = closed_run(spec, wl, setup, Path(tmp), rnd, commands)
+                rec = closed_run(spec, wl, setup, Path(tmp), rnd, commands, cpu_cap)
             else:
-                rec = instant_run(spec, bodies, instant_requests, isetup, Path(tmp), rnd, commands)
+                rec = instant_run(spec, bodies, instant_requests, isetup, Path(tmp), rnd, commands, cpu_cap)
             records.append(rec)
             if on_run:
                 on_run(rec)
@@ -736,6 +787,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", help="closed-loop workloads, comma-separated (default shared-prefix,multi-turn,long-doc-qa; --quick: shared-prefix)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--instant-requests", type=int, default=1000, help="measured requests per instant run")
+    ap.add_argument(
+        "--instant-prompts",
+        type=int,
+        default=320,
+        help="distinct instant bodies, sent in turn (default 320: shared-prefix's, 16 system prompts x 20 questions; each repeats ~3 times "
+        "in a run). More than a run sends: every question new, as in live traffic, so no router's caches of whole bodies help",
+    )
+    ap.add_argument(
+        "--router-cpu-cap",
+        type=float,
+        metavar="CORES",
+        help="hold every serving router process (each kvgate worker, each peer router) to CORES of a core by a CFS quota in its own "
+        "cgroup (root): the router is then the limit, as on a node with a core per worker (kvgate:POLICY@N scaling)",
+    )
     ap.add_argument("--out", type=Path, help=f"where to write peers.md and peers.json (default {RESULTS}; a --quick run writes only if given)")
     args = ap.parse_args(argv)
     try:
@@ -791,7 +856,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"router CPU {rec.router_cpu_ms_per_req:5.2f} ms/req  ({time.perf_counter() - t0:.0f} s)"
             )
 
-    records, commands = run_all(routers, workloads, setup, rounds=rounds, instant=instant, instant_requests=n_instant, on_run=progress)
+    if args.instant_prompts < 1:
+        print("bench_peers: --instant-prompts must be >= 1", file=sys.stderr)
+        return 2
+    if args.router_cpu_cap is not None:
+        if not 0 < args.router_cpu_cap <= 64:
+            print("bench_peers: --router-cpu-cap must be in (0, 64]", file=sys.stderr)
+            return 2
+        if not cpucap_available():
+            print("bench_peers: --router-cpu-cap needs a writable cgroup CPU controller (root on Linux)", file=sys.stderr)
+            return 2
+    records, commands = run_all(
+        routers,
+        workloads,
+        setup,
+        rounds=rounds,
+        instant=instant,
+        instant_requests=n_instant,
+        instant_workload=WORKLOADS["shared-prefix"](num_prompts_per_group=-(-args.instant_prompts // 16)),
+        on_run=progress,
+        cpu_cap=args.router_cpu_cap,
+    )
     meta = {
         "command": "python -m benchmarks.bench_peers" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "description": (
@@ -802,6 +887,12 @@ def main(argv: list[str] | None = None) -> int:
             "requests incl. warm-up); replica CPU likewise for the replica processes. Every router runs with its own defaults apart from the fleet, "
             "policy and listen address (command lines below; sglang-router logs two INFO lines per request at its default level). "
             "Load generator, routers and replicas share the machine."
+            + (
+                f" Every serving router process (each kvgate worker; a peer router's process) held to {args.router_cpu_cap:g} of a core by a CFS "
+                "quota (10 ms period) in a cgroup of its own, so the router is the limit."
+                if args.router_cpu_cap
+                else ""
+            )
         ),
         "machine": f"{os.cpu_count()} cores, load average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after",
         "peers": peer_versions(),
@@ -810,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": setup.concurrency,
         "time_scale": setup.time_scale,
         "instant_requests": n_instant if instant else 0,
+        "instant_prompts": 16 * -(-args.instant_prompts // 16) if instant else 0,
+        "router_cpu_cap": args.router_cpu_cap,
         "skipped": [r.key for r in missing],
         "wall_s": round(time.perf_counter() - t0, 1),
     }
