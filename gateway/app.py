@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from kvindex.backends import make_index
 from kvindex.index import KVIndex
+from kvindex.memory_index import MemoryIndex
 from kvindex.redis_index import RedisIndex
 from kvindex.subscriber import EventSubscriber, ReplicaSource
 from scorers.scheduler import Scheduler
@@ -43,6 +44,7 @@ from .request import CHAT, COMPLETIONS, DETOKENIZE, EMBEDDINGS, RESPONSES, TOKEN
 from .routing import Router
 from .shared_load import SharedLoad
 from .tracing import Tracing
+from .worker_share import WorkerShare
 
 log = logging.getLogger("kvgate.app")
 
@@ -68,7 +70,7 @@ class Gateway:
         self.router = Router(cfg, self.fleet, self.index, self.scheduler, self.client, self.metrics, self.hops)
         self.front = FrontDoor(cfg, self.fleet, self.admission, self.metrics, self.router)
         #: several gateways on one Redis index route like one: shared in-flight load and claims
-        self.shared: SharedLoad | None = None
+        self.shared: SharedLoad | WorkerShare | None = None
         if cfg.index.share_load and isinstance(self.index, RedisIndex):
             self.shared = self.router.shared = SharedLoad(self.index, self.fleet, cfg.index)
             self.shared.placements = self.scheduler.placement_counts
@@ -77,6 +79,15 @@ class Gateway:
         #: this process's slot under ``kvgate serve --workers N`` (None: the only process)
         self.worker: int | None = None
         self.metrics.add_live(self._live_metrics)
+
+    def share_with_workers(self, slot: int, workers: int, directory: str) -> None:
+        """Under ``kvgate serve --workers N`` (``slot`` of ``workers``): with the memory index,
+        exchange in-flight load and claims with the other workers (``gateway.worker_share``); a
+        Redis index already shares them."""
+        self.worker = slot
+        if self.shared is None and self.cfg.index.share_load and isinstance(self.index, MemoryIndex) and workers > 1:
+            self.shared = self.router.shared = WorkerShare(self.index, self.fleet, self.cfg.index, directory, slot, workers)
+            self.shared.placements = self.scheduler.placement_counts
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ from .hops import Hops, Plan
 from .metrics import GatewayMetrics
 from .request import COMPLETIONS, RESPONSES, UNROUTED, ProxyRequest, Trace, req_log
 from .shared_load import SharedLoad
+from .worker_share import WorkerShare
 
 log = logging.getLogger("kvgate.routing")
 
@@ -212,7 +213,7 @@ class Router:
         self.metrics = metrics
         self.hops = hops
         #: several gateways on one Redis index: their load and claims (set by the Gateway)
-        self.shared: SharedLoad | None = None
+        self.shared: SharedLoad | WorkerShare | None = None
         self._tokenizers: dict[str, CachingTokenizer | None] = {}
         #: health.panic (the ext-proc picker turns it off: its protocol answers 503)
         self.panic = cfg.health.panic

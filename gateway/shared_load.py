@@ -114,6 +114,41 @@ class _Deciding:
     since: float
 
 
+def load_blob(fleet: Fleet, placed: Mapping[str, int]) -> bytes:
+    """This gateway's in-flight counts per replica, as the others read them (``_DECODE``)."""
+    load = {
+        s.id: (s.inflight_requests, s.inflight_prefill_tokens, s.inflight_decode_tokens, placed.get(s.id, 0))
+        for s in fleet.states.values()
+        if s.inflight_requests or s.inflight_prefill_tokens or s.inflight_decode_tokens or s.id in placed
+    }
+    return _ENCODE(load)
+
+
+def apply_loads(fleet: Fleet, blobs: list[bytes]) -> None:
+    """The other gateways' counts, summed per replica, into ``EndpointState.peer_*`` (a replica
+    no blob names gets zeros)."""
+    totals: dict[str, list[int]] = {}
+    for blob in blobs:
+        try:
+            load = _DECODE(blob)
+        except msgspec.DecodeError:  # another version's format: not ours to read
+            continue
+        for rid, counts in load.items():
+            if len(counts) < 3:
+                continue
+            t = totals.get(rid)
+            if t is None:
+                t = totals[rid] = [0, 0, 0, 0]
+            for i, n in enumerate(counts[:4]):
+                t[i] += n
+    for s in fleet.states.values():
+        t = totals.get(s.id)
+        if t is None:
+            s.peer_inflight_requests = s.peer_inflight_prefill_tokens = s.peer_inflight_decode_tokens = s.peer_placements = 0
+        else:
+            s.peer_inflight_requests, s.peer_inflight_prefill_tokens, s.peer_inflight_decode_tokens, s.peer_placements = t
+
+
 def instance_name() -> str:
     """This gateway process's name in Redis: host, pid and a random part (a restarted process
     with the same pid is another instance)."""
@@ -171,13 +206,7 @@ class SharedLoad:
         version = self._version
         if not force and version == self._published_version and now - self._published_at < self.refresh_s:
             return None, version
-        placed = self.placements()
-        load = {
-            s.id: (s.inflight_requests, s.inflight_prefill_tokens, s.inflight_decode_tokens, placed.get(s.id, 0))
-            for s in self.fleet.states.values()
-            if s.inflight_requests or s.inflight_prefill_tokens or s.inflight_decode_tokens or s.id in placed
-        }
-        return _ENCODE(load), version
+        return load_blob(self.fleet, self.placements()), version
 
     def _sending(self, blob: bytes | None) -> int:
         """A publish of ``blob`` starts: its sequence number (0 when nothing is published)."""
@@ -347,26 +376,7 @@ class SharedLoad:
         states = self.fleet.states
         if blobs == self._peer_raw and len(states) == self._applied_n:
             return
-        totals: dict[str, list[int]] = {}
-        for blob in blobs:
-            try:
-                load = _DECODE(blob)
-            except msgspec.DecodeError:  # another version's format: not ours to read
-                continue
-            for rid, counts in load.items():
-                if len(counts) < 3:
-                    continue
-                t = totals.get(rid)
-                if t is None:
-                    t = totals[rid] = [0, 0, 0, 0]
-                for i, n in enumerate(counts[:4]):
-                    t[i] += n
-        for s in states.values():
-            t = totals.get(s.id)
-            if t is None:
-                s.peer_inflight_requests = s.peer_inflight_prefill_tokens = s.peer_inflight_decode_tokens = s.peer_placements = 0
-            else:
-                s.peer_inflight_requests, s.peer_inflight_prefill_tokens, s.peer_inflight_decode_tokens, s.peer_placements = t
+        apply_loads(self.fleet, blobs)
         self._peer_raw = blobs
         self._applied_n = len(states)
         self.peers = len(blobs)

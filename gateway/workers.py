@@ -22,9 +22,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -55,7 +57,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(argv: list[str], sock: socket.socket, slot: int) -> None:
+def _worker(argv: list[str], sock: socket.socket, slot: int, workers: int = 1, share_dir: str = "") -> None:
     """A worker's entry point (a fresh interpreter: ``spawn``): the same config as the parent
     (re-read from the same arguments), served on the inherited socket."""
     _die_with_parent()
@@ -68,7 +70,7 @@ def _worker(argv: list[str], sock: socket.socket, slot: int) -> None:
     cfg = apply_overrides(load_config(args.config), args)
     setup_logging(cfg.log_level, cfg.log_json)
     app = build_app(cfg)
-    app.gw.worker = slot
+    app.gw.share_with_workers(slot, workers, share_dir)
     server = uvicorn.Server(uvicorn_config(app, cfg.listen.host, cfg.listen.port, limits=cfg.limits))
     server.run(sockets=[sock])
 
@@ -98,9 +100,11 @@ class Supervisor:
         self.quick_exits = [0] * workers
         self.stopping = False
         self.failed = False
+        #: where the workers' sockets for sharing load and claims live (gateway.worker_share)
+        self.share_dir = tempfile.mkdtemp(prefix="kvgate-workers-")
 
     def _start(self, slot: int) -> None:
-        proc = self.ctx.Process(target=_worker, args=(self.argv, self.sock, slot), name=f"kvgate-worker-{slot}", daemon=False)
+        proc = self.ctx.Process(target=_worker, args=(self.argv, self.sock, slot, len(self.procs), self.share_dir), name=f"kvgate-worker-{slot}", daemon=False)
         proc.start()
         self.procs[slot] = proc
         self.started_at[slot] = time.monotonic()
@@ -146,6 +150,7 @@ class Supervisor:
                 p.kill()
                 p.join(1.0)
         self.sock.close()
+        shutil.rmtree(self.share_dir, ignore_errors=True)
 
 
 def _address(sock: socket.socket) -> str:
