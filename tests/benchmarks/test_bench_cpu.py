@@ -37,9 +37,11 @@ def test_tiny_run_reports_every_stage_with_sane_numbers(tmp_path):
         assert (30 <= s["prompt_tokens"] <= 80) if name.startswith("short") else (2000 <= s["prompt_tokens"] <= 2800), (name, s["prompt_tokens"])
         if name.endswith("stream"):
             assert s["sse_events_per_req"] > 1, name
-    # a long prompt costs tokenization, wherever it runs
-    long_chat = next(s for s in rep["scenarios"] if s["name"] == "long chat")
-    assert long_chat["share_pct"]["tokenize"] > 5
+    # a long prompt costs tokenization, wherever it runs: a long completion's (no chat template,
+    # no piece cache: the whole 2.4k tokens each time) is most of its CPU. (A long chat's, ~5-15%
+    # of ~15 profile samples in a run this small, came out 0 in some runs.)
+    long_completions = next(s for s in rep["scenarios"] if s["name"] == "long completions")
+    assert long_completions["share_pct"]["tokenize"] > 20, long_completions["share_pct"]
 
 
 def _stack(*frames: str) -> tuple:
