@@ -86,8 +86,15 @@ class Gateway:
         Redis index already shares them."""
         self.worker = slot
         if self.shared is None and self.cfg.index.share_load and isinstance(self.index, MemoryIndex) and workers > 1:
-            self.shared = self.router.shared = WorkerShare(self.index, self.fleet, self.cfg.index, directory, slot, workers)
-            self.shared.placements = self.scheduler.placement_counts
+            share = self.shared = self.router.shared = WorkerShare(self.index, self.fleet, self.cfg.index, directory, slot, workers)
+            share.placements = self.scheduler.placement_counts
+            scheduler_lost = self.index.cache_lost
+
+            def cache_lost(replica: str) -> None:
+                scheduler_lost(replica)
+                share.cache_lost(replica)
+
+            self.index.cache_lost = cache_lost
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -610,7 +610,10 @@ class Router:
         ranked = self.decide(req, phase)
         shared, ctx = self.shared, req.ctx
         if shared is not None and ctx.block_keys and ctx.index_ok:
-            shared.remember(ctx.block_keys, ctx.model, ranked[0].id)
+            chosen = ranked[0].id
+            match = ctx.prefix.get(chosen)
+            held = max(match.blocks if match is not None else 0, ctx.peer_prefix.get(chosen, 0))
+            shared.remember(ctx.block_keys, ctx.model, chosen, held=held)
         return ranked
 
     def _panic(self, ctx: RequestContext, profile: str | None) -> Decision | None:

@@ -392,9 +392,11 @@ class SharedLoad:
     def claims_on(self) -> bool:
         return self.claim_width_ms > 0
 
-    def remember(self, keys: Sequence[int], model: str, replica: str) -> None:
+    def remember(self, keys: Sequence[int], model: str, replica: str, held: int = 0) -> None:
         """Claim ``keys`` for ``replica`` in the background (the request is not held for it);
-        siblings waiting here for this request's decision follow it at once."""
+        siblings waiting here for this request's decision follow it at once. (``held``, the
+        blocks the replica was known to hold, is not used here: a claim also publishes this
+        gateway's load and ends its placement.)"""
         if self._decider_of and keys:
             fkey = self._decider_of.pop(self.placing_token(keys), None)
             if fkey is not None:

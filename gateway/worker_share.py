@@ -159,12 +159,21 @@ class WorkerShare:
     def claims_on(self) -> bool:
         return self.claims is not None
 
-    def remember(self, keys: Sequence[int], model: str, replica: str) -> None:
-        """Tell the other workers where this prompt went (the router calls it after deciding)."""
-        if self.claims is None or not keys:
+    def remember(self, keys: Sequence[int], model: str, replica: str, held: int = 0) -> None:
+        """Tell the other workers where this prompt went (the router calls it after deciding),
+        when it is mostly new there: ``held``, the blocks the replica was known to hold (index or
+        claims), is under half of them. Otherwise a sibling finds the replica in its own index
+        and claims, and a message of ~100 keys per request would cost each other worker more
+        than all the rest of this exchange (measured: 0.6 ms of CPU per request at 0.1 core)."""
+        if self.claims is None or not keys or 2 * held >= len(keys):
             return
         self._send(_CLAIM, _ENCODE((replica, list(keys))))
         self.stats.claims += 1
+
+    def cache_lost(self, replica: str) -> None:
+        """``replica``'s cache was cleared or restarted: the others' claims on it say nothing now."""
+        if self.claims is not None:
+            self.claims.forget(replica)
 
     async def lookup(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], dict[str, int]]:
         """The index lookup and the other workers' claims on ``keys`` (no wait: both are here)."""

@@ -61,6 +61,13 @@ async def test_load_and_claims_reach_the_other_worker(tmp_path: Path) -> None:
         found, claims = await b.lookup([11, 12, 13, 99], MODEL)
         assert found == {} and claims == {"r2": 3}  # the shared prefix of the two prompts
         assert (await a.lookup(keys, MODEL))[1] == {}  # a worker's own claims are its scorers' business
+        b.cache_lost("r2")  # r2's cache cleared: a claim on it says nothing now
+        assert (await b.lookup(keys, MODEL))[1] == {}
+        # a prompt the replica already held half of is not sent (a sibling finds it in the index)
+        a.remember([21, 22, 23, 24], MODEL, "r1", held=2)
+        a.remember([31, 32, 33], MODEL, "r0", held=1)
+        await _until(lambda: b.claims is not None and b.claims.match([31, 32, 33]) == {"r0": 3})
+        assert b.claims.match([21, 22, 23, 24]) == {}  # sent before the other, on the same socket
 
         fa.finished("r1", 0, 20)
         await _until(lambda: fb.states["r1"].peer_inflight_requests == 1)
