@@ -35,7 +35,6 @@ from pathlib import Path
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from kvindex.index import PrefixMatch
 from kvindex.memory_index import MemoryIndex
@@ -74,13 +73,15 @@ class WorkerShare:
         self.placements: Callable[[], Mapping[str, int]] = dict
         self.peers = 0
         self.claims = RoutedPrefixMemory(cfg.share_speculative_s, MAX_CLAIM_KEYS) if cfg.share_speculative_s > 0 else None
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 10_000)
-        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub = self._ctx.socket(zmq.SUB)  # read in place, not by a task: see _drain
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub_fd: int = self._sub.FD
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._bind = endpoint(directory, slot)
         self._peers_of = [endpoint(directory, s) for s in range(workers) if s != slot]
         self._loads: dict[bytes, tuple[bytes, float]] = {}  # other instance -> (its map, when received)
@@ -103,10 +104,15 @@ class WorkerShare:
         self._pub.bind(self._bind)
         for ep in self._peers_of:
             self._sub.connect(ep)  # ZMQ connects when the peer binds, and again after it restarts
-        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._run())]
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sub_fd, self._drain)
+        self._tasks = [asyncio.create_task(self._run())]
         self._wake.set()  # say hello at once (the others' SUBs may miss it: re-sent every refresh_s)
 
     async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sub_fd)
+            self._loop = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -177,18 +183,27 @@ class WorkerShare:
 
     async def lookup(self, keys: Sequence[int], model: str) -> tuple[dict[str, PrefixMatch], dict[str, int]]:
         """The index lookup and the other workers' claims on ``keys`` (no wait: both are here)."""
+        self._drain()
         found = self.index.lookup_now(keys)
         claims = self.claims.match(keys) if self.claims is not None else {}
         return found, claims
 
     # -- the other workers' ----------------------------------------------------------------------
 
-    async def _receive(self) -> None:
-        while True:
-            frames = await self._sub.recv_multipart()
+    def _drain(self) -> None:
+        """Apply every message queued from the other workers. Called when the socket signals and
+        before each lookup: a worker busy with a burst of requests would otherwise decide them
+        before reading the claim another worker sent for their prompt a moment earlier (reading
+        ZMQ_EVENTS also re-arms the socket's edge-like descriptor)."""
+        sub = self._sub
+        while int(sub.get(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
             try:
                 self._take(frames)
-            except Exception:  # a malformed message: counted, never fatal to the loop
+            except Exception:  # a malformed message: counted, never fatal
                 self.stats.errors += 1
                 log.debug("worker share message not applied", exc_info=True)
 
