@@ -9,8 +9,12 @@ machine has room: one capped worker serves what 0.1 core allows, N of them what 
 minus what they duplicate (each reads every replica's KV events, probes and scrapes them).
 
 cgroup v1 (``/sys/fs/cgroup/cpu``) and v2 (``cpu.max``); needs root. The quota period is 10 ms,
-not the kernel's 100 ms default, so a capped process is throttled in short slices rather than
-stopped for most of every 100 ms.
+not the kernel's 100 ms: with 100 ms a capped worker ran 10 ms and then stood still for 90, and
+a closed-loop client's requests piled up behind whichever worker was waiting (two workers used
+0.13 cores of their 0.20 in 4 of 5 rounds). The kernel notices a group past its quota only at
+its next scheduling event or tick, so each short period can overrun a little: measured, a
+worker capped at 0.1 core used 0.10-0.16. So compare CPU per request as well as throughput
+(bench_peers prints both).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class CpuCap:
         group = self.root / f"{self.tag}-{len(self.groups)}"
         group.mkdir()
         self.groups.append(group)
-        quota = max(1000, int(self.cores * PERIOD_US))
+        quota = max(1000, int(self.cores * PERIOD_US))  # the kernel's floor: 1 ms
         if self.version == 1:
             (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
             (group / "cpu.cfs_quota_us").write_text(str(quota))
