@@ -176,12 +176,19 @@ class Gateway:
         if shared is not None:
             yield gauge(
                 "kvgate_replica_peer_inflight_requests",
-                "Requests in flight per replica from the other gateways sharing the Redis index",
+                "Requests in flight per replica from the other gateways sharing the Redis index (or the other workers of --workers N)",
                 ["replica"],
                 (([s.id], s.peer_inflight_requests) for s in states),
             )
-            yield gauge("kvgate_shared_peers", "Other gateways whose in-flight load this one reads (index.share_load)", [], [([], float(shared.peers))])
-            yield counter("kvgate_shared_claims", "Prompts claimed for a replica in Redis (shared speculative entries)", [], [([], float(shared.stats.claims))])
+            yield gauge(
+                "kvgate_shared_peers", "Other gateways (or workers) whose in-flight load this one reads (index.share_load)", [], [([], float(shared.peers))]
+            )
+            yield counter(
+                "kvgate_shared_claims",
+                "Prompts claimed for a replica: in Redis, or sent to the other workers (shared speculative entries)",
+                [],
+                [([], float(shared.stats.claims))],
+            )
             yield counter(
                 "kvgate_shared_waits",
                 "Requests whose prompt another gateway was deciding: routed after its claim (or WAIT_BUDGET_S)",
@@ -203,7 +210,9 @@ class Gateway:
                 [],
                 [([], float(shared.stats.placement_timeouts))],
             )
-            yield counter("kvgate_shared_errors", "Exchanges of load or claims with Redis that failed", [], [([], float(shared.stats.errors))])
+            yield counter(
+                "kvgate_shared_errors", "Exchanges of load or claims (with Redis, or the other workers) that failed", [], [([], float(shared.stats.errors))]
+            )
         yield gauge("kvgate_admission_waiting", "Requests waiting for admission", [], [([], self.admission.waiting)])
         yield gauge("kvgate_inflight_requests", "Requests admitted and not yet answered", [], [([], self.admission.inflight)])
         prompt = self.metrics.prompt_blocks._value.get()

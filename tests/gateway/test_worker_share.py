@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from gateway.fleet import Fleet
 from gateway.worker_share import WorkerShare
 from kvindex.memory_index import MemoryIndex
 from simulator.fleet import SimConfig, SimFleet
-from tests.helpers.gateway import MODEL, wait_for
+from tests.helpers.gateway import MODEL, metric_value, wait_for
 
 REPLICAS = [ReplicaConfig(id=f"r{i}", url=f"http://127.0.0.1:{9 + i}") for i in range(3)]
 
@@ -168,8 +169,18 @@ def test_two_workers_send_a_new_prompts_siblings_together(eventless_fleet: SimFl
                     r = c.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": f"{prompt} question {q}", "max_tokens": 2})
                 assert r.status_code == 200, r.text
                 served.add(r.headers["x-kvgate-replica"])
+                time.sleep(0.02)  # a loaded machine's ZMQ I/O threads get time to pass the claim on
             splits += len(served) > 1
         assert splits == 0, f"{splits} of 6 prompts split over replicas"
+        # each worker's /metrics shows the exchange: one peer, claims sent for the new prompts
+        claims = {}
+        for _ in range(30):  # a new connection each time: either worker answers
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+            assert metric_value(text, "kvgate_shared_peers") == 1
+            pid = re.search(r'kvgate_worker_info\{[^}]*pid="(\d+)"', text)
+            assert pid is not None
+            claims[pid.group(1)] = metric_value(text, "kvgate_shared_claims_total")
+        assert sum(claims.values()) >= 6, claims
     finally:
         proc.terminate()
         proc.wait(20)
