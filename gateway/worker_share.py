@@ -63,7 +63,6 @@ class WorkerShare:
     def __init__(self, index: MemoryIndex, fleet: Fleet, cfg: IndexConfig, directory: str | Path, slot: int, workers: int) -> None:
         self.index = index
         self.fleet = fleet
-        self.slot = slot
         self.instance = instance_name()
         self.ttl_s = cfg.share_ttl_s
         self.refresh_s = cfg.share_ttl_s / 3
@@ -160,10 +159,6 @@ class WorkerShare:
                     del self._loads[k]
                 self._apply()
             await asyncio.sleep(self.flush_s)
-
-    @property
-    def claims_on(self) -> bool:
-        return self.claims is not None
 
     def remember(self, keys: Sequence[int], model: str, replica: str, held: int = 0) -> None:
         """Tell the other workers where this prompt went (the router calls it after deciding),

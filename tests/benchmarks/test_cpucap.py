@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_peers
-from benchmarks.bench_peers import RouterSpec, run_all
+from benchmarks.bench_peers import RouterSpec, run_all, tree_cpu_seconds
 from benchmarks.compare import Setup
 from benchmarks.cpucap import CpuCap, available, children
 from benchmarks.workloads import shared_prefix
@@ -22,20 +22,15 @@ pytestmark = pytest.mark.skipif(not available(), reason="needs a writable cgroup
 BUSY = "import time\nt = time.monotonic() + 20\nwhile time.monotonic() < t: pass\n"
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_a_capped_busy_loop_gets_its_quota_and_no_more():
     proc = subprocess.Popen([sys.executable, "-c", BUSY])
     cap = CpuCap(0.2)
     try:
         group = cap.add(proc.pid)
         assert str(proc.pid) in (group / "cgroup.procs").read_text().split()
-        c0, t0 = _cpu_s(proc.pid), time.monotonic()
+        c0, t0 = tree_cpu_seconds(proc.pid), time.monotonic()
         time.sleep(1.5)
-        used = (_cpu_s(proc.pid) - c0) / (time.monotonic() - t0)
+        used = (tree_cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
         assert 0 < used <= 0.3, used  # 0.2 cores and a clock tick or two; a busy loop uncapped takes what a core gives
         # the quota held it back (unless a starved machine gave it less than its quota anyway)
         assert cap.throttled_s() > 0 or used < 0.15, used
